@@ -1,0 +1,227 @@
+"""The ``kvmesh`` command line.
+
+    kvmesh demo                      start a cluster on this machine, run sample prompts, stop
+    kvmesh serve                     start a cluster on this machine and serve until Ctrl-C
+    kvmesh model make DIR            generate a local test model
+    kvmesh store|prefill|decode|router   run one component (what containers run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+
+DEFAULT_HOST = "127.0.0.1"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"512MiB"``, ``"2G"``, ``"1048576"`` -> bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512MiB or 2GiB)")
+    unit = (m.group(2) or "").upper()[:1]
+    value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise argparse.ArgumentTypeError("size must be positive")
+    return value
+
+
+def port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range: {value}")
+    return value
+
+
+def resolve_model(model: str | None) -> tuple[str, str]:
+    """(model directory, served name): the given directory, or the generated tiny model."""
+    from pathlib import Path
+
+    from cluster.models import ensure_model, is_model_dir
+
+    if model is None:
+        return str(ensure_model("tiny")), "kvmesh-tiny"
+    if not is_model_dir(model):
+        raise SystemExit(f"kvmesh: {model} is not a Hugging Face model directory "
+                         "(no config.json and tokenizer.json); make one with `kvmesh model make DIR`")
+    return str(Path(model).resolve()), Path(model).resolve().name
+
+
+# ---------------------------------------------------------------- components
+
+
+def cmd_store(args) -> None:
+    import signal
+    import threading
+
+    from kv_store.server import start_store_server
+
+    server, bound = start_store_server(args.host, args.port, args.capacity_bytes,
+                                       allow_fault_injection=args.allow_fault_injection)
+    print(f"kvmesh store serving on {args.host}:{bound} "
+          f"(capacity {args.capacity_bytes} bytes)", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=2).wait(5)
+
+
+def cmd_worker(args) -> None:
+    import decode_workers
+    import prefill_workers
+
+    module = prefill_workers if args.command == "prefill" else decode_workers
+    model, _ = resolve_model(args.model)
+    module.run(args.host, args.port, model=model, store_address=args.store,
+               model_id=args.model_id, block_size=args.block_size,
+               max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
+               store_timeout_s=args.store_timeout)
+
+
+def cmd_router(args) -> None:
+    import uvicorn
+
+    from router.app import RouterSettings, create_app
+
+    model, name = resolve_model(args.model)
+    settings = RouterSettings(model=model, served_model_name=args.served_model_name or name,
+                              prefill_address=args.prefill, decode_address=args.decode,
+                              api_token=args.api_token)
+    print(f"kvmesh router serving on http://{args.host}:{args.port}", flush=True)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+
+
+def cmd_model_make(args) -> None:
+    from cluster.models import make_model
+
+    path = make_model(args.dir, args.size, args.seed)
+    print(f"kvmesh: wrote the {args.size} model to {path}")
+
+
+# ---------------------------------------------------------------- whole cluster
+
+
+def _cluster(args, **extra):
+    from cluster.local import LocalCluster
+
+    model, name = resolve_model(args.model)
+    return LocalCluster(model=model, served_model_name=name, host=args.host,
+                        block_size=args.block_size, **extra)
+
+
+def cmd_serve(args) -> None:
+    import signal
+    import threading
+
+    cluster = _cluster(args, router_port=args.port, api_token=args.api_token)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with cluster:
+        print(f"\nkvmesh is serving {cluster.served_model_name}:\n"
+              f"  OpenAI API   {cluster.router_url}/v1  (completions)\n"
+              f"  health       {cluster.router_url}/health\n"
+              f"  metrics      {cluster.router_url}/metrics\n"
+              f"  store        {cluster.store_address}\n"
+              f"  prefill      {cluster.prefill_address}\n"
+              f"  decode       {cluster.decode_address}\n"
+              f"  logs         {cluster.run_dir}\n"
+              "Press Ctrl-C to stop.", flush=True)
+        stop.wait()
+        print("kvmesh: stopping", flush=True)
+
+
+def cmd_demo(args) -> None:
+    from cluster.demo import run_demo
+
+    with _cluster(args) as cluster:
+        run_demo(cluster)
+    print("kvmesh: demo finished; cluster stopped.", flush=True)
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvmesh", description=(
+        "kvmesh: disaggregated prefill/decode LLM serving with a shared KV-cache store."))
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def model_arg(sp):
+        sp.add_argument("--model", default=None, help=(
+            "Hugging Face model directory (default: a tiny model generated locally on first use)"))
+
+    def cluster_args(sp):
+        model_arg(sp)
+        sp.add_argument("--host", default=DEFAULT_HOST, help="address every component binds")
+        sp.add_argument("--block-size", type=int, default=32,
+                        help="tokens per KV block (a multiple of 32 on the CPU)")
+
+    sp = sub.add_parser("demo", help="start a local cluster, run sample prompts, stop it")
+    cluster_args(sp)
+    sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("serve", help="start store, prefill, decode and router on this machine")
+    cluster_args(sp)
+    sp.add_argument("--port", type=port, default=8000, help="router HTTP port")
+    sp.add_argument("--api-token", default=None, help="require this bearer token on /v1")
+    sp.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser("model", help="local test models")
+    msub = sp.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    mk = msub.add_parser("make", help="generate a model with seeded random weights")
+    mk.add_argument("dir", help="output directory")
+    mk.add_argument("--size", choices=["tiny", "bench"], default="tiny",
+                    help="tiny: for tests; bench: prefill costs real time on a CPU")
+    mk.add_argument("--seed", type=int, default=0)
+    mk.set_defaults(func=cmd_model_make)
+
+    sp = sub.add_parser("store", help="run a KV store node")
+    sp.add_argument("--host", default=DEFAULT_HOST)
+    sp.add_argument("--port", type=port, default=50051)
+    sp.add_argument("--capacity-bytes", type=parse_bytes, default=parse_bytes("2GiB"),
+                    help="host RAM for blocks, e.g. 512MiB or 8GiB")
+    sp.add_argument("--allow-fault-injection", action="store_true",
+                    help="accept InjectFault calls (failure tests only)")
+    sp.set_defaults(func=cmd_store)
+
+    for role, default_port in (("prefill", 50061), ("decode", 50071)):
+        sp = sub.add_parser(role, help=f"run a {role} worker (a vLLM engine with the kvmesh connector)")
+        model_arg(sp)
+        sp.add_argument("--host", default=DEFAULT_HOST)
+        sp.add_argument("--port", type=port, default=default_port)
+        sp.add_argument("--store", required=True, help="store address HOST:PORT")
+        sp.add_argument("--model-id", default=None,
+                        help="name that keys the model's blocks (default: the model path)")
+        sp.add_argument("--block-size", type=int, default=32)
+        sp.add_argument("--max-model-len", type=int, default=None)
+        sp.add_argument("--kv-cache-gib", type=int, default=1, help="CPU KV cache size in GiB")
+        sp.add_argument("--store-timeout", type=float, default=5.0,
+                        help="deadline of each store call in seconds")
+        sp.set_defaults(func=cmd_worker)
+
+    sp = sub.add_parser("router", help="run the router (OpenAI-compatible HTTP API)")
+    model_arg(sp)
+    sp.add_argument("--served-model-name", default=None)
+    sp.add_argument("--host", default=DEFAULT_HOST)
+    sp.add_argument("--port", type=port, default=8000)
+    sp.add_argument("--prefill", required=True, help="prefill worker address HOST:PORT")
+    sp.add_argument("--decode", required=True, help="decode worker address HOST:PORT")
+    sp.add_argument("--api-token", default=None, help="require this bearer token on /v1")
+    sp.set_defaults(func=cmd_router)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

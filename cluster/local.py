@@ -1,0 +1,194 @@
+"""Running a whole kvmesh cluster on one machine: store, prefill, decode, router.
+
+Each component is its own process (``python -m cluster.cli <component>``) in its own
+process group, logging to a file in ``run_dir``. ``LocalCluster`` starts them in
+dependency order, waits (with a deadline) until each answers its health check, and
+stops them all on exit, killing whatever does not stop in time. A component that dies
+while starting raises ``ClusterError`` with the end of its log.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import grpc
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _grpc_ready(address: str, check: Callable[[grpc.Channel], bool]) -> Callable[[], bool]:
+    def ready() -> bool:
+        try:
+            with grpc.insecure_channel(address) as channel:
+                return check(channel)
+        except grpc.RpcError:
+            return False
+    return ready
+
+
+def store_ready(address: str) -> Callable[[], bool]:
+    from kvmesh_proto import store_pb2, store_pb2_grpc
+
+    return _grpc_ready(address, lambda ch: store_pb2_grpc.KVStoreStub(ch).Stats(
+        store_pb2.StatsRequest(), timeout=1.0) is not None)
+
+
+def worker_ready(address: str) -> Callable[[], bool]:
+    from kvmesh_proto import worker_pb2, worker_pb2_grpc
+
+    return _grpc_ready(address, lambda ch: worker_pb2_grpc.WorkerStub(ch).Health(
+        worker_pb2.HealthRequest(), timeout=1.0).status == "ok")
+
+
+def http_ready(url: str) -> Callable[[], bool]:
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=2.0) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+    return ready
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "".join(self.log_path.read_text(errors="replace").splitlines(True)[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class LocalCluster:
+    """A store, a prefill worker, a decode worker and a router on this machine."""
+
+    model: str
+    served_model_name: str = "kvmesh"
+    host: str = "127.0.0.1"
+    router_port: int = 0
+    block_size: int = 32
+    store_capacity_bytes: int = 2 << 30
+    api_token: str | None = None
+    allow_fault_injection: bool = False
+    run_dir: Path | None = None
+    start_timeout_s: float = 300.0
+    verbose: bool = True
+    processes: list[Process] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir or tempfile.mkdtemp(prefix="kvmesh-run-"))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.store_address = f"{self.host}:{free_port(self.host)}"
+        self.prefill_address = f"{self.host}:{free_port(self.host)}"
+        self.decode_address = f"{self.host}:{free_port(self.host)}"
+        self.router_port = self.router_port or free_port(self.host)
+        self.router_url = f"http://{self.host}:{self.router_port}"
+
+    def _say(self, message: str) -> None:
+        if self.verbose:
+            print(f"kvmesh: {message}", flush=True)
+
+    def _spawn(self, name: str, *args: str) -> Process:
+        log_path = self.run_dir / f"{name}.log"
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+        with open(log_path, "ab") as log:
+            popen = subprocess.Popen([sys.executable, "-m", "cluster.cli", name, *args],
+                                     stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        proc = Process(name, popen, log_path)
+        self.processes.append(proc)
+        return proc
+
+    def _wait(self, pending: dict[str, tuple[Process, Callable[[], bool]]], deadline: float) -> None:
+        while pending:
+            for name, (proc, ready) in list(pending.items()):
+                if proc.popen.poll() is not None:
+                    raise ClusterError(f"{name} exited with code {proc.popen.returncode} while "
+                                       f"starting; end of {proc.log_path}:\n{proc.log_tail()}")
+                if ready():
+                    self._say(f"{name} is ready")
+                    del pending[name]
+            if pending and time.monotonic() > deadline:
+                names = ", ".join(pending)
+                raise ClusterError(f"{names} not ready after {self.start_timeout_s:.0f}s; "
+                                   f"logs in {self.run_dir}")
+            time.sleep(0.25)
+
+    def start(self) -> "LocalCluster":
+        deadline = time.monotonic() + self.start_timeout_s
+        self._say(f"starting store, prefill and decode workers (logs in {self.run_dir})")
+        try:
+            store_args = ["--host", self.host, "--port", self.store_address.rsplit(":", 1)[1],
+                          "--capacity-bytes", str(self.store_capacity_bytes)]
+            if self.allow_fault_injection:
+                store_args.append("--allow-fault-injection")
+            store = self._spawn("store", *store_args)
+            self._wait({"store": (store, store_ready(self.store_address))}, deadline)
+            pending = {}
+            for role, address in (("prefill", self.prefill_address), ("decode", self.decode_address)):
+                proc = self._spawn(role, "--model", self.model, "--host", self.host,
+                                   "--port", address.rsplit(":", 1)[1], "--store", self.store_address,
+                                   "--block-size", str(self.block_size),
+                                   "--model-id", self.served_model_name)
+                pending[role] = (proc, worker_ready(address))
+            self._say("loading the model in both workers (this takes a little while)")
+            self._wait(pending, deadline)
+            router_args = ["--model", self.model, "--served-model-name", self.served_model_name,
+                           "--host", self.host, "--port", str(self.router_port),
+                           "--prefill", self.prefill_address, "--decode", self.decode_address]
+            if self.api_token:
+                router_args += ["--api-token", self.api_token]
+            router = self._spawn("router", *router_args)
+            self._wait({"router": (router, http_ready(self.router_url + "/health"))}, deadline)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """Stop every component, router first; kill process groups that outlive ``timeout_s``."""
+        for proc in reversed(self.processes):
+            if proc.popen.poll() is None:
+                proc.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for proc in reversed(self.processes):
+            try:
+                proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            try:  # the engine's own child processes share the group
+                os.killpg(proc.popen.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.popen.wait()
+        self.processes.clear()
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,157 @@
+"""Locally generated test and benchmark models.
+
+No weights can be downloaded where kvmesh is developed and tested, so it makes its own:
+a Llama-architecture model with seeded random weights and a byte-level BPE tokenizer
+trained on seeded synthetic text, saved as a Hugging Face directory that vLLM loads.
+
+Contract: the same size and seed always give the same tokenizer and the same weights.
+Weights use ``initializer_range`` 0.15 so that the output depends on the context
+(at the default init, random models repeat one token whatever they are given, which
+would make output-equality tests prove nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    max_positions: int
+
+
+SIZES = {
+    # Fast enough for every test; output still depends on context.
+    "tiny": ModelSize(vocab_size=1024, hidden_size=128, intermediate_size=256,
+                      num_layers=4, num_heads=4, num_kv_heads=2, max_positions=4096),
+    # Large enough that prefilling ~2,000 tokens costs about a second or more on a CPU.
+    "bench": ModelSize(vocab_size=2048, hidden_size=768, intermediate_size=2048,
+                       num_layers=8, num_heads=12, num_kv_heads=4, max_positions=8192),
+}
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+_WORDS = (
+    "the a an of to in on for with by from at as is was are be been cache block key "
+    "value token prefill decode layer head model store node router worker request "
+    "prompt memory disk host transfer stream batch queue shard tensor pipeline tier "
+    "hash chain prefix tenant latency throughput first second time cluster ray helm "
+    "python kernel engine data quick brown fox jumps over lazy dog river mountain "
+    "light dark green blue red yellow small large fast slow open close read write "
+    "alpha beta gamma delta one two three four five six seven eight nine ten"
+).split()
+
+
+def synthetic_corpus(seed: int, num_lines: int = 4000) -> list[str]:
+    """Seeded pseudo-text with words, numbers, punctuation and some code-like lines."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(num_lines):
+        n = rng.randint(4, 24)
+        words = [rng.choice(_WORDS) for _ in range(n)]
+        if rng.random() < 0.2:
+            words.insert(rng.randrange(n), str(rng.randint(0, 10_000)))
+        line = " ".join(words)
+        if i % 7 == 0:
+            line = f"def f_{rng.randint(0, 99)}(x): return x * {rng.randint(1, 9)}  # {line}"
+        lines.append(line.capitalize() + rng.choice([".", "!", "?", ",", ";", ":"]))
+    return lines
+
+
+def make_tokenizer(vocab_size: int, seed: int):
+    """Train a byte-level BPE tokenizer on the synthetic corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(synthetic_corpus(seed), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def make_model(out_dir: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
+    """Write a complete Hugging Face model directory to ``out_dir`` and return it.
+
+    Writes into a temporary sibling first and renames, so a crash never leaves a
+    half-written directory that looks complete.
+    """
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    spec = SIZES[size]
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tokenizer = make_tokenizer(spec.vocab_size, seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_positions,
+        initializer_range=0.15,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "kvmesh_model.json").write_text(json.dumps({"size": size, "seed": seed}))
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return (p / "config.json").is_file() and (p / "tokenizer.json").is_file()
+
+
+def default_model_dir(size: str = "tiny") -> Path:
+    """Where the embedded default model lives; generated on first use."""
+    base = os.environ.get("KVMESH_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "kvmesh")
+    return Path(base) / "models" / f"{size}-seed0"
+
+
+def ensure_model(size: str = "tiny") -> Path:
+    """Return the default model directory of ``size``, generating it if missing."""
+    path = default_model_dir(size)
+    if not is_model_dir(path):
+        print(f"kvmesh: generating the {size} model in {path} ...", flush=True)
+        make_model(path, size)
+    return path

@@ -1,0 +1,75 @@
+"""Building the vLLM engine of a worker, with the kvmesh connector in the worker's role."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+KV_ROLES = {
+    # Prefill workers load cached prefixes from the store and save what they compute.
+    "prefill": "kv_both",
+    # Decode workers load the prompt's KV and compute only what the store lacks.
+    "decode": "kv_consumer",
+}
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    model: str
+    role: str
+    store_address: str
+    model_id: str | None = None
+    block_size: int = 32
+    max_model_len: int | None = None
+    kv_cache_gib: int = 1
+    store_timeout_s: float = 5.0
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.role not in KV_ROLES:
+            raise ValueError(f"unknown worker role {self.role!r}; choose one of {sorted(KV_ROLES)}")
+        if self.block_size <= 0 or self.block_size % 32:
+            raise ValueError("block_size must be a positive multiple of 32")
+
+
+def engine_args(settings: EngineSettings):
+    """vLLM ``AsyncEngineArgs`` for a worker: greedy-exact settings, our connector, recompute on load errors."""
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    transfer = KVTransferConfig(
+        kv_connector="KvmeshConnector",
+        kv_connector_module_path="kv_store.connector",
+        kv_role=KV_ROLES[settings.role],
+        kv_load_failure_policy="recompute",
+        kv_connector_extra_config={
+            "store_address": settings.store_address,
+            "model_id": settings.model_id or settings.model,
+            "timeout_s": settings.store_timeout_s,
+        },
+    )
+    return AsyncEngineArgs(
+        model=settings.model,
+        block_size=settings.block_size,
+        max_model_len=settings.max_model_len,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        enforce_eager=True,
+        # The store is the prefix cache: every reuse goes through it, where it is counted
+        # and shared by all workers.
+        enable_prefix_caching=False,
+        kv_transfer_config=transfer,
+        disable_log_stats=True,
+    )
+
+
+def prepare_environment(settings: EngineSettings) -> None:
+    """Environment vLLM reads at start-up; values the user already set are kept."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
+
+
+def build_engine(settings: EngineSettings):
+    """Start an AsyncLLM; the caller shuts it down (``engine.shutdown()``)."""
+    prepare_environment(settings)
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return AsyncLLM.from_engine_args(engine_args(settings))

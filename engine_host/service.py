@@ -1,0 +1,103 @@
+"""The worker gRPC API over an AsyncLLM, and the worker process's main loop.
+
+Contract: every ``Generate`` stream ends with a chunk carrying ``finish_reason`` unless
+the call fails with a gRPC status. A call the client cancels (or whose deadline passes)
+aborts the request in the engine, which frees its KV blocks and its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+
+from engine_host.engine import EngineSettings, build_engine
+from kv_store.grpc_options import message_options
+from kvmesh_proto import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger("kvmesh.worker")
+
+
+def sampling_params(msg: worker_pb2.SamplingParams):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        max_tokens=msg.max_tokens,
+        temperature=msg.temperature,
+        top_p=msg.top_p if msg.top_p > 0 else 1.0,
+        top_k=msg.top_k if msg.top_k > 0 else 0,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop=list(msg.stop) or None,
+        ignore_eos=msg.ignore_eos,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, engine, settings: EngineSettings, max_model_len: int):
+        self.engine = engine
+        self.settings = settings
+        self.max_model_len = max_model_len
+        self.running = 0
+
+    async def Generate(self, request, context):
+        if not request.prompt_token_ids:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
+        try:
+            params = sampling_params(request.sampling)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        prompt = {"prompt_token_ids": list(request.prompt_token_ids)}
+        if request.cache_salt:
+            prompt["cache_salt"] = request.cache_salt
+        self.running += 1
+        try:
+            async for out in self.engine.generate(prompt, params, request.request_id):
+                completion = out.outputs[0]
+                chunk = worker_pb2.GenerateChunk(token_ids=completion.token_ids, text=completion.text)
+                if out.finished:
+                    stats = (out.kv_transfer_params or {}).get("kvmesh", {})
+                    chunk.finish_reason = completion.finish_reason or "stop"
+                    chunk.num_prompt_tokens = len(out.prompt_token_ids or ())
+                    chunk.tokens_from_store = stats.get("tokens_from_store", 0)
+                    chunk.tokens_load_failed = stats.get("tokens_load_failed", 0)
+                yield chunk
+        except ValueError as e:  # vLLM's input validation
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        finally:
+            self.running -= 1
+
+    async def Health(self, request, context):
+        errored = getattr(self.engine, "errored", False)
+        return worker_pb2.HealthReply(
+            status="error" if errored else "ok", role=self.settings.role,
+            model=self.settings.model_id or self.settings.model, running=self.running,
+            max_model_len=self.max_model_len)
+
+
+async def serve_worker(settings: EngineSettings, host: str, port: int,
+                       shutdown_grace_s: float = 5.0) -> None:
+    """Run a worker until SIGINT/SIGTERM: engine up, then the API, then both down in order."""
+    engine = build_engine(settings)
+    server = None
+    try:
+        max_model_len = engine.model_config.max_model_len
+        server = grpc.aio.server(options=message_options())
+        worker_pb2_grpc.add_WorkerServicer_to_server(
+            WorkerService(engine, settings, max_model_len), server)
+        if server.add_insecure_port(f"{host}:{port}") == 0:
+            raise RuntimeError(f"cannot bind the {settings.role} worker to {host}:{port}")
+        await server.start()
+        print(f"kvmesh {settings.role} worker serving on {host}:{port}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        if server is not None:
+            await server.stop(shutdown_grace_s)
+        engine.shutdown()

@@ -1,0 +1,83 @@
+"""Client of the store server.
+
+Every call has a deadline. Every failure of the transport (peer down, refused, deadline
+exceeded) raises ``StoreError``; callers on the data path turn that into "these blocks are
+missing", never into a hang or a wrong token. ``get`` verifies each block's checksum and
+leaves out (and counts) blocks whose bytes do not match it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import grpc
+
+from kv_store.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, message_options
+from kv_store.integrity import checksum, verify
+from kvmesh_proto import store_pb2, store_pb2_grpc
+
+
+class StoreError(RuntimeError):
+    """The store could not be reached or did not answer in time."""
+
+
+class GetResult(NamedTuple):
+    blocks: dict[bytes, bytes]  # verified blocks, by key
+    corrupt: int                # blocks returned whose checksum did not match
+
+
+class StoreClient:
+    def __init__(self, address: str, timeout_s: float = 5.0,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(address, options=message_options(max_message_bytes))
+        self._stub = store_pb2_grpc.KVStoreStub(self._channel)
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise StoreError(f"store {self.address}: {e.code().name}: {e.details()}") from e
+
+    def put(self, blocks: Sequence[tuple[bytes, bytes]]) -> int:
+        """Store ``(key, data)`` pairs, checksumming each; returns how many were stored."""
+        msg = store_pb2.PutRequest(blocks=[
+            store_pb2.Block(key=k, data=d, checksum=checksum(d)) for k, d in blocks])
+        return self._call(self._stub.Put, msg).stored
+
+    def lookup(self, groups: Sequence[Sequence[bytes]]) -> int:
+        """Number of leading key groups fully present in the store."""
+        msg = store_pb2.LookupRequest(groups=[store_pb2.KeyGroup(keys=g) for g in groups])
+        return self._call(self._stub.Lookup, msg).prefix_groups
+
+    def get(self, keys: Sequence[bytes]) -> GetResult:
+        reply = self._call(self._stub.Get, store_pb2.GetRequest(keys=keys))
+        good: dict[bytes, bytes] = {}
+        corrupt = 0
+        for block in reply.blocks:
+            if verify(block.data, block.checksum):
+                good[block.key] = block.data
+            else:
+                corrupt += 1
+        return GetResult(good, corrupt)
+
+    def drop(self, keys: Sequence[bytes] | None = None) -> int:
+        msg = store_pb2.DropRequest(all=keys is None, keys=keys or [])
+        return self._call(self._stub.Drop, msg).dropped
+
+    def inject_fault(self, mode: str, keys: Sequence[bytes] | None = None) -> int:
+        msg = store_pb2.FaultRequest(mode=mode, all=keys is None, keys=keys or [])
+        return self._call(self._stub.InjectFault, msg).affected
+
+    def stats(self) -> store_pb2.StatsReply:
+        return self._call(self._stub.Stats, store_pb2.StatsRequest())
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "StoreClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

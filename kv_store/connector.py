@@ -1,0 +1,356 @@
+"""kvmesh's vLLM KV connector: vLLM's paged KV cache <-> the kvmesh store.
+
+vLLM runs a connector in two places, and this module keeps them apart:
+
+* **Scheduler side** (the engine core): hashes each new request's prompt into chain
+  hashes (``on_new_request``), asks the store how many leading blocks it holds
+  (``get_num_new_matched_tokens``), remembers what was allocated for them
+  (``update_state_after_alloc``) and, every step, tells the workers which blocks to load
+  and which newly computed full blocks to save (``build_connector_meta``).
+* **Worker side** (the model runner): loads the planned blocks into the paged cache
+  before the forward pass (``start_load_kv``), copies each layer's finished blocks out as
+  soon as the layer has run and sends them to the store in the background
+  (``save_kv_layer``), and waits for those sends at the end of the step
+  (``wait_for_save``).
+
+Failure contract: the store is a cache. A lookup that fails counts as zero hits; a block
+that is missing or fails its checksum at load time is reported through
+``get_block_ids_with_load_errors`` and vLLM recomputes it (the engine must run with
+``kv_load_failure_policy="recompute"``); a save that fails or misses its deadline is
+logged and becomes a future miss. No call here waits without a deadline.
+
+Configuration (``kv_connector_extra_config``): ``store_address`` (required),
+``model_id`` (defaults to the model path), ``timeout_s`` (per store call, default 5).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+from vllm.model_executor.models.utils import extract_layer_index
+
+from kv_store.client import StoreClient, StoreError
+from kv_store.keys import KeySpace, chain_hashes, namespace
+from kv_store.paged_layout import block_dim, read_blocks, write_blocks
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger("kvmesh.connector")
+
+
+@dataclass
+class BlockTransfer:
+    """Blocks of one request to move this step: paged block ids and their chain hashes."""
+
+    req_id: str
+    block_ids: list[int]
+    hashes: list[bytes]
+
+
+@dataclass
+class KvmeshConnectorMetadata(KVConnectorMetadata):
+    loads: list[BlockTransfer] = field(default_factory=list)
+    saves: list[BlockTransfer] = field(default_factory=list)
+
+
+@dataclass
+class KvmeshWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker -> scheduler: prompt tokens per request whose load failed this step."""
+
+    failed_tokens: dict[str, int] = field(default_factory=dict)
+
+    def aggregate(self, other: "KVConnectorWorkerMetadata") -> "KvmeshWorkerMetadata":
+        merged = dict(self.failed_tokens)
+        for req_id, n in getattr(other, "failed_tokens", {}).items():
+            merged[req_id] = max(merged.get(req_id, 0), n)
+        return KvmeshWorkerMetadata(merged)
+
+
+def layout_fingerprint(vllm_config: "VllmConfig") -> str:
+    """What must match for a block's bytes to mean the same thing to another worker."""
+    from vllm.platforms import current_platform
+
+    model = vllm_config.model_config
+    cache = vllm_config.cache_config
+    dtype = model.dtype if cache.cache_dtype == "auto" else cache.cache_dtype
+    device = current_platform.device_type
+    if device == "cpu":  # the CPU kernels pack K by instruction set
+        device += "-" + torch.backends.cpu.get_cpu_capability()
+    return f"{device}|{dtype}|bs{cache.block_size}|hd{model.get_head_size()}"
+
+
+@dataclass
+class _RequestState:
+    """Scheduler-side bookkeeping of one request, dropped when it finishes."""
+
+    hashes: list[bytes]
+    block_ids: list[int] = field(default_factory=list)
+    load: tuple[int, int] | None = None  # (first block, number of blocks) to load
+    load_pending: bool = False
+    saved_blocks: int = 0                 # leading blocks already in the store or sent
+    matched: tuple[int, int] = (0, 0)     # (local computed tokens, store tokens) last seen
+    tokens_from_store: int = 0
+    tokens_load_failed: int = 0
+
+
+class KvmeshConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
+                 kv_cache_config: "KVCacheConfig | None" = None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        cfg = self._kv_transfer_config
+        extra = cfg.kv_connector_extra_config or {}
+        if "store_address" not in extra:
+            raise ValueError("KvmeshConnector needs kv_connector_extra_config['store_address']")
+        self.timeout_s = float(extra.get("timeout_s", 5.0))
+        self.store = StoreClient(extra["store_address"], timeout_s=self.timeout_s)
+        self.block_size = vllm_config.cache_config.block_size
+        self.can_save = cfg.is_kv_producer
+        self.can_load = cfg.is_kv_consumer
+
+        model = vllm_config.model_config
+        parallel = vllm_config.parallel_config
+        model_id = str(extra.get("model_id") or model.model)
+        ns = namespace(model_id, layout_fingerprint(vllm_config))
+        total_heads = model.get_total_num_kv_heads()
+        tp = parallel.tensor_parallel_size
+        per_rank = max(1, total_heads // tp)
+        shards = sorted({(r * per_rank % total_heads, r * per_rank % total_heads + per_rank)
+                         for r in range(tp)})
+        self._shard_spaces = [KeySpace(ns, heads) for heads in shards]
+        self._all_layers = list(range(model.get_total_num_hidden_layers()))
+
+        # Scheduler side.
+        self._requests: dict[str, _RequestState] = {}
+
+        # Worker side.
+        if role == KVConnectorRole.WORKER:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            rank = get_tensor_model_parallel_rank() if tp > 1 else 0
+            start = rank * per_rank % total_heads
+            self._space = KeySpace(ns, (start, start + per_rank))
+        self._caches: dict[str, torch.Tensor] = {}
+        self._block_dims: dict[str, int] = {}
+        self._layers: dict[str, int] = {}
+        self._num_blocks = kv_cache_config.num_blocks if kv_cache_config is not None else 0
+        self._sender = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvmesh-save")
+        self._pending_saves: list[cf.Future] = []
+        self._failed_block_ids: set[int] = set()
+        self._failed_tokens: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ scheduler side
+
+    def _groups(self, hashes: list[bytes]) -> list[list[bytes]]:
+        """Per block, every key a full load needs: all layers of all head shards."""
+        return [[k for space in self._shard_spaces for k in space.block_group(h, self._all_layers)]
+                for h in hashes]
+
+    def on_new_request(self, request: "Request") -> None:
+        tokens = list(request.prompt_token_ids or [])
+        self._requests[request.request_id] = _RequestState(
+            hashes=chain_hashes(tokens, self.block_size, getattr(request, "cache_salt", None)))
+
+    def _state(self, request: "Request") -> _RequestState:
+        if request.request_id not in self._requests:
+            self.on_new_request(request)
+        return self._requests[request.request_id]
+
+    def get_num_new_matched_tokens(self, request: "Request",
+                                   num_computed_tokens: int) -> tuple[int, bool]:
+        state = self._state(request)
+        state.matched = (num_computed_tokens, 0)
+        if not self.can_load or not state.hashes:
+            return 0, False
+        # At least one prompt token must be left for the engine to compute.
+        loadable = min(len(state.hashes), (request.num_prompt_tokens - 1) // self.block_size)
+        first = num_computed_tokens // self.block_size
+        if loadable <= first:
+            return 0, False
+        try:
+            hits = self.store.lookup(self._groups(state.hashes[first:loadable]))
+        except StoreError as e:
+            log.warning("store lookup failed, computing locally: %s", e)
+            return 0, False
+        state.matched = (num_computed_tokens, hits * self.block_size)
+        return hits * self.block_size, False
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
+                                 num_external_tokens: int) -> None:
+        state = self._state(request)
+        if num_external_tokens <= 0:
+            return
+        first = state.matched[0] // self.block_size
+        count = num_external_tokens // self.block_size
+        state.load = (first, count)
+        state.load_pending = True
+        state.saved_blocks = max(state.saved_blocks, first + count)
+        state.tokens_from_store += num_external_tokens
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KvmeshConnectorMetadata:
+        meta = KvmeshConnectorMetadata()
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            state = self._requests.get(new.req_id)
+            if state is None:
+                continue
+            state.block_ids = list(new.block_ids[0])
+            self._plan(new.req_id, state, new.num_computed_tokens + scheduled.get(new.req_id, 0), meta)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._requests.get(req_id)
+            if state is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if new_ids is not None:
+                if req_id in cached.resumed_req_ids:
+                    state.block_ids = list(new_ids[0])
+                else:
+                    state.block_ids.extend(new_ids[0])
+            self._plan(req_id, state, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), meta)
+        return meta
+
+    def _plan(self, req_id: str, state: _RequestState, computed_after_step: int,
+              meta: KvmeshConnectorMetadata) -> None:
+        if state.load_pending and state.load is not None:
+            first, count = state.load
+            meta.loads.append(BlockTransfer(req_id, state.block_ids[first:first + count],
+                                            state.hashes[first:first + count]))
+            state.load_pending = False
+        if self.can_save:
+            full = min(len(state.hashes), computed_after_step // self.block_size,
+                       len(state.block_ids))
+            if full > state.saved_blocks:
+                first = state.saved_blocks
+                meta.saves.append(BlockTransfer(req_id, state.block_ids[first:full],
+                                                state.hashes[first:full]))
+                state.saved_blocks = full
+
+    def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
+        worker_meta = connector_output.kv_connector_worker_meta
+        for req_id, n in getattr(worker_meta, "failed_tokens", {}).items():
+            state = self._requests.get(req_id)
+            if state is None:
+                continue
+            state.tokens_load_failed += n
+            if state.load is not None:  # recomputed blocks get saved again, replacing bad ones
+                first, count = state.load
+                state.saved_blocks = min(state.saved_blocks, first + count - n // self.block_size)
+
+    def request_finished(self, request: "Request",
+                         block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        state = self._requests.pop(request.request_id, None)
+        if state is None:
+            return False, None
+        return False, {"kvmesh": {"tokens_from_store": state.tokens_from_store,
+                                  "tokens_load_failed": state.tokens_load_failed}}
+
+    # ------------------------------------------------------------------ worker side
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        for name, cache in kv_caches.items():
+            self._caches[name] = cache
+            self._layers[name] = extract_layer_index(name)
+            self._block_dims[name] = block_dim(cache, self._num_blocks or cache.shape[0])
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KvmeshConnectorMetadata)
+        for transfer in meta.loads:
+            self._load(transfer)
+
+    def _load(self, transfer: BlockTransfer) -> None:
+        """Load a request's planned blocks; blocks from the first unusable one on fail."""
+        layers = sorted(self._caches, key=self._layers.__getitem__)
+        keys = {(h, name): self._space.key(h, self._layers[name])
+                for h in transfer.hashes for name in layers}
+        try:
+            result = self.store.get(list(keys.values()))
+            found = result.blocks
+            if result.corrupt:
+                log.warning("request %s: %d blocks failed their checksum", transfer.req_id,
+                            result.corrupt)
+        except StoreError as e:
+            log.warning("request %s: store get failed: %s", transfer.req_id, e)
+            found = {}
+        usable = 0
+        for h in transfer.hashes:
+            if not all(keys[(h, name)] in found for name in layers):
+                break
+            usable += 1
+        try:
+            for name in layers:
+                data = [found[keys[(h, name)]] for h in transfer.hashes[:usable]]
+                write_blocks(self._caches[name], self._block_dims[name],
+                             transfer.block_ids[:usable], data)
+        except ValueError as e:  # wrong block size: a layout mismatch, treat all as missing
+            log.warning("request %s: %s", transfer.req_id, e)
+            usable = 0
+        failed = transfer.block_ids[usable:]
+        if failed:
+            self._failed_block_ids.update(failed)
+            self._failed_tokens[transfer.req_id] = (
+                self._failed_tokens.get(transfer.req_id, 0) + len(failed) * self.block_size)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads complete in start_load_kv
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor,
+                      attn_metadata: Any, **kwargs: Any) -> None:
+        if not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KvmeshConnectorMetadata)
+        if not meta.saves or layer_name not in self._layers:
+            return
+        layer = self._layers[layer_name]
+        dim = self._block_dims[layer_name]
+        batch: list[tuple[bytes, bytes]] = []
+        for transfer in meta.saves:
+            data = read_blocks(kv_layer, dim, transfer.block_ids)
+            batch.extend((self._space.key(h, layer), d) for h, d in zip(transfer.hashes, data))
+        self._pending_saves.append(self._sender.submit(self.store.put, batch))
+
+    def wait_for_save(self) -> None:
+        if not self._pending_saves:
+            return
+        deadline = time.monotonic() + self.timeout_s
+        for future in self._pending_saves:
+            try:
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except cf.TimeoutError:
+                log.warning("KV save missed its %.1fs deadline; those blocks will miss", self.timeout_s)
+            except StoreError as e:
+                log.warning("KV save failed; those blocks will miss: %s", e)
+        self._pending_saves.clear()
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._failed_block_ids = self._failed_block_ids, set()
+        return failed
+
+    def build_connector_worker_meta(self) -> KvmeshWorkerMetadata | None:
+        if not self._failed_tokens:
+            return None
+        meta, self._failed_tokens = KvmeshWorkerMetadata(self._failed_tokens), {}
+        return meta
+
+    def shutdown(self) -> None:
+        self._sender.shutdown(wait=False, cancel_futures=True)
+        self.store.close()

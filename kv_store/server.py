@@ -1,0 +1,125 @@
+"""The store server: a ``BlockStore`` served over gRPC (``kvmesh store``).
+
+The server binds only the address it is given. Fault injection (damaging or hiding
+blocks, for failure tests) is refused unless the server was started with it enabled.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+
+import grpc
+
+from kv_store.block_store import BlockStore, HostLRUStore, StoredBlock
+from kv_store.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, message_options
+from kv_store.integrity import checksum
+from kvmesh_proto import store_pb2, store_pb2_grpc
+
+log = logging.getLogger("kvmesh.store")
+
+FAULT_MODES = ("flip", "noise", "vanish")
+
+
+class StoreService(store_pb2_grpc.KVStoreServicer):
+    def __init__(self, store: BlockStore, allow_fault_injection: bool = False):
+        self.store = store
+        self.allow_fault_injection = allow_fault_injection
+        self._vanished: set[bytes] = set()
+        self._lock = threading.Lock()
+
+    def Put(self, request, context):
+        stored = 0
+        for block in request.blocks:
+            if self.store.put(block.key, block.data, block.checksum):
+                stored += 1
+            with self._lock:
+                self._vanished.discard(block.key)
+        return store_pb2.PutReply(stored=stored, rejected=len(request.blocks) - stored)
+
+    def Lookup(self, request, context):
+        groups = [list(g.keys) for g in request.groups]
+        return store_pb2.LookupReply(prefix_groups=self.store.lookup(groups))
+
+    def Get(self, request, context):
+        with self._lock:
+            vanished = set(self._vanished)
+        out = []
+        for key in request.keys:
+            block = None if key in vanished else self.store.get(key)
+            if block is not None:
+                out.append(store_pb2.Block(key=key, data=block.data, checksum=block.checksum))
+        return store_pb2.GetReply(blocks=out)
+
+    def Drop(self, request, context):
+        keys = None if request.all else list(request.keys)
+        return store_pb2.DropReply(dropped=self.store.drop(keys))
+
+    def InjectFault(self, request, context):
+        if not self.allow_fault_injection:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          "fault injection is disabled on this store (start it with --allow-fault-injection)")
+        if request.mode not in FAULT_MODES:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"unknown fault mode {request.mode!r}; use one of {FAULT_MODES}")
+        keys = self.store.keys() if request.all else list(request.keys)
+        affected = 0
+        for key in keys:
+            if request.mode == "vanish":
+                with self._lock:
+                    self._vanished.add(key)
+                affected += 1
+                continue
+            block = self.store.get(key)
+            if block is None:
+                continue
+            if request.mode == "flip":
+                data = bytes(b ^ 0x5A for b in block.data)
+                damaged = StoredBlock(data, block.checksum)
+            else:
+                data = bf16_noise(len(block.data))
+                damaged = StoredBlock(data, checksum(data))
+            affected += self.store.replace(key, damaged)
+        return store_pb2.FaultReply(affected=affected)
+
+    def Stats(self, request, context):
+        return store_pb2.StatsReply(**vars(self.store.stats()))
+
+
+def bf16_noise(nbytes: int) -> bytes:
+    """Random finite bfloat16 values (standard normal), for replacing KV with noise.
+
+    Raw random bytes would hold NaNs, which poison the engine's cache slots beyond the
+    request under test; finite noise keeps a negative control about this request only.
+    """
+    import numpy as np
+
+    values = np.random.default_rng().standard_normal(nbytes // 2, dtype=np.float32)
+    return (values.view(np.uint32) >> 16).astype(np.uint16).tobytes().ljust(nbytes, b"\0")
+
+
+def start_store_server(
+    host: str,
+    port: int,
+    capacity_bytes: int,
+    *,
+    allow_fault_injection: bool = False,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_workers: int = 8,
+) -> tuple[grpc.Server, int]:
+    """Start serving a fresh host-RAM store; returns the server and the bound port.
+
+    Raises ``RuntimeError`` when the address cannot be bound. The caller stops the
+    server (``server.stop(grace)``).
+    """
+    store = HostLRUStore(capacity_bytes)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                         options=message_options(max_message_bytes))
+    store_pb2_grpc.add_KVStoreServicer_to_server(StoreService(store, allow_fault_injection), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"cannot bind the store server to {host}:{port}")
+    server.start()
+    log.info("store serving on %s:%d, capacity %d bytes", host, bound, capacity_bytes)
+    return server, bound

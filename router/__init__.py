@@ -1,0 +1,1 @@
+"""The router: the OpenAI-compatible HTTP API and prefill/decode orchestration."""

@@ -1,0 +1,33 @@
+"""The router's Prometheus metrics, in a registry of its own per app."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("kvmesh_router_requests", "Completion requests by outcome",
+                                ["outcome"], registry=r)
+        self.prompt_tokens = Counter("kvmesh_router_prompt_tokens", "Prompt tokens received",
+                                     registry=r)
+        self.generated_tokens = Counter("kvmesh_router_generated_tokens", "Tokens generated",
+                                        registry=r)
+        self.tokens_from_store = Counter(
+            "kvmesh_router_prefix_tokens_from_store",
+            "Prompt tokens whose KV a worker loaded from the store instead of computing",
+            ["stage"], registry=r)
+        self.tokens_load_failed = Counter(
+            "kvmesh_router_kv_load_failed_tokens",
+            "Prompt tokens whose KV load failed and were recomputed", ["stage"], registry=r)
+        self.prefill_failures = Counter(
+            "kvmesh_router_prefill_failures", "Prefills that failed; decode computed the prompt",
+            registry=r)
+        self.ttft = Histogram("kvmesh_router_time_to_first_token_seconds",
+                              "Time to first token", buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("kvmesh_router_request_seconds", "End-to-end request latency",
+                             buckets=LATENCY_BUCKETS, registry=r)

@@ -1,0 +1,65 @@
+"""Request and response shapes of the OpenAI-compatible completions API."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class CompletionRequest(BaseModel):
+    """``POST /v1/completions``. Unknown fields are ignored, as OpenAI clients send extras."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str | list[int] = Field(..., description="text, or token ids")
+    model: str | None = None
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    ignore_eos: bool = False
+    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    echo: Literal[False] = False
+    return_token_ids: bool = False
+    cache_salt: str | None = Field(None, max_length=256)
+    user: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, value):
+        if len(value) == 0:
+            raise ValueError("prompt must not be empty")
+        if isinstance(value, list) and any(t < 0 for t in value):
+            raise ValueError("token ids must be non-negative")
+        return value
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+def error_body(message: str, status: int, kind: str = "invalid_request_error",
+               param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def completion_chunk(request_id: str, model: str, text: str, finish_reason: str | None,
+                     created: int | None = None) -> dict:
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": created or int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+    }
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
