@@ -69,6 +69,24 @@ def http_ready(url: str) -> Callable[[], bool]:
     return ready
 
 
+def worker_cpu_env(role: str) -> dict[str, str]:
+    """Give the prefill and decode engines separate CPU cores on a CPU-only machine.
+
+    vLLM's CPU engine binds its OpenMP threads to cores, and an engine that has just
+    stepped keeps polling for about a second; two engines bound to the same cores slow
+    each other down. The first half of the usable cores goes to prefill, the rest to
+    decode. A binding the user set (``VLLM_CPU_OMP_THREADS_BIND``) is kept.
+    """
+    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return {}
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return {}
+    half = len(cores) // 2
+    mine = cores[:half] if role == "prefill" else cores[half:]
+    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, mine))}
+
+
 @dataclass
 class Process:
     name: str
@@ -112,9 +130,10 @@ class LocalCluster:
         if self.verbose:
             print(f"kvmesh: {message}", flush=True)
 
-    def _spawn(self, name: str, *args: str) -> Process:
+    def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> Process:
         log_path = self.run_dir / f"{name}.log"
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+                   **(env or {}))
         with open(log_path, "ab") as log:
             popen = subprocess.Popen([sys.executable, "-m", "cluster.cli", name, *args],
                                      stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -153,7 +172,8 @@ class LocalCluster:
                 proc = self._spawn(role, "--model", self.model, "--host", self.host,
                                    "--port", address.rsplit(":", 1)[1], "--store", self.store_address,
                                    "--block-size", str(self.block_size),
-                                   "--model-id", self.served_model_name)
+                                   "--model-id", self.served_model_name,
+                                   env=worker_cpu_env(role))
                 pending[role] = (proc, worker_ready(address))
             self._say("loading the model in both workers (this takes a little while)")
             self._wait(pending, deadline)

@@ -32,8 +32,26 @@ class EngineSettings:
             raise ValueError("block_size must be a positive multiple of 32")
 
 
+def base_engine_kwargs(settings: EngineSettings) -> dict:
+    """Engine arguments a worker shares with a colocated vLLM run of the same model
+    (everything but the KV connector), so that both compute the same tokens."""
+    return dict(
+        model=settings.model,
+        block_size=settings.block_size,
+        max_model_len=settings.max_model_len,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        # One rank: run it inside the engine-core process where vLLM allows it.
+        distributed_executor_backend="uni" if settings.tensor_parallel_size == 1 else "mp",
+        enforce_eager=True,
+        # The store is the prefix cache: every reuse goes through it, where it is counted
+        # and shared by all workers.
+        enable_prefix_caching=False,
+    )
+
+
 def engine_args(settings: EngineSettings):
-    """vLLM ``AsyncEngineArgs`` for a worker: greedy-exact settings, our connector, recompute on load errors."""
+    """vLLM ``AsyncEngineArgs`` for a worker: the base arguments plus our connector,
+    with load errors recomputed."""
     from vllm.config import KVTransferConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -48,18 +66,8 @@ def engine_args(settings: EngineSettings):
             "timeout_s": settings.store_timeout_s,
         },
     )
-    return AsyncEngineArgs(
-        model=settings.model,
-        block_size=settings.block_size,
-        max_model_len=settings.max_model_len,
-        tensor_parallel_size=settings.tensor_parallel_size,
-        enforce_eager=True,
-        # The store is the prefix cache: every reuse goes through it, where it is counted
-        # and shared by all workers.
-        enable_prefix_caching=False,
-        kv_transfer_config=transfer,
-        disable_log_stats=True,
-    )
+    return AsyncEngineArgs(**base_engine_kwargs(settings), kv_transfer_config=transfer,
+                           disable_log_stats=True)
 
 
 def prepare_environment(settings: EngineSettings) -> None:

@@ -54,6 +54,11 @@ class StoreService(store_pb2_grpc.KVStoreServicer):
 
     def Drop(self, request, context):
         keys = None if request.all else list(request.keys)
+        with self._lock:
+            if keys is None:
+                self._vanished.clear()
+            else:
+                self._vanished.difference_update(keys)
         return store_pb2.DropReply(dropped=self.store.drop(keys))
 
     def InjectFault(self, request, context):
