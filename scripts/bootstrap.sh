@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Create or refresh the project's virtual environment at .venv (idempotent).
+#
+# The environment is rebuilt only when a dependency file changes: a hash of them is
+# kept in .venv/.kvmesh-deps. Needs Python >= 3.10 with venv and pip; on Debian-like
+# systems run as root it installs python3-venv itself when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+EXTRAS=${KVMESH_EXTRAS:-cpu,test}
+deps_hash=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)-$EXTRAS
+
+if [ -x "$VENV/bin/python" ] && [ "$(cat "$VENV/.kvmesh-deps" 2>/dev/null)" = "$deps_hash" ]; then
+    exit 0
+fi
+
+if ! "$PYTHON" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "kvmesh: installing python3-venv" >&2
+        apt-get update -qq && apt-get install -y -qq python3-venv python3-pip >/dev/null
+    else
+        echo "kvmesh: need Python >= 3.10 with the venv module (Debian: apt-get install python3-venv)" >&2
+        exit 1
+    fi
+fi
+
+echo "kvmesh: creating $VENV with extras [$EXTRAS] (vLLM for the CPU is large: a few minutes)" >&2
+rm -rf "$VENV"
+"$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q --progress-bar off -e ".[$EXTRAS]"
+# The torchvision/torchaudio wheels vLLM pulls in do not match its CPU torch and break
+# transformers at import; text models need neither.
+"$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+"$VENV/bin/python" -c 'import vllm, grpc, fastapi' >/dev/null
+echo "$deps_hash" > "$VENV/.kvmesh-deps"
+echo "kvmesh: $VENV is ready" >&2

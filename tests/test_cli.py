@@ -1,0 +1,45 @@
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from cluster.cli import build_parser, parse_bytes
+
+
+def test_parse_bytes():
+    assert parse_bytes("512MiB") == 512 << 20
+    assert parse_bytes("2G") == 2 << 30
+    assert parse_bytes("4096") == 4096
+    for bad in ("", "lots", "-1G", "0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_bytes(bad)
+
+
+def test_help_names_every_command():
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "--help"],
+                         capture_output=True, text=True, timeout=60).stdout
+    for command in ("demo", "serve", "model", "store", "prefill", "decode", "router"):
+        assert command in out
+
+
+def test_workers_need_a_store_address():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["prefill"])
+
+
+def test_a_missing_model_directory_is_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "router", "--model", str(tmp_path),
+                           "--prefill", "127.0.0.1:1", "--decode", "127.0.0.1:2"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "not a Hugging Face model directory" in proc.stderr
+
+
+def test_bad_block_size_is_refused():
+    from engine_host.engine import EngineSettings
+
+    with pytest.raises(ValueError, match="multiple of 32"):
+        EngineSettings(model="m", role="decode", store_address="a:1", block_size=48)
+    with pytest.raises(ValueError, match="role"):
+        EngineSettings(model="m", role="router", store_address="a:1")

@@ -1,0 +1,64 @@
+"""The store server and client over real gRPC on loopback."""
+
+import time
+
+import pytest
+
+from kv_store.client import StoreClient, StoreError
+from kv_store.server import start_store_server
+
+
+@pytest.fixture
+def server():
+    srv, port = start_store_server("127.0.0.1", 0, 1 << 20, allow_fault_injection=True)
+    yield f"127.0.0.1:{port}"
+    srv.stop(0)
+
+
+def test_put_lookup_get_drop(server):
+    with StoreClient(server) as c:
+        assert c.put([(b"a", b"1" * 10), (b"b", b"2" * 10)]) == 2
+        assert c.lookup([[b"a"], [b"b"], [b"c"]]) == 2
+        got = c.get([b"a", b"c", b"b"])
+        assert got.blocks == {b"a": b"1" * 10, b"b": b"2" * 10} and got.corrupt == 0
+        assert c.drop([b"a"]) == 1
+        assert c.lookup([[b"a"]]) == 0
+        assert c.stats().blocks == 1
+
+
+def test_large_blocks_pass_the_raised_message_limit(server):
+    big = bytes(range(256)) * (6 * 4096)  # 6 MiB, over gRPC's 4 MiB default
+    with StoreClient(server) as c:
+        assert c.put([(b"big", big[: 900 * 1024])]) == 1  # fits the 1 MiB store
+        assert c.get([b"big"]).blocks[b"big"] == big[: 900 * 1024]
+        assert c.put([(b"huge", big)]) == 0  # larger than the store: rejected, not an error
+
+
+@pytest.mark.parametrize("mode,corrupt,returned", [("flip", 1, 0), ("vanish", 0, 0), ("noise", 0, 1)])
+def test_faults_are_seen_by_the_reader(server, mode, corrupt, returned):
+    with StoreClient(server) as c:
+        c.put([(b"k", b"\x01\x02" * 64)])
+        assert c.inject_fault(mode, [b"k"]) == 1
+        assert c.lookup([[b"k"]]) == 1  # still listed
+        got = c.get([b"k"])
+        assert got.corrupt == corrupt and len(got.blocks) == returned
+        if returned:
+            assert got.blocks[b"k"] != b"\x01\x02" * 64  # noise: valid checksum, other bytes
+
+
+def test_fault_injection_is_refused_by_default():
+    srv, port = start_store_server("127.0.0.1", 0, 1 << 20)
+    try:
+        with StoreClient(f"127.0.0.1:{port}") as c:
+            with pytest.raises(StoreError, match="PERMISSION_DENIED"):
+                c.inject_fault("flip")
+    finally:
+        srv.stop(0)
+
+
+def test_unreachable_store_fails_within_the_deadline():
+    with StoreClient("127.0.0.1:9", timeout_s=0.5) as c:
+        start = time.monotonic()
+        with pytest.raises(StoreError):
+            c.lookup([[b"k"]])
+        assert time.monotonic() - start < 5
