@@ -30,6 +30,10 @@ def parse_bytes(text: str) -> int:
     return value
 
 
+def parse_bytes_or_zero(text: str) -> int:
+    return 0 if text.strip() == "0" else parse_bytes(text)
+
+
 def port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -59,16 +63,32 @@ def cmd_store(args) -> None:
     import threading
 
     from kv_store.server import start_store_server
+    from kv_store.tiered_store import build_store
 
-    server, bound = start_store_server(args.host, args.port, args.capacity_bytes,
+    try:
+        store = build_store(args.host_bytes, args.disk_bytes, args.disk_dir, args.gpu_bytes,
+                            args.policy, args.direct_io, args.page_bytes)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise SystemExit(f"kvmesh store: {e}")
+    server, bound = start_store_server(args.host, args.port, store,
                                        allow_fault_injection=args.allow_fault_injection)
-    print(f"kvmesh store serving on {args.host}:{bound} "
-          f"(capacity {args.capacity_bytes} bytes)", flush=True)
+    tiers = ", ".join(f"{t.name} {t.capacity_bytes} bytes" for t in store.tiers)
+    print(f"kvmesh store serving on {args.host}:{bound} ({tiers}; {args.policy} eviction)", flush=True)
+    if args.metrics_port is not None:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        from kv_store.store_metrics import StoreCollector
+
+        registry = CollectorRegistry()
+        registry.register(StoreCollector(store))
+        start_http_server(args.metrics_port, addr=args.host, registry=registry)
+        print(f"kvmesh store metrics on http://{args.host}:{args.metrics_port}/metrics", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     stop.wait()
     server.stop(grace=2).wait(5)
+    store.close()
 
 
 def cmd_worker(args) -> None:
@@ -184,8 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("store", help="run a KV store node")
     sp.add_argument("--host", default=DEFAULT_HOST)
     sp.add_argument("--port", type=port, default=50051)
-    sp.add_argument("--capacity-bytes", type=parse_bytes, default=parse_bytes("2GiB"),
-                    help="host RAM for blocks, e.g. 512MiB or 8GiB")
+    sp.add_argument("--host-bytes", "--capacity-bytes", type=parse_bytes, default=parse_bytes("2GiB"),
+                    help="host RAM tier capacity, e.g. 512MiB or 8GiB (0: no host tier)")
+    sp.add_argument("--disk-bytes", type=parse_bytes_or_zero, default=0,
+                    help="local disk tier capacity (default 0: no disk tier)")
+    sp.add_argument("--disk-dir", default=None,
+                    help="directory for the disk tier's slab file (default: a new temporary one)")
+    sp.add_argument("--direct-io", action="store_true", help="open the slab file with O_DIRECT")
+    sp.add_argument("--gpu-bytes", type=parse_bytes_or_zero, default=0,
+                    help="GPU tier capacity (needs CUDA; default 0)")
+    sp.add_argument("--policy", choices=["lru", "s3fifo"], default="lru", help="eviction policy")
+    sp.add_argument("--page-bytes", type=parse_bytes, default=parse_bytes("4MiB"),
+                    help="slab page size, a power of two; also the largest block (default 4MiB)")
+    sp.add_argument("--metrics-port", type=port, default=None,
+                    help="serve Prometheus metrics on this port (same host)")
     sp.add_argument("--allow-fault-injection", action="store_true",
                     help="accept InjectFault calls (failure tests only)")
     sp.set_defaults(func=cmd_store)

@@ -110,6 +110,7 @@ class LocalCluster:
     router_port: int = 0
     block_size: int = 32
     store_capacity_bytes: int = 2 << 30
+    store_args: tuple[str, ...] = ()  # more `kvmesh store` flags, e.g. a disk tier
     api_token: str | None = None
     allow_fault_injection: bool = False
     run_dir: Path | None = None
@@ -123,6 +124,8 @@ class LocalCluster:
         self.store_address = f"{self.host}:{free_port(self.host)}"
         self.prefill_address = f"{self.host}:{free_port(self.host)}"
         self.decode_address = f"{self.host}:{free_port(self.host)}"
+        self.store_metrics_port = free_port(self.host)
+        self.store_metrics_url = f"http://{self.host}:{self.store_metrics_port}/metrics"
         self.router_port = self.router_port or free_port(self.host)
         self.router_url = f"http://{self.host}:{self.router_port}"
 
@@ -162,7 +165,8 @@ class LocalCluster:
         self._say(f"starting store, prefill and decode workers (logs in {self.run_dir})")
         try:
             store_args = ["--host", self.host, "--port", self.store_address.rsplit(":", 1)[1],
-                          "--capacity-bytes", str(self.store_capacity_bytes)]
+                          "--host-bytes", str(self.store_capacity_bytes),
+                          "--metrics-port", str(self.store_metrics_port), *self.store_args]
             if self.allow_fault_injection:
                 store_args.append("--allow-fault-injection")
             store = self._spawn("store", *store_args)

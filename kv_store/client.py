@@ -40,10 +40,12 @@ class StoreClient:
         except grpc.RpcError as e:
             raise StoreError(f"store {self.address}: {e.code().name}: {e.details()}") from e
 
-    def put(self, blocks: Sequence[tuple[bytes, bytes]]) -> int:
-        """Store ``(key, data)`` pairs, checksumming each; returns how many were stored."""
+    def put(self, blocks: Sequence[tuple[bytes, bytes] | tuple[bytes, bytes, bytes | None]]) -> int:
+        """Store ``(key, data)`` or ``(key, data, parent key)`` blocks, checksumming each;
+        returns how many were stored."""
         msg = store_pb2.PutRequest(blocks=[
-            store_pb2.Block(key=k, data=d, checksum=checksum(d)) for k, d in blocks])
+            store_pb2.Block(key=b[0], data=b[1], checksum=checksum(b[1]),
+                            parent=(b[2] if len(b) > 2 else None) or b"") for b in blocks])
         return self._call(self._stub.Put, msg).stored
 
     def lookup(self, groups: Sequence[Sequence[bytes]]) -> int:

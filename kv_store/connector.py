@@ -63,6 +63,7 @@ class BlockTransfer:
     req_id: str
     block_ids: list[int]
     hashes: list[bytes]
+    parent: bytes | None = None  # chain hash of the block before ``hashes[0]``
 
 
 @dataclass
@@ -240,7 +241,8 @@ class KvmeshConnector(KVConnectorBase_V1):
             if full > state.saved_blocks:
                 first = state.saved_blocks
                 meta.saves.append(BlockTransfer(req_id, state.block_ids[first:full],
-                                                state.hashes[first:full]))
+                                                state.hashes[first:full],
+                                                state.hashes[first - 1] if first else None))
                 state.saved_blocks = full
 
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
@@ -322,10 +324,12 @@ class KvmeshConnector(KVConnectorBase_V1):
             return
         layer = self._layers[layer_name]
         dim = self._block_dims[layer_name]
-        batch: list[tuple[bytes, bytes]] = []
+        batch: list[tuple[bytes, bytes, bytes | None]] = []
         for transfer in meta.saves:
             data = read_blocks(kv_layer, dim, transfer.block_ids)
-            batch.extend((self._space.key(h, layer), d) for h, d in zip(transfer.hashes, data))
+            parents = [transfer.parent, *transfer.hashes[:-1]]
+            batch.extend((self._space.key(h, layer), d, p and self._space.key(p, layer))
+                         for h, d, p in zip(transfer.hashes, data, parents))
         self._pending_saves.append(self._sender.submit(self.store.put, batch))
 
     def wait_for_save(self) -> None:

@@ -12,7 +12,7 @@ from concurrent import futures
 
 import grpc
 
-from kv_store.block_store import BlockStore, HostLRUStore, StoredBlock
+from kv_store.block_store import BlockStore, StoredBlock
 from kv_store.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, message_options
 from kv_store.integrity import checksum
 from kvmesh_proto import store_pb2, store_pb2_grpc
@@ -32,7 +32,7 @@ class StoreService(store_pb2_grpc.KVStoreServicer):
     def Put(self, request, context):
         stored = 0
         for block in request.blocks:
-            if self.store.put(block.key, block.data, block.checksum):
+            if self.store.put(block.key, block.data, block.checksum, block.parent or None):
                 stored += 1
             with self._lock:
                 self._vanished.discard(block.key)
@@ -46,11 +46,9 @@ class StoreService(store_pb2_grpc.KVStoreServicer):
         with self._lock:
             vanished = set(self._vanished)
         out = []
-        for key in request.keys:
-            block = None if key in vanished else self.store.get(key)
-            if block is not None:
-                out.append(store_pb2.Block(key=key, data=block.data, checksum=block.checksum))
-        return store_pb2.GetReply(blocks=out)
+        found = self.store.get_many([k for k in request.keys if k not in vanished])
+        return store_pb2.GetReply(blocks=[
+            store_pb2.Block(key=k, data=b.data, checksum=b.checksum) for k, b in found.items()])
 
     def Drop(self, request, context):
         keys = None if request.all else list(request.keys)
@@ -89,7 +87,12 @@ class StoreService(store_pb2_grpc.KVStoreServicer):
         return store_pb2.FaultReply(affected=affected)
 
     def Stats(self, request, context):
-        return store_pb2.StatsReply(**vars(self.store.stats()))
+        s = self.store.stats()
+        return store_pb2.StatsReply(
+            capacity_bytes=s.capacity_bytes, used_bytes=s.used_bytes, blocks=s.blocks,
+            hits=s.hits, misses=s.misses, evictions=s.evictions, puts=s.puts,
+            rejected=s.rejected, corrupt=s.corrupt,
+            tiers=[store_pb2.TierStats(**vars(t)) for t in s.tiers])
 
 
 def bf16_noise(nbytes: int) -> bytes:
@@ -107,18 +110,17 @@ def bf16_noise(nbytes: int) -> bytes:
 def start_store_server(
     host: str,
     port: int,
-    capacity_bytes: int,
+    store: BlockStore,
     *,
     allow_fault_injection: bool = False,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     max_workers: int = 8,
 ) -> tuple[grpc.Server, int]:
-    """Start serving a fresh host-RAM store; returns the server and the bound port.
+    """Serve ``store`` on ``host:port``; returns the server and the bound port.
 
     Raises ``RuntimeError`` when the address cannot be bound. The caller stops the
-    server (``server.stop(grace)``).
+    server (``server.stop(grace)``) and then closes the store.
     """
-    store = HostLRUStore(capacity_bytes)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          options=message_options(max_message_bytes))
     store_pb2_grpc.add_KVStoreServicer_to_server(StoreService(store, allow_fault_injection), server)
@@ -126,5 +128,5 @@ def start_store_server(
     if bound == 0:
         raise RuntimeError(f"cannot bind the store server to {host}:{port}")
     server.start()
-    log.info("store serving on %s:%d, capacity %d bytes", host, bound, capacity_bytes)
+    log.info("store serving on %s:%d", host, bound)
     return server, bound

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvmesh_proto/store.proto\x12\x0fkvmesh.store.v1\"4\n\x05\x42lock\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x06\"4\n\nPutRequest\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.kvmesh.store.v1.Block\",\n\x08PutReply\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x10\n\x08rejected\x18\x02 \x01(\r\"\x18\n\x08KeyGroup\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\":\n\rLookupRequest\x12)\n\x06groups\x18\x01 \x03(\x0b\x32\x19.kvmesh.store.v1.KeyGroup\"$\n\x0bLookupReply\x12\x15\n\rprefix_groups\x18\x01 \x01(\r\"\x1a\n\nGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"2\n\x08GetReply\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.kvmesh.store.v1.Block\"(\n\x0b\x44ropRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"\x1c\n\tDropReply\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\r\"7\n\x0c\x46\x61ultRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\x12\x0c\n\x04mode\x18\x03 \x01(\t\"\x1e\n\nFaultReply\x12\x10\n\x08\x61\x66\x66\x65\x63ted\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\x99\x01\n\nStatsReply\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x01 \x01(\x04\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x03 \x01(\x04\x12\x0c\n\x04hits\x18\x04 \x01(\x04\x12\x0e\n\x06misses\x18\x05 \x01(\x04\x12\x11\n\tevictions\x18\x06 \x01(\x04\x12\x0c\n\x04puts\x18\x07 \x01(\x04\x12\x10\n\x08rejected\x18\x08 \x01(\x04\x32\xa1\x03\n\x07KVStore\x12=\n\x03Put\x12\x1b.kvmesh.store.v1.PutRequest\x1a\x19.kvmesh.store.v1.PutReply\x12\x46\n\x06Lookup\x12\x1e.kvmesh.store.v1.LookupRequest\x1a\x1c.kvmesh.store.v1.LookupReply\x12=\n\x03Get\x12\x1b.kvmesh.store.v1.GetRequest\x1a\x19.kvmesh.store.v1.GetReply\x12@\n\x04\x44rop\x12\x1c.kvmesh.store.v1.DropRequest\x1a\x1a.kvmesh.store.v1.DropReply\x12I\n\x0bInjectFault\x12\x1d.kvmesh.store.v1.FaultRequest\x1a\x1b.kvmesh.store.v1.FaultReply\x12\x43\n\x05Stats\x12\x1d.kvmesh.store.v1.StatsRequest\x1a\x1b.kvmesh.store.v1.StatsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvmesh_proto/store.proto\x12\x0fkvmesh.store.v1\"D\n\x05\x42lock\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x06\x12\x0e\n\x06parent\x18\x04 \x01(\x0c\"4\n\nPutRequest\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.kvmesh.store.v1.Block\",\n\x08PutReply\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x10\n\x08rejected\x18\x02 \x01(\r\"\x18\n\x08KeyGroup\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\":\n\rLookupRequest\x12)\n\x06groups\x18\x01 \x03(\x0b\x32\x19.kvmesh.store.v1.KeyGroup\"$\n\x0bLookupReply\x12\x15\n\rprefix_groups\x18\x01 \x01(\r\"\x1a\n\nGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"2\n\x08GetReply\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.kvmesh.store.v1.Block\"(\n\x0b\x44ropRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"\x1c\n\tDropReply\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\r\"7\n\x0c\x46\x61ultRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\x12\x0c\n\x04mode\x18\x03 \x01(\t\"\x1e\n\nFaultReply\x12\x10\n\x08\x61\x66\x66\x65\x63ted\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\x9e\x02\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x12\n\nheld_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x05 \x01(\x04\x12\x15\n\rfragmentation\x18\x06 \x01(\x01\x12\x0c\n\x04hits\x18\x07 \x01(\x04\x12\x11\n\tevictions\x18\x08 \x01(\x04\x12\x11\n\tdemotions\x18\t \x01(\x04\x12\x12\n\npromotions\x18\n \x01(\x04\x12\x12\n\nread_bytes\x18\x0b \x01(\x04\x12\x14\n\x0cread_seconds\x18\x0c \x01(\x01\x12\x13\n\x0bwrite_bytes\x18\r \x01(\x04\x12\x15\n\rwrite_seconds\x18\x0e \x01(\x01\"\xd5\x01\n\nStatsReply\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x01 \x01(\x04\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x03 \x01(\x04\x12\x0c\n\x04hits\x18\x04 \x01(\x04\x12\x0e\n\x06misses\x18\x05 \x01(\x04\x12\x11\n\tevictions\x18\x06 \x01(\x04\x12\x0c\n\x04puts\x18\x07 \x01(\x04\x12\x10\n\x08rejected\x18\x08 \x01(\x04\x12\x0f\n\x07\x63orrupt\x18\t \x01(\x04\x12)\n\x05tiers\x18\n \x03(\x0b\x32\x1a.kvmesh.store.v1.TierStats2\xa1\x03\n\x07KVStore\x12=\n\x03Put\x12\x1b.kvmesh.store.v1.PutRequest\x1a\x19.kvmesh.store.v1.PutReply\x12\x46\n\x06Lookup\x12\x1e.kvmesh.store.v1.LookupRequest\x1a\x1c.kvmesh.store.v1.LookupReply\x12=\n\x03Get\x12\x1b.kvmesh.store.v1.GetRequest\x1a\x19.kvmesh.store.v1.GetReply\x12@\n\x04\x44rop\x12\x1c.kvmesh.store.v1.DropRequest\x1a\x1a.kvmesh.store.v1.DropReply\x12I\n\x0bInjectFault\x12\x1d.kvmesh.store.v1.FaultRequest\x1a\x1b.kvmesh.store.v1.FaultReply\x12\x43\n\x05Stats\x12\x1d.kvmesh.store.v1.StatsRequest\x1a\x1b.kvmesh.store.v1.StatsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,33 +32,35 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvmesh_proto.store_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_BLOCK']._serialized_start=45
-  _globals['_BLOCK']._serialized_end=97
-  _globals['_PUTREQUEST']._serialized_start=99
-  _globals['_PUTREQUEST']._serialized_end=151
-  _globals['_PUTREPLY']._serialized_start=153
-  _globals['_PUTREPLY']._serialized_end=197
-  _globals['_KEYGROUP']._serialized_start=199
-  _globals['_KEYGROUP']._serialized_end=223
-  _globals['_LOOKUPREQUEST']._serialized_start=225
-  _globals['_LOOKUPREQUEST']._serialized_end=283
-  _globals['_LOOKUPREPLY']._serialized_start=285
-  _globals['_LOOKUPREPLY']._serialized_end=321
-  _globals['_GETREQUEST']._serialized_start=323
-  _globals['_GETREQUEST']._serialized_end=349
-  _globals['_GETREPLY']._serialized_start=351
-  _globals['_GETREPLY']._serialized_end=401
-  _globals['_DROPREQUEST']._serialized_start=403
-  _globals['_DROPREQUEST']._serialized_end=443
-  _globals['_DROPREPLY']._serialized_start=445
-  _globals['_DROPREPLY']._serialized_end=473
-  _globals['_FAULTREQUEST']._serialized_start=475
-  _globals['_FAULTREQUEST']._serialized_end=530
-  _globals['_FAULTREPLY']._serialized_start=532
-  _globals['_FAULTREPLY']._serialized_end=562
-  _globals['_STATSREQUEST']._serialized_start=564
-  _globals['_STATSREQUEST']._serialized_end=578
-  _globals['_STATSREPLY']._serialized_start=581
-  _globals['_STATSREPLY']._serialized_end=734
-  _globals['_KVSTORE']._serialized_start=737
-  _globals['_KVSTORE']._serialized_end=1154
+  _globals['_BLOCK']._serialized_end=113
+  _globals['_PUTREQUEST']._serialized_start=115
+  _globals['_PUTREQUEST']._serialized_end=167
+  _globals['_PUTREPLY']._serialized_start=169
+  _globals['_PUTREPLY']._serialized_end=213
+  _globals['_KEYGROUP']._serialized_start=215
+  _globals['_KEYGROUP']._serialized_end=239
+  _globals['_LOOKUPREQUEST']._serialized_start=241
+  _globals['_LOOKUPREQUEST']._serialized_end=299
+  _globals['_LOOKUPREPLY']._serialized_start=301
+  _globals['_LOOKUPREPLY']._serialized_end=337
+  _globals['_GETREQUEST']._serialized_start=339
+  _globals['_GETREQUEST']._serialized_end=365
+  _globals['_GETREPLY']._serialized_start=367
+  _globals['_GETREPLY']._serialized_end=417
+  _globals['_DROPREQUEST']._serialized_start=419
+  _globals['_DROPREQUEST']._serialized_end=459
+  _globals['_DROPREPLY']._serialized_start=461
+  _globals['_DROPREPLY']._serialized_end=489
+  _globals['_FAULTREQUEST']._serialized_start=491
+  _globals['_FAULTREQUEST']._serialized_end=546
+  _globals['_FAULTREPLY']._serialized_start=548
+  _globals['_FAULTREPLY']._serialized_end=578
+  _globals['_STATSREQUEST']._serialized_start=580
+  _globals['_STATSREQUEST']._serialized_end=594
+  _globals['_TIERSTATS']._serialized_start=597
+  _globals['_TIERSTATS']._serialized_end=883
+  _globals['_STATSREPLY']._serialized_start=886
+  _globals['_STATSREPLY']._serialized_end=1099
+  _globals['_KVSTORE']._serialized_start=1102
+  _globals['_KVSTORE']._serialized_end=1519
 # @@protoc_insertion_point(module_scope)

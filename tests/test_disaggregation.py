@@ -47,7 +47,11 @@ def reference(tiny_model, tmp_path_factory) -> dict[tuple[int, ...], list[int]]:
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model, tmp_path_factory):
+    # A host tier of 64 blocks (of 8 KiB: one layer of one block) over a disk tier, so
+    # that the workload below spills to disk and is served back from it.
+    store_args = ("--page-bytes", "64KiB", "--disk-bytes", "64MiB")
     with LocalCluster(model=tiny_model, served_model_name="tiny", block_size=BLOCK,
+                      store_capacity_bytes=512 * 1024, store_args=store_args,
                       allow_fault_injection=True, run_dir=tmp_path_factory.mktemp("run")) as c:
         yield c
 
@@ -69,8 +73,8 @@ def complete(cluster, prompt, **extra) -> dict:
     return r.json()
 
 
-def metric(cluster, name: str, labels: str = "") -> float:
-    text = httpx.get(cluster.router_url + "/metrics", timeout=10).text
+def metric(cluster, name: str, labels: str = "", url: str | None = None) -> float:
+    text = httpx.get(url or cluster.router_url + "/metrics", timeout=10).text
     m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.MULTILINE)
     return float(m.group(1)) if m else 0.0
 
@@ -116,6 +120,21 @@ def test_shared_prefix_comes_from_store(cluster, store, reference):
     assert after - before == len(PREFIX)
     assert first["choices"][0]["token_ids"] == reference[tuple(SHARED[0])]
     assert second["choices"][0]["token_ids"] == reference[tuple(SHARED[1])]
+
+
+def test_prefix_demoted_to_disk_is_served_from_disk(cluster, store, reference):
+    first = PROMPTS[-1]  # 300 tokens: 9 blocks x 4 layers
+    complete(cluster, first)
+    for prompt in PROMPTS[-4:-1]:  # more than the host tier holds pushes `first` to disk
+        complete(cluster, prompt)
+    disk_hits = lambda: metric(cluster, "kvmesh_store_hits_total", '{tier="disk"}', cluster.store_metrics_url)
+    demoted = metric(cluster, "kvmesh_store_demotions_total", '{tier="host"}', cluster.store_metrics_url)
+    assert demoted > 0
+    before = disk_hits()
+    again = complete(cluster, first)
+    assert disk_hits() > before
+    assert again["kvmesh"]["prefix_tokens_from_store"]["decode"] == (len(first) - 1) // BLOCK * BLOCK
+    assert again["choices"][0]["token_ids"] == reference[tuple(first)]
 
 
 async def _prefill_then_decode(cluster, prompt, between) -> tuple[list[int], worker_pb2.GenerateChunk]:

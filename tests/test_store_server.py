@@ -6,11 +6,17 @@ import pytest
 
 from kv_store.client import StoreClient, StoreError
 from kv_store.server import start_store_server
+from kv_store.tiered_store import TieredStore
+from kv_store.tiers import HostTier
+
+
+def one_mib_store():
+    return TieredStore([HostTier(1 << 20, page_bytes=1 << 20)])
 
 
 @pytest.fixture
 def server():
-    srv, port = start_store_server("127.0.0.1", 0, 1 << 20, allow_fault_injection=True)
+    srv, port = start_store_server("127.0.0.1", 0, one_mib_store(), allow_fault_injection=True)
     yield f"127.0.0.1:{port}"
     srv.stop(0)
 
@@ -47,7 +53,7 @@ def test_faults_are_seen_by_the_reader(server, mode, corrupt, returned):
 
 
 def test_fault_injection_is_refused_by_default():
-    srv, port = start_store_server("127.0.0.1", 0, 1 << 20)
+    srv, port = start_store_server("127.0.0.1", 0, one_mib_store())
     try:
         with StoreClient(f"127.0.0.1:{port}") as c:
             with pytest.raises(StoreError, match="PERMISSION_DENIED"):

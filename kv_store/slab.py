@@ -1,0 +1,109 @@
+"""Slab allocation of a tier's bytes: fixed-size slots in fixed-size pages, no per-block malloc.
+
+The tier's capacity is cut into pages of ``page_bytes``. A page is given to one size
+class (slots of ``min_slot_bytes * 2**k``, up to a page) when that class needs room and
+goes back to the free pages when its last slot is freed. A block takes the smallest slot
+that holds it. Offsets are multiples of the slot size, so they are aligned for direct
+I/O whenever the slot size is (4 KiB and up).
+
+The allocator only does bookkeeping (offsets); the tier owns the memory or file behind
+them. Not thread-safe: the owning store serialises calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+
+class Slot(NamedTuple):
+    offset: int
+    size: int      # the slot's size (a power-of-two multiple of min_slot_bytes)
+    page: int
+
+
+@dataclass
+class _Page:
+    slot_size: int = 0
+    free: list[int] = field(default_factory=list)  # free slot offsets
+    used: int = 0
+
+
+class SlabAllocator:
+    def __init__(self, capacity_bytes: int, page_bytes: int = 4 << 20, min_slot_bytes: int = 4096):
+        if page_bytes % min_slot_bytes or page_bytes & (page_bytes - 1):
+            raise ValueError("page_bytes must be a power of two and a multiple of min_slot_bytes")
+        self.page_bytes = page_bytes
+        self.min_slot_bytes = min_slot_bytes
+        self.num_pages = capacity_bytes // page_bytes
+        self.capacity_bytes = self.num_pages * page_bytes
+        self._pages = [_Page() for _ in range(self.num_pages)]
+        self._free_pages = list(range(self.num_pages - 1, -1, -1))
+        self._partial: dict[int, set[int]] = {}  # slot size -> pages with a free slot
+        self.payload_bytes = 0  # bytes of the blocks stored (not rounded up)
+
+    def slot_size_for(self, nbytes: int) -> int | None:
+        """The slot size a block of ``nbytes`` takes, or None if no slot can hold it."""
+        if nbytes <= 0 or nbytes > self.page_bytes:
+            return None
+        size = self.min_slot_bytes
+        while size < nbytes:
+            size *= 2
+        return size
+
+    def alloc(self, nbytes: int) -> Slot | None:
+        """A free slot for ``nbytes``, or None when its class and the free pages are full."""
+        size = self.slot_size_for(nbytes)
+        if size is None:
+            return None
+        partial = self._partial.setdefault(size, set())
+        if not partial:
+            if not self._free_pages:
+                return None
+            index = self._free_pages.pop()
+            page = self._pages[index]
+            base = index * self.page_bytes
+            page.slot_size = size
+            page.free = list(range(base + self.page_bytes - size, base - 1, -size))
+            partial.add(index)
+        index = next(iter(partial))
+        page = self._pages[index]
+        offset = page.free.pop()
+        page.used += 1
+        if not page.free:
+            partial.discard(index)
+        self.payload_bytes += nbytes
+        return Slot(offset, size, index)
+
+    def free(self, slot: Slot, nbytes: int) -> None:
+        """Give back a slot that held ``nbytes``; the page goes back once it is empty."""
+        page = self._pages[slot.page]
+        page.free.append(slot.offset)
+        page.used -= 1
+        self.payload_bytes -= nbytes
+        partial = self._partial.setdefault(page.slot_size, set())
+        if page.used == 0:
+            partial.discard(slot.page)
+            page.free = []
+            self._free_pages.append(slot.page)
+        else:
+            partial.add(slot.page)
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free_pages)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the pages given to a size class."""
+        return (self.num_pages - len(self._free_pages)) * self.page_bytes
+
+    @property
+    def free_bytes(self) -> int:
+        return self.capacity_bytes - self.payload_bytes
+
+    @property
+    def fragmentation(self) -> float:
+        """Share of the held pages not holding block bytes (rounding and free slots)."""
+        held = self.held_bytes
+        return 0.0 if held == 0 else 1.0 - self.payload_bytes / held

@@ -1,0 +1,49 @@
+"""Prometheus metrics of a store node, read from the store's counters at scrape time."""
+
+from __future__ import annotations
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from kv_store.tiered_store import TieredStore
+
+
+class StoreCollector(Collector):
+    def __init__(self, store: TieredStore):
+        self.store = store
+
+    def collect(self):
+        s = self.store.stats()
+        labels = ["tier"]
+
+        def family(kind, name, doc, value_of):
+            metric = kind(f"kvmesh_store_{name}", doc, labels=labels)
+            for t in s.tiers:
+                metric.add_metric([t.name], value_of(t))
+            return metric
+
+        yield family(GaugeMetricFamily, "capacity_bytes", "Tier capacity", lambda t: t.capacity_bytes)
+        yield family(GaugeMetricFamily, "used_bytes", "Bytes of blocks held", lambda t: t.used_bytes)
+        yield family(GaugeMetricFamily, "free_bytes", "Capacity not holding blocks",
+                     lambda t: t.capacity_bytes - t.used_bytes)
+        yield family(GaugeMetricFamily, "blocks", "Blocks held", lambda t: t.blocks)
+        yield family(GaugeMetricFamily, "fragmentation_ratio",
+                     "Share of held slab pages not holding block bytes", lambda t: t.fragmentation)
+        yield family(CounterMetricFamily, "hits", "Blocks served", lambda t: t.hits)
+        yield family(CounterMetricFamily, "evictions", "Blocks dropped from the store", lambda t: t.evictions)
+        yield family(CounterMetricFamily, "demotions", "Blocks moved to a slower tier", lambda t: t.demotions)
+        yield family(CounterMetricFamily, "promotions", "Blocks moved into this tier from a slower one",
+                     lambda t: t.promotions)
+        yield family(CounterMetricFamily, "read_bytes", "Bytes read from the tier", lambda t: t.read_bytes)
+        yield family(CounterMetricFamily, "write_bytes", "Bytes written to the tier", lambda t: t.write_bytes)
+        yield family(GaugeMetricFamily, "read_bandwidth_bytes_per_second",
+                     "Average read bandwidth while reading",
+                     lambda t: t.read_bytes / t.read_seconds if t.read_seconds else 0.0)
+        yield family(GaugeMetricFamily, "write_bandwidth_bytes_per_second",
+                     "Average write bandwidth while writing",
+                     lambda t: t.write_bytes / t.write_seconds if t.write_seconds else 0.0)
+        for name, doc, value in (("misses", "Keys asked for and not held", s.misses),
+                                 ("corrupt", "Blocks whose checksum failed on read-back", s.corrupt),
+                                 ("rejected", "Puts refused for lack of room", s.rejected),
+                                 ("puts", "Blocks stored", s.puts)):
+            yield CounterMetricFamily(f"kvmesh_store_{name}", doc, value=value)

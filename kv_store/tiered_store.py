@@ -1,0 +1,332 @@
+"""The tiered block store: GPU ▸ host RAM ▸ disk, fastest first.
+
+Placement: a put lands in the fastest tier. When a tier has no room, its policy's
+victims move one tier down (write-back); the slowest tier evicts them from the store. A
+hit in a slower tier promotes the block back to the fastest tier.
+
+Guarantees:
+
+* ``get`` returns exactly the bytes put under the key, or nothing: bytes read back from
+  a tier that is not host RAM are checked against the block's checksum, and a mismatch
+  is dropped and counted (``corrupt``), never returned.
+* A block pinned by an in-flight read is never evicted, moved or freed; ``drop`` or a
+  re-put of a pinned block takes effect when the last pin goes (the reader still gets
+  the old bytes). ``with store.pinned(keys)`` pins for the duration of a block.
+* A parent block (the block before it in its chain) is never evicted while a child that
+  names it is stored; it may still move to a slower tier.
+* Every slot is freed exactly once: after everything is dropped and unpinned, every
+  tier's used bytes are back to zero.
+
+Thread-safe: metadata changes happen under one lock; reads copy bytes outside it,
+protected by pins.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+from kv_store.block_store import BlockStore, StoredBlock
+from kv_store.eviction import EvictionPolicy, make_policy
+from kv_store.integrity import verify
+from kv_store.slab import Slot
+from kv_store.tiers import HostTier, Tier
+
+
+@dataclass(eq=False)
+class _Entry:
+    key: bytes
+    size: int
+    checksum: int
+    parent: bytes | None
+    tier: int
+    slot: Slot
+    pins: int = 0
+    dead: bool = False  # dropped or replaced while pinned: free when unpinned
+
+
+@dataclass
+class TierStats:
+    name: str
+    capacity_bytes: int = 0
+    used_bytes: int = 0
+    held_bytes: int = 0
+    blocks: int = 0
+    fragmentation: float = 0.0
+    hits: int = 0
+    evictions: int = 0
+    demotions: int = 0   # blocks moved out of this tier to a slower one
+    promotions: int = 0  # blocks moved into this tier from a slower one
+    read_bytes: int = 0
+    read_seconds: float = 0.0
+    write_bytes: int = 0
+    write_seconds: float = 0.0
+
+
+@dataclass
+class TieredStoreStats:
+    tiers: list[TierStats] = field(default_factory=list)
+    misses: int = 0
+    corrupt: int = 0
+    rejected: int = 0
+    puts: int = 0
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(t.used_bytes for t in self.tiers)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return sum(t.capacity_bytes for t in self.tiers)
+
+    @property
+    def blocks(self) -> int:
+        return sum(t.blocks for t in self.tiers)
+
+    @property
+    def hits(self) -> int:
+        return sum(t.hits for t in self.tiers)
+
+    @property
+    def evictions(self) -> int:
+        return sum(t.evictions for t in self.tiers)
+
+
+class TieredStore(BlockStore):
+    def __init__(self, tiers: Sequence[Tier], policy: str = "lru"):
+        if not tiers:
+            raise ValueError("a store needs at least one tier")
+        self.tiers = list(tiers)
+        self._policies: list[EvictionPolicy] = [make_policy(policy) for _ in self.tiers]
+        self._stats = [TierStats(t.name) for t in self.tiers]
+        self._entries: dict[bytes, _Entry] = {}
+        self._children: dict[bytes, int] = {}  # parent key -> stored children naming it
+        self._lock = threading.RLock()
+        self._misses = self._corrupt = self._rejected = self._puts = 0
+
+    # ------------------------------------------------------------------ placement
+
+    def _can_evict(self, key: bytes) -> bool:
+        entry = self._entries[key]
+        return entry.pins == 0 and self._children.get(key, 0) == 0
+
+    def _can_move(self, key: bytes) -> bool:
+        return self._entries[key].pins == 0
+
+    def _make_room(self, tier: int, nbytes: int) -> Slot | None:
+        """A slot in ``tier``, moving its victims down (or out, from the last tier)."""
+        allocator = self.tiers[tier].allocator
+        size_class = allocator.slot_size_for(nbytes)
+        if size_class is None:
+            return None
+        while True:
+            slot = allocator.alloc(nbytes)
+            if slot is not None:
+                return slot
+            last = tier == len(self.tiers) - 1
+            allowed = self._can_evict if last else self._can_move
+            policy = self._policies[tier]
+            victim = policy.pop_victim(
+                lambda k: allowed(k) and self._entries[k].slot.size == size_class)
+            if victim is None:  # a page may still free up from another size class
+                victim = policy.pop_victim(allowed)
+            if victim is None:
+                return None
+            if last or not self._move(self._entries[victim], tier + 1):
+                if not self._can_evict(victim):  # could neither move nor evict it
+                    policy.insert(victim)
+                    return None
+                self._evict(self._entries[victim])
+
+    def _move(self, entry: _Entry, tier: int) -> bool:
+        """Move an unpinned block to ``tier`` (making room there); False if no room."""
+        entry.pins += 1  # making room below must not pick this very block
+        try:
+            slot = self._make_room(tier, entry.size)
+        finally:
+            entry.pins -= 1
+        if slot is None:
+            return False
+        data = self.tiers[entry.tier].read(entry.slot, entry.size)
+        self.tiers[tier].write(slot, data)
+        old_tier = entry.tier
+        self.tiers[old_tier].allocator.free(entry.slot, entry.size)
+        self._policies[old_tier].remove(entry.key)
+        if tier > old_tier:
+            self._stats[old_tier].demotions += 1
+        else:
+            self._stats[tier].promotions += 1
+        entry.tier, entry.slot = tier, slot
+        self._policies[tier].insert(entry.key)
+        return True
+
+    def _evict(self, entry: _Entry) -> None:
+        self._stats[entry.tier].evictions += 1
+        self._forget(entry)
+
+    def _forget(self, entry: _Entry) -> None:
+        """Remove an entry from the index and free its slot, or defer the free while pinned."""
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key]
+            self._policies[entry.tier].remove(entry.key)
+            if entry.parent is not None:
+                left = self._children.get(entry.parent, 0) - 1
+                if left > 0:
+                    self._children[entry.parent] = left
+                else:
+                    self._children.pop(entry.parent, None)
+        entry.dead = True
+        if entry.pins == 0:
+            self._free_slot(entry)
+
+    def _free_slot(self, entry: _Entry) -> None:
+        if entry.slot is not None:
+            self.tiers[entry.tier].allocator.free(entry.slot, entry.size)
+            entry.slot = None
+
+    # ------------------------------------------------------------------ BlockStore
+
+    def put(self, key: bytes, data: bytes, checksum: int, parent: bytes | None = None) -> bool:
+        with self._lock:
+            slot = self._make_room(0, len(data))
+            if slot is None:
+                self._rejected += 1
+                return False
+            self.tiers[0].write(slot, data)
+            old = self._entries.get(key)
+            if old is not None:
+                self._forget(old)
+            entry = _Entry(key, len(data), checksum, parent, 0, slot)
+            self._entries[key] = entry
+            if parent is not None:
+                self._children[parent] = self._children.get(parent, 0) + 1
+            self._policies[0].insert(key)
+            self._puts += 1
+            return True
+
+    @contextmanager
+    def pinned(self, keys: Iterable[bytes]) -> Iterator[dict[bytes, _Entry]]:
+        """Pin the present ``keys`` for the duration; yields key -> entry of those found."""
+        with self._lock:
+            entries = {k: self._entries[k] for k in keys if k in self._entries}
+            for entry in entries.values():
+                entry.pins += 1
+        try:
+            yield entries
+        finally:
+            with self._lock:
+                for entry in entries.values():
+                    entry.pins -= 1
+                    if entry.pins == 0 and entry.dead:
+                        self._free_slot(entry)
+
+    def get_many(self, keys: Sequence[bytes]) -> dict[bytes, StoredBlock]:
+        """The verified blocks among ``keys``; misses and corrupt blocks are left out."""
+        found: dict[bytes, StoredBlock] = {}
+        with self.pinned(keys) as entries:
+            for key, entry in entries.items():
+                tier = entry.tier
+                data = self.tiers[tier].read(entry.slot, entry.size)
+                if self.tiers[tier].name != "host" and not verify(data, entry.checksum):
+                    with self._lock:
+                        self._corrupt += 1
+                        self._forget(entry)
+                    continue
+                found[key] = StoredBlock(data, entry.checksum)
+                with self._lock:
+                    self._stats[tier].hits += 1
+                    self._policies[tier].access(key)
+        with self._lock:
+            self._misses += len(keys) - len(found)
+            for key in found:  # promote hits from slower tiers, now that they are unpinned
+                entry = self._entries.get(key)
+                if entry is not None and entry.tier > 0 and entry.pins == 0:
+                    self._move(entry, 0)
+        return found
+
+    def lookup(self, groups: Sequence[Sequence[bytes]]) -> int:
+        with self._lock:
+            for n, group in enumerate(groups):
+                if not all(k in self._entries for k in group):
+                    return n
+            return len(groups)
+
+    def drop(self, keys: Iterable[bytes] | None = None) -> int:
+        with self._lock:
+            targets = list(self._entries.values()) if keys is None else [
+                self._entries[k] for k in keys if k in self._entries]
+            for entry in targets:
+                self._forget(entry)
+            return len(targets)
+
+    def replace(self, key: bytes, block: StoredBlock) -> bool:
+        """Overwrite a block's bytes and checksum in place (fault injection)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or len(block.data) != entry.size:
+                return False
+            self.tiers[entry.tier].write(entry.slot, block.data)
+            entry.checksum = block.checksum
+            return True
+
+    def keys(self) -> list[bytes]:
+        with self._lock:
+            return list(self._entries)
+
+    def tier_of(self, key: bytes) -> str | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            return None if entry is None else self.tiers[entry.tier].name
+
+    def stats(self) -> TieredStoreStats:
+        with self._lock:
+            out = TieredStoreStats(misses=self._misses, corrupt=self._corrupt,
+                                   rejected=self._rejected, puts=self._puts)
+            counts = [0] * len(self.tiers)
+            for entry in self._entries.values():
+                counts[entry.tier] += 1
+            for i, (tier, s) in enumerate(zip(self.tiers, self._stats)):
+                a = tier.allocator
+                out.tiers.append(TierStats(
+                    name=s.name, capacity_bytes=a.capacity_bytes, used_bytes=a.payload_bytes,
+                    held_bytes=a.held_bytes, blocks=counts[i], fragmentation=a.fragmentation,
+                    hits=s.hits, evictions=s.evictions, demotions=s.demotions,
+                    promotions=s.promotions, read_bytes=tier.io.read_bytes,
+                    read_seconds=tier.io.read_seconds, write_bytes=tier.io.write_bytes,
+                    write_seconds=tier.io.write_seconds))
+            return out
+
+    def close(self) -> None:
+        for tier in self.tiers:
+            tier.close()
+
+
+def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = None,
+                gpu_bytes: int = 0, policy: str = "lru", direct_io: bool = False,
+                page_bytes: int = 4 << 20) -> TieredStore:
+    """A store with the tiers whose capacity is positive, fastest first.
+
+    The disk tier's slab file is created in ``disk_dir`` (a new temporary directory when
+    None) and removed by ``close``. Raises ``ValueError`` for a store with no tier and
+    ``RuntimeError`` for a GPU tier where no GPU is usable.
+    """
+    import os
+    import tempfile
+
+    from kv_store.tiers import DiskTier, GpuTier
+
+    tiers: list[Tier] = []
+    if gpu_bytes > 0:
+        tiers.append(GpuTier(gpu_bytes, page_bytes))
+    if host_bytes > 0:
+        tiers.append(HostTier(host_bytes, page_bytes))
+    if disk_bytes > 0:
+        directory = disk_dir or tempfile.mkdtemp(prefix="kvmesh-disk-")
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"kvmesh-slab-{os.getpid()}.bin")
+        tiers.append(DiskTier(path, disk_bytes, page_bytes, direct_io=direct_io))
+    if not tiers:
+        raise ValueError("give at least one tier a capacity (host, disk or gpu bytes)")
+    return TieredStore(tiers, policy)

@@ -1,0 +1,197 @@
+"""Storage tiers: where a block's bytes physically live.
+
+A tier owns one preallocated region (host RAM, a slab file on local disk, or GPU memory)
+and a ``SlabAllocator`` over it; the ``TieredStore`` decides what goes where. ``write``
+copies a block into a slot, ``read`` copies it out as ``bytes``. Tiers keep byte and
+time counters for bandwidth metrics. Not thread-safe for the same slot: the store never
+reads a slot while it writes or frees it (pins).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from kv_store.slab import SlabAllocator, Slot
+
+
+@dataclass
+class IOCounters:
+    read_bytes: int = 0
+    read_seconds: float = 0.0
+    write_bytes: int = 0
+    write_seconds: float = 0.0
+
+
+class Tier(ABC):
+    name: str
+
+    def __init__(self, capacity_bytes: int, page_bytes: int = 4 << 20):
+        self.allocator = SlabAllocator(capacity_bytes, page_bytes)
+        self.io = IOCounters()
+        self._io_lock = threading.Lock()
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.allocator.capacity_bytes
+
+    def write(self, slot: Slot, data: bytes | memoryview) -> None:
+        start = time.perf_counter()
+        self._write(slot, data)
+        with self._io_lock:
+            self.io.write_bytes += len(data)
+            self.io.write_seconds += time.perf_counter() - start
+
+    def read(self, slot: Slot, nbytes: int) -> bytes:
+        start = time.perf_counter()
+        data = self._read(slot, nbytes)
+        with self._io_lock:
+            self.io.read_bytes += nbytes
+            self.io.read_seconds += time.perf_counter() - start
+        return data
+
+    @abstractmethod
+    def _write(self, slot: Slot, data: bytes | memoryview) -> None: ...
+
+    @abstractmethod
+    def _read(self, slot: Slot, nbytes: int) -> bytes: ...
+
+    def close(self) -> None:
+        """Release the tier's memory or file."""
+
+
+class HostTier(Tier):
+    """Host RAM: one anonymous memory map (page-aligned, zero pages until touched).
+
+    Where CUDA is present the region is registered as pinned memory, so copies to and
+    from the GPU run at full speed.
+    """
+
+    name = "host"
+
+    def __init__(self, capacity_bytes: int, page_bytes: int = 4 << 20):
+        super().__init__(capacity_bytes, page_bytes)
+        self._map = mmap.mmap(-1, max(self.capacity_bytes, mmap.PAGESIZE))
+        self._view = memoryview(self._map)
+        self._pinned = _pin_host_memory(self._map)
+
+    def _write(self, slot: Slot, data: bytes | memoryview) -> None:
+        self._view[slot.offset:slot.offset + len(data)] = data
+
+    def _read(self, slot: Slot, nbytes: int) -> bytes:
+        return self._view[slot.offset:slot.offset + nbytes].tobytes()
+
+    def buffer(self) -> memoryview:
+        """The whole region (for registering with a transfer engine)."""
+        return self._view
+
+    def close(self) -> None:
+        self._view.release()
+        if self._pinned is not None:
+            self._pinned()
+        self._map.close()
+
+
+def _pin_host_memory(region: mmap.mmap):
+    """Page-lock ``region`` for CUDA if a GPU is usable; returns the undo, or None."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        import ctypes
+
+        address = ctypes.addressof(ctypes.c_char.from_buffer(region))
+        cudart = torch.cuda.cudart()
+        if cudart.cudaHostRegister(address, len(region), 0) != 0:
+            return None
+        return lambda: cudart.cudaHostUnregister(address)
+    except Exception:  # no torch, or registration refused: plain pageable memory
+        return None
+
+
+class DiskTier(Tier):
+    """A slab file on local disk, preallocated to the tier's capacity.
+
+    Slots are 4 KiB-aligned. With ``direct_io`` the file is opened ``O_DIRECT`` (no page
+    cache) and every transfer goes through an aligned bounce buffer, padded to the slot
+    size; without it, plain ``pread``/``pwrite``. The file is removed on ``close``.
+    """
+
+    name = "disk"
+
+    def __init__(self, path: str | os.PathLike, capacity_bytes: int, page_bytes: int = 4 << 20,
+                 direct_io: bool = False):
+        super().__init__(capacity_bytes, page_bytes)
+        self.path = os.fspath(path)
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
+        if direct_io:
+            flags |= getattr(os, "O_DIRECT", 0)
+        self.direct_io = direct_io
+        self._fd = os.open(self.path, flags, 0o600)
+        os.ftruncate(self._fd, self.capacity_bytes)
+        self._local = threading.local()
+
+    def _bounce(self, size: int) -> mmap.mmap:
+        """A page-aligned buffer of at least ``size`` bytes, one per thread."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < size:
+            buf = mmap.mmap(-1, size)
+            self._local.buf = buf
+        return buf
+
+    def _write(self, slot: Slot, data: bytes | memoryview) -> None:
+        if not self.direct_io:
+            os.pwrite(self._fd, data, slot.offset)
+            return
+        buf = self._bounce(slot.size)
+        view = memoryview(buf)
+        view[:len(data)] = data
+        os.pwrite(self._fd, view[:slot.size], slot.offset)
+        view.release()
+
+    def _read(self, slot: Slot, nbytes: int) -> bytes:
+        if not self.direct_io:
+            return os.pread(self._fd, nbytes, slot.offset)
+        buf = self._bounce(slot.size)
+        view = memoryview(buf)
+        got = os.preadv(self._fd, [view[:slot.size]], slot.offset)
+        data = view[:min(nbytes, got)].tobytes()
+        view.release()
+        return data
+
+    def close(self) -> None:
+        os.close(self._fd)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class GpuTier(Tier):
+    """GPU memory: one device tensor; blocks cross PCIe through the caller's host bytes."""
+
+    name = "gpu"
+
+    def __init__(self, capacity_bytes: int, page_bytes: int = 4 << 20, device: str = "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("the GPU tier needs CUDA, and no GPU is usable here")
+        super().__init__(capacity_bytes, page_bytes)
+        self._torch = torch
+        self._arena = torch.empty(max(self.capacity_bytes, 1), dtype=torch.uint8, device=device)
+
+    def _write(self, slot: Slot, data: bytes | memoryview) -> None:
+        src = self._torch.frombuffer(bytearray(data), dtype=self._torch.uint8)
+        self._arena[slot.offset:slot.offset + len(data)].copy_(src)
+
+    def _read(self, slot: Slot, nbytes: int) -> bytes:
+        return self._arena[slot.offset:slot.offset + nbytes].cpu().numpy().tobytes()
+
+    def close(self) -> None:
+        del self._arena

@@ -1,0 +1,33 @@
+import pytest
+
+from kv_store.slab import SlabAllocator
+
+
+def test_slots_are_aligned_and_pages_come_back():
+    a = SlabAllocator(capacity_bytes=4 * 65536, page_bytes=65536, min_slot_bytes=4096)
+    slots = [a.alloc(5000) for _ in range(8)]  # 8 KiB slots, 8 per page
+    assert all(s.size == 8192 and s.offset % 8192 == 0 for s in slots)
+    assert len({s.offset for s in slots}) == 8 and a.free_pages == 3
+    for s in slots:
+        a.free(s, 5000)
+    assert a.free_pages == 4 and a.payload_bytes == 0 and a.fragmentation == 0.0
+
+
+def test_full_allocator_says_none_and_sizes_are_bounded():
+    a = SlabAllocator(capacity_bytes=65536, page_bytes=65536, min_slot_bytes=4096)
+    assert a.alloc(0) is None and a.alloc(65537) is None
+    big = a.alloc(65536)
+    assert big is not None and a.alloc(1) is None
+    a.free(big, 65536)
+    assert a.alloc(1) is not None
+
+
+def test_fragmentation_counts_rounding():
+    a = SlabAllocator(capacity_bytes=65536, page_bytes=65536, min_slot_bytes=4096)
+    a.alloc(4096 + 1)  # takes an 8 KiB slot in a 64 KiB page
+    assert a.fragmentation == pytest.approx(1 - 4097 / 65536)
+
+
+def test_page_size_must_be_a_power_of_two():
+    with pytest.raises(ValueError):
+        SlabAllocator(1 << 20, page_bytes=3 * 4096)
