@@ -3,6 +3,7 @@
     kvmesh demo                      start a cluster on this machine, run sample prompts, stop
     kvmesh serve                     start a cluster on this machine and serve until Ctrl-C
     kvmesh model make DIR            generate a local test model
+    kvmesh bench store --json        store tier bandwidth against memcpy and raw disk
     kvmesh store|prefill|decode|router   run one component (what containers run)
 """
 
@@ -164,6 +165,12 @@ def cmd_demo(args) -> None:
     print("kvmesh: demo finished; cluster stopped.", flush=True)
 
 
+def cmd_bench_store(args) -> None:
+    from bench.store_bench import main
+
+    main(args.json, args.total_bytes, args.dir)
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -200,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tiny: for tests; bench: prefill costs real time on a CPU")
     mk.add_argument("--seed", type=int, default=0)
     mk.set_defaults(func=cmd_model_make)
+
+    sp = sub.add_parser("bench", help="benchmarks that measure their own ceiling")
+    bsub = sp.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+    b = bsub.add_parser("store", help="put/get bandwidth per tier vs memcpy and raw disk")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--total-bytes", type=parse_bytes, default=parse_bytes("128MiB"),
+                   help="bytes moved per tier, operation and block size")
+    b.add_argument("--dir", default=None, help="directory on the disk to measure (default: temp)")
+    b.set_defaults(func=cmd_bench_store)
 
     sp = sub.add_parser("store", help="run a KV store node")
     sp.add_argument("--host", default=DEFAULT_HOST)

@@ -109,7 +109,7 @@ class LocalCluster:
     host: str = "127.0.0.1"
     router_port: int = 0
     block_size: int = 32
-    store_capacity_bytes: int = 2 << 30
+    store_capacity_bytes: int = 512 << 20
     store_args: tuple[str, ...] = ()  # more `kvmesh store` flags, e.g. a disk tier
     api_token: str | None = None
     allow_fault_injection: bool = False

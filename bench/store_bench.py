@@ -1,0 +1,164 @@
+"""``kvmesh bench store``: put/get bandwidth of each store tier against its ceiling.
+
+The ceilings are measured in the same run: ``memcpy`` of the same block sizes (numpy
+copies between preallocated buffers) for the memory tiers, and raw sequential file I/O
+(``O_DIRECT`` when the file system allows it, 4 MiB requests) on the same disk for the
+disk tier, which then also runs with ``O_DIRECT``. Every figure is a ratio to those.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+from kv_store.integrity import checksum
+from kv_store.tiered_store import TieredStore
+from kv_store.tiers import DiskTier, GpuTier, HostTier
+
+BLOCK_SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20]
+PAGE = 4 << 20
+
+
+def _gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9 if seconds > 0 else float("inf")
+
+
+def memcpy_gbps(block_bytes: int, total_bytes: int) -> float:
+    count = max(8, total_bytes // block_bytes)
+    src = np.frombuffer(os.urandom(block_bytes), dtype=np.uint8)
+    dst = np.empty((count, block_bytes), dtype=np.uint8)
+    dst[:] = 0  # touch every page first
+    start = time.perf_counter()
+    for i in range(count):
+        dst[i] = src
+    return _gbps(count * block_bytes, time.perf_counter() - start)
+
+
+def _open_direct(path: str, flags: int) -> tuple[int, bool]:
+    try:
+        return os.open(path, flags | os.O_DIRECT, 0o600), True
+    except (OSError, AttributeError):
+        return os.open(path, flags, 0o600), False
+
+
+def raw_disk_gbps(directory: str, total_bytes: int, chunk: int = 4 << 20) -> tuple[float, float, bool]:
+    """Sequential write then read of ``total_bytes`` in ``chunk`` requests: (write, read, direct)."""
+    import mmap
+
+    path = os.path.join(directory, "kvmesh-raw-bench.bin")
+    buf = mmap.mmap(-1, chunk)
+    buf.write(os.urandom(chunk))
+    view = memoryview(buf)
+    n = total_bytes // chunk
+    fd, direct = _open_direct(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    try:
+        start = time.perf_counter()
+        for i in range(n):  # like the disk tier's writes: no fsync
+            os.pwrite(fd, view, i * chunk)
+        write = _gbps(n * chunk, time.perf_counter() - start)
+        start = time.perf_counter()
+        for i in range(n):
+            os.preadv(fd, [view], i * chunk)
+        read = _gbps(n * chunk, time.perf_counter() - start)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+        view.release()
+        buf.close()
+    return write, read, direct
+
+
+def _run_ops(store: TieredStore, tier: str, block_bytes: int, total_bytes: int) -> list[dict]:
+    count = max(8, total_bytes // block_bytes)
+    payloads = [os.urandom(block_bytes) for _ in range(min(count, 8))]
+    sums = [checksum(p) for p in payloads]
+    keys = [b"bench-%d" % i for i in range(count)]
+    results = []
+    put_lat = []
+    start = time.perf_counter()
+    for i, key in enumerate(keys):
+        t = time.perf_counter()
+        if not store.put(key, payloads[i % len(payloads)], sums[i % len(sums)]):
+            raise RuntimeError(f"{tier} tier refused a {block_bytes}-byte block")
+        put_lat.append(time.perf_counter() - t)
+    put_s = time.perf_counter() - start
+    get_lat = []
+    start = time.perf_counter()
+    for key in keys:
+        t = time.perf_counter()
+        if key not in store.get_many([key]):
+            raise RuntimeError(f"{tier} tier lost a block")
+        get_lat.append(time.perf_counter() - t)
+    get_s = time.perf_counter() - start
+    store.drop()
+    for op, seconds, lat in (("put", put_s, put_lat), ("get", get_s, get_lat)):
+        lat_us = sorted(x * 1e6 for x in lat)
+        results.append({"tier": tier, "op": op, "block_bytes": block_bytes,
+                        "GBps": round(_gbps(count * block_bytes, seconds), 3),
+                        "p50_us": round(statistics.median(lat_us), 1),
+                        "p99_us": round(lat_us[min(len(lat_us) - 1, int(len(lat_us) * 0.99))], 1)})
+    return results
+
+
+def run(total_bytes: int = 128 << 20, directory: str | None = None,
+        block_sizes: list[int] | None = None, progress=None) -> dict:
+    sizes = block_sizes or BLOCK_SIZES
+    say = progress or (lambda msg: None)
+    directory = directory or tempfile.mkdtemp(prefix="kvmesh-bench-")
+    say("measuring memcpy and raw disk ceilings")
+    memcpy = {str(b): round(memcpy_gbps(b, total_bytes), 3) for b in sizes}
+    runs = [raw_disk_gbps(directory, total_bytes) for _ in range(2)]  # best of two
+    disk_write, disk_read, direct = max(r[0] for r in runs), max(r[1] for r in runs), runs[0][2]
+    capacity = total_bytes + 2 * PAGE * len(sizes)
+    tiers: list[tuple[str, TieredStore]] = [("host", TieredStore([HostTier(capacity, PAGE)]))]
+    disk_path = os.path.join(directory, "kvmesh-tier-bench.bin")
+    tiers.append(("disk", TieredStore([DiskTier(disk_path, capacity, PAGE, direct_io=direct)])))
+    try:
+        import torch
+        if torch.cuda.is_available():
+            tiers.insert(0, ("gpu", TieredStore([GpuTier(capacity, PAGE)])))
+    except ImportError:
+        pass
+    results = []
+    for name, store in tiers:
+        for size in sizes:
+            say(f"{name} tier, {size >> 10} KiB blocks")
+            results.extend(_run_ops(store, name, size, total_bytes))
+        store.close()
+    for r in results:
+        ceiling = memcpy[str(r["block_bytes"])] if r["tier"] != "disk" else (
+            disk_write if r["op"] == "put" else disk_read)
+        r["ratio_to_ceiling"] = round(r["GBps"] / ceiling, 3)
+    return {
+        "ceiling": {"memcpy_GBps": max(memcpy.values()), "memcpy_GBps_by_block": memcpy,
+                    "disk_read_GBps": round(disk_read, 3), "disk_write_GBps": round(disk_write, 3),
+                    "disk_direct_io": direct},
+        "results": results,
+        "config": {"total_bytes_per_case": total_bytes, "page_bytes": PAGE},
+    }
+
+
+def print_table(report: dict) -> None:
+    c = report["ceiling"]
+    print(f"ceilings: memcpy up to {c['memcpy_GBps']} GB/s, disk read {c['disk_read_GBps']} GB/s, "
+          f"disk write {c['disk_write_GBps']} GB/s (O_DIRECT: {c['disk_direct_io']})")
+    print(f"{'tier':6} {'op':4} {'block':>8} {'GB/s':>8} {'ratio':>6} {'p50 us':>9} {'p99 us':>9}")
+    for r in report["results"]:
+        print(f"{r['tier']:6} {r['op']:4} {r['block_bytes'] >> 10:>6}Ki {r['GBps']:>8.2f} "
+              f"{r['ratio_to_ceiling']:>6.2f} {r['p50_us']:>9.1f} {r['p99_us']:>9.1f}")
+
+
+def main(as_json: bool, total_bytes: int, directory: str | None) -> None:
+    import sys
+
+    progress = None if as_json else (lambda m: print(f"kvmesh bench: {m}", file=sys.stderr, flush=True))
+    report = run(total_bytes, directory, progress=progress)
+    if as_json:
+        print(json.dumps(report))
+    else:
+        print_table(report)

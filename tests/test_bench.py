@@ -1,0 +1,22 @@
+"""The store benchmark runs and reports every case against its ceiling (speed is not asserted)."""
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_store_prints_one_json_object(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "store", "--json",
+                          "--total-bytes", "8MiB", "--dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    report = json.loads(out)
+    ceiling = report["ceiling"]
+    assert ceiling["memcpy_GBps"] > 0 and ceiling["disk_read_GBps"] > 0 and ceiling["disk_write_GBps"] > 0
+    cases = {(r["tier"], r["op"], r["block_bytes"]) for r in report["results"]}
+    for tier in ("host", "disk"):
+        for op in ("put", "get"):
+            for size in (64 << 10, 256 << 10, 1 << 20, 4 << 20):
+                assert (tier, op, size) in cases
+    for r in report["results"]:
+        assert r["GBps"] > 0 and r["p99_us"] >= r["p50_us"] > 0 and r["ratio_to_ceiling"] > 0
+    assert list(tmp_path.iterdir()) == []  # the benchmark's files are gone
