@@ -13,6 +13,7 @@ from concurrent import futures
 import grpc
 
 from kv_store.block_store import BlockStore, StoredBlock
+from kv_store.store_node import PeerBlocks
 from kv_store.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, message_options
 from kv_store.integrity import checksum
 from kvmesh_proto import store_pb2, store_pb2_grpc
@@ -23,8 +24,13 @@ FAULT_MODES = ("flip", "noise", "vanish")
 
 
 class StoreService(store_pb2_grpc.KVStoreServicer):
-    def __init__(self, store: BlockStore, allow_fault_injection: bool = False):
+    """The store API. With ``peers``, blocks this node lacks are looked up through the
+    block index and fetched from the peer that holds them (then kept here too)."""
+
+    def __init__(self, store: BlockStore, allow_fault_injection: bool = False,
+                 peers: PeerBlocks | None = None):
         self.store = store
+        self.peers = peers
         self.allow_fault_injection = allow_fault_injection
         self._vanished: set[bytes] = set()
         self._lock = threading.Lock()
@@ -40,13 +46,21 @@ class StoreService(store_pb2_grpc.KVStoreServicer):
 
     def Lookup(self, request, context):
         groups = [list(g.keys) for g in request.groups]
-        return store_pb2.LookupReply(prefix_groups=self.store.lookup(groups))
+        found = self.store.lookup(groups)
+        if self.peers is not None and found < len(groups):
+            found = max(found, self.peers.longest_prefix(groups))
+        return store_pb2.LookupReply(prefix_groups=found)
 
     def Get(self, request, context):
         with self._lock:
             vanished = set(self._vanished)
         out = []
         found = self.store.get_many([k for k in request.keys if k not in vanished])
+        missing = [k for k in request.keys if k not in found and k not in vanished]
+        if self.peers is not None and missing:
+            for key, block in self.peers.fetch(missing).items():
+                found[key] = block
+                self.store.put(key, block.data, block.checksum)
         return store_pb2.GetReply(blocks=[
             store_pb2.Block(key=k, data=b.data, checksum=b.checksum) for k, b in found.items()])
 
@@ -113,6 +127,7 @@ def start_store_server(
     store: BlockStore,
     *,
     allow_fault_injection: bool = False,
+    peers: PeerBlocks | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     max_workers: int = 8,
 ) -> tuple[grpc.Server, int]:
@@ -123,7 +138,7 @@ def start_store_server(
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          options=message_options(max_message_bytes))
-    store_pb2_grpc.add_KVStoreServicer_to_server(StoreService(store, allow_fault_injection), server)
+    store_pb2_grpc.add_KVStoreServicer_to_server(StoreService(store, allow_fault_injection, peers), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise RuntimeError(f"cannot bind the store server to {host}:{port}")

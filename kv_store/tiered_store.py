@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from kv_store.block_store import BlockStore, StoredBlock
 from kv_store.eviction import EvictionPolicy, make_policy
@@ -95,9 +95,14 @@ class TieredStoreStats:
 
 
 class TieredStore(BlockStore):
-    def __init__(self, tiers: Sequence[Tier], policy: str = "lru"):
+    def __init__(self, tiers: Sequence[Tier], policy: str = "lru",
+                 listener: Callable[[str, bytes, str | None], None] | None = None):
+        """``listener(kind, key, tier)`` hears every change of what is held: ``"stored"``
+        (with the tier now holding the key) and ``"removed"``. It is called under the
+        store's lock, so it must only record the event (e.g. put it on a queue)."""
         if not tiers:
             raise ValueError("a store needs at least one tier")
+        self.listener = listener
         self.tiers = list(tiers)
         self._policies: list[EvictionPolicy] = [make_policy(policy) for _ in self.tiers]
         self._stats = [TierStats(t.name) for t in self.tiers]
@@ -160,6 +165,7 @@ class TieredStore(BlockStore):
             self._stats[tier].promotions += 1
         entry.tier, entry.slot = tier, slot
         self._policies[tier].insert(entry.key)
+        self._tell("stored", entry.key, self.tiers[tier].name)
         return True
 
     def _evict(self, entry: _Entry) -> None:
@@ -170,6 +176,7 @@ class TieredStore(BlockStore):
         """Remove an entry from the index and free its slot, or defer the free while pinned."""
         if self._entries.get(entry.key) is entry:
             del self._entries[entry.key]
+            self._tell("removed", entry.key, None)
             self._policies[entry.tier].remove(entry.key)
             if entry.parent is not None:
                 left = self._children.get(entry.parent, 0) - 1
@@ -180,6 +187,10 @@ class TieredStore(BlockStore):
         entry.dead = True
         if entry.pins == 0:
             self._free_slot(entry)
+
+    def _tell(self, kind: str, key: bytes, tier: str | None) -> None:
+        if self.listener is not None:
+            self.listener(kind, key, tier)
 
     def _free_slot(self, entry: _Entry) -> None:
         if entry.slot is not None:
@@ -204,6 +215,7 @@ class TieredStore(BlockStore):
                 self._children[parent] = self._children.get(parent, 0) + 1
             self._policies[0].insert(key)
             self._puts += 1
+            self._tell("stored", key, self.tiers[0].name)
             return True
 
     @contextmanager
@@ -305,7 +317,7 @@ class TieredStore(BlockStore):
 
 def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = None,
                 gpu_bytes: int = 0, policy: str = "lru", direct_io: bool = False,
-                page_bytes: int = 4 << 20) -> TieredStore:
+                page_bytes: int = 4 << 20, listener=None) -> TieredStore:
     """A store with the tiers whose capacity is positive, fastest first.
 
     The disk tier's slab file is created in ``disk_dir`` (a new temporary directory when
@@ -329,4 +341,4 @@ def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = Non
         tiers.append(DiskTier(path, disk_bytes, page_bytes, direct_io=direct_io))
     if not tiers:
         raise ValueError("give at least one tier a capacity (host, disk or gpu bytes)")
-    return TieredStore(tiers, policy)
+    return TieredStore(tiers, policy, listener)
