@@ -66,15 +66,39 @@ def cmd_store(args) -> None:
     from kv_store.server import start_store_server
     from kv_store.tiered_store import build_store
 
+    publisher = peers = index = None
+    if args.index:
+        from kv_store.index import RedisBlockIndex
+        from kv_store.store_node import IndexPublisher, PeerBlocks
+
+        if args.port == 0 and not args.advertise:
+            raise SystemExit("kvmesh store: with --index, give a fixed --port or --advertise")
+        address = args.advertise or f"{args.host}:{args.port}"
+        node_id = args.node_id or address
+        try:
+            index = RedisBlockIndex.from_url(args.index, heartbeat_timeout_s=args.heartbeat_timeout)
+            publisher = IndexPublisher(index, node_id, address, heartbeat_s=args.heartbeat)
+            peers = PeerBlocks(index, node_id, timeout_s=args.peer_timeout)
+        except Exception as e:
+            raise SystemExit(f"kvmesh store: cannot use the block index at {args.index}: {e}")
     try:
         store = build_store(args.host_bytes, args.disk_bytes, args.disk_dir, args.gpu_bytes,
-                            args.policy, args.direct_io, args.page_bytes)
+                            args.policy, args.direct_io, args.page_bytes,
+                            listener=publisher.on_change if publisher else None)
     except (ValueError, RuntimeError, OSError) as e:
         raise SystemExit(f"kvmesh store: {e}")
-    server, bound = start_store_server(args.host, args.port, store,
+    server, bound = start_store_server(args.host, args.port, store, peers=peers, publisher=publisher,
                                        allow_fault_injection=args.allow_fault_injection)
     tiers = ", ".join(f"{t.name} {t.capacity_bytes} bytes" for t in store.tiers)
     print(f"kvmesh store serving on {args.host}:{bound} ({tiers}; {args.policy} eviction)", flush=True)
+    if publisher is not None:
+        try:
+            publisher.start()
+        except Exception as e:
+            server.stop(0)
+            store.close()
+            raise SystemExit(f"kvmesh store: cannot register with the block index: {e}")
+        print(f"kvmesh store node {publisher.node_id} registered in the block index", flush=True)
     if args.metrics_port is not None:
         from prometheus_client import CollectorRegistry, start_http_server
 
@@ -88,7 +112,12 @@ def cmd_store(args) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     stop.wait()
+    if publisher is not None:
+        publisher.stop()  # leave the index first: peers stop asking for our blocks
     server.stop(grace=2).wait(5)
+    if peers is not None:
+        peers.close()
+        index.close()
     store.close()
 
 
@@ -234,6 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="slab page size, a power of two; also the largest block (default 4MiB)")
     sp.add_argument("--metrics-port", type=port, default=None,
                     help="serve Prometheus metrics on this port (same host)")
+    sp.add_argument("--index", default=None, metavar="URL",
+                    help="shared block index, e.g. redis://127.0.0.1:6379/0: this node publishes "
+                         "its blocks there and fetches blocks it lacks from peers")
+    sp.add_argument("--node-id", default=None, help="this node's id in the index (default: its address)")
+    sp.add_argument("--advertise", default=None, metavar="HOST:PORT",
+                    help="address peers use to reach this node (default: --host:--port)")
+    sp.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
+    sp.add_argument("--heartbeat-timeout", type=float, default=5.0,
+                    help="seconds without a heartbeat after which a node's blocks leave lookups")
+    sp.add_argument("--peer-timeout", type=float, default=2.0, help="deadline of a fetch from a peer")
     sp.add_argument("--allow-fault-injection", action="store_true",
                     help="accept InjectFault calls (failure tests only)")
     sp.set_defaults(func=cmd_store)

@@ -111,6 +111,8 @@ class LocalCluster:
     block_size: int = 32
     store_capacity_bytes: int = 512 << 20
     store_args: tuple[str, ...] = ()  # more `kvmesh store` flags, e.g. a disk tier
+    num_stores: int = 1               # >1: prefill uses the first, decode the last
+    index_url: str | None = None      # shared block index (needed by several stores)
     api_token: str | None = None
     allow_fault_injection: bool = False
     run_dir: Path | None = None
@@ -121,11 +123,16 @@ class LocalCluster:
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir or tempfile.mkdtemp(prefix="kvmesh-run-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.store_address = f"{self.host}:{free_port(self.host)}"
+        if self.num_stores > 1 and not self.index_url:
+            raise ValueError("several store nodes need a shared block index (index_url)")
+        self.store_addresses = [f"{self.host}:{free_port(self.host)}" for _ in range(self.num_stores)]
+        self.store_address = self.store_addresses[0]
+        self.store_metrics_urls = []
         self.prefill_address = f"{self.host}:{free_port(self.host)}"
         self.decode_address = f"{self.host}:{free_port(self.host)}"
-        self.store_metrics_port = free_port(self.host)
-        self.store_metrics_url = f"http://{self.host}:{self.store_metrics_port}/metrics"
+        for _ in self.store_addresses:
+            self.store_metrics_urls.append(f"http://{self.host}:{free_port(self.host)}/metrics")
+        self.store_metrics_url = self.store_metrics_urls[0]
         self.router_port = self.router_port or free_port(self.host)
         self.router_url = f"http://{self.host}:{self.router_port}"
 
@@ -133,12 +140,14 @@ class LocalCluster:
         if self.verbose:
             print(f"kvmesh: {message}", flush=True)
 
-    def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> Process:
+    def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None,
+               command: str | None = None) -> Process:
+        """Start ``kvmesh <command or name> ARGS`` logging to ``<name>.log``."""
         log_path = self.run_dir / f"{name}.log"
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
                    **(env or {}))
         with open(log_path, "ab") as log:
-            popen = subprocess.Popen([sys.executable, "-m", "cluster.cli", name, *args],
+            popen = subprocess.Popen([sys.executable, "-m", "cluster.cli", command or name, *args],
                                      stdout=log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         proc = Process(name, popen, log_path)
@@ -164,17 +173,23 @@ class LocalCluster:
         deadline = time.monotonic() + self.start_timeout_s
         self._say(f"starting store, prefill and decode workers (logs in {self.run_dir})")
         try:
-            store_args = ["--host", self.host, "--port", self.store_address.rsplit(":", 1)[1],
-                          "--host-bytes", str(self.store_capacity_bytes),
-                          "--metrics-port", str(self.store_metrics_port), *self.store_args]
-            if self.allow_fault_injection:
-                store_args.append("--allow-fault-injection")
-            store = self._spawn("store", *store_args)
-            self._wait({"store": (store, store_ready(self.store_address))}, deadline)
             pending = {}
-            for role, address in (("prefill", self.prefill_address), ("decode", self.decode_address)):
+            for i, (address, metrics) in enumerate(zip(self.store_addresses, self.store_metrics_urls)):
+                name = "store" if self.num_stores == 1 else f"store{i}"
+                args = ["--host", self.host, "--port", address.rsplit(":", 1)[1],
+                        "--host-bytes", str(self.store_capacity_bytes),
+                        "--metrics-port", metrics.rsplit(":", 1)[1].split("/")[0], *self.store_args]
+                if self.index_url:
+                    args += ["--index", self.index_url, "--node-id", name]
+                if self.allow_fault_injection:
+                    args.append("--allow-fault-injection")
+                pending[name] = (self._spawn(name, *args, command="store"), store_ready(address))
+            self._wait(pending, deadline)
+            pending = {}
+            for role, address, store in (("prefill", self.prefill_address, self.store_addresses[0]),
+                                         ("decode", self.decode_address, self.store_addresses[-1])):
                 proc = self._spawn(role, "--model", self.model, "--host", self.host,
-                                   "--port", address.rsplit(":", 1)[1], "--store", self.store_address,
+                                   "--port", address.rsplit(":", 1)[1], "--store", store,
                                    "--block-size", str(self.block_size),
                                    "--model-id", self.served_model_name,
                                    env=worker_cpu_env(role))
@@ -192,6 +207,13 @@ class LocalCluster:
             self.stop()
             raise
         return self
+
+    def kill(self, name: str) -> None:
+        """Kill one component at once (SIGKILL to its process group), as a crash would."""
+        for proc in self.processes:
+            if proc.name == name and proc.popen.poll() is None:
+                os.killpg(proc.popen.pid, signal.SIGKILL)
+                proc.popen.wait()
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """Stop every component, router first; kill process groups that outlive ``timeout_s``."""

@@ -13,7 +13,7 @@ from concurrent import futures
 import grpc
 
 from kv_store.block_store import BlockStore, StoredBlock
-from kv_store.store_node import PeerBlocks
+from kv_store.store_node import IndexPublisher, PeerBlocks
 from kv_store.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, message_options
 from kv_store.integrity import checksum
 from kvmesh_proto import store_pb2, store_pb2_grpc
@@ -28,9 +28,10 @@ class StoreService(store_pb2_grpc.KVStoreServicer):
     block index and fetched from the peer that holds them (then kept here too)."""
 
     def __init__(self, store: BlockStore, allow_fault_injection: bool = False,
-                 peers: PeerBlocks | None = None):
+                 peers: PeerBlocks | None = None, publisher: IndexPublisher | None = None):
         self.store = store
         self.peers = peers
+        self.publisher = publisher
         self.allow_fault_injection = allow_fault_injection
         self._vanished: set[bytes] = set()
         self._lock = threading.Lock()
@@ -42,6 +43,11 @@ class StoreService(store_pb2_grpc.KVStoreServicer):
                 stored += 1
             with self._lock:
                 self._vanished.discard(block.key)
+        if self.publisher is not None:
+            try:
+                self.publisher.flush()
+            except Exception as e:  # the index is down: the blocks are stored all the same
+                log.warning("block index update failed: %s", e)
         return store_pb2.PutReply(stored=stored, rejected=len(request.blocks) - stored)
 
     def Lookup(self, request, context):
@@ -54,7 +60,6 @@ class StoreService(store_pb2_grpc.KVStoreServicer):
     def Get(self, request, context):
         with self._lock:
             vanished = set(self._vanished)
-        out = []
         found = self.store.get_many([k for k in request.keys if k not in vanished])
         missing = [k for k in request.keys if k not in found and k not in vanished]
         if self.peers is not None and missing:
@@ -128,6 +133,7 @@ def start_store_server(
     *,
     allow_fault_injection: bool = False,
     peers: PeerBlocks | None = None,
+    publisher: IndexPublisher | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     max_workers: int = 8,
 ) -> tuple[grpc.Server, int]:
@@ -138,7 +144,7 @@ def start_store_server(
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          options=message_options(max_message_bytes))
-    store_pb2_grpc.add_KVStoreServicer_to_server(StoreService(store, allow_fault_injection, peers), server)
+    store_pb2_grpc.add_KVStoreServicer_to_server(StoreService(store, allow_fault_injection, peers, publisher), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise RuntimeError(f"cannot bind the store server to {host}:{port}")

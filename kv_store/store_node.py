@@ -36,6 +36,7 @@ class IndexPublisher:
         self.flush_s = flush_s
         self._events: queue.SimpleQueue[tuple[str, bytes, str | None]] = queue.SimpleQueue()
         self._stop = threading.Event()
+        self._flush_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="kvmesh-index", daemon=True)
 
     def on_change(self, kind: str, key: bytes, tier: str | None) -> None:
@@ -47,7 +48,13 @@ class IndexPublisher:
         self._thread.start()
 
     def flush(self) -> None:
-        """Publish every queued change; the last change of a key wins."""
+        """Publish every queued change; the last change of a key wins. Batches go out in
+        order (one flush at a time); the store server flushes before a put returns, so a
+        block a worker has written is in the index when the worker moves on."""
+        with self._flush_lock:
+            self._flush()
+
+    def _flush(self) -> None:
         final: dict[bytes, str | None] = {}
         while True:
             try:

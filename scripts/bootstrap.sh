@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create or refresh the project's virtual environment at .venv (idempotent).
+# Install what kvmesh needs: redis-server (system package) and the virtual environment
+# at .venv (idempotent).
 #
 # The environment is rebuilt only when a dependency file changes: a hash of them is
 # kept in .venv/.kvmesh-deps. Needs Python >= 3.10 with venv and pip; on Debian-like
@@ -11,6 +12,16 @@ PYTHON=${PYTHON:-python3}
 VENV=.venv
 EXTRAS=${KVMESH_EXTRAS:-cpu,test}
 deps_hash=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)-$EXTRAS
+
+# System packages: a Redis server for the cluster block index (and its tests).
+if ! command -v redis-server >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "kvmesh: installing redis-server" >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    else
+        echo "kvmesh: redis-server not found; the cluster index tests need it (Debian: apt-get install redis-server)" >&2
+    fi
+fi
 
 if [ -x "$VENV/bin/python" ] && [ "$(cat "$VENV/.kvmesh-deps" 2>/dev/null)" = "$deps_hash" ]; then
     exit 0
