@@ -130,20 +130,43 @@ def cmd_worker(args) -> None:
     module.run(args.host, args.port, model=model, store_address=args.store,
                model_id=args.model_id, block_size=args.block_size,
                max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
-               store_timeout_s=args.store_timeout)
+               store_timeout_s=args.store_timeout, local_prefix_cache=args.local_prefix_cache)
 
 
 def cmd_router(args) -> None:
+    import os
+
     import uvicorn
 
     from router.app import RouterSettings, create_app
 
     model, name = resolve_model(args.model)
-    settings = RouterSettings(model=model, served_model_name=args.served_model_name or name,
-                              prefill_address=args.prefill, decode_address=args.decode,
-                              api_token=args.api_token)
+    try:
+        settings = RouterSettings(
+            model=model, served_model_name=args.served_model_name or name,
+            prefill_addresses=tuple(addresses(args.prefill)),
+            decode_addresses=tuple(addresses(args.decode)),
+            api_token=args.api_token or os.environ.get("KVMESH_API_TOKEN") or None,
+            routing=args.routing, block_size=args.block_size,
+            decode_local_cache=args.decode_local_cache,
+            max_local_prefill_tokens=args.max_local_prefill_tokens,
+            max_inflight=args.max_inflight, max_queue=args.max_queue,
+            queue_timeout_s=args.queue_timeout)
+        app = create_app(settings, grpc_bind=(args.host, args.grpc_port) if args.grpc_port else None)
+    except ValueError as e:
+        raise SystemExit(f"kvmesh router: {e}")
     print(f"kvmesh router serving on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def addresses(text: str) -> list[str]:
+    """``"h1:1,h2:2"`` -> a list of HOST:PORT addresses."""
+    out = [a.strip() for a in text.split(",") if a.strip()]
+    for a in out:
+        host, _, p = a.rpartition(":")
+        if not host or not p.isdigit():
+            raise SystemExit(f"kvmesh: not a HOST:PORT address: {a!r}")
+    return out
 
 
 def cmd_model_make(args) -> None:
@@ -174,7 +197,8 @@ def cmd_serve(args) -> None:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     with cluster:
         print(f"\nkvmesh is serving {cluster.served_model_name}:\n"
-              f"  OpenAI API   {cluster.router_url}/v1  (completions)\n"
+              f"  OpenAI API   {cluster.router_url}/v1  (completions, chat/completions, models)\n"
+              f"  gRPC API     {cluster.grpc_address}  (kvmesh_client)\n"
               f"  health       {cluster.router_url}/health\n"
               f"  metrics      {cluster.router_url}/metrics\n"
               f"  store        {cluster.store_address}\n"
@@ -290,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--kv-cache-gib", type=int, default=1, help="CPU KV cache size in GiB")
         sp.add_argument("--store-timeout", type=float, default=5.0,
                         help="deadline of each store call in seconds")
+        sp.add_argument("--local-prefix-cache", action="store_true",
+                        help="also keep vLLM's own prefix cache (decode workers, with KV-aware routing)")
         sp.set_defaults(func=cmd_worker)
 
     sp = sub.add_parser("router", help="run the router (OpenAI-compatible HTTP API)")
@@ -297,9 +323,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--served-model-name", default=None)
     sp.add_argument("--host", default=DEFAULT_HOST)
     sp.add_argument("--port", type=port, default=8000)
-    sp.add_argument("--prefill", required=True, help="prefill worker address HOST:PORT")
-    sp.add_argument("--decode", required=True, help="decode worker address HOST:PORT")
-    sp.add_argument("--api-token", default=None, help="require this bearer token on /v1")
+    sp.add_argument("--grpc-port", type=port, default=50050,
+                    help="port of the gRPC serving API (0: none)")
+    sp.add_argument("--prefill", required=True, help="prefill worker addresses HOST:PORT[,HOST:PORT...]")
+    sp.add_argument("--decode", required=True, help="decode worker addresses HOST:PORT[,HOST:PORT...]")
+    sp.add_argument("--api-token", default=None,
+                    help="require this bearer token on /v1 and the gRPC API (or set KVMESH_API_TOKEN)")
+    sp.add_argument("--routing", choices=["kv_aware", "round_robin"], default="kv_aware",
+                    help="decode worker choice: by cached prefix and load, or cache-blind rotation")
+    sp.add_argument("--block-size", type=int, default=32, help="tokens per block, as the workers use")
+    sp.add_argument("--decode-local-cache", action="store_true",
+                    help="decode workers keep a local prefix cache (run them with --local-prefix-cache)")
+    sp.add_argument("--max-local-prefill-tokens", type=int, default=64,
+                    help="skip prefill when at most this many prompt tokens are not cached")
+    sp.add_argument("--max-inflight", type=int, default=256, help="requests served at once")
+    sp.add_argument("--max-queue", type=int, default=1024,
+                    help="requests waiting for a slot; more are refused with 429/RESOURCE_EXHAUSTED")
+    sp.add_argument("--queue-timeout", type=float, default=30.0,
+                    help="seconds a request may wait for a slot")
     sp.set_defaults(func=cmd_router)
     return p
 

@@ -112,6 +112,9 @@ class LocalCluster:
     store_capacity_bytes: int = 512 << 20
     store_args: tuple[str, ...] = ()  # more `kvmesh store` flags, e.g. a disk tier
     num_stores: int = 1               # >1: prefill uses the first, decode the last
+    decode_workers: int = 1
+    decode_local_cache: bool = False  # decode workers keep vLLM's prefix cache too
+    router_args: tuple[str, ...] = ()  # more `kvmesh router` flags
     index_url: str | None = None      # shared block index (needed by several stores)
     api_token: str | None = None
     allow_fault_injection: bool = False
@@ -129,7 +132,10 @@ class LocalCluster:
         self.store_address = self.store_addresses[0]
         self.store_metrics_urls = []
         self.prefill_address = f"{self.host}:{free_port(self.host)}"
-        self.decode_address = f"{self.host}:{free_port(self.host)}"
+        self.decode_addresses = [f"{self.host}:{free_port(self.host)}" for _ in range(self.decode_workers)]
+        self.decode_address = self.decode_addresses[0]
+        self.grpc_port = free_port(self.host)
+        self.grpc_address = f"{self.host}:{self.grpc_port}"
         for _ in self.store_addresses:
             self.store_metrics_urls.append(f"http://{self.host}:{free_port(self.host)}/metrics")
         self.store_metrics_url = self.store_metrics_urls[0]
@@ -186,19 +192,27 @@ class LocalCluster:
                 pending[name] = (self._spawn(name, *args, command="store"), store_ready(address))
             self._wait(pending, deadline)
             pending = {}
-            for role, address, store in (("prefill", self.prefill_address, self.store_addresses[0]),
-                                         ("decode", self.decode_address, self.store_addresses[-1])):
-                proc = self._spawn(role, "--model", self.model, "--host", self.host,
+            workers = [("prefill", "prefill", self.prefill_address, self.store_addresses[0])]
+            for i, address in enumerate(self.decode_addresses):
+                name = "decode" if self.decode_workers == 1 else f"decode{i}"
+                workers.append((name, "decode", address, self.store_addresses[-1]))
+            for name, role, address, store in workers:
+                extra = ["--local-prefix-cache"] if role == "decode" and self.decode_local_cache else []
+                proc = self._spawn(name, "--model", self.model, "--host", self.host,
                                    "--port", address.rsplit(":", 1)[1], "--store", store,
                                    "--block-size", str(self.block_size),
-                                   "--model-id", self.served_model_name,
-                                   env=worker_cpu_env(role))
-                pending[role] = (proc, worker_ready(address))
+                                   "--model-id", self.served_model_name, *extra,
+                                   env=worker_cpu_env(role), command=role)
+                pending[name] = (proc, worker_ready(address))
             self._say("loading the model in both workers (this takes a little while)")
             self._wait(pending, deadline)
             router_args = ["--model", self.model, "--served-model-name", self.served_model_name,
                            "--host", self.host, "--port", str(self.router_port),
-                           "--prefill", self.prefill_address, "--decode", self.decode_address]
+                           "--grpc-port", str(self.grpc_port), "--block-size", str(self.block_size),
+                           "--prefill", self.prefill_address,
+                           "--decode", ",".join(self.decode_addresses), *self.router_args]
+            if self.decode_local_cache:
+                router_args.append("--decode-local-cache")
             if self.api_token:
                 router_args += ["--api-token", self.api_token]
             router = self._spawn("router", *router_args)

@@ -24,6 +24,7 @@ class EngineSettings:
     kv_cache_gib: int = 1
     store_timeout_s: float = 5.0
     tensor_parallel_size: int = 1
+    local_prefix_cache: bool = False
 
     def __post_init__(self) -> None:
         if self.role not in KV_ROLES:
@@ -43,9 +44,10 @@ def base_engine_kwargs(settings: EngineSettings) -> dict:
         # One rank: run it inside the engine-core process where vLLM allows it.
         distributed_executor_backend="uni" if settings.tensor_parallel_size == 1 else "mp",
         enforce_eager=True,
-        # The store is the prefix cache: every reuse goes through it, where it is counted
-        # and shared by all workers.
-        enable_prefix_caching=False,
+        # By default the store is the prefix cache: every reuse goes through it, where it
+        # is counted and shared by all workers. Decode workers behind KV-aware routing may
+        # also keep vLLM's own.
+        enable_prefix_caching=settings.local_prefix_cache,
     )
 
 

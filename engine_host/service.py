@@ -14,7 +14,7 @@ import signal
 import grpc
 
 from engine_host.engine import EngineSettings, build_engine
-from kv_store.grpc_options import message_options
+from kvmesh_proto.options import message_options
 from kvmesh_proto import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("kvmesh.worker")

@@ -12,7 +12,7 @@ from typing import NamedTuple, Sequence
 
 import grpc
 
-from kv_store.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, message_options
+from kvmesh_proto.options import DEFAULT_MAX_MESSAGE_BYTES, message_options
 from kv_store.integrity import checksum, verify
 from kvmesh_proto import store_pb2, store_pb2_grpc
 

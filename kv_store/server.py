@@ -14,7 +14,7 @@ import grpc
 
 from kv_store.block_store import BlockStore, StoredBlock
 from kv_store.store_node import IndexPublisher, PeerBlocks
-from kv_store.grpc_options import DEFAULT_MAX_MESSAGE_BYTES, message_options
+from kvmesh_proto.options import DEFAULT_MAX_MESSAGE_BYTES, message_options
 from kv_store.integrity import checksum
 from kvmesh_proto import store_pb2, store_pb2_grpc
 

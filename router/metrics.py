@@ -27,6 +27,17 @@ class RouterMetrics:
         self.prefill_failures = Counter(
             "kvmesh_router_prefill_failures", "Prefills that failed; decode computed the prompt",
             registry=r)
+        self.prefill_skipped = Counter(
+            "kvmesh_router_prefill_skipped",
+            "Requests sent straight to decode (conditional disaggregation)", registry=r)
+        self.routing = Counter("kvmesh_router_routing_decisions",
+                               "Decode worker choices by reason", ["reason"], registry=r)
+        self.decode_requests = Counter("kvmesh_router_decode_requests",
+                                       "Requests sent to each decode worker", ["worker"], registry=r)
+        self.queue_time = Histogram("kvmesh_router_queue_seconds", "Time waiting for admission",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("kvmesh_router_inter_token_latency_seconds",
+                             "Time between streamed tokens", buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("kvmesh_router_time_to_first_token_seconds",
                               "Time to first token", buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("kvmesh_router_request_seconds", "End-to-end request latency",

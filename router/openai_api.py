@@ -1,4 +1,4 @@
-"""Request and response shapes of the OpenAI-compatible completions API."""
+"""Request and response shapes of the OpenAI-compatible HTTP API."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from router.core import Sampling
 
-class CompletionRequest(BaseModel):
-    """``POST /v1/completions``. Unknown fields are ignored, as OpenAI clients send extras."""
+
+class _Common(BaseModel):
+    """Fields completions and chat share. Unknown fields are ignored: clients send extras."""
 
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str | list[int] = Field(..., description="text, or token ids")
     model: str | None = None
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -24,10 +25,21 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     ignore_eos: bool = False
     n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
-    echo: Literal[False] = False
     return_token_ids: bool = False
     cache_salt: str | None = Field(None, max_length=256)
     user: str | None = None
+
+    def sampling(self) -> Sampling:
+        stop = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return Sampling(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                        top_k=self.top_k, seed=self.seed, stop=stop, ignore_eos=self.ignore_eos)
+
+
+class CompletionRequest(_Common):
+    """``POST /v1/completions``."""
+
+    prompt: str | list[int] = Field(..., description="text, or token ids")
+    echo: Literal[False] = False
 
     @field_validator("prompt")
     @classmethod
@@ -38,10 +50,25 @@ class CompletionRequest(BaseModel):
             raise ValueError("token ids must be non-negative")
         return value
 
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(_Common):
+    """``POST /v1/chat/completions``; ``max_completion_tokens`` is accepted too."""
+
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def sampling(self) -> Sampling:
+        s = super().sampling()
+        if self.max_completion_tokens is not None:
+            s.max_tokens = self.max_completion_tokens
+        return s
 
 
 def error_body(message: str, status: int, kind: str = "invalid_request_error",
@@ -57,6 +84,28 @@ def completion_chunk(request_id: str, model: str, text: str, finish_reason: str 
         "created": created or int(time.time()),
         "model": model,
         "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+    }
+
+
+def chat_completion(request_id: str, model: str, text: str, finish_reason: str | None) -> dict:
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": finish_reason, "logprobs": None}],
+    }
+
+
+def chat_chunk(request_id: str, model: str, delta: dict, finish_reason: str | None,
+               created: int) -> dict:
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
     }
 
 

@@ -6,7 +6,7 @@ from typing import AsyncIterator
 
 import grpc
 
-from kv_store.grpc_options import message_options
+from kvmesh_proto.options import message_options
 from kvmesh_proto import worker_pb2, worker_pb2_grpc
 
 

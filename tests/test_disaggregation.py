@@ -52,6 +52,8 @@ def cluster(tiny_model, tmp_path_factory):
     store_args = ("--page-bytes", "64KiB", "--disk-bytes", "64MiB")
     with LocalCluster(model=tiny_model, served_model_name="tiny", block_size=BLOCK,
                       store_capacity_bytes=512 * 1024, store_args=store_args,
+                      # Always disaggregate (but for prompts shorter than one block).
+                      router_args=("--max-local-prefill-tokens", "0"),
                       allow_fault_injection=True, run_dir=tmp_path_factory.mktemp("run")) as c:
         yield c
 
@@ -86,6 +88,7 @@ def test_outputs_match_colocated(cluster, store, reference):
         # Every full block but the one holding the last prompt token comes from the store.
         expected = (len(prompt) - 1) // BLOCK * BLOCK
         assert r["kvmesh"]["prefix_tokens_from_store"]["decode"] == expected
+        assert r["kvmesh"]["prefill_skipped"] == (len(prompt) < BLOCK)
         assert r["kvmesh"]["kv_load_failed_tokens"] == 0
 
 

@@ -1,4 +1,4 @@
-"""gRPC channel and server options shared by every kvmesh service and client."""
+"""gRPC channel and server options shared by every kvmesh service and client (no torch, no vLLM)."""
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 

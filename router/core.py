@@ -1,0 +1,337 @@
+"""The router's core, shared by the OpenAI HTTP API and the gRPC serving API.
+
+For each request: validate (a refused request leaves no state anywhere), take an
+admission slot, choose workers (``router.routing``), prefill with ``max_tokens=1`` so the
+prompt's KV lands in the store (unless conditional disaggregation skips it), then stream
+the decode worker's tokens. Everything is counted in ``RouterMetrics``.
+
+Failure contract: a failed or late prefill never fails the request (the decode worker
+then computes more); a decode failure raises ``ApiError``. Cancelling the task running
+``generate`` (a client that went away, or ``cancel(request_id)``) cancels the worker
+calls, which abort the request on the workers and free its KV blocks and slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Sequence
+
+import grpc
+
+from kvmesh_proto import worker_pb2
+from router.admission import Admission, Overloaded
+from router.metrics import RouterMetrics
+from router.routing import Route, RoutingPolicy, Worker
+from router.workers import WorkerClient
+
+log = logging.getLogger("kvmesh.router")
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    model: str                                  # model directory (tokenizer, chat template)
+    served_model_name: str
+    prefill_addresses: tuple[str, ...]
+    decode_addresses: tuple[str, ...]
+    api_token: str | None = None
+    max_request_bytes: int = 4 * 1024 * 1024
+    prefill_timeout_s: float = 120.0
+    request_timeout_s: float = 600.0
+    routing: str = "kv_aware"
+    block_size: int = 32
+    decode_local_cache: bool = False
+    max_local_prefill_tokens: int = 64
+    max_inflight: int = 256
+    max_queue: int = 1024
+    queue_timeout_s: float = 30.0
+
+
+GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+              404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
+              429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
+              504: grpc.StatusCode.DEADLINE_EXCEEDED}
+_HTTP_FROM_GRPC = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+                   grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.UNAVAILABLE: 503}
+
+
+class ApiError(Exception):
+    """A request the router refuses or could not serve; ``status`` is the HTTP status."""
+
+    def __init__(self, status: int, message: str, kind: str | None = None):
+        super().__init__(message)
+        self.status, self.message = status, message
+        self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+
+    @property
+    def grpc_code(self) -> grpc.StatusCode:
+        return GRPC_CODES.get(self.status, grpc.StatusCode.INTERNAL)
+
+
+@dataclass
+class Sampling:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def check(self) -> None:
+        """Raise ``ApiError(400)`` for a value out of range (the HTTP models check the same)."""
+        problems = []
+        if self.max_tokens < 1:
+            problems.append("max_tokens must be at least 1")
+        if not 0.0 <= self.temperature <= 2.0:
+            problems.append("temperature must be within [0, 2]")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append("top_p must be within (0, 1]")
+        if self.top_k < -1:
+            problems.append("top_k must be -1 (off) or positive")
+        if len(self.stop) > 16 or any(len(s) > 256 for s in self.stop):
+            problems.append("at most 16 stop strings of at most 256 characters")
+        if problems:
+            raise ApiError(400, "; ".join(problems))
+
+
+@dataclass
+class Prepared:
+    request_id: str
+    token_ids: list[int]
+    sampling: Sampling
+    cache_salt: str
+
+
+@dataclass
+class Trace:
+    """What happened to one request, for the response and the metrics."""
+
+    route: str = ""
+    prefill_ok: bool = False
+    prefill_skipped: bool = False
+    prefill_s: float = 0.0
+    queue_s: float = 0.0
+    prefill_tokens_from_store: int = 0
+    decode_tokens_from_store: int = 0
+    decode_tokens_load_failed: int = 0
+    ttft_s: float | None = None
+    finish_reason: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+
+    def info(self) -> dict:
+        return {"ttft_s": self.ttft_s, "queue_s": self.queue_s, "prefill_s": self.prefill_s,
+                "prefill_ok": self.prefill_ok, "prefill_skipped": self.prefill_skipped,
+                "route": self.route,
+                "prefix_tokens_from_store": {"prefill": self.prefill_tokens_from_store,
+                                             "decode": self.decode_tokens_from_store},
+                "kv_load_failed_tokens": self.decode_tokens_load_failed}
+
+
+class RouterCore:
+    def __init__(self, settings: RouterSettings):
+        self.settings = settings
+        self.metrics = RouterMetrics()
+        self.tokenizer = None
+        self.routing: RoutingPolicy | None = None
+        self.admission = Admission(settings.max_inflight, settings.max_queue, settings.queue_timeout_s)
+        self._max_model_len: int | None = None
+        self._tasks: dict[str, asyncio.Task] = {}
+
+    async def start(self) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.settings.model)
+        s = self.settings
+        self.routing = RoutingPolicy(
+            prefill=[Worker(a, WorkerClient(a)) for a in s.prefill_addresses],
+            decode=[Worker(a, WorkerClient(a)) for a in s.decode_addresses],
+            block_size=s.block_size, policy=s.routing, decode_local_cache=s.decode_local_cache,
+            max_local_prefill_tokens=s.max_local_prefill_tokens)
+
+    async def close(self) -> None:
+        for worker in self.routing.prefill + self.routing.decode:
+            await worker.client.close()
+
+    # ------------------------------------------------------------------ validation
+
+    async def max_model_len(self) -> int:
+        if self._max_model_len is None:
+            for worker in self.routing.decode:
+                try:
+                    self._max_model_len = (await worker.client.health()).max_model_len
+                    break
+                except grpc.aio.AioRpcError:
+                    continue
+            else:
+                raise ApiError(503, "no decode worker is reachable")
+        return self._max_model_len
+
+    def check_model(self, model: str | None) -> None:
+        if model and model != self.settings.served_model_name:
+            raise ApiError(404, f"model {model!r} is not served here; this router serves "
+                                f"{self.settings.served_model_name!r}", "not_found_error")
+
+    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
+        try:
+            ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
+                                                     tokenize=True)
+        except Exception as e:  # a template that rejects the conversation
+            raise ApiError(400, f"cannot apply the chat template: {e}")
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    async def prepare(self, prompt: str | Sequence[int], sampling: Sampling, *,
+                      model: str | None = None, cache_salt: str | None = None,
+                      request_id: str | None = None) -> Prepared:
+        """Validate a request into token ids; raises ``ApiError`` (4xx) and changes nothing."""
+        self.check_model(model)
+        sampling.check()
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ApiError(400, "prompt must not be empty")
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = list(prompt)
+            if not token_ids:
+                raise ApiError(400, "prompt must not be empty")
+            bad = [t for t in token_ids if not 0 <= t < len(self.tokenizer)]
+            if bad:
+                raise ApiError(400, f"token id {bad[0]} is outside the vocabulary of {len(self.tokenizer)}")
+        if not token_ids:
+            raise ApiError(400, "prompt encodes to no tokens")
+        if cache_salt is not None and len(cache_salt) > 256:
+            raise ApiError(400, "cache_salt is longer than 256 characters")
+        if request_id is not None and (len(request_id) > 128 or request_id in self._tasks):
+            raise ApiError(400, "request_id must be unique among running requests and at most 128 characters")
+        limit = await self.max_model_len()
+        if len(token_ids) + sampling.max_tokens > limit:
+            raise ApiError(400, f"prompt ({len(token_ids)} tokens) plus max_tokens "
+                                f"({sampling.max_tokens}) exceeds the model's context of {limit} tokens")
+        return Prepared(request_id or f"cmpl-{uuid.uuid4().hex}", token_ids, sampling, cache_salt or "")
+
+    # ------------------------------------------------------------------ serving
+
+    def cancel(self, request_id: str) -> bool:
+        task = self._tasks.get(request_id)
+        if task is None:
+            return False
+        task.cancel()
+        return True
+
+    def _worker_request(self, p: Prepared) -> worker_pb2.GenerateRequest:
+        s = p.sampling
+        sampling = worker_pb2.SamplingParams(
+            max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+            stop=s.stop, ignore_eos=s.ignore_eos)
+        if s.seed is not None:
+            sampling.seed = s.seed
+        return worker_pb2.GenerateRequest(request_id=p.request_id, prompt_token_ids=p.token_ids,
+                                          sampling=sampling, cache_salt=p.cache_salt)
+
+    async def _prefill(self, worker: Worker, request: worker_pb2.GenerateRequest, trace: Trace) -> None:
+        pre = worker_pb2.GenerateRequest()
+        pre.CopyFrom(request)
+        pre.request_id = request.request_id + "-prefill"
+        pre.sampling.CopyFrom(worker_pb2.SamplingParams(max_tokens=1, temperature=0.0))
+        start = time.monotonic()
+        worker.inflight += 1
+        try:
+            async for chunk in worker.client.generate(pre, self.settings.prefill_timeout_s):
+                if chunk.finish_reason:
+                    trace.prefill_ok = True
+                    trace.prefill_tokens_from_store = chunk.tokens_from_store
+        except grpc.aio.AioRpcError as e:
+            self.metrics.prefill_failures.inc()
+            log.warning("prefill of %s on %s failed (%s: %s); decode will compute the prompt",
+                        request.request_id, worker.address, e.code().name, e.details())
+        finally:
+            worker.inflight -= 1
+            trace.prefill_s = time.monotonic() - start
+
+    async def generate(self, p: Prepared, trace: Trace) -> AsyncIterator[worker_pb2.GenerateChunk]:
+        """Yield the decode worker's chunks for a prepared request; raises ``ApiError``."""
+        start = time.monotonic()
+        outcome = "cancelled"
+        self._tasks[p.request_id] = asyncio.current_task()
+        try:
+            async with self.admission.slot() as queued_s:
+                trace.queue_s = queued_s
+                self.metrics.queue_time.observe(queued_s)
+                route = self.routing.choose(p.token_ids, p.cache_salt)
+                trace.route = route.reason
+                self.metrics.routing.labels(route.reason).inc()
+                request = self._worker_request(p)
+                if route.prefill is None:
+                    trace.prefill_skipped = True
+                    self.metrics.prefill_skipped.inc()
+                else:
+                    await self._prefill(route.prefill, request, trace)
+                async for chunk in self._decode(route, request, trace, start):
+                    yield chunk
+                if trace.prefill_ok or trace.prefill_skipped:
+                    self.routing.record(route)
+            outcome = "ok"
+        except Overloaded as e:
+            outcome = "overloaded"
+            raise ApiError(429, str(e), "overloaded_error")
+        except grpc.aio.AioRpcError as e:
+            outcome = "error"
+            status = _HTTP_FROM_GRPC.get(e.code(), 502)
+            raise ApiError(status, f"decode worker: {e.details() or e.code().name}")
+        finally:
+            self._tasks.pop(p.request_id, None)
+            self._record(trace, len(p.token_ids), outcome, start)
+
+    async def _decode(self, route: Route, request, trace: Trace, start: float):
+        worker = route.decode
+        self.metrics.decode_requests.labels(worker.address).inc()
+        remaining = max(1.0, self.settings.request_timeout_s - (time.monotonic() - start))
+        worker.inflight += 1
+        last = None
+        try:
+            async for chunk in worker.client.generate(request, remaining):
+                now = time.monotonic()
+                if chunk.token_ids:
+                    if trace.ttft_s is None:
+                        trace.ttft_s = now - start
+                    elif last is not None:
+                        self.metrics.itl.observe((now - last) / len(chunk.token_ids))
+                    last = now
+                trace.token_ids.extend(chunk.token_ids)
+                if chunk.finish_reason:
+                    trace.finish_reason = chunk.finish_reason
+                    trace.decode_tokens_from_store = chunk.tokens_from_store
+                    trace.decode_tokens_load_failed = chunk.tokens_load_failed
+                yield chunk
+        finally:
+            worker.inflight -= 1
+
+    def _record(self, trace: Trace, num_prompt: int, outcome: str, started: float) -> None:
+        m = self.metrics
+        m.requests.labels(outcome).inc()
+        if outcome == "overloaded":
+            return
+        m.prompt_tokens.inc(num_prompt)
+        m.generated_tokens.inc(len(trace.token_ids))
+        m.tokens_from_store.labels("prefill").inc(trace.prefill_tokens_from_store)
+        m.tokens_from_store.labels("decode").inc(trace.decode_tokens_from_store)
+        m.tokens_load_failed.labels("decode").inc(trace.decode_tokens_load_failed)
+        if trace.ttft_s is not None:
+            m.ttft.observe(trace.ttft_s)
+        m.e2e.observe(time.monotonic() - started)
+
+    async def health(self) -> tuple[bool, dict[str, str]]:
+        status = {}
+        for role, workers in (("prefill", self.routing.prefill), ("decode", self.routing.decode)):
+            for w in workers:
+                try:
+                    reply = await w.client.health()
+                    status[f"{role} {w.address}"] = reply.status
+                    w.healthy = reply.status == "ok"
+                except grpc.aio.AioRpcError as e:
+                    status[f"{role} {w.address}"] = f"unavailable ({e.code().name})"
+                    w.healthy = False
+        return all(v == "ok" for v in status.values()), status

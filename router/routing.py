@@ -1,0 +1,118 @@
+"""Choosing the prefill and decode worker of a request.
+
+The router remembers where prefixes went, in a block index of its own (an
+``EmbeddedBlockIndex``, bounded by ``capacity_blocks``): under the node ``"store"`` the
+chain hashes of every prompt prefilled into the shared store, and, when decode workers
+keep a local prefix cache, under each decode worker the prompts it has served. A
+request's overlap with each node is then one ``longest_prefix`` call.
+
+* ``kv_aware`` (default): the decode worker with the longest local overlap wins unless it
+  is busier than the least-loaded worker by more than ``load_slack`` requests; otherwise
+  the least loaded. Prefill goes to the least-loaded prefill worker.
+* ``round_robin``: cache-blind rotation, the baseline to compare against.
+* **Conditional disaggregation**: when the part of the prompt neither the chosen decode
+  worker nor the store already holds is at most ``max_local_prefill_tokens`` (and always
+  for a prompt shorter than one block), the request skips prefill and goes straight to
+  decode.
+
+The table is a hint: a worker may have evicted a prefix it is credited with; that costs
+time (the worker loads or computes it), never correctness.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
+
+from kv_store.index import EmbeddedBlockIndex
+from kv_store.keys import chain_hashes
+
+STORE_NODE = "store"
+
+
+@dataclass(eq=False)
+class Worker:
+    address: str
+    client: object          # router.workers.WorkerClient
+    inflight: int = 0
+    healthy: bool = True
+
+
+class Route(NamedTuple):
+    prefill: Worker | None  # None: conditional disaggregation skipped prefill
+    decode: Worker
+    reason: str             # "prefix_affinity", "least_loaded", "round_robin"
+    cached_tokens: int      # prompt tokens the decode side is expected to find
+    hashes: tuple[bytes, ...]
+
+
+@dataclass
+class RoutingPolicy:
+    prefill: list[Worker]
+    decode: list[Worker]
+    block_size: int = 32
+    policy: str = "kv_aware"
+    decode_local_cache: bool = False
+    max_local_prefill_tokens: int = 64
+    load_slack: int = 4
+    capacity_blocks: int = 200_000
+    _index: EmbeddedBlockIndex = field(default_factory=lambda: EmbeddedBlockIndex(heartbeat_timeout_s=1e12))
+    _held: OrderedDict = field(default_factory=OrderedDict)  # (node, hash) -> None, oldest first
+    _turn: itertools.count = field(default_factory=itertools.count)
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("kv_aware", "round_robin"):
+            raise ValueError(f"unknown routing policy {self.policy!r}; use kv_aware or round_robin")
+        if not self.prefill or not self.decode:
+            raise ValueError("routing needs at least one prefill and one decode worker")
+        for node in [STORE_NODE] + [w.address for w in self.decode]:
+            self._index.register_node(node, node)
+
+    def _overlap(self, hashes: Sequence[bytes]) -> dict[str, int]:
+        if not hashes:
+            return {}
+        return self._index.longest_prefix([[h] for h in hashes[:4096]])
+
+    @staticmethod
+    def _least_loaded(workers: list[Worker]) -> Worker:
+        healthy = [w for w in workers if w.healthy] or workers
+        return min(healthy, key=lambda w: w.inflight)
+
+    def choose(self, token_ids: Sequence[int], salt: str | None = None) -> Route:
+        hashes = tuple(chain_hashes(token_ids, self.block_size, salt))
+        overlap = self._overlap(hashes)
+        if self.policy == "round_robin":
+            decode = self.decode[next(self._turn) % len(self.decode)]
+            prefill = self.prefill[next(self._turn) % len(self.prefill)]
+            return Route(prefill, decode, "round_robin", 0, hashes)
+        least = self._least_loaded(self.decode)
+        decode, reason = least, "least_loaded"
+        if self.decode_local_cache:
+            best = max(self.decode, key=lambda w: (overlap.get(w.address, 0), -w.inflight))
+            if overlap.get(best.address, 0) and best.healthy and \
+                    best.inflight <= least.inflight + self.load_slack:
+                decode, reason = best, "prefix_affinity"
+        local = overlap.get(decode.address, 0) if self.decode_local_cache else 0
+        cached = max(local, overlap.get(STORE_NODE, 0)) * self.block_size
+        uncached = len(token_ids) - cached
+        skip = len(token_ids) < self.block_size or uncached <= self.max_local_prefill_tokens
+        prefill = None if skip else self._least_loaded(self.prefill)
+        return Route(prefill, decode, reason, cached, hashes)
+
+    def record(self, route: Route) -> None:
+        """Credit the request's blocks to where they now are (call after it succeeded)."""
+        if not route.hashes:
+            return
+        nodes = [STORE_NODE] if route.prefill is not None else []
+        if self.decode_local_cache:
+            nodes.append(route.decode.address)
+        for node in nodes:
+            self._index.add(node, "gpu" if node != STORE_NODE else "host", list(route.hashes))
+            for h in route.hashes:
+                self._held[(node, h)] = None
+                self._held.move_to_end((node, h))
+        while len(self._held) > self.capacity_blocks:
+            (node, h), _ = self._held.popitem(last=False)
+            self._index.remove(node, [h])
