@@ -222,6 +222,18 @@ class LocalCluster:
             raise
         return self
 
+    def add_router(self, name: str, *args: str) -> tuple[str, str]:
+        """Start one more router over the same workers (e.g. with other limits or routing);
+        returns its HTTP URL and gRPC address. It stops with the cluster."""
+        http_port, grpc_port = free_port(self.host), free_port(self.host)
+        proc = self._spawn(name, "--model", self.model, "--served-model-name", self.served_model_name,
+                           "--host", self.host, "--port", str(http_port), "--grpc-port", str(grpc_port),
+                           "--block-size", str(self.block_size), "--prefill", self.prefill_address,
+                           "--decode", ",".join(self.decode_addresses), *args, command="router")
+        url = f"http://{self.host}:{http_port}"
+        self._wait({name: (proc, http_ready(url + "/health"))}, time.monotonic() + self.start_timeout_s)
+        return url, f"{self.host}:{grpc_port}"
+
     def kill(self, name: str) -> None:
         """Kill one component at once (SIGKILL to its process group), as a crash would."""
         for proc in self.processes:

@@ -52,7 +52,8 @@ class RouterSettings:
 
 GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
               404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
-              429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
+              429: grpc.StatusCode.RESOURCE_EXHAUSTED, 499: grpc.StatusCode.CANCELLED,
+              503: grpc.StatusCode.UNAVAILABLE,
               504: grpc.StatusCode.DEADLINE_EXCEEDED}
 _HTTP_FROM_GRPC = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
                    grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.UNAVAILABLE: 503}
@@ -140,6 +141,7 @@ class RouterCore:
         self.admission = Admission(settings.max_inflight, settings.max_queue, settings.queue_timeout_s)
         self._max_model_len: int | None = None
         self._tasks: dict[str, asyncio.Task] = {}
+        self._cancel_requested: set[str] = set()
 
     async def start(self) -> None:
         from transformers import AutoTokenizer
@@ -215,9 +217,12 @@ class RouterCore:
     # ------------------------------------------------------------------ serving
 
     def cancel(self, request_id: str) -> bool:
+        """Cancel a running request by id; False if no such request runs. Its caller sees
+        ``ApiError(499)``, and the workers abort it."""
         task = self._tasks.get(request_id)
         if task is None:
             return False
+        self._cancel_requested.add(request_id)
         task.cancel()
         return True
 
@@ -281,8 +286,13 @@ class RouterCore:
             outcome = "error"
             status = _HTTP_FROM_GRPC.get(e.code(), 502)
             raise ApiError(status, f"decode worker: {e.details() or e.code().name}")
+        except asyncio.CancelledError:
+            if p.request_id in self._cancel_requested:  # by cancel(): tell the caller
+                raise ApiError(499, "request cancelled") from None
+            raise
         finally:
             self._tasks.pop(p.request_id, None)
+            self._cancel_requested.discard(p.request_id)
             self._record(trace, len(p.token_ids), outcome, start)
 
     async def _decode(self, route: Route, request, trace: Trace, start: float):
