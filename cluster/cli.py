@@ -218,6 +218,18 @@ def cmd_demo(args) -> None:
     print("kvmesh: demo finished; cluster stopped.", flush=True)
 
 
+def cmd_bench_router(args) -> None:
+    from bench.router_bench import main
+
+    main(args.json, args.requests)
+
+
+def cmd_bench_routing(args) -> None:
+    from bench.routing_bench import main
+
+    main(args.json, args.size)
+
+
 def cmd_bench_store(args) -> None:
     from bench.store_bench import main
 
@@ -269,6 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes moved per tier, operation and block size")
     b.add_argument("--dir", default=None, help="directory on the disk to measure (default: temp)")
     b.set_defaults(func=cmd_bench_store)
+    b = bsub.add_parser("router", help="latency the router adds, against stub workers")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--requests", type=int, default=300, help="requests per path")
+    b.set_defaults(func=cmd_bench_router)
+    b = bsub.add_parser("routing", help="time to first token: KV-aware routing vs round robin")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--size", choices=["tiny", "bench"], default="tiny", help="generated model to use")
+    b.set_defaults(func=cmd_bench_routing)
 
     sp = sub.add_parser("store", help="run a KV store node")
     sp.add_argument("--host", default=DEFAULT_HOST)
@@ -348,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     args.func(args)
 
 
