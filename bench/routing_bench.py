@@ -43,11 +43,11 @@ def _ttft(url: str, prompt: list[int]) -> float:
 def run(size: str = "tiny", prefixes: int = 4, per_prefix: int = 4, prefix_tokens: int = 480,
         progress=None) -> dict:
     from cluster.local import LocalCluster
-    from cluster.models import SIZES, ensure_model
+    from cluster.models import ensure_model
 
     say = progress or (lambda m: None)
     model = str(ensure_model(size))
-    vocab = SIZES[size].vocab_size
+    vocab = json.loads((ensure_model(size) / "config.json").read_text())["vocab_size"]
     samples: dict[str, list[float]] = {"kv_aware": [], "round_robin": []}
     with LocalCluster(model=model, served_model_name=size, decode_workers=2,
                       decode_local_cache=True, verbose=progress is not None) as cluster:

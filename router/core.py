@@ -48,6 +48,8 @@ class RouterSettings:
     max_inflight: int = 256
     max_queue: int = 1024
     queue_timeout_s: float = 30.0
+    health_interval_s: float = 2.0     # how often workers are polled
+    unavailable_retry_s: float = 120.0  # how long a request may wait for a decode worker to come back
 
 
 GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
@@ -139,6 +141,8 @@ class RouterCore:
         self.tokenizer = None
         self.routing: RoutingPolicy | None = None
         self.admission = Admission(settings.max_inflight, settings.max_queue, settings.queue_timeout_s)
+        self.metrics.inflight.set_function(lambda: self.admission.inflight)
+        self.metrics.queued.set_function(lambda: self.admission.queued)
         self._max_model_len: int | None = None
         self._tasks: dict[str, asyncio.Task] = {}
         self._cancel_requested: set[str] = set()
@@ -153,8 +157,19 @@ class RouterCore:
             decode=[Worker(a, WorkerClient(a)) for a in s.decode_addresses],
             block_size=s.block_size, policy=s.routing, decode_local_cache=s.decode_local_cache,
             max_local_prefill_tokens=s.max_local_prefill_tokens)
+        self._health_task = asyncio.ensure_future(self._poll_health())
+
+    async def _poll_health(self) -> None:
+        """Keep every worker's ``healthy`` flag current; routing avoids unhealthy ones."""
+        while True:
+            try:
+                await self.health()
+            except Exception as e:  # never let the poller die
+                log.warning("health poll failed: %s", e)
+            await asyncio.sleep(self.settings.health_interval_s)
 
     async def close(self) -> None:
+        self._health_task.cancel()
         for worker in self.routing.prefill + self.routing.decode:
             await worker.client.close()
 
@@ -250,6 +265,8 @@ class RouterCore:
                     trace.prefill_tokens_from_store = chunk.tokens_from_store
         except grpc.aio.AioRpcError as e:
             self.metrics.prefill_failures.inc()
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                worker.healthy = False
             log.warning("prefill of %s on %s failed (%s: %s); decode will compute the prompt",
                         request.request_id, worker.address, e.code().name, e.details())
         finally:
@@ -296,7 +313,30 @@ class RouterCore:
             self._record(trace, len(p.token_ids), outcome, start)
 
     async def _decode(self, route: Route, request, trace: Trace, start: float):
+        """Stream from the route's decode worker. A worker that is unreachable before the
+        first token is marked unhealthy and the request moves to another one — or waits for
+        one to come back, up to ``unavailable_retry_s``: a worker restart loses no request."""
         worker = route.decode
+        give_up = time.monotonic() + self.settings.unavailable_retry_s
+        while True:
+            try:
+                async for chunk in self._decode_on(worker, request, trace, start):
+                    yield chunk
+                return
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or trace.token_ids or time.monotonic() > give_up:
+                    raise
+                worker.healthy = False
+                self.metrics.decode_retries.inc()
+                log.warning("decode worker %s unavailable; retrying %s elsewhere", worker.address,
+                            request.request_id)
+                others = [w for w in self.routing.decode if w.healthy]
+                if others:
+                    worker = min(others, key=lambda w: w.inflight)
+                else:
+                    await asyncio.sleep(0.5)  # none healthy: wait for one to come back
+
+    async def _decode_on(self, worker: Worker, request, trace: Trace, start: float):
         self.metrics.decode_requests.labels(worker.address).inc()
         remaining = max(1.0, self.settings.request_timeout_s - (time.monotonic() - start))
         worker.inflight += 1

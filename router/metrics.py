@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -30,6 +30,13 @@ class RouterMetrics:
         self.prefill_skipped = Counter(
             "kvmesh_router_prefill_skipped",
             "Requests sent straight to decode (conditional disaggregation)", registry=r)
+        self.inflight = Gauge("kvmesh_router_inflight", "Requests holding an admission slot",
+                              registry=r)
+        self.queued = Gauge("kvmesh_router_queued", "Requests waiting for an admission slot",
+                            registry=r)
+        self.decode_retries = Counter(
+            "kvmesh_router_decode_retries",
+            "Decode attempts repeated because a worker was unreachable", registry=r)
         self.routing = Counter("kvmesh_router_routing_decisions",
                                "Decode worker choices by reason", ["reason"], registry=r)
         self.decode_requests = Counter("kvmesh_router_decode_requests",

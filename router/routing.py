@@ -75,6 +75,14 @@ class RoutingPolicy:
             return {}
         return self._index.longest_prefix([[h] for h in hashes[:4096]])
 
+    def _next(self, workers: list[Worker]) -> Worker:
+        """The next healthy worker in rotation (any, when none is healthy)."""
+        for _ in range(len(workers)):
+            worker = workers[next(self._turn) % len(workers)]
+            if worker.healthy:
+                return worker
+        return workers[next(self._turn) % len(workers)]
+
     @staticmethod
     def _least_loaded(workers: list[Worker]) -> Worker:
         healthy = [w for w in workers if w.healthy] or workers
@@ -84,9 +92,7 @@ class RoutingPolicy:
         hashes = tuple(chain_hashes(token_ids, self.block_size, salt))
         overlap = self._overlap(hashes)
         if self.policy == "round_robin":
-            decode = self.decode[next(self._turn) % len(self.decode)]
-            prefill = self.prefill[next(self._turn) % len(self.prefill)]
-            return Route(prefill, decode, "round_robin", 0, hashes)
+            return Route(self._next(self.prefill), self._next(self.decode), "round_robin", 0, hashes)
         least = self._least_loaded(self.decode)
         decode, reason = least, "least_loaded"
         if self.decode_local_cache:

@@ -219,7 +219,9 @@ def test_admission_limit_answers_overloaded(cluster):
 
     started = time.monotonic()
     codes = sorted(r.status_code for r in asyncio.run(run()))
-    assert codes.count(200) == 2 and codes.count(429) == 4, codes  # one running, one queued
+    # One runs, one waits, the rest are refused at once (a refused one may arrive after the
+    # first finished and be served: the router never admits more than its limits).
+    assert codes.count(429) >= 3 and codes.count(200) >= 2 and set(codes) <= {200, 429}, codes
     with kvmesh_client.Client(grpc_address, retries=0) as client:
         errors = []
 
@@ -229,7 +231,8 @@ def test_admission_limit_answers_overloaded(cluster):
         threads = [threading.Thread(target=hold) for _ in range(2)]
         for t in threads:
             t.start()
-        time.sleep(1.0)
+        assert wait_until(lambda: metric(url, "kvmesh_router_inflight") == 1
+                          and metric(url, "kvmesh_router_queued") == 1, 60)
         try:
             client.generate("eta", max_tokens=4)
         except kvmesh_client.Overloaded as e:
@@ -289,3 +292,15 @@ def test_tenant_salt_separates_prefix_caches(cluster):
     assert not other["prefill_skipped"]
     assert other["prefix_tokens_from_store"]["prefill"] == 0
     assert other["prefix_tokens_from_store"]["decode"] == (len(prompt) - 1) // BLOCK * BLOCK
+
+
+def test_a_dead_decode_worker_loses_no_request(cluster, reference):
+    """Runs last: kills one decode worker. Requests routed to it move to the other."""
+    url = cluster.router_url
+    cluster.kill("decode1")
+    for prompt in AFFINITY:  # their prefix may be credited to the dead worker
+        r = httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": MAX_TOKENS,
+                       "temperature": 0, "return_token_ids": True}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["token_ids"] == reference[tuple(prompt)]
+    assert httpx.get(url + "/health", timeout=10).status_code == 503  # degraded, still serving
