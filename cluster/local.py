@@ -115,6 +115,11 @@ class LocalCluster:
     decode_workers: int = 1
     decode_local_cache: bool = False  # decode workers keep vLLM's prefix cache too
     router_args: tuple[str, ...] = ()  # more `kvmesh router` flags
+    # Per-component bind addresses, e.g. {"store": "127.0.0.2", "prefill": "127.0.0.3",
+    # "decode": "127.0.0.4"}, so that components talk as separate hosts would; the rest
+    # bind ``host``.
+    hosts: dict[str, str] = field(default_factory=dict)
+    worker_args: tuple[str, ...] = ()  # more `kvmesh prefill|decode` flags
     index_url: str | None = None      # shared block index (needed by several stores)
     api_token: str | None = None
     allow_fault_injection: bool = False
@@ -128,16 +133,20 @@ class LocalCluster:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.num_stores > 1 and not self.index_url:
             raise ValueError("several store nodes need a shared block index (index_url)")
-        self.store_addresses = [f"{self.host}:{free_port(self.host)}" for _ in range(self.num_stores)]
+        store_host = self.hosts.get("store", self.host)
+        self.store_addresses = [f"{store_host}:{free_port(store_host)}" for _ in range(self.num_stores)]
         self.store_address = self.store_addresses[0]
         self.store_metrics_urls = []
-        self.prefill_address = f"{self.host}:{free_port(self.host)}"
-        self.decode_addresses = [f"{self.host}:{free_port(self.host)}" for _ in range(self.decode_workers)]
+        prefill_host = self.hosts.get("prefill", self.host)
+        decode_host = self.hosts.get("decode", self.host)
+        self.prefill_address = f"{prefill_host}:{free_port(prefill_host)}"
+        self.decode_addresses = [f"{decode_host}:{free_port(decode_host)}"
+                                 for _ in range(self.decode_workers)]
         self.decode_address = self.decode_addresses[0]
         self.grpc_port = free_port(self.host)
         self.grpc_address = f"{self.host}:{self.grpc_port}"
         for _ in self.store_addresses:
-            self.store_metrics_urls.append(f"http://{self.host}:{free_port(self.host)}/metrics")
+            self.store_metrics_urls.append(f"http://{store_host}:{free_port(store_host)}/metrics")
         self.store_metrics_url = self.store_metrics_urls[0]
         self.router_port = self.router_port or free_port(self.host)
         self.router_url = f"http://{self.host}:{self.router_port}"
@@ -182,7 +191,7 @@ class LocalCluster:
             pending = {}
             for i, (address, metrics) in enumerate(zip(self.store_addresses, self.store_metrics_urls)):
                 name = "store" if self.num_stores == 1 else f"store{i}"
-                args = ["--host", self.host, "--port", address.rsplit(":", 1)[1],
+                args = ["--host", address.rsplit(":", 1)[0], "--port", address.rsplit(":", 1)[1],
                         "--host-bytes", str(self.store_capacity_bytes),
                         "--metrics-port", metrics.rsplit(":", 1)[1].split("/")[0], *self.store_args]
                 if self.index_url:
@@ -198,10 +207,10 @@ class LocalCluster:
                 workers.append((name, "decode", address, self.store_addresses[-1]))
             for name, role, address, store in workers:
                 extra = ["--local-prefix-cache"] if role == "decode" and self.decode_local_cache else []
-                proc = self._spawn(name, "--model", self.model, "--host", self.host,
+                proc = self._spawn(name, "--model", self.model, "--host", address.rsplit(":", 1)[0],
                                    "--port", address.rsplit(":", 1)[1], "--store", store,
                                    "--block-size", str(self.block_size),
-                                   "--model-id", self.served_model_name, *extra,
+                                   "--model-id", self.served_model_name, *extra, *self.worker_args,
                                    env=worker_cpu_env(role), command=role)
                 pending[name] = (proc, worker_ready(address))
             self._say("loading the model in both workers (this takes a little while)")

@@ -68,8 +68,8 @@ class StoreClient:
         msg = store_pb2.DropRequest(all=keys is None, keys=keys or [])
         return self._call(self._stub.Drop, msg).dropped
 
-    def inject_fault(self, mode: str, keys: Sequence[bytes] | None = None) -> int:
-        msg = store_pb2.FaultRequest(mode=mode, all=keys is None, keys=keys or [])
+    def inject_fault(self, mode: str, keys: Sequence[bytes] | None = None, seconds: float = 0.0) -> int:
+        msg = store_pb2.FaultRequest(mode=mode, all=keys is None, keys=keys or [], seconds=seconds)
         return self._call(self._stub.InjectFault, msg).affected
 
     def stats(self) -> store_pb2.StatsReply:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -20,7 +21,7 @@ from kvmesh_proto import store_pb2, store_pb2_grpc
 
 log = logging.getLogger("kvmesh.store")
 
-FAULT_MODES = ("flip", "noise", "vanish")
+FAULT_MODES = ("flip", "noise", "vanish", "stall")
 
 
 class StoreService(store_pb2_grpc.KVStoreServicer):
@@ -34,9 +35,15 @@ class StoreService(store_pb2_grpc.KVStoreServicer):
         self.publisher = publisher
         self.allow_fault_injection = allow_fault_injection
         self._vanished: set[bytes] = set()
+        self._stall_s = 0.0  # "stall": every Put and Get first sleeps this long
         self._lock = threading.Lock()
 
+    def _stall(self) -> None:
+        if self._stall_s > 0:
+            time.sleep(self._stall_s)
+
     def Put(self, request, context):
+        self._stall()
         stored = 0
         for block in request.blocks:
             if self.store.put(block.key, block.data, block.checksum, block.parent or None):
@@ -58,6 +65,7 @@ class StoreService(store_pb2_grpc.KVStoreServicer):
         return store_pb2.LookupReply(prefix_groups=found)
 
     def Get(self, request, context):
+        self._stall()
         with self._lock:
             vanished = set(self._vanished)
         found = self.store.get_many([k for k in request.keys if k not in vanished])
@@ -85,6 +93,9 @@ class StoreService(store_pb2_grpc.KVStoreServicer):
         if request.mode not in FAULT_MODES:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"unknown fault mode {request.mode!r}; use one of {FAULT_MODES}")
+        if request.mode == "stall":
+            self._stall_s = request.seconds
+            return store_pb2.FaultReply(affected=1)
         keys = self.store.keys() if request.all else list(request.keys)
         affected = 0
         for key in keys:
@@ -135,7 +146,7 @@ def start_store_server(
     peers: PeerBlocks | None = None,
     publisher: IndexPublisher | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    max_workers: int = 8,
+    max_workers: int = 32,
 ) -> tuple[grpc.Server, int]:
     """Serve ``store`` on ``host:port``; returns the server and the bound port.
 

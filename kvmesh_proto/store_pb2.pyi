@@ -77,14 +77,16 @@ class DropReply(_message.Message):
     def __init__(self, dropped: _Optional[int] = ...) -> None: ...
 
 class FaultRequest(_message.Message):
-    __slots__ = ("keys", "all", "mode")
+    __slots__ = ("keys", "all", "mode", "seconds")
     KEYS_FIELD_NUMBER: _ClassVar[int]
     ALL_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[bytes]
     all: bool
     mode: str
-    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., all: _Optional[bool] = ..., mode: _Optional[str] = ...) -> None: ...
+    seconds: float
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., all: _Optional[bool] = ..., mode: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class FaultReply(_message.Message):
     __slots__ = ("affected",)
