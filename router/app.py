@@ -97,6 +97,18 @@ def create_app(settings: RouterSettings, core: RouterCore | None = None,
                 task.cancel()
                 raise ApiError(499, "client disconnected")
 
+    async def answer(request: Request, p: Prepared, trace: Trace, with_ids: bool,
+                     build: Callable[[str, str | None], dict]) -> dict:
+        """A whole (non-streaming) response: ``build(text, finish_reason)`` plus usage."""
+        text = await run_to_end(request, p, trace)
+        response = build("".join(text), trace.finish_reason)
+        response["usage"] = usage(len(p.token_ids), len(trace.token_ids))
+        response["kvmesh"] = trace.info()
+        if with_ids:
+            response["choices"][0]["token_ids"] = trace.token_ids
+            response["choices"][0]["prompt_token_ids"] = p.token_ids
+        return response
+
     def stream(p: Prepared, trace: Trace, event: Callable, with_ids: bool) -> StreamingResponse:
         async def events():
             created = int(time.time())
@@ -125,14 +137,8 @@ def create_app(settings: RouterSettings, core: RouterCore | None = None,
         if body.stream:
             return stream(p, trace, lambda c, created, first: completion_chunk(
                 p.request_id, model, c.text, c.finish_reason or None, created), body.return_token_ids)
-        text = await run_to_end(request, p, trace)
-        response = completion_chunk(p.request_id, model, "".join(text), trace.finish_reason)
-        response["usage"] = usage(len(p.token_ids), len(trace.token_ids))
-        response["kvmesh"] = trace.info()
-        if body.return_token_ids:
-            response["choices"][0]["token_ids"] = trace.token_ids
-            response["choices"][0]["prompt_token_ids"] = p.token_ids
-        return response
+        return await answer(request, p, trace, body.return_token_ids,
+                            lambda text, finish: completion_chunk(p.request_id, model, text, finish))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -151,13 +157,8 @@ def create_app(settings: RouterSettings, core: RouterCore | None = None,
 
         if body.stream:
             return stream(p, trace, event, body.return_token_ids)
-        text = await run_to_end(request, p, trace)
-        response = chat_completion(p.request_id, model, "".join(text), trace.finish_reason)
-        response["usage"] = usage(len(p.token_ids), len(trace.token_ids))
-        response["kvmesh"] = trace.info()
-        if body.return_token_ids:
-            response["choices"][0]["token_ids"] = trace.token_ids
-        return response
+        return await answer(request, p, trace, body.return_token_ids,
+                            lambda text, finish: chat_completion(p.request_id, model, text, finish))
 
     @app.get("/v1/models")
     async def models():
