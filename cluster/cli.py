@@ -127,10 +127,42 @@ def cmd_worker(args) -> None:
 
     module = prefill_workers if args.command == "prefill" else decode_workers
     model, _ = resolve_model(args.model)
-    module.run(args.host, args.port, model=model, store_address=args.store,
+    address = args.advertise or f"{args.host}:{args.port}"
+    store, announcer = args.store, None
+    if args.index:
+        from kv_store.index.services import Announcer, ServiceRegistry
+
+        if store is None:
+            store = discover_store(args.index, address.rsplit(":", 1)[0], args.discovery_timeout)
+        announcer = Announcer(ServiceRegistry(args.index), args.command, address)
+    if store is None:
+        raise SystemExit(f"kvmesh {args.command}: give --store HOST:PORT, or --index to find one")
+    module.run(args.host, args.port, announcer=announcer, model=model, store_address=store,
                model_id=args.model_id, block_size=args.block_size,
                max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
                store_timeout_s=args.store_timeout, local_prefix_cache=args.local_prefix_cache)
+
+
+def discover_store(index_url: str, my_host: str, timeout_s: float) -> str:
+    """A live store node from the block index: one on this host if there is one."""
+    import time
+
+    from kv_store.index import RedisBlockIndex
+
+    index = RedisBlockIndex.from_url(index_url)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            nodes = [n.address for n in index.live_nodes().values()]
+            if nodes:
+                local = [a for a in nodes if a.rsplit(":", 1)[0] == my_host]
+                return sorted(local or nodes)[0]
+            if time.monotonic() > deadline:
+                raise SystemExit(f"kvmesh: no store node in the index at {index_url} "
+                                 f"after {timeout_s:.0f}s")
+            time.sleep(0.5)
+    finally:
+        index.close()
 
 
 def cmd_router(args) -> None:
@@ -144,8 +176,8 @@ def cmd_router(args) -> None:
     try:
         settings = RouterSettings(
             model=model, served_model_name=args.served_model_name or name,
-            prefill_addresses=tuple(addresses(args.prefill)),
-            decode_addresses=tuple(addresses(args.decode)),
+            prefill_addresses=tuple(addresses(args.prefill or "")),
+            decode_addresses=tuple(addresses(args.decode or "")), index_url=args.index,
             api_token=args.api_token or os.environ.get("KVMESH_API_TOKEN") or None,
             routing=args.routing, block_size=args.block_size,
             decode_local_cache=args.decode_local_cache,
@@ -155,6 +187,8 @@ def cmd_router(args) -> None:
         app = create_app(settings, grpc_bind=(args.host, args.grpc_port) if args.grpc_port else None)
     except ValueError as e:
         raise SystemExit(f"kvmesh router: {e}")
+    if not args.index and not (settings.prefill_addresses and settings.decode_addresses):
+        raise SystemExit("kvmesh router: give --prefill and --decode addresses, or --index to discover them")
     print(f"kvmesh router serving on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
@@ -326,7 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
         model_arg(sp)
         sp.add_argument("--host", default=DEFAULT_HOST)
         sp.add_argument("--port", type=port, default=default_port)
-        sp.add_argument("--store", required=True, help="store address HOST:PORT")
+        sp.add_argument("--store", default=None,
+                        help="store address HOST:PORT (default with --index: a store on this host)")
+        sp.add_argument("--index", default=None, metavar="URL",
+                        help="Redis block index: find the store there and announce this worker")
+        sp.add_argument("--advertise", default=None, metavar="HOST:PORT",
+                        help="address the router uses to reach this worker (default: --host:--port)")
+        sp.add_argument("--discovery-timeout", type=float, default=120.0,
+                        help="seconds to wait for a store to appear in the index")
         sp.add_argument("--model-id", default=None,
                         help="name that keys the model's blocks (default: the model path)")
         sp.add_argument("--block-size", type=int, default=32)
@@ -345,8 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--port", type=port, default=8000)
     sp.add_argument("--grpc-port", type=port, default=50050,
                     help="port of the gRPC serving API (0: none)")
-    sp.add_argument("--prefill", required=True, help="prefill worker addresses HOST:PORT[,HOST:PORT...]")
-    sp.add_argument("--decode", required=True, help="decode worker addresses HOST:PORT[,HOST:PORT...]")
+    sp.add_argument("--prefill", default=None, help="prefill worker addresses HOST:PORT[,HOST:PORT...]")
+    sp.add_argument("--decode", default=None, help="decode worker addresses HOST:PORT[,HOST:PORT...]")
+    sp.add_argument("--index", default=None, metavar="URL",
+                    help="Redis index: discover the workers there (instead of --prefill/--decode)")
     sp.add_argument("--api-token", default=None,
                     help="require this bearer token on /v1 and the gRPC API (or set KVMESH_API_TOKEN)")
     sp.add_argument("--routing", choices=["kv_aware", "round_robin"], default="kv_aware",

@@ -120,6 +120,7 @@ class LocalCluster:
     # bind ``host``.
     hosts: dict[str, str] = field(default_factory=dict)
     worker_args: tuple[str, ...] = ()  # more `kvmesh prefill|decode` flags
+    discover: bool = False  # workers and router find each other through index_url
     index_url: str | None = None      # shared block index (needed by several stores)
     api_token: str | None = None
     allow_fault_injection: bool = False
@@ -131,8 +132,8 @@ class LocalCluster:
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir or tempfile.mkdtemp(prefix="kvmesh-run-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.num_stores > 1 and not self.index_url:
-            raise ValueError("several store nodes need a shared block index (index_url)")
+        if (self.num_stores > 1 or self.discover) and not self.index_url:
+            raise ValueError("several store nodes, or discovery, need a shared block index (index_url)")
         store_host = self.hosts.get("store", self.host)
         self.store_addresses = [f"{store_host}:{free_port(store_host)}" for _ in range(self.num_stores)]
         self.store_address = self.store_addresses[0]
@@ -207,8 +208,9 @@ class LocalCluster:
                 workers.append((name, "decode", address, self.store_addresses[-1]))
             for name, role, address, store in workers:
                 extra = ["--local-prefix-cache"] if role == "decode" and self.decode_local_cache else []
+                where = ["--index", self.index_url] if self.discover else ["--store", store]
                 proc = self._spawn(name, "--model", self.model, "--host", address.rsplit(":", 1)[0],
-                                   "--port", address.rsplit(":", 1)[1], "--store", store,
+                                   "--port", address.rsplit(":", 1)[1], *where,
                                    "--block-size", str(self.block_size),
                                    "--model-id", self.served_model_name, *extra, *self.worker_args,
                                    env=worker_cpu_env(role), command=role)
@@ -218,8 +220,9 @@ class LocalCluster:
             router_args = ["--model", self.model, "--served-model-name", self.served_model_name,
                            "--host", self.host, "--port", str(self.router_port),
                            "--grpc-port", str(self.grpc_port), "--block-size", str(self.block_size),
-                           "--prefill", self.prefill_address,
-                           "--decode", ",".join(self.decode_addresses), *self.router_args]
+                           *(["--index", self.index_url] if self.discover else
+                             ["--prefill", self.prefill_address, "--decode", ",".join(self.decode_addresses)]),
+                           *self.router_args]
             if self.decode_local_cache:
                 router_args.append("--decode-local-cache")
             if self.api_token:

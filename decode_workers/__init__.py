@@ -11,5 +11,5 @@ from engine_host.service import serve_worker
 ROLE = "decode"
 
 
-def run(host: str, port: int, **settings) -> None:
-    asyncio.run(serve_worker(EngineSettings(role=ROLE, **settings), host, port))
+def run(host: str, port: int, announcer=None, **settings) -> None:
+    asyncio.run(serve_worker(EngineSettings(role=ROLE, **settings), host, port, announcer=announcer))

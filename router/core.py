@@ -48,7 +48,8 @@ class RouterSettings:
     max_inflight: int = 256
     max_queue: int = 1024
     queue_timeout_s: float = 30.0
-    health_interval_s: float = 2.0     # how often workers are polled
+    index_url: str | None = None       # discover workers in this Redis (with no addresses given)
+    health_interval_s: float = 2.0     # how often workers are polled (and discovered)
     unavailable_retry_s: float = 120.0  # how long a request may wait for a decode worker to come back
 
 
@@ -157,12 +158,32 @@ class RouterCore:
             decode=[Worker(a, WorkerClient(a)) for a in s.decode_addresses],
             block_size=s.block_size, policy=s.routing, decode_local_cache=s.decode_local_cache,
             max_local_prefill_tokens=s.max_local_prefill_tokens)
+        self._registry = None
+        if s.index_url:
+            from kv_store.index.services import ServiceRegistry
+
+            self._registry = ServiceRegistry(s.index_url)
+            await self._discover()
         self._health_task = asyncio.ensure_future(self._poll_health())
 
+    async def _discover(self) -> None:
+        """Take the worker pools from the service registry (in a thread: Redis blocks)."""
+        for role in ("prefill", "decode"):
+            addresses = await asyncio.to_thread(self._registry.members, role)
+            pool = self.routing.prefill if role == "prefill" else self.routing.decode
+            known = {w.address: w for w in pool}
+            workers = [known.get(a) or Worker(a, WorkerClient(a)) for a in addresses]
+            for gone in self.routing.set_members(role, workers):
+                log.info("%s worker %s left", role, gone.address)
+                await gone.client.close()
+
     async def _poll_health(self) -> None:
-        """Keep every worker's ``healthy`` flag current; routing avoids unhealthy ones."""
+        """Keep every worker's ``healthy`` flag current (and, with an index, the pools);
+        routing avoids unhealthy workers."""
         while True:
             try:
+                if self._registry is not None:
+                    await self._discover()
                 await self.health()
             except Exception as e:  # never let the poller die
                 log.warning("health poll failed: %s", e)
@@ -170,6 +191,8 @@ class RouterCore:
 
     async def close(self) -> None:
         self._health_task.cancel()
+        if self._registry is not None:
+            self._registry.close()
         for worker in self.routing.prefill + self.routing.decode:
             await worker.client.close()
 
@@ -283,6 +306,8 @@ class RouterCore:
                 trace.queue_s = queued_s
                 self.metrics.queue_time.observe(queued_s)
                 route = self.routing.choose(p.token_ids, p.cache_salt)
+                if route is None:
+                    raise ApiError(503, "no decode worker is available")
                 trace.route = route.reason
                 self.metrics.routing.labels(route.reason).inc()
                 request = self._worker_request(p)
@@ -384,4 +409,5 @@ class RouterCore:
                 except grpc.aio.AioRpcError as e:
                     status[f"{role} {w.address}"] = f"unavailable ({e.code().name})"
                     w.healthy = False
-        return all(v == "ok" for v in status.values()), status
+        ok = bool(self.routing.decode) and all(v == "ok" for v in status.values())
+        return ok, status

@@ -41,7 +41,7 @@ class Worker:
 
 
 class Route(NamedTuple):
-    prefill: Worker | None  # None: conditional disaggregation skipped prefill
+    prefill: Worker | None  # None: prefill skipped (conditional disaggregation, or no prefill worker)
     decode: Worker
     reason: str             # "prefix_affinity", "least_loaded", "round_robin"
     cached_tokens: int      # prompt tokens the decode side is expected to find
@@ -65,10 +65,24 @@ class RoutingPolicy:
     def __post_init__(self) -> None:
         if self.policy not in ("kv_aware", "round_robin"):
             raise ValueError(f"unknown routing policy {self.policy!r}; use kv_aware or round_robin")
-        if not self.prefill or not self.decode:
-            raise ValueError("routing needs at least one prefill and one decode worker")
         for node in [STORE_NODE] + [w.address for w in self.decode]:
             self._index.register_node(node, node)
+
+    def set_members(self, role: str, workers: list[Worker]) -> list[Worker]:
+        """Make ``workers`` the pool of ``role`` (keeping the state of those already in it);
+        returns the workers dropped, for the caller to close once idle."""
+        pool = self.prefill if role == "prefill" else self.decode
+        known = {w.address: w for w in pool}
+        wanted = {w.address for w in workers}
+        dropped = [w for w in pool if w.address not in wanted]
+        pool[:] = [known.get(w.address, w) for w in workers]
+        if role == "decode":
+            for w in pool:
+                if w.address not in known:
+                    self._index.register_node(w.address, w.address)
+            for w in dropped:
+                self._index.unregister_node(w.address)
+        return dropped
 
     def _overlap(self, hashes: Sequence[bytes]) -> dict[str, int]:
         if not hashes:
@@ -88,11 +102,15 @@ class RoutingPolicy:
         healthy = [w for w in workers if w.healthy] or workers
         return min(healthy, key=lambda w: w.inflight)
 
-    def choose(self, token_ids: Sequence[int], salt: str | None = None) -> Route:
+    def choose(self, token_ids: Sequence[int], salt: str | None = None) -> Route | None:
+        """The route of a request, or None when there is no decode worker at all."""
+        if not self.decode:
+            return None
         hashes = tuple(chain_hashes(token_ids, self.block_size, salt))
         overlap = self._overlap(hashes)
         if self.policy == "round_robin":
-            return Route(self._next(self.prefill), self._next(self.decode), "round_robin", 0, hashes)
+            prefill = self._next(self.prefill) if self.prefill else None
+            return Route(prefill, self._next(self.decode), "round_robin", 0, hashes)
         least = self._least_loaded(self.decode)
         decode, reason = least, "least_loaded"
         if self.decode_local_cache:
@@ -103,7 +121,8 @@ class RoutingPolicy:
         local = overlap.get(decode.address, 0) if self.decode_local_cache else 0
         cached = max(local, overlap.get(STORE_NODE, 0)) * self.block_size
         uncached = len(token_ids) - cached
-        skip = len(token_ids) < self.block_size or uncached <= self.max_local_prefill_tokens
+        skip = (len(token_ids) < self.block_size or uncached <= self.max_local_prefill_tokens
+                or not self.prefill)
         prefill = None if skip else self._least_loaded(self.prefill)
         return Route(prefill, decode, reason, cached, hashes)
 

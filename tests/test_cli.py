@@ -23,9 +23,12 @@ def test_help_names_every_command():
         assert command in out
 
 
-def test_workers_need_a_store_address():
+def test_workers_need_a_store_address_or_an_index(tiny_model):
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "prefill", "--model", tiny_model],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "give --store" in proc.stderr
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["prefill"])
+        build_parser().parse_args(["router", "--prefill", "nohostport"])
 
 
 def test_a_missing_model_directory_is_a_clear_error(tmp_path):

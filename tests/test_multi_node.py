@@ -61,3 +61,17 @@ def test_a_killed_node_leaves_lookups_and_requests_recompute(cluster, redis_url,
     assert r["choices"][0]["token_ids"] == reference[tuple(prompt)]
     again = complete(cluster, PROMPTS[0])  # store1 kept its own copy of what it fetched
     assert again["choices"][0]["token_ids"] == reference[tuple(PROMPTS[0])]
+
+
+def test_standalone_processes_find_each_other_through_redis(tiny_model, redis_url, reference,
+                                                            tmp_path_factory):
+    """No addresses given: workers find their store in the index and announce themselves;
+    the router discovers the workers."""
+    own_db = redis_url.rsplit("/", 1)[0] + "/1"  # apart from the other cluster's index
+    with LocalCluster(model=tiny_model, served_model_name="tiny", block_size=BLOCK,
+                      index_url=own_db, discover=True, store_capacity_bytes=64 << 20,
+                      run_dir=tmp_path_factory.mktemp("standalone")) as c:
+        for prompt in PROMPTS[:2]:
+            r = complete(c, prompt)
+            assert r["choices"][0]["token_ids"] == reference[tuple(prompt)]
+            assert r["kvmesh"]["prefix_tokens_from_store"]["decode"] == (len(prompt) - 1) // BLOCK * BLOCK
