@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from cluster.cli import build_parser, parse_bytes
+from cluster.cli import parse_bytes
 
 
 def test_parse_bytes():
@@ -27,8 +27,13 @@ def test_workers_need_a_store_address_or_an_index(tiny_model):
     proc = subprocess.run([sys.executable, "-m", "cluster.cli", "prefill", "--model", tiny_model],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "give --store" in proc.stderr
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["router", "--prefill", "nohostport"])
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "router", "--model", tiny_model,
+                           "--prefill", "nohostport", "--decode", "127.0.0.1:1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "not a HOST:PORT address" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "router", "--model", tiny_model],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--index to discover" in proc.stderr
 
 
 def test_a_missing_model_directory_is_a_clear_error(tmp_path):
