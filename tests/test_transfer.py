@@ -206,46 +206,50 @@ def test_nixl_connection_to_a_stopped_store_times_out_and_releases(source):
         reader.close()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_source_killed_mid_read(source, backend):
-    with SourceProcess(8 << 20, [backend]) as doomed:
-        reader = open_reader(_require(doomed, backend))
-        dest = np.empty(8 << 20, dtype=np.uint8)
-        failure: list[BaseException] = []
-        failed_at: list[float] = []
-        reads = [0]
+def test_source_killed_mid_read(source):
+    """One store process serves a reader per backend, each reading in a loop; SIGKILL
+    the store: every reader fails with TransferError promptly, holds nothing, and a new
+    reader of a live store works."""
+    with SourceProcess(8 << 20, BACKENDS) as doomed:
+        readers = {b: open_reader(_require(doomed, b)) for b in BACKENDS}
+        failures: dict[str, tuple[float, BaseException]] = {}
+        reads = dict.fromkeys(BACKENDS, 0)
 
-        def loop():
+        def loop(backend):
+            dest = np.empty(8 << 20, dtype=np.uint8)
             try:
                 while True:
-                    reader.read([Extent(0, 8 << 20)], dest, deadline_s=5)
-                    reads[0] += 1
+                    readers[backend].read([Extent(0, 8 << 20)], dest, deadline_s=5)
+                    reads[backend] += 1
             except BaseException as e:  # noqa: BLE001 - recorded and checked below
-                failed_at.append(time.monotonic())
-                failure.append(e)
+                failures[backend] = (time.monotonic(), e)
 
-        thread = threading.Thread(target=loop, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 10
-        while reads[0] < 3 and not failure and time.monotonic() < deadline:
+        threads = [threading.Thread(target=loop, args=(b,), daemon=True) for b in BACKENDS]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 20
+        while min(reads.values()) < 3 and not failures and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert reads[0] >= 3, failure
+        assert min(reads.values()) >= 3 and not failures, (reads, failures)
         killed_at = time.monotonic()
         doomed.signal(signal.SIGKILL)
-        thread.join(10)
-        assert not thread.is_alive()
-        assert isinstance(failure[0], TransferError), failure
-        assert failed_at[0] - killed_at < 5 + MARGIN_S
-        assert reader.stats()["in_flight"] == 0
-        with pytest.raises(TransferError):
-            reader.read([Extent(0, 16)], bytearray(16), deadline_s=1)
-        reader.close()
-        reader.close()
-    # a new reader of a live source works afterwards
-    with open_reader(_require(source, backend)) as fresh:
-        out = bytearray(4096)
-        fresh.read([Extent(1, 4096)], out, deadline_s=10)
-        assert bytes(out) == pattern(1, 4096).tobytes()
+        for thread in threads:
+            thread.join(10)
+            assert not thread.is_alive()
+        for backend, reader in readers.items():
+            failed_at, error = failures[backend]
+            assert isinstance(error, TransferError), (backend, error)
+            assert failed_at - killed_at < 5 + MARGIN_S, backend
+            assert reader.stats()["in_flight"] == 0, backend
+            with pytest.raises(TransferError):
+                reader.read([Extent(0, 16)], bytearray(16), deadline_s=1)
+            reader.close()
+            reader.close()
+    for backend in BACKENDS:  # new readers of a live store work
+        with open_reader(_require(source, backend)) as fresh:
+            out = bytearray(4096)
+            fresh.read([Extent(1, 4096)], out, deadline_s=10)
+            assert bytes(out) == pattern(1, 4096).tobytes()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -111,6 +111,22 @@ def _address(view: memoryview) -> int:
     return int(np.frombuffer(view, dtype=np.uint8).ctypes.data) if view.nbytes else 0
 
 
+def _whole_buffer(view: memoryview, start: int) -> tuple[int, int]:
+    """The range to register for a read into ``view``: the whole buffer ``view`` is a
+    slice of (a KV cache tensor, an arena) when it is contiguous, so that later reads
+    into other slices of it find the registration; else ``view`` itself."""
+    try:
+        whole = memoryview(view.obj)
+        if whole.c_contiguous:
+            whole = whole if whole.format == "B" and whole.ndim == 1 else whole.cast("B")
+            whole_start = _address(whole)
+            if whole_start <= start and start + view.nbytes <= whole_start + whole.nbytes:
+                return whole_start, whole.nbytes
+    except (TypeError, ValueError):
+        pass
+    return start, view.nbytes
+
+
 class NixlSource(SourceRegion):
     """Registers ``region`` (a ``HostTier`` or any buffer) with a NIXL agent. Close it
     before the region goes away."""
@@ -180,8 +196,9 @@ class NixlReader(Reader):
     """Reads extents of one ``NixlSource``'s region into local memory.
 
     ``register(buffer)`` registers a long-lived destination up front (a KV cache) and
-    keeps it until ``close``; other destinations are registered on first use and cached,
-    the ``max_registrations`` most recently used kept. A cached registration is only
+    keeps it until ``close``; other destinations are registered on first use (the whole
+    buffer they are a slice of) and cached, the ``max_registrations`` most recently used
+    kept. A cached registration is only
     valid while its memory lives: read into long-lived buffers, or ``unregister`` them.
     Reads are serialised (one agent, not thread-safe)."""
 
@@ -293,7 +310,7 @@ class NixlReader(Reader):
             new_reg = None
             reg = self._find(start, total)
             if reg is None:
-                reg = new_reg = self._register(start, out.nbytes)
+                reg = new_reg = self._register(*_whole_buffer(out, start))
             try:
                 for piece in split_pieces(pairs, self.max_post_bytes):
                     deadline.check("nixl read")
