@@ -371,7 +371,8 @@ def test_nixl_registrations_are_cached_and_released(reader_for):
 
 
 def test_open_reader_refuses_bad_descriptors():
-    for bad in (b"", b"\xc1", encode_descriptor("carrier-pigeon")):
+    for bad in (b"", b"\xc1", encode_descriptor("carrier-pigeon"), encode_descriptor("grpc", size=3),
+                encode_descriptor("shm", name="x", size=1)):
         with pytest.raises(ValueError):
             open_reader(bad)
 

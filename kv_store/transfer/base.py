@@ -99,8 +99,13 @@ def encode_descriptor(backend: str, **fields: Any) -> bytes:
                          use_bin_type=True)
 
 
+_REQUIRED = {"shm": ("name", "size", "dev", "ino"), "nixl": ("md", "base", "size"),
+             "grpc": ("address", "size")}
+
+
 def decode_descriptor(descriptor: bytes) -> dict[str, Any]:
-    """The descriptor's fields; ``ValueError`` if it is not a transfer descriptor."""
+    """The descriptor's fields; ``ValueError`` if it is not a transfer descriptor (or
+    lacks a field its backend needs)."""
     try:
         fields = msgpack.unpackb(descriptor, raw=False)
     except Exception as e:
@@ -110,6 +115,9 @@ def decode_descriptor(descriptor: bytes) -> dict[str, Any]:
     if fields.get("v") != DESCRIPTOR_VERSION:
         raise ValueError(f"transfer descriptor version {fields.get('v')!r} is not supported "
                          f"(this side speaks {DESCRIPTOR_VERSION})")
+    missing = [k for k in _REQUIRED.get(fields["backend"], ()) if k not in fields]
+    if missing:
+        raise ValueError(f"{fields['backend']} transfer descriptor lacks {', '.join(missing)}")
     return fields
 
 

@@ -110,7 +110,11 @@ class ShmReader(Reader):
         self._fd: int | None = fd
         self._view = memoryview(self._map)
         self._close_lock = threading.Lock()
-        self._check_owner()
+        try:
+            self._check_owner()
+        except TransferError:
+            self.close()
+            raise
 
     def _check_owner(self) -> None:
         fd = self._fd
