@@ -9,8 +9,10 @@ reads a slot while it writes or frees it (pins).
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
+import re
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -65,8 +67,15 @@ class Tier(ABC):
 
 
 class HostTier(Tier):
-    """Host RAM: one anonymous memory map, page-aligned and (``populate``) made resident
-    up front, so no block write pays for page faults.
+    """Host RAM: one memory map, page-aligned and (``populate``) made resident up front,
+    so no block write pays for page faults.
+
+    By default the map is anonymous. With ``shm_name`` it is a named shared-memory
+    segment instead (``/dev/shm/<shm_name>``, created exclusively, mode 0600, its pages
+    reserved up front so a full ``/dev/shm`` fails here rather than with SIGBUS later), so
+    that readers in other processes on this host can map it (``kv_store.transfer``). The
+    tier holds a shared ``flock`` on the segment while it is open: readers tell a live
+    owner from a dead one by it. ``close`` unlinks the name.
 
     Where CUDA is present the region is registered as pinned memory, so copies to and
     from the GPU run at full speed.
@@ -74,14 +83,27 @@ class HostTier(Tier):
 
     name = "host"
 
-    def __init__(self, capacity_bytes: int, page_bytes: int = 4 << 20, populate: bool = True):
+    def __init__(self, capacity_bytes: int, page_bytes: int = 4 << 20, populate: bool = True,
+                 shm_name: str | None = None):
         super().__init__(capacity_bytes, page_bytes)
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-        if populate:
-            flags |= getattr(mmap, "MAP_POPULATE", 0)
-        self._map = mmap.mmap(-1, max(self.capacity_bytes, mmap.PAGESIZE), flags=flags)
+        size = max(self.capacity_bytes, mmap.PAGESIZE)
+        self.shm_name = shm_name
+        self._shm_fd: int | None = None
+        if shm_name is None:
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+            if populate:
+                flags |= getattr(mmap, "MAP_POPULATE", 0)
+            self._map = mmap.mmap(-1, size, flags=flags)
+        else:
+            self._shm_fd, self._map = _create_shared_map(shm_name, size, populate)
         self._view = memoryview(self._map)
         self._pinned = _pin_host_memory(self._map)
+        self._closed = False
+
+    @property
+    def shm_path(self) -> str | None:
+        """Where the shared segment lives (None for an anonymous map)."""
+        return None if self.shm_name is None else shm_path(self.shm_name)
 
     def _write(self, slot: Slot, data: bytes | memoryview) -> None:
         self._view[slot.offset:slot.offset + len(data)] = data
@@ -94,10 +116,69 @@ class HostTier(Tier):
         return self._view
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._view.release()
         if self._pinned is not None:
             self._pinned()
         self._map.close()
+        if self._shm_fd is not None:
+            unlink_shm_if_same(self.shm_name, self._shm_fd)
+            os.close(self._shm_fd)  # drops the liveness lock
+            self._shm_fd = None
+
+
+SHM_DIR = "/dev/shm"
+_SHM_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,200}")
+
+
+def shm_path(name: str) -> str:
+    """The file of the shared-memory segment ``name``; refuses names that are not one
+    plain file name (no slashes, no leading dot)."""
+    if not isinstance(name, str) or not _SHM_NAME.fullmatch(name):
+        raise ValueError(f"invalid shared-memory name {name!r}: use letters, digits, '.', '_', '-'")
+    return os.path.join(SHM_DIR, name)
+
+
+def _create_shared_map(name: str, size: int, populate: bool) -> tuple[int, mmap.mmap]:
+    path = shm_path(name)
+    if not os.path.isdir(SHM_DIR):
+        raise OSError(f"{SHM_DIR} is missing: shared-memory host tiers need Linux POSIX shm")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot reserve {size} bytes of shared memory in {SHM_DIR} "
+                                   f"for {name!r}: {e.strerror}") from None
+        flags = mmap.MAP_SHARED
+        if populate:
+            flags |= getattr(mmap, "MAP_POPULATE", 0)
+        region = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # "the owner is alive", for readers
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    return fd, region
+
+
+def unlink_shm_if_same(name: str, fd: int) -> bool:
+    """Unlink ``name`` if it is still the segment open as ``fd`` (not a newer one that
+    took the name after an earlier unlink); True if it was unlinked."""
+    path = shm_path(name)
+    try:
+        mine, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    if (mine.st_dev, mine.st_ino) != (there.st_dev, there.st_ino):
+        return False
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _pin_host_memory(region: mmap.mmap):

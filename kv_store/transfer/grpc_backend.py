@@ -1,0 +1,210 @@
+"""The portable transfer: a small gRPC service that streams ranges of the region.
+
+One server-streaming method, ``/kvmesh.transfer.v1.Transfer/Read``. Messages are raw
+bytes, not protobuf (no stubs to generate, and no protobuf copy of the payload):
+
+* request: msgpack ``{"extents": <bytes>}``, the extents as little-endian uint64
+  ``offset, size`` pairs;
+* response: a stream of frames. A frame is one byte ``h``, then ``h`` bytes of msgpack
+  ``[dest_offset, length]``, then ``length`` payload bytes to be placed at
+  ``dest_offset`` of the reader's destination (extents back to back from 0). Small
+  extents are packed together and large ones cut, so every frame but the last carries
+  ``chunk_bytes`` (1 MiB) of payload.
+
+The reader's deadline is the call's gRPC timeout; message limits are raised on both ends.
+
+Throughput is bounded by CPU, not by loopback: every byte is copied four times in user
+space (frame, gRPC slice, Python bytes, destination) plus twice by TCP, and glibc's
+allocator hands gRPC's 1 MiB buffers back to the kernel after each message, so every
+message page-faults its memory in again. Processes that move much data this way should
+run with ``MALLOC_MMAP_THRESHOLD_=16777216 MALLOC_TRIM_THRESHOLD_=67108864`` in their
+environment: measured here, that halves the reader's CPU per byte (4 MiB reads: 4.7 → 2.0
+ms of CPU; 0.7 → 1.1-1.4 GB/s on a busy 2-core machine).
+The server checks every extent against the region (``INVALID_ARGUMENT`` otherwise) and
+the reader checks every frame against its request, so neither side trusts the other's
+sizes.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent import futures
+from typing import Sequence
+
+import grpc
+import grpc.experimental  # noqa: F401  (ChannelOptions)
+import msgpack
+import numpy as np
+
+from kv_store.grpc_options import message_options
+from kv_store.transfer.base import (
+    Deadline, Extent, Reader, SourceRegion, TransferError, check_dest, check_extents,
+    decode_descriptor, encode_descriptor, split_pieces,
+)
+
+NAME = "grpc"
+SERVICE = "kvmesh.transfer.v1.Transfer"
+READ_METHOD = f"/{SERVICE}/Read"
+# 1 MiB frames: measured here against 512 KiB, 2 MiB and 4 MiB, the fastest for 4 MiB and
+# 64 MiB reads (the server builds the next frame while the reader copies the last one; 4 MiB
+# frames were the slowest). Raising HTTP/2's frame size and windows did not help.
+CHUNK_BYTES = 1 << 20
+_MAX_MESSAGE = 64 << 20
+
+
+
+def _reader_options() -> list[tuple[str, int]]:
+    # Consume the response stream on the calling thread: without it grpcio starts a
+    # thread per call. Measured here: 15-30 % less client CPU per 4 MiB read.
+    option = getattr(getattr(grpc, "experimental", None), "ChannelOptions", None)
+    option = getattr(option, "SingleThreadedUnaryStream", None)
+    return [(option, 1)] if option else []
+
+
+_READER_OPTIONS = _reader_options()
+
+
+def _pack_extents(pairs: list[tuple[int, int]]) -> bytes:
+    return msgpack.packb({"extents": np.asarray(pairs, dtype="<u8").tobytes()}, use_bin_type=True)
+
+
+def _unpack_extents(request: bytes) -> list[tuple[int, int]]:
+    msg = msgpack.unpackb(request, raw=False)
+    raw = msg["extents"]
+    if len(raw) % 16:
+        raise ValueError("extents are not whole (offset, size) pairs")
+    return [(int(o), int(s)) for o, s in np.frombuffer(raw, dtype="<u8").reshape(-1, 2)]
+
+
+class GrpcSource(SourceRegion):
+    """Serves ``region`` (a ``HostTier`` or any buffer) on ``address``
+    (``host:port``; port 0 picks a free one; ``unix:/path`` works too).
+
+    ``frame_delay_s`` sleeps before each frame: fault injection for tests of stalled
+    sources, 0 in service."""
+
+    name = NAME
+
+    def __init__(self, region, address: str = "127.0.0.1:0", chunk_bytes: int = CHUNK_BYTES,
+                 max_workers: int = 4, frame_delay_s: float = 0.0):
+        buffer = region.buffer() if hasattr(region, "buffer") else region
+        view = memoryview(buffer)  # our own view: released by close, before the tier's
+        self._view = view if view.format == "B" and view.ndim == 1 else view.cast("B")
+        self.region_bytes = self._view.nbytes
+        self.chunk_bytes = int(chunk_bytes)
+        self.frame_delay_s = frame_delay_s
+        self._stopped = threading.Event()
+        options = message_options(_MAX_MESSAGE)
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
+                                                              thread_name_prefix="kv-transfer"),
+                                   options=options)
+        handler = grpc.method_handlers_generic_handler(SERVICE, {
+            "Read": grpc.unary_stream_rpc_method_handler(self._read)})
+        self._server.add_generic_rpc_handlers((handler,))
+        port = self._server.add_insecure_port(address)
+        if port == 0 and not address.startswith("unix:"):
+            raise OSError(f"gRPC transfer source could not bind {address}")
+        self.address = address if address.startswith("unix:") else \
+            f"{address.rsplit(':', 1)[0]}:{port}"
+        self._server.start()
+        self._descriptor = encode_descriptor(NAME, address=self.address, size=self.region_bytes)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def descriptor(self) -> bytes:
+        return self._descriptor
+
+    def _read(self, request: bytes, context):
+        try:
+            pairs, _ = check_extents(_unpack_extents(request), self.region_bytes)
+        except Exception as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad extents: {e}")
+        view = self._view
+        for piece in split_pieces(pairs, self.chunk_bytes):
+            if self._stopped.is_set() or not context.is_active():
+                return
+            if self.frame_delay_s:
+                if self._stopped.wait(self.frame_delay_s):
+                    return
+            length = sum(size for _, _, size in piece)
+            header = msgpack.packb([piece[0][1], length])
+            parts = [bytes((len(header),)), header]
+            parts.extend(view[src:src + size] for src, _, size in piece)
+            yield b"".join(parts)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stopped.set()
+        self._server.stop(grace=None).wait()
+        self._view.release()
+
+
+class GrpcReader(Reader):
+    name = NAME
+
+    def __init__(self, descriptor: bytes | dict):
+        d = descriptor if isinstance(descriptor, dict) else decode_descriptor(descriptor)
+        if d.get("backend") != NAME:
+            raise ValueError(f"not a grpc descriptor: {d.get('backend')!r}")
+        self.address = d["address"]
+        self.region_bytes = int(d["size"])
+        self._channel = grpc.insecure_channel(
+            self.address, options=message_options(_MAX_MESSAGE) + _READER_OPTIONS)
+        self._call = self._channel.unary_stream(READ_METHOD)
+        self._closed = False
+        self._in_flight = 0
+        self._lock = threading.Lock()
+
+    def stats(self) -> dict[str, int]:
+        return {"registered": 0, "in_flight": self._in_flight}
+
+    def read(self, extents: Sequence[Extent], dest, deadline_s: float) -> None:
+        pairs, total = check_extents(extents, self.region_bytes)
+        out = check_dest(dest, total)
+        deadline = Deadline(deadline_s)
+        if self._closed:
+            raise TransferError("grpc reader is closed")
+        if total == 0:
+            return
+        timeout = deadline.check(f"grpc read from {self.address}")
+        with self._lock:
+            self._in_flight += 1
+        call = None
+        try:
+            call = self._call(_pack_extents(pairs), timeout=timeout)
+            got = 0
+            for frame in call:
+                frame = memoryview(frame)
+                h = frame[0]
+                offset, length = msgpack.unpackb(frame[1:1 + h])
+                if offset != got or length != len(frame) - 1 - h or got + length > total:
+                    raise TransferError(f"grpc read from {self.address}: bad frame "
+                                        f"({offset}, {length}) after {got} of {total} bytes")
+                out[offset:offset + length] = frame[1 + h:]
+                got += length
+            if got != total:
+                raise TransferError(f"grpc read from {self.address}: stream ended after "
+                                    f"{got} of {total} bytes")
+            deadline.check(f"grpc read from {self.address}")
+        except grpc.RpcError as e:  # the call is also a grpc.Call: code() and details()
+            code = e.code() if isinstance(e, grpc.Call) else None
+            details = e.details() if isinstance(e, grpc.Call) else str(e)
+            raise TransferError(f"grpc read from {self.address}: "
+                                f"{code.name if code else 'ERROR'}: {details}") from None
+        except (ValueError, TypeError, IndexError) as e:  # closed channel, unparsable frame
+            raise TransferError(f"grpc read from {self.address}: {type(e).__name__}: {e}") from None
+        finally:
+            if call is not None:
+                call.cancel()  # no-op once the stream is complete
+            with self._lock:
+                self._in_flight -= 1
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._channel.close()
