@@ -4,6 +4,8 @@
     kvmesh serve                     start a cluster on this machine and serve until Ctrl-C
     kvmesh model make DIR            generate a local test model
     kvmesh bench store --json        store tier bandwidth against memcpy and raw disk
+    kvmesh bench transfer --json     KV transfer backends between processes against memcpy
+    kvmesh bench router|routing      router overhead; TTFT of KV-aware routing vs round robin
     kvmesh store|prefill|decode|router   run one component (what containers run)
 """
 
@@ -264,6 +266,13 @@ def cmd_bench_routing(args) -> None:
     main(args.json, args.size)
 
 
+def cmd_bench_transfer(args) -> None:
+    from bench.transfer_bench import main
+
+    main(args.json, [parse_bytes(s) for s in args.sizes.split(",")], args.arena_bytes,
+         args.case_seconds, args.backends.split(","))
+
+
 def cmd_bench_store(args) -> None:
     from bench.store_bench import main
 
@@ -315,6 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes moved per tier, operation and block size")
     b.add_argument("--dir", default=None, help="directory on the disk to measure (default: temp)")
     b.set_defaults(func=cmd_bench_store)
+    b = bsub.add_parser("transfer", help="KV transfer backends between two processes vs memcpy")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--sizes", default="256KiB,4MiB,64MiB", help="transfer sizes, comma-separated")
+    b.add_argument("--arena-bytes", type=parse_bytes, default=parse_bytes("256MiB"),
+                   help="size of the store's arena the reads come from")
+    b.add_argument("--case-seconds", type=float, default=0.8, help="time spent on each case")
+    b.add_argument("--backends", default="shm,nixl,grpc", help="backends, comma-separated")
+    b.set_defaults(func=cmd_bench_transfer)
     b = bsub.add_parser("router", help="latency the router adds, against stub workers")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--requests", type=int, default=300, help="requests per path")

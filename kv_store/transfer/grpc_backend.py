@@ -36,7 +36,7 @@ import grpc.experimental  # noqa: F401  (ChannelOptions)
 import msgpack
 import numpy as np
 
-from kv_store.grpc_options import message_options
+from kvmesh_proto.options import message_options
 from kv_store.transfer.base import (
     Deadline, Extent, Reader, SourceRegion, TransferError, check_dest, check_extents,
     decode_descriptor, encode_descriptor, split_pieces,
