@@ -83,13 +83,23 @@ def cmd_store(args) -> None:
             peers = PeerBlocks(index, node_id, timeout_s=args.peer_timeout)
         except Exception as e:
             raise SystemExit(f"kvmesh store: cannot use the block index at {args.index}: {e}")
+    import os
+    import secrets
+
+    backends = [b for b in args.transfer.split(",") if b]
     try:
         store = build_store(args.host_bytes, args.disk_bytes, args.disk_dir, args.gpu_bytes,
                             args.policy, args.direct_io, args.page_bytes,
-                            listener=publisher.on_change if publisher else None)
+                            listener=publisher.on_change if publisher else None,
+                            shm_name=f"kvmesh-{os.getpid()}-{secrets.token_hex(4)}" if "shm" in backends else None)
+        sources = open_transfer_sources(store, backends, args.host)
     except (ValueError, RuntimeError, OSError) as e:
         raise SystemExit(f"kvmesh store: {e}")
+    offers = {name: source.descriptor() for name, source in sources.items()}
+    if offers:
+        print(f"kvmesh store: zero-copy reads over {', '.join(offers)}", flush=True)
     server, bound = start_store_server(args.host, args.port, store, peers=peers, publisher=publisher,
+                                       offers=offers,
                                        allow_fault_injection=args.allow_fault_injection)
     tiers = ", ".join(f"{t.name} {t.capacity_bytes} bytes" for t in store.tiers)
     print(f"kvmesh store serving on {args.host}:{bound} ({tiers}; {args.policy} eviction)", flush=True)
@@ -120,7 +130,30 @@ def cmd_store(args) -> None:
     if peers is not None:
         peers.close()
         index.close()
+    for source in sources.values():
+        source.close()
     store.close()
+
+
+def open_transfer_sources(store, backends: list[str], host: str) -> dict:
+    """Expose the store's host arena through each usable transfer backend."""
+    from kv_store.transfer import BACKENDS, available_backends, open_source
+
+    unknown = set(backends) - set(BACKENDS)
+    if unknown:
+        raise ValueError(f"unknown transfer backend(s) {sorted(unknown)}; use {', '.join(BACKENDS)}")
+    arena = next((t for t in store.tiers if t.name == "host"), None)
+    if arena is None:
+        return {}
+    usable = available_backends()
+    sources = {}
+    for backend in backends:
+        if backend not in usable:
+            print(f"kvmesh store: transfer backend {backend} is not usable here; skipped", flush=True)
+            continue
+        options = {"address": f"{host}:0"} if backend == "grpc" else {}
+        sources[backend] = open_source(backend, arena, **options)
+    return sources
 
 
 def cmd_worker(args) -> None:
@@ -358,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="slab page size, a power of two; also the largest block (default 4MiB)")
     sp.add_argument("--metrics-port", type=port, default=None,
                     help="serve Prometheus metrics on this port (same host)")
+    sp.add_argument("--transfer", default="shm,nixl,grpc",
+                    help="backends offered for zero-copy reads of the host arena, comma-separated "
+                         "(shm: same host; nixl: UCX/RDMA; grpc: streaming; empty: none)")
     sp.add_argument("--index", default=None, metavar="URL",
                     help="shared block index, e.g. redis://127.0.0.1:6379/0: this node publishes "
                          "its blocks there and fetches blocks it lacks from peers")

@@ -64,6 +64,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     chunk.num_prompt_tokens = len(out.prompt_token_ids or ())
                     chunk.tokens_from_store = stats.get("tokens_from_store", 0)
                     chunk.tokens_load_failed = stats.get("tokens_load_failed", 0)
+                    chunk.kv_backend = stats.get("backend", "")
+                    chunk.kv_bytes = stats.get("nbytes", 0)
+                    chunk.kv_transfer_s = stats.get("transfer_s", 0.0)
+                    chunk.kv_wait_s = stats.get("wait_s", 0.0)
                 yield chunk
         except ValueError as e:  # vLLM's input validation
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

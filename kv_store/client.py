@@ -21,6 +21,12 @@ class StoreError(RuntimeError):
     """The store could not be reached or did not answer in time."""
 
 
+class Located(NamedTuple):
+    lease_id: int
+    extents: dict[bytes, tuple[int, int, int]]  # key -> (offset, size, checksum) in the arena
+    offers: dict[str, bytes]                    # transfer backend -> descriptor
+
+
 class GetResult(NamedTuple):
     blocks: dict[bytes, bytes]  # verified blocks, by key
     corrupt: int                # blocks returned whose checksum did not match
@@ -63,6 +69,15 @@ class StoreClient:
             else:
                 corrupt += 1
         return GetResult(good, corrupt)
+
+    def locate(self, keys: Sequence[bytes], lease_s: float) -> Located:
+        """Lease the held ``keys`` for a zero-copy read (empty offers: use ``get``)."""
+        reply = self._call(self._stub.Locate, store_pb2.LocateRequest(keys=keys, lease_s=lease_s))
+        return Located(reply.lease_id, {e.key: (e.offset, e.size, e.checksum) for e in reply.extents},
+                       dict(reply.offers))
+
+    def release(self, lease_id: int) -> bool:
+        return self._call(self._stub.Release, store_pb2.ReleaseRequest(lease_id=lease_id)).released
 
     def drop(self, keys: Sequence[bytes] | None = None) -> int:
         msg = store_pb2.DropRequest(all=keys is None, keys=keys or [])

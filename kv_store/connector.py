@@ -7,8 +7,9 @@ vLLM runs a connector in two places, and this module keeps them apart:
   (``get_num_new_matched_tokens``), remembers what was allocated for them
   (``update_state_after_alloc``) and, every step, tells the workers which blocks to load
   and which newly computed full blocks to save (``build_connector_meta``).
-* **Worker side** (the model runner): loads the planned blocks into the paged cache
-  before the forward pass (``start_load_kv``), copies each layer's finished blocks out as
+* **Worker side** (the model runner): leases the planned blocks and reads them layer by
+  layer while the forward pass runs, each layer waited for just before its attention
+  (``start_load_kv``, ``wait_for_layer_load``; ``kv_store.layer_loader``), copies each layer's finished blocks out as
   soon as the layer has run and sends them to the store in the background
   (``save_kv_layer``), and waits for those sends at the end of the step
   (``wait_for_save``).
@@ -20,7 +21,9 @@ that is missing or fails its checksum at load time is reported through
 logged and becomes a future miss. No call here waits without a deadline.
 
 Configuration (``kv_connector_extra_config``): ``store_address`` (required),
-``model_id`` (defaults to the model path), ``timeout_s`` (per store call, default 5).
+``model_id`` (defaults to the model path), ``timeout_s`` (per store call and per step's
+load, default 5), ``transfer_preference`` (default ``"shm,nixl,grpc"``: the first backend
+the store offers and this worker can use carries the loads; ``Get`` when none).
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ from vllm.model_executor.models.utils import extract_layer_index
 
 from kv_store.client import StoreClient, StoreError
 from kv_store.keys import KeySpace, chain_hashes, namespace
-from kv_store.paged_layout import block_dim, read_blocks, write_blocks
+from kv_store.layer_loader import LayerLoad, LoadStats, ReaderCache
+from kv_store.paged_layout import block_dim, read_blocks
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -74,15 +78,17 @@ class KvmeshConnectorMetadata(KVConnectorMetadata):
 
 @dataclass
 class KvmeshWorkerMetadata(KVConnectorWorkerMetadata):
-    """Worker -> scheduler: prompt tokens per request whose load failed this step."""
+    """Worker -> scheduler, per request: prompt tokens whose load failed this step, and how
+    the loaded KV came in."""
 
     failed_tokens: dict[str, int] = field(default_factory=dict)
+    loads: dict[str, LoadStats] = field(default_factory=dict)
 
     def aggregate(self, other: "KVConnectorWorkerMetadata") -> "KvmeshWorkerMetadata":
         merged = dict(self.failed_tokens)
         for req_id, n in getattr(other, "failed_tokens", {}).items():
             merged[req_id] = max(merged.get(req_id, 0), n)
-        return KvmeshWorkerMetadata(merged)
+        return KvmeshWorkerMetadata(merged, {**self.loads, **getattr(other, "loads", {})})
 
 
 def layout_fingerprint(vllm_config: "VllmConfig") -> str:
@@ -110,6 +116,7 @@ class _RequestState:
     matched: tuple[int, int] = (0, 0)     # (local computed tokens, store tokens) last seen
     tokens_from_store: int = 0
     tokens_load_failed: int = 0
+    load_stats: LoadStats | None = None
 
 
 class KvmeshConnector(KVConnectorBase_V1):
@@ -156,6 +163,10 @@ class KvmeshConnector(KVConnectorBase_V1):
         self._pending_saves: list[cf.Future] = []
         self._failed_block_ids: set[int] = set()
         self._failed_tokens: dict[str, int] = {}
+        self._loader = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmesh-load")
+        self._readers = ReaderCache(str(extra.get("transfer_preference", "shm,nixl,grpc")).split(","))
+        self._load: LayerLoad | None = None
+        self._load_stats: dict[str, LoadStats] = {}
 
     # ------------------------------------------------------------------ scheduler side
 
@@ -247,6 +258,10 @@ class KvmeshConnector(KVConnectorBase_V1):
 
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
         worker_meta = connector_output.kv_connector_worker_meta
+        for req_id, stats in getattr(worker_meta, "loads", {}).items():
+            state = self._requests.get(req_id)
+            if state is not None:
+                state.load_stats = stats
         for req_id, n in getattr(worker_meta, "failed_tokens", {}).items():
             state = self._requests.get(req_id)
             if state is None:
@@ -261,8 +276,11 @@ class KvmeshConnector(KVConnectorBase_V1):
         state = self._requests.pop(request.request_id, None)
         if state is None:
             return False, None
-        return False, {"kvmesh": {"tokens_from_store": state.tokens_from_store,
-                                  "tokens_load_failed": state.tokens_load_failed}}
+        info = {"tokens_from_store": state.tokens_from_store,
+                "tokens_load_failed": state.tokens_load_failed}
+        if state.load_stats is not None:
+            info.update(state.load_stats._asdict())
+        return False, {"kvmesh": info}
 
     # ------------------------------------------------------------------ worker side
 
@@ -275,44 +293,27 @@ class KvmeshConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvmeshConnectorMetadata)
-        for transfer in meta.loads:
-            self._load(transfer)
-
-    def _load(self, transfer: BlockTransfer) -> None:
-        """Load a request's planned blocks; blocks from the first unusable one on fail."""
-        layers = sorted(self._caches, key=self._layers.__getitem__)
-        keys = {(h, name): self._space.key(h, self._layers[name])
-                for h in transfer.hashes for name in layers}
-        try:
-            result = self.store.get(list(keys.values()))
-            found = result.blocks
-            if result.corrupt:
-                log.warning("request %s: %d blocks failed their checksum", transfer.req_id,
-                            result.corrupt)
-        except StoreError as e:
-            log.warning("request %s: store get failed: %s", transfer.req_id, e)
-            found = {}
-        usable = 0
-        for h in transfer.hashes:
-            if not all(keys[(h, name)] in found for name in layers):
-                break
-            usable += 1
-        try:
-            for name in layers:
-                data = [found[keys[(h, name)]] for h in transfer.hashes[:usable]]
-                write_blocks(self._caches[name], self._block_dims[name],
-                             transfer.block_ids[:usable], data)
-        except ValueError as e:  # wrong block size: a layout mismatch, treat all as missing
-            log.warning("request %s: %s", transfer.req_id, e)
-            usable = 0
-        failed = transfer.block_ids[usable:]
-        if failed:
-            self._failed_block_ids.update(failed)
-            self._failed_tokens[transfer.req_id] = (
-                self._failed_tokens.get(transfer.req_id, 0) + len(failed) * self.block_size)
+        if not meta.loads:
+            return
+        self._finish_load()  # a previous step's load, if its finish was skipped
+        self._load = LayerLoad(self.store, self._readers, self._space, self._layers, self._caches,
+                               self._block_dims, self._loader, self.timeout_s)
+        self._load.start(meta.loads)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete in start_load_kv
+        if self._load is not None:
+            self._load.write_layer(layer_name)
+
+    def _finish_load(self) -> None:
+        if self._load is None:
+            return
+        load, self._load = self._load, None
+
+        def failed(req_id: str, block_ids: list[int]) -> None:
+            self._failed_block_ids.update(block_ids)
+            self._failed_tokens[req_id] = self._failed_tokens.get(req_id, 0) + len(block_ids) * self.block_size
+
+        self._load_stats.update(load.finish(failed))
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor,
                       attn_metadata: Any, **kwargs: Any) -> None:
@@ -333,6 +334,7 @@ class KvmeshConnector(KVConnectorBase_V1):
         self._pending_saves.append(self._sender.submit(self.store.put, batch))
 
     def wait_for_save(self) -> None:
+        self._finish_load()
         if not self._pending_saves:
             return
         deadline = time.monotonic() + self.timeout_s
@@ -346,15 +348,19 @@ class KvmeshConnector(KVConnectorBase_V1):
         self._pending_saves.clear()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        self._finish_load()
         failed, self._failed_block_ids = self._failed_block_ids, set()
         return failed
 
     def build_connector_worker_meta(self) -> KvmeshWorkerMetadata | None:
-        if not self._failed_tokens:
+        if not self._failed_tokens and not self._load_stats:
             return None
-        meta, self._failed_tokens = KvmeshWorkerMetadata(self._failed_tokens), {}
+        meta = KvmeshWorkerMetadata(self._failed_tokens, self._load_stats)
+        self._failed_tokens, self._load_stats = {}, {}
         return meta
 
     def shutdown(self) -> None:
         self._sender.shutdown(wait=False, cancel_futures=True)
+        self._loader.shutdown(wait=False, cancel_futures=True)
+        self._readers.close()
         self.store.close()

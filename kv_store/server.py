@@ -28,11 +28,15 @@ class StoreService(store_pb2_grpc.KVStoreServicer):
     """The store API. With ``peers``, blocks this node lacks are looked up through the
     block index and fetched from the peer that holds them (then kept here too)."""
 
+    MAX_LEASE_S = 60.0
+
     def __init__(self, store: BlockStore, allow_fault_injection: bool = False,
-                 peers: PeerBlocks | None = None, publisher: IndexPublisher | None = None):
+                 peers: PeerBlocks | None = None, publisher: IndexPublisher | None = None,
+                 offers: dict[str, bytes] | None = None):
         self.store = store
         self.peers = peers
         self.publisher = publisher
+        self.offers = offers or {}  # transfer backend -> descriptor of the host arena
         self.allow_fault_injection = allow_fault_injection
         self._vanished: set[bytes] = set()
         self._stall_s = 0.0  # "stall": every Put and Get first sleeps this long
@@ -116,12 +120,27 @@ class StoreService(store_pb2_grpc.KVStoreServicer):
             affected += self.store.replace(key, damaged)
         return store_pb2.FaultReply(affected=affected)
 
+    def Locate(self, request, context):
+        if not hasattr(self.store, "lease") or not self.offers:
+            return store_pb2.LocateReply()  # no zero-copy path: the reader uses Get
+        self._stall()
+        lease_s = min(max(request.lease_s, 0.1), self.MAX_LEASE_S)
+        with self._lock:
+            vanished = set(self._vanished)
+        lease_id, where = self.store.lease([k for k in request.keys if k not in vanished], lease_s)
+        return store_pb2.LocateReply(lease_id=lease_id, offers=self.offers, extents=[
+            store_pb2.BlockExtent(key=k, offset=o, size=n, checksum=c) for k, (o, n, c) in where.items()])
+
+    def Release(self, request, context):
+        released = hasattr(self.store, "release") and self.store.release(request.lease_id)
+        return store_pb2.ReleaseReply(released=bool(released))
+
     def Stats(self, request, context):
         s = self.store.stats()
         return store_pb2.StatsReply(
             capacity_bytes=s.capacity_bytes, used_bytes=s.used_bytes, blocks=s.blocks,
             hits=s.hits, misses=s.misses, evictions=s.evictions, puts=s.puts,
-            rejected=s.rejected, corrupt=s.corrupt,
+            rejected=s.rejected, corrupt=s.corrupt, leases=getattr(self.store, "leases", 0),
             tiers=[store_pb2.TierStats(**vars(t)) for t in s.tiers])
 
 
@@ -145,6 +164,7 @@ def start_store_server(
     allow_fault_injection: bool = False,
     peers: PeerBlocks | None = None,
     publisher: IndexPublisher | None = None,
+    offers: dict[str, bytes] | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     max_workers: int = 32,
 ) -> tuple[grpc.Server, int]:
@@ -155,7 +175,7 @@ def start_store_server(
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          options=message_options(max_message_bytes))
-    store_pb2_grpc.add_KVStoreServicer_to_server(StoreService(store, allow_fault_injection, peers, publisher), server)
+    store_pb2_grpc.add_KVStoreServicer_to_server(StoreService(store, allow_fault_injection, peers, publisher, offers), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise RuntimeError(f"cannot bind the store server to {host}:{port}")

@@ -24,6 +24,7 @@ protected by pins.
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
@@ -110,6 +111,8 @@ class TieredStore(BlockStore):
         self._children: dict[bytes, int] = {}  # parent key -> stored children naming it
         self._lock = threading.RLock()
         self._misses = self._corrupt = self._rejected = self._puts = 0
+        self._leases: dict[int, tuple[float, list[_Entry]]] = {}
+        self._lease_seq = 0
 
     # ------------------------------------------------------------------ placement
 
@@ -229,10 +232,61 @@ class TieredStore(BlockStore):
             yield entries
         finally:
             with self._lock:
-                for entry in entries.values():
-                    entry.pins -= 1
-                    if entry.pins == 0 and entry.dead:
-                        self._free_slot(entry)
+                self._unpin(entries.values())
+
+    def lease(self, keys: Sequence[bytes], seconds: float) -> tuple[int, dict[bytes, tuple[int, int, int]]]:
+        """Pin the held ``keys`` in the host tier for up to ``seconds`` so that another process
+        can copy them out of the arena (``kv_store.transfer``); blocks in slower tiers are
+        promoted first. Returns the lease id and, per key leased, ``(offset, size, checksum)``
+        in the host tier's region. The caller ``release``s the lease when done; a lease not
+        released in time expires (``expire_leases``), so a reader that dies leaks nothing."""
+        host = next((i for i, t in enumerate(self.tiers) if t.name == "host"), None)
+        with self._lock:
+            self.expire_leases()
+            leased: list[_Entry] = []
+            where: dict[bytes, tuple[int, int, int]] = {}
+            if host is not None:
+                for key in keys:
+                    entry = self._entries.get(key)
+                    if entry is None:
+                        self._misses += 1
+                        continue
+                    if key in where:
+                        continue
+                    self._stats[entry.tier].hits += 1  # served from here (then promoted)
+                    self._policies[entry.tier].access(key)
+                    if entry.tier != host and (entry.pins or not self._move(entry, host)):
+                        continue
+                    entry.pins += 1
+                    leased.append(entry)
+                    where[key] = (entry.slot.offset, entry.size, entry.checksum)
+            self._lease_seq += 1
+            self._leases[self._lease_seq] = (time.monotonic() + seconds, leased)
+            return self._lease_seq, where
+
+    def release(self, lease_id: int) -> bool:
+        """End a lease: its blocks may move and go again. False if unknown or expired."""
+        with self._lock:
+            lease = self._leases.pop(lease_id, None)
+            if lease is None:
+                return False
+            self._unpin(lease[1])
+            return True
+
+    def expire_leases(self) -> int:
+        """Release the leases past their deadline; returns how many."""
+        now = time.monotonic()
+        with self._lock:
+            expired = [i for i, (deadline, _) in self._leases.items() if deadline < now]
+            for i in expired:
+                self._unpin(self._leases.pop(i)[1])
+            return len(expired)
+
+    def _unpin(self, entries: Iterable[_Entry]) -> None:
+        for entry in entries:
+            entry.pins -= 1
+            if entry.pins == 0 and entry.dead:
+                self._free_slot(entry)
 
     def get_many(self, keys: Sequence[bytes]) -> dict[bytes, StoredBlock]:
         """The verified blocks among ``keys``; misses and corrupt blocks are left out."""
@@ -287,6 +341,12 @@ class TieredStore(BlockStore):
         with self._lock:
             return list(self._entries)
 
+    @property
+    def leases(self) -> int:
+        """Leases held now (for tests and metrics)."""
+        with self._lock:
+            return len(self._leases)
+
     def tier_of(self, key: bytes) -> str | None:
         with self._lock:
             entry = self._entries.get(key)
@@ -317,11 +377,12 @@ class TieredStore(BlockStore):
 
 def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = None,
                 gpu_bytes: int = 0, policy: str = "lru", direct_io: bool = False,
-                page_bytes: int = 4 << 20, listener=None) -> TieredStore:
+                page_bytes: int = 4 << 20, listener=None, shm_name: str | None = None) -> TieredStore:
     """A store with the tiers whose capacity is positive, fastest first.
 
     The disk tier's slab file is created in ``disk_dir`` (a new temporary directory when
-    None) and removed by ``close``. Raises ``ValueError`` for a store with no tier and
+    None) and removed by ``close``. With ``shm_name`` the host tier lives in named shared
+    memory, readable by other processes on this host. Raises ``ValueError`` for a store with no tier and
     ``RuntimeError`` for a GPU tier where no GPU is usable.
     """
     import os
@@ -333,7 +394,7 @@ def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = Non
     if gpu_bytes > 0:
         tiers.append(GpuTier(gpu_bytes, page_bytes))
     if host_bytes > 0:
-        tiers.append(HostTier(host_bytes, page_bytes))
+        tiers.append(HostTier(host_bytes, page_bytes, shm_name=shm_name))
     if disk_bytes > 0:
         directory = disk_dir or tempfile.mkdtemp(prefix="kvmesh-disk-")
         os.makedirs(directory, exist_ok=True)

@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvmesh_proto/store.proto\x12\x0fkvmesh.store.v1\"D\n\x05\x42lock\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x06\x12\x0e\n\x06parent\x18\x04 \x01(\x0c\"4\n\nPutRequest\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.kvmesh.store.v1.Block\",\n\x08PutReply\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x10\n\x08rejected\x18\x02 \x01(\r\"\x18\n\x08KeyGroup\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\":\n\rLookupRequest\x12)\n\x06groups\x18\x01 \x03(\x0b\x32\x19.kvmesh.store.v1.KeyGroup\"$\n\x0bLookupReply\x12\x15\n\rprefix_groups\x18\x01 \x01(\r\"\x1a\n\nGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"2\n\x08GetReply\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.kvmesh.store.v1.Block\"(\n\x0b\x44ropRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"\x1c\n\tDropReply\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\r\"H\n\x0c\x46\x61ultRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\x1e\n\nFaultReply\x12\x10\n\x08\x61\x66\x66\x65\x63ted\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\x9e\x02\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x12\n\nheld_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x05 \x01(\x04\x12\x15\n\rfragmentation\x18\x06 \x01(\x01\x12\x0c\n\x04hits\x18\x07 \x01(\x04\x12\x11\n\tevictions\x18\x08 \x01(\x04\x12\x11\n\tdemotions\x18\t \x01(\x04\x12\x12\n\npromotions\x18\n \x01(\x04\x12\x12\n\nread_bytes\x18\x0b \x01(\x04\x12\x14\n\x0cread_seconds\x18\x0c \x01(\x01\x12\x13\n\x0bwrite_bytes\x18\r \x01(\x04\x12\x15\n\rwrite_seconds\x18\x0e \x01(\x01\"\xd5\x01\n\nStatsReply\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x01 \x01(\x04\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x03 \x01(\x04\x12\x0c\n\x04hits\x18\x04 \x01(\x04\x12\x0e\n\x06misses\x18\x05 \x01(\x04\x12\x11\n\tevictions\x18\x06 \x01(\x04\x12\x0c\n\x04puts\x18\x07 \x01(\x04\x12\x10\n\x08rejected\x18\x08 \x01(\x04\x12\x0f\n\x07\x63orrupt\x18\t \x01(\x04\x12)\n\x05tiers\x18\n \x03(\x0b\x32\x1a.kvmesh.store.v1.TierStats2\xa1\x03\n\x07KVStore\x12=\n\x03Put\x12\x1b.kvmesh.store.v1.PutRequest\x1a\x19.kvmesh.store.v1.PutReply\x12\x46\n\x06Lookup\x12\x1e.kvmesh.store.v1.LookupRequest\x1a\x1c.kvmesh.store.v1.LookupReply\x12=\n\x03Get\x12\x1b.kvmesh.store.v1.GetRequest\x1a\x19.kvmesh.store.v1.GetReply\x12@\n\x04\x44rop\x12\x1c.kvmesh.store.v1.DropRequest\x1a\x1a.kvmesh.store.v1.DropReply\x12I\n\x0bInjectFault\x12\x1d.kvmesh.store.v1.FaultRequest\x1a\x1b.kvmesh.store.v1.FaultReply\x12\x43\n\x05Stats\x12\x1d.kvmesh.store.v1.StatsRequest\x1a\x1b.kvmesh.store.v1.StatsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvmesh_proto/store.proto\x12\x0fkvmesh.store.v1\"D\n\x05\x42lock\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x06\x12\x0e\n\x06parent\x18\x04 \x01(\x0c\"4\n\nPutRequest\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.kvmesh.store.v1.Block\",\n\x08PutReply\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x10\n\x08rejected\x18\x02 \x01(\r\"\x18\n\x08KeyGroup\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\":\n\rLookupRequest\x12)\n\x06groups\x18\x01 \x03(\x0b\x32\x19.kvmesh.store.v1.KeyGroup\"$\n\x0bLookupReply\x12\x15\n\rprefix_groups\x18\x01 \x01(\r\"\x1a\n\nGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"2\n\x08GetReply\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.kvmesh.store.v1.Block\"(\n\x0b\x44ropRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"\x1c\n\tDropReply\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\r\"H\n\x0c\x46\x61ultRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\x1e\n\nFaultReply\x12\x10\n\x08\x61\x66\x66\x65\x63ted\x18\x01 \x01(\r\".\n\rLocateRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x0f\n\x07lease_s\x18\x02 \x01(\x01\"J\n\x0b\x42lockExtent\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x06\"\xb7\x01\n\x0bLocateReply\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\x12-\n\x07\x65xtents\x18\x02 \x03(\x0b\x32\x1c.kvmesh.store.v1.BlockExtent\x12\x38\n\x06offers\x18\x03 \x03(\x0b\x32(.kvmesh.store.v1.LocateReply.OffersEntry\x1a-\n\x0bOffersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\"\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\x9e\x02\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x12\n\nheld_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x05 \x01(\x04\x12\x15\n\rfragmentation\x18\x06 \x01(\x01\x12\x0c\n\x04hits\x18\x07 \x01(\x04\x12\x11\n\tevictions\x18\x08 \x01(\x04\x12\x11\n\tdemotions\x18\t \x01(\x04\x12\x12\n\npromotions\x18\n \x01(\x04\x12\x12\n\nread_bytes\x18\x0b \x01(\x04\x12\x14\n\x0cread_seconds\x18\x0c \x01(\x01\x12\x13\n\x0bwrite_bytes\x18\r \x01(\x04\x12\x15\n\rwrite_seconds\x18\x0e \x01(\x01\"\xe5\x01\n\nStatsReply\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x01 \x01(\x04\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x03 \x01(\x04\x12\x0c\n\x04hits\x18\x04 \x01(\x04\x12\x0e\n\x06misses\x18\x05 \x01(\x04\x12\x11\n\tevictions\x18\x06 \x01(\x04\x12\x0c\n\x04puts\x18\x07 \x01(\x04\x12\x10\n\x08rejected\x18\x08 \x01(\x04\x12\x0f\n\x07\x63orrupt\x18\t \x01(\x04\x12)\n\x05tiers\x18\n \x03(\x0b\x32\x1a.kvmesh.store.v1.TierStats\x12\x0e\n\x06leases\x18\x0b \x01(\x04\x32\xb4\x04\n\x07KVStore\x12=\n\x03Put\x12\x1b.kvmesh.store.v1.PutRequest\x1a\x19.kvmesh.store.v1.PutReply\x12\x46\n\x06Lookup\x12\x1e.kvmesh.store.v1.LookupRequest\x1a\x1c.kvmesh.store.v1.LookupReply\x12=\n\x03Get\x12\x1b.kvmesh.store.v1.GetRequest\x1a\x19.kvmesh.store.v1.GetReply\x12@\n\x04\x44rop\x12\x1c.kvmesh.store.v1.DropRequest\x1a\x1a.kvmesh.store.v1.DropReply\x12I\n\x0bInjectFault\x12\x1d.kvmesh.store.v1.FaultRequest\x1a\x1b.kvmesh.store.v1.FaultReply\x12\x43\n\x05Stats\x12\x1d.kvmesh.store.v1.StatsRequest\x1a\x1b.kvmesh.store.v1.StatsReply\x12\x46\n\x06Locate\x12\x1e.kvmesh.store.v1.LocateRequest\x1a\x1c.kvmesh.store.v1.LocateReply\x12I\n\x07Release\x12\x1f.kvmesh.store.v1.ReleaseRequest\x1a\x1d.kvmesh.store.v1.ReleaseReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvmesh_proto.store_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_LOCATEREPLY_OFFERSENTRY']._loaded_options = None
+  _globals['_LOCATEREPLY_OFFERSENTRY']._serialized_options = b'8\001'
   _globals['_BLOCK']._serialized_start=45
   _globals['_BLOCK']._serialized_end=113
   _globals['_PUTREQUEST']._serialized_start=115
@@ -55,12 +57,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FAULTREQUEST']._serialized_end=563
   _globals['_FAULTREPLY']._serialized_start=565
   _globals['_FAULTREPLY']._serialized_end=595
-  _globals['_STATSREQUEST']._serialized_start=597
-  _globals['_STATSREQUEST']._serialized_end=611
-  _globals['_TIERSTATS']._serialized_start=614
-  _globals['_TIERSTATS']._serialized_end=900
-  _globals['_STATSREPLY']._serialized_start=903
-  _globals['_STATSREPLY']._serialized_end=1116
-  _globals['_KVSTORE']._serialized_start=1119
-  _globals['_KVSTORE']._serialized_end=1536
+  _globals['_LOCATEREQUEST']._serialized_start=597
+  _globals['_LOCATEREQUEST']._serialized_end=643
+  _globals['_BLOCKEXTENT']._serialized_start=645
+  _globals['_BLOCKEXTENT']._serialized_end=719
+  _globals['_LOCATEREPLY']._serialized_start=722
+  _globals['_LOCATEREPLY']._serialized_end=905
+  _globals['_LOCATEREPLY_OFFERSENTRY']._serialized_start=860
+  _globals['_LOCATEREPLY_OFFERSENTRY']._serialized_end=905
+  _globals['_RELEASEREQUEST']._serialized_start=907
+  _globals['_RELEASEREQUEST']._serialized_end=941
+  _globals['_RELEASEREPLY']._serialized_start=943
+  _globals['_RELEASEREPLY']._serialized_end=975
+  _globals['_STATSREQUEST']._serialized_start=977
+  _globals['_STATSREQUEST']._serialized_end=991
+  _globals['_TIERSTATS']._serialized_start=994
+  _globals['_TIERSTATS']._serialized_end=1280
+  _globals['_STATSREPLY']._serialized_start=1283
+  _globals['_STATSREPLY']._serialized_end=1512
+  _globals['_KVSTORE']._serialized_start=1515
+  _globals['_KVSTORE']._serialized_end=2079
 # @@protoc_insertion_point(module_scope)

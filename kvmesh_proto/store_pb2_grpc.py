@@ -64,6 +64,16 @@ class KVStoreStub:
                 request_serializer=kvmesh__proto_dot_store__pb2.StatsRequest.SerializeToString,
                 response_deserializer=kvmesh__proto_dot_store__pb2.StatsReply.FromString,
                 _registered_method=True)
+        self.Locate = channel.unary_unary(
+                '/kvmesh.store.v1.KVStore/Locate',
+                request_serializer=kvmesh__proto_dot_store__pb2.LocateRequest.SerializeToString,
+                response_deserializer=kvmesh__proto_dot_store__pb2.LocateReply.FromString,
+                _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/kvmesh.store.v1.KVStore/Release',
+                request_serializer=kvmesh__proto_dot_store__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=kvmesh__proto_dot_store__pb2.ReleaseReply.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -105,6 +115,18 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Locate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +159,16 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=kvmesh__proto_dot_store__pb2.StatsRequest.FromString,
                     response_serializer=kvmesh__proto_dot_store__pb2.StatsReply.SerializeToString,
+            ),
+            'Locate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Locate,
+                    request_deserializer=kvmesh__proto_dot_store__pb2.LocateRequest.FromString,
+                    response_serializer=kvmesh__proto_dot_store__pb2.LocateReply.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=kvmesh__proto_dot_store__pb2.ReleaseRequest.FromString,
+                    response_serializer=kvmesh__proto_dot_store__pb2.ReleaseReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +333,60 @@ class KVStore:
             '/kvmesh.store.v1.KVStore/Stats',
             kvmesh__proto_dot_store__pb2.StatsRequest.SerializeToString,
             kvmesh__proto_dot_store__pb2.StatsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Locate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmesh.store.v1.KVStore/Locate',
+            kvmesh__proto_dot_store__pb2.LocateRequest.SerializeToString,
+            kvmesh__proto_dot_store__pb2.LocateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmesh.store.v1.KVStore/Release',
+            kvmesh__proto_dot_store__pb2.ReleaseRequest.SerializeToString,
+            kvmesh__proto_dot_store__pb2.ReleaseReply.FromString,
             options,
             channel_credentials,
             insecure,

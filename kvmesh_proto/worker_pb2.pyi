@@ -37,20 +37,28 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("token_ids", "text", "finish_reason", "num_prompt_tokens", "tokens_from_store", "tokens_load_failed")
+    __slots__ = ("token_ids", "text", "finish_reason", "num_prompt_tokens", "tokens_from_store", "tokens_load_failed", "kv_backend", "kv_bytes", "kv_transfer_s", "kv_wait_s")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FROM_STORE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_LOAD_FAILED_FIELD_NUMBER: _ClassVar[int]
+    KV_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
+    KV_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     finish_reason: str
     num_prompt_tokens: int
     tokens_from_store: int
     tokens_load_failed: int
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., tokens_from_store: _Optional[int] = ..., tokens_load_failed: _Optional[int] = ...) -> None: ...
+    kv_backend: str
+    kv_bytes: int
+    kv_transfer_s: float
+    kv_wait_s: float
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., tokens_from_store: _Optional[int] = ..., tokens_load_failed: _Optional[int] = ..., kv_backend: _Optional[str] = ..., kv_bytes: _Optional[int] = ..., kv_transfer_s: _Optional[float] = ..., kv_wait_s: _Optional[float] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

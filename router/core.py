@@ -125,6 +125,10 @@ class Trace:
     ttft_s: float | None = None
     finish_reason: str | None = None
     token_ids: list[int] = field(default_factory=list)
+    kv_backend: str = ""
+    kv_bytes: int = 0
+    kv_transfer_s: float = 0.0
+    kv_wait_s: float = 0.0
 
     def info(self) -> dict:
         return {"ttft_s": self.ttft_s, "queue_s": self.queue_s, "prefill_s": self.prefill_s,
@@ -132,7 +136,9 @@ class Trace:
                 "route": self.route,
                 "prefix_tokens_from_store": {"prefill": self.prefill_tokens_from_store,
                                              "decode": self.decode_tokens_from_store},
-                "kv_load_failed_tokens": self.decode_tokens_load_failed}
+                "kv_load_failed_tokens": self.decode_tokens_load_failed,
+                "kv_transfer": {"backend": self.kv_backend, "bytes": self.kv_bytes,
+                                "seconds": self.kv_transfer_s, "waited_s": self.kv_wait_s}}
 
 
 class RouterCore:
@@ -380,6 +386,8 @@ class RouterCore:
                     trace.finish_reason = chunk.finish_reason
                     trace.decode_tokens_from_store = chunk.tokens_from_store
                     trace.decode_tokens_load_failed = chunk.tokens_load_failed
+                    trace.kv_backend, trace.kv_bytes = chunk.kv_backend, chunk.kv_bytes
+                    trace.kv_transfer_s, trace.kv_wait_s = chunk.kv_transfer_s, chunk.kv_wait_s
                 yield chunk
         finally:
             worker.inflight -= 1
@@ -396,6 +404,11 @@ class RouterCore:
         m.tokens_load_failed.labels("decode").inc(trace.decode_tokens_load_failed)
         if trace.ttft_s is not None:
             m.ttft.observe(trace.ttft_s)
+        if trace.kv_backend:
+            m.kv_loads.labels(trace.kv_backend).inc()
+            m.kv_bytes.labels(trace.kv_backend).inc(trace.kv_bytes)
+            if trace.kv_transfer_s > 0:
+                m.kv_hidden.observe(max(0.0, 1.0 - trace.kv_wait_s / trace.kv_transfer_s))
         m.e2e.observe(time.monotonic() - started)
 
     async def health(self) -> tuple[bool, dict[str, str]]:

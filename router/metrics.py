@@ -45,6 +45,14 @@ class RouterMetrics:
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("kvmesh_router_inter_token_latency_seconds",
                              "Time between streamed tokens", buckets=LATENCY_BUCKETS, registry=r)
+        self.kv_loads = Counter("kvmesh_router_kv_loads",
+                                "Decode-side KV loads by transfer backend", ["backend"], registry=r)
+        self.kv_bytes = Counter("kvmesh_router_kv_load_bytes",
+                                "Bytes of KV loaded by decode workers", ["backend"], registry=r)
+        self.kv_hidden = Histogram(
+            "kvmesh_router_kv_transfer_hidden_ratio",
+            "Share of a KV load's transfer time the forward pass did not wait for",
+            buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0), registry=r)
         self.ttft = Histogram("kvmesh_router_time_to_first_token_seconds",
                               "Time to first token", buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("kvmesh_router_request_seconds", "End-to-end request latency",

@@ -1,0 +1,211 @@
+"""One engine step's KV loads, layer by layer (the worker side of the connector).
+
+``LayerLoad.start`` leases every block the step loads (one ``Locate`` call), then reads
+each layer's blocks in layer order on a background thread, with the transfer backend the
+worker and the store share (shared memory, NIXL or gRPC streaming; plain ``Get`` when the
+store offers none). ``write_layer`` waits for one layer's bytes (until the step's
+deadline), verifies each block's checksum and copies the good ones into the paged cache,
+so the forward pass computes layer *l* while layer *l+1* is still in flight.
+``finish`` waits out the rest, releases the lease and says which blocks failed: a block
+fails if any of its layers did, and every block after it in its request fails too (vLLM
+recomputes from the first failed block). Nothing here raises on a transfer failure.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+
+from kv_store.client import StoreClient, StoreError
+from kv_store.integrity import verify
+from kv_store.keys import KeySpace
+from kv_store.paged_layout import write_blocks
+
+log = logging.getLogger("kvmesh.connector")
+
+
+class LoadStats(NamedTuple):
+    """Per request: how its KV came in."""
+
+    backend: str          # "shm", "nixl", "grpc" (transfer) or "get" (plain store API)
+    nbytes: int
+    transfer_s: float     # from the lease to the last layer's bytes
+    wait_s: float         # of that, time the forward pass waited for bytes
+
+
+@dataclass
+class _Request:
+    req_id: str
+    block_ids: list[int]
+    hashes: list[bytes]
+    bad: set[int] = field(default_factory=set)  # indices of blocks some layer failed
+
+
+class ReaderCache:
+    """Transfer readers by store descriptor, opened on first use and kept."""
+
+    def __init__(self, preference: Sequence[str]):
+        self.preference = tuple(preference)
+        self._readers: dict[bytes, object] = {}
+
+    def reader_for(self, offers: dict[str, bytes]) -> tuple[str, object] | None:
+        from kv_store.transfer import TransferError, choose_backend, open_reader, usable_backends
+
+        try:
+            backend, _ = choose_backend(usable_backends(offers), offers, self.preference)
+        except ValueError:
+            return None
+        descriptor = offers[backend]
+        if descriptor not in self._readers:
+            try:
+                self._readers[descriptor] = open_reader(descriptor)
+            except TransferError as e:
+                log.warning("cannot attach a %s reader: %s", backend, e)
+                return None
+        return backend, self._readers[descriptor]
+
+    def drop(self, reader) -> None:
+        for descriptor, r in list(self._readers.items()):
+            if r is reader:
+                del self._readers[descriptor]
+                try:
+                    r.close()
+                except Exception:
+                    pass
+
+    def close(self) -> None:
+        for reader in list(self._readers.values()):
+            self.drop(reader)
+
+
+class LayerLoad:
+    def __init__(self, store: StoreClient, readers: ReaderCache, space: KeySpace,
+                 layers: dict[str, int], caches: dict[str, torch.Tensor], block_dims: dict[str, int],
+                 executor: cf.Executor, timeout_s: float):
+        self.store, self.readers, self.space = store, readers, space
+        self.layers, self.caches, self.block_dims = layers, caches, block_dims
+        self.executor, self.timeout_s = executor, timeout_s
+        self.requests: list[_Request] = []
+        self._futures: dict[str, cf.Future] = {}
+        self._written: set[str] = set()
+        self._lease: int | None = None
+        self._backend = "get"
+        self._nbytes = 0
+        self._wait_s = 0.0
+        self._start = 0.0
+        self._done_at = 0.0
+        self._deadline = 0.0
+
+    def _key(self, h: bytes, name: str) -> bytes:
+        return self.space.key(h, self.layers[name])
+
+    def start(self, transfers: Sequence) -> None:
+        """Lease the blocks of ``transfers`` and start reading them, first layer first."""
+        self.requests = [_Request(t.req_id, list(t.block_ids), list(t.hashes)) for t in transfers]
+        self._start = time.monotonic()
+        self._deadline = self._start + self.timeout_s
+        names = sorted(self.caches, key=self.layers.__getitem__)
+        keys = [self._key(h, n) for r in self.requests for h in r.hashes for n in names]
+        try:
+            located = self.store.locate(keys, lease_s=2 * self.timeout_s)
+        except StoreError as e:
+            log.warning("store locate failed, blocks will be recomputed: %s", e)
+            for r in self.requests:
+                r.bad.update(range(len(r.hashes)))
+            return
+        self._lease = located.lease_id or None
+        chosen = self.readers.reader_for(located.offers) if located.offers else None
+        if chosen is None:  # no shared backend: the plain Get API, one call for all layers
+            self._backend = "get"
+            everything = self.executor.submit(self._get, keys)
+            self._futures = {n: everything for n in names}
+            return
+        self._backend, reader = chosen
+        for name in names:
+            wanted = [(k, located.extents[k]) for k in (self._key(h, name) for r in self.requests
+                                                        for h in r.hashes) if k in located.extents]
+            self._futures[name] = self.executor.submit(self._read, reader, wanted)
+
+    def _remaining(self) -> float:
+        return max(0.0, self._deadline - time.monotonic())
+
+    def _get(self, keys: list[bytes]) -> dict[bytes, bytes]:
+        result = self.store.get(keys)
+        self._nbytes += sum(len(d) for d in result.blocks.values())
+        self._done_at = time.monotonic()
+        return result.blocks
+
+    def _read(self, reader, wanted: list[tuple[bytes, tuple[int, int, int]]]) -> dict[bytes, bytes]:
+        from kv_store.transfer import Extent, TransferError
+
+        total = sum(size for _, (_, size, _) in wanted)
+        dest = bytearray(total)
+        try:
+            reader.read([Extent(off, size) for _, (off, size, _) in wanted], memoryview(dest),
+                        deadline_s=self._remaining())
+        except TransferError as e:
+            log.warning("%s transfer failed, blocks will be recomputed: %s", self._backend, e)
+            if "broken" in str(e) or "gone" in str(e):
+                self.readers.drop(reader)
+            return {}
+        out, pos = {}, 0
+        for key, (_, size, crc) in wanted:
+            piece = bytes(dest[pos:pos + size])
+            pos += size
+            if verify(piece, crc):
+                out[key] = piece
+        self._nbytes += total
+        self._done_at = time.monotonic()
+        return out
+
+    def write_layer(self, name: str) -> None:
+        """Wait for layer ``name``'s bytes and copy the good blocks into its cache."""
+        future = self._futures.get(name)
+        if future is None or name in self._written:
+            return
+        self._written.add(name)
+        waited = time.monotonic()
+        try:
+            found = future.result(timeout=self._remaining())
+        except (cf.TimeoutError, StoreError) as e:
+            log.warning("layer %s did not arrive in time: %s", name, e)
+            found = {}
+        self._wait_s += time.monotonic() - waited
+        for r in self.requests:
+            ids, data = [], []
+            for i, h in enumerate(r.hashes):
+                block = found.get(self._key(h, name))
+                if block is None:
+                    r.bad.add(i)
+                else:
+                    ids.append(r.block_ids[i])
+                    data.append(block)
+            try:
+                write_blocks(self.caches[name], self.block_dims[name], ids, data)
+            except ValueError as e:  # a layout mismatch: treat as missing
+                log.warning("layer %s: %s", name, e)
+                r.bad.update(range(len(r.hashes)))
+
+    def finish(self, on_failed: Callable[[str, list[int]], None]) -> dict[str, LoadStats]:
+        """Complete every layer, release the lease, report failed blocks per request."""
+        for name in sorted(self._futures, key=self.layers.__getitem__):
+            self.write_layer(name)
+        if self._lease is not None:
+            try:
+                self.store.release(self._lease)
+            except StoreError as e:  # the lease expires on its own
+                log.warning("lease release failed: %s", e)
+            self._lease = None
+        transfer_s = max(0.0, (self._done_at or time.monotonic()) - self._start)
+        stats = {}
+        for r in self.requests:
+            if r.bad:
+                on_failed(r.req_id, r.block_ids[min(r.bad):])
+            stats[r.req_id] = LoadStats(self._backend, self._nbytes, transfer_s, self._wait_s)
+        self.requests = []
+        return stats
