@@ -175,7 +175,8 @@ def cmd_worker(args) -> None:
     module.run(args.host, args.port, announcer=announcer, model=model, store_address=store,
                model_id=args.model_id, block_size=args.block_size,
                max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
-               store_timeout_s=args.store_timeout, local_prefix_cache=args.local_prefix_cache)
+               store_timeout_s=args.store_timeout, local_prefix_cache=args.local_prefix_cache,
+               transfer_preference=args.transfer_preference)
 
 
 def discover_store(index_url: str, my_host: str, timeout_s: float) -> str:
@@ -428,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--kv-cache-gib", type=int, default=1, help="CPU KV cache size in GiB")
         sp.add_argument("--store-timeout", type=float, default=5.0,
                         help="deadline of each store call in seconds")
+        sp.add_argument("--transfer-preference", default="shm,nixl,grpc",
+                        help="transfer backends to read the store with, best first; the first the "
+                             "store offers and this host can use wins (none usable: the store's Get)")
         sp.add_argument("--local-prefix-cache", action="store_true",
                         help="also keep vLLM's own prefix cache (decode workers, with KV-aware routing)")
         sp.set_defaults(func=cmd_worker)

@@ -121,6 +121,7 @@ class LocalCluster:
     hosts: dict[str, str] = field(default_factory=dict)
     worker_args: tuple[str, ...] = ()  # more `kvmesh prefill|decode` flags
     discover: bool = False  # workers and router find each other through index_url
+    decode_worker_args: tuple[tuple[str, ...], ...] = ()  # per decode worker, more flags
     index_url: str | None = None      # shared block index (needed by several stores)
     api_token: str | None = None
     allow_fault_injection: bool = False
@@ -206,6 +207,7 @@ class LocalCluster:
             for i, address in enumerate(self.decode_addresses):
                 name = "decode" if self.decode_workers == 1 else f"decode{i}"
                 workers.append((name, "decode", address, self.store_addresses[-1]))
+            own = dict(zip((f"decode{i}" for i in range(self.decode_workers)), self.decode_worker_args))
             for name, role, address, store in workers:
                 extra = ["--local-prefix-cache"] if role == "decode" and self.decode_local_cache else []
                 where = ["--index", self.index_url] if self.discover else ["--store", store]
@@ -213,6 +215,7 @@ class LocalCluster:
                                    "--port", address.rsplit(":", 1)[1], *where,
                                    "--block-size", str(self.block_size),
                                    "--model-id", self.served_model_name, *extra, *self.worker_args,
+                                   *own.get(name, ()),
                                    env=worker_cpu_env(role), command=role)
                 pending[name] = (proc, worker_ready(address))
             self._say("loading the model in both workers (this takes a little while)")

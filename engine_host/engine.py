@@ -25,6 +25,7 @@ class EngineSettings:
     store_timeout_s: float = 5.0
     tensor_parallel_size: int = 1
     local_prefix_cache: bool = False
+    transfer_preference: str = "shm,nixl,grpc"
 
     def __post_init__(self) -> None:
         if self.role not in KV_ROLES:
@@ -66,6 +67,7 @@ def engine_args(settings: EngineSettings):
             "store_address": settings.store_address,
             "model_id": settings.model_id or settings.model,
             "timeout_s": settings.store_timeout_s,
+            "transfer_preference": settings.transfer_preference,
         },
     )
     return AsyncEngineArgs(**base_engine_kwargs(settings), kv_transfer_config=transfer,
