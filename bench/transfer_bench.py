@@ -69,7 +69,7 @@ def _source_main(conn, arena_bytes: int, backends: list[str], shm_name: str,
                  grpc_options: dict) -> None:
     from kv_store.tiers import HostTier
     from kv_store.transfer import open_source
-    from kv_store.transfer.arena import anonymous_arena
+    from kv_store.tiers import anonymous_arena
 
     tier = HostTier(arena_bytes, page_bytes=min(arena_bytes, 4 << 20), shm_name=shm_name)
     _fill(tier.buffer())

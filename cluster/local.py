@@ -69,6 +69,12 @@ def http_ready(url: str) -> Callable[[], bool]:
     return ready
 
 
+# glibc hands large freed buffers (gRPC's 1 MiB frames) back to the kernel after every
+# message and page-faults them in again; these keep them (the user's values win). With
+# them, gRPC streaming of 4 MiB reads measured 1.0-1.4 GB/s here instead of 0.25-1.2.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(16 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
+
+
 def worker_cpu_env(role: str) -> dict[str, str]:
     """Give the prefill and decode engines separate CPU cores on a CPU-only machine.
 
@@ -161,8 +167,8 @@ class LocalCluster:
                command: str | None = None) -> Process:
         """Start ``kvmesh <command or name> ARGS`` logging to ``<name>.log``."""
         log_path = self.run_dir / f"{name}.log"
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
-                   **(env or {}))
+        env = dict(MALLOC_ENV, **os.environ)
+        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
         with open(log_path, "ab") as log:
             popen = subprocess.Popen([sys.executable, "-m", "cluster.cli", command or name, *args],
                                      stdout=log, stderr=subprocess.STDOUT, env=env,

@@ -66,6 +66,35 @@ class Tier(ABC):
         """Release the tier's memory or file."""
 
 
+def anonymous_arena(nbytes: int, populate: bool = True, huge_pages: bool = True) -> mmap.mmap:
+    """An anonymous private map of ``nbytes`` (``populate``: every page resident), on
+    transparent huge pages where the kernel allows them (``enabled`` = ``always`` or
+    ``madvise``).
+
+    NIXL (UCX) reads between processes of one host with ``process_vm_readv``, and the
+    kernel pins the source's pages one by one: on huge pages that measured 2-2.6x faster
+    than on 4 KiB pages. The advice must come before the pages are touched, so this
+    faults them in itself instead of using ``MAP_POPULATE`` (which makes 4 KiB pages)."""
+    size = max(int(nbytes), mmap.PAGESIZE)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if not populate:
+        return mmap.mmap(-1, size, flags=flags)
+    if not huge_pages or advice is None:
+        return mmap.mmap(-1, size, flags=flags | getattr(mmap, "MAP_POPULATE", 0))
+    region = mmap.mmap(-1, size, flags=flags)
+    try:
+        region.madvise(advice)
+    except OSError:  # THP disabled: plain pages
+        pass
+    view = memoryview(region)
+    try:
+        view[::mmap.PAGESIZE] = bytes(len(range(0, size, mmap.PAGESIZE)))  # fault every page in
+    finally:
+        view.release()
+    return region
+
+
 class HostTier(Tier):
     """Host RAM: one memory map, page-aligned and (``populate``) made resident up front,
     so no block write pays for page faults.
@@ -90,10 +119,7 @@ class HostTier(Tier):
         self.shm_name = shm_name
         self._shm_fd: int | None = None
         if shm_name is None:
-            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-            if populate:
-                flags |= getattr(mmap, "MAP_POPULATE", 0)
-            self._map = mmap.mmap(-1, size, flags=flags)
+            self._map = anonymous_arena(size, populate)
         else:
             self._shm_fd, self._map = _create_shared_map(shm_name, size, populate)
         self._view = memoryview(self._map)
