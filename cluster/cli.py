@@ -307,6 +307,12 @@ def cmd_bench_transfer(args) -> None:
          args.case_seconds, args.backends.split(","))
 
 
+def cmd_bench_layerwise(args) -> None:
+    from bench.layerwise_bench import main
+
+    main(args.json, args.size)
+
+
 def cmd_bench_store(args) -> None:
     from bench.store_bench import main
 
@@ -366,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--case-seconds", type=float, default=0.8, help="time spent on each case")
     b.add_argument("--backends", default="shm,nixl,grpc", help="backends, comma-separated")
     b.set_defaults(func=cmd_bench_transfer)
+    b = bsub.add_parser("layerwise", help="share of decode-side KV loads hidden behind compute")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--size", choices=["tiny", "bench"], default="bench", help="generated model to use")
+    b.set_defaults(func=cmd_bench_layerwise)
     b = bsub.add_parser("router", help="latency the router adds, against stub workers")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--requests", type=int, default=300, help="requests per path")

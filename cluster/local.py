@@ -167,11 +167,12 @@ class LocalCluster:
                command: str | None = None) -> Process:
         """Start ``kvmesh <command or name> ARGS`` logging to ``<name>.log``."""
         log_path = self.run_dir / f"{name}.log"
-        env = dict(MALLOC_ENV, **os.environ)
-        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
+        full_env = dict(MALLOC_ENV, **os.environ)
+        full_env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+        full_env.update(env or {})
         with open(log_path, "ab") as log:
             popen = subprocess.Popen([sys.executable, "-m", "cluster.cli", command or name, *args],
-                                     stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     stdout=log, stderr=subprocess.STDOUT, env=full_env,
                                      start_new_session=True)
         proc = Process(name, popen, log_path)
         self.processes.append(proc)
