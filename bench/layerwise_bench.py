@@ -37,7 +37,7 @@ def run(size: str = "bench", prompts: int = 6, prompt_tokens: int = 2000,
             for _ in range(prompts * len(backends)):  # round robin: every worker gets some
                 prompt = [rng.randrange(10, vocab) for _ in range(prompt_tokens)]
                 r = httpx.post(cluster.router_url + "/v1/completions", timeout=600, json={
-                    "prompt": prompt, "max_tokens": 1, "temperature": 0}).json()
+                    "prompt": prompt, "max_tokens": 4, "temperature": 0}).json()
                 info = r["kvmesh"]["kv_transfer"]
                 if info["backend"] == backend and info["seconds"] > 0:
                     rows.append(info)

@@ -79,7 +79,8 @@ class KvmeshConnectorMetadata(KVConnectorMetadata):
 @dataclass
 class KvmeshWorkerMetadata(KVConnectorWorkerMetadata):
     """Worker -> scheduler, per request: prompt tokens whose load failed this step, and how
-    the loaded KV came in."""
+    the loaded KV came in. (The scheduler sees it with the step's output; a request that
+    finishes in the very step that loaded it is reported without load statistics.)"""
 
     failed_tokens: dict[str, int] = field(default_factory=dict)
     loads: dict[str, LoadStats] = field(default_factory=dict)
