@@ -10,10 +10,12 @@ when its process dies (``max_restarts=-1``):
   also holds the replica's custom resources (e.g. ``{prefill: 1}``), which pick the node.
   The actor runs the vLLM engine with vLLM's own executor (Ray's is refused on the CPU)
   and the worker gRPC API on an asyncio loop in a thread. It uses the store on its node,
-  or the first store when its node has none.
+  or the first store when its node has none. A worker whose engine dies after it served
+  exits its process, so that Ray restarts it.
 * ``router-N``: one per node offering the router's ``node_resource`` (the head when
   none); uvicorn serves the HTTP API (and the gRPC serving API) in a thread.
-* ``deployment``: holds what ``up`` planned, for ``status`` and ``down``.
+* ``deployment``: a record of what ``up`` deployed (the config, whether it started the
+  Ray cluster itself), for ``down``.
 
 Each actor binds its node's IP on the port the config gives it (worker replica ``i``:
 ``port + i``). A restarted actor runs its constructor again with the same arguments, on
@@ -330,10 +332,13 @@ class RouterActor(_Component):
     def _serve(self) -> None:
         try:
             self.server.run()
-            if not self.server.should_exit:
-                self.error = "the router stopped (is the port taken?)"
         except BaseException:
             self.error = traceback.format_exc()
+        if not self.server.should_exit:  # not stop(): it failed
+            self.error = self.error or "the router stopped (is its port taken?)"
+            if self.server.started:  # it served: a crash, for Ray to restart
+                print(f"kvmesh {self.name}: {self.error}; exiting so that Ray restarts it", flush=True)
+                os._exit(1)
 
     def info(self) -> dict:
         return {**super().info(), "url": f"http://{self.address}", "grpc_address": self.grpc_address}
@@ -514,7 +519,7 @@ class Deployment:
 # ====================================================================== up
 
 
-def _options(ray, name: str, **extra) -> dict:
+def _options(name: str, **extra) -> dict:
     return dict(name=name, namespace=NAMESPACE, lifetime="detached", max_restarts=-1,
                 max_concurrency=8, **extra)
 
@@ -603,14 +608,63 @@ def up(config: ClusterConfig, address: str | None = None, *, timeout_s: float = 
 
 
 def _up(ray, config, model, served_name, api_token, started_local, deadline, say) -> Deployment:
-    from ray.util.placement_group import placement_group, placement_group_table
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
     nodes = _alive_nodes()
-    by_id = {n["NodeID"]: n for n in nodes}
+    store_plan = _plan_stores(config, nodes)
+    router_nodes = _nodes_for(config.router.node_resource, nodes)
+    if config.router.replicas > len(router_nodes):
+        raise DeployError(f"router.replicas: {config.router.replicas} routers need as many nodes "
+                          f"offering {config.router.node_resource or 'the head role'}; "
+                          f"{len(router_nodes)} do")
+    record = ray.remote(DeploymentRecord).options(
+        name=RECORD_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0).remote({
+            "config": config.model_dump(mode="json"), "model": model, "served_name": served_name,
+            "started_local_ray": started_local, "host": socket.gethostname(),
+            "created_at": time.time()})
+    ray.get(record.health.remote(), timeout=60)
 
-    # ---- plan the stores: one per node offering its resource
-    store_plan: list[tuple[str, dict, Any]] = []  # (name, node, store config)
+    say(f"starting {len(store_plan)} store(s)")
+    stores, store_on_node = {}, {}
+    for name, node, spec in store_plan:
+        stores[name] = ray.remote(StoreActor).options(
+            **_options(name, num_cpus=0, scheduling_strategy=_pin(node["NodeID"]))
+        ).remote(name, spec.model_dump(), config.index)
+        store_on_node[node["NodeID"]] = f"{node['NodeManagerAddress']}:{spec.port}"
+    _wait_healthy(stores, deadline, say)
+
+    addresses = _start_workers(ray, config, model, served_name, nodes, store_on_node,
+                               store_on_node.get(store_plan[0][1]["NodeID"], "") if store_plan else "",
+                               deadline, say)
+
+    r = config.router
+    settings = dict(model=model, served_model_name=served_name,
+                    prefill_addresses=tuple(addresses["prefill"]),
+                    decode_addresses=tuple(addresses["decode"]), api_token=api_token,
+                    prefill_timeout_s=r.prefill_timeout_s, request_timeout_s=r.request_timeout_s,
+                    routing=r.routing, block_size=config.model.block_size,
+                    decode_local_cache=config.decode.engine.local_prefix_cache,
+                    max_local_prefill_tokens=r.max_local_prefill_tokens,
+                    max_inflight=r.max_inflight, max_queue=r.max_queue,
+                    queue_timeout_s=r.queue_timeout_s)
+    routers = {}
+    for i in range(r.replicas):
+        name = f"router-{i}"
+        routers[name] = ray.remote(RouterActor).options(**_options(
+            name, num_cpus=0, scheduling_strategy=_pin(router_nodes[i]["NodeID"]))
+        ).remote(name, settings, r.host, r.http_port, r.grpc_port)
+    if routers:
+        say(f"starting {len(routers)} router(s)")
+        _wait_healthy(routers, deadline, say)
+
+    rows = status()
+    routers_info = [row for row in rows if row["kind"] == "router"]
+    return Deployment(router_urls=[row["url"] for row in routers_info],
+                      grpc_addresses=[row["grpc_address"] for row in routers_info if row["grpc_address"]],
+                      components=rows, started_local_ray=started_local)
+
+
+def _plan_stores(config: ClusterConfig, nodes: list[dict]) -> list[tuple[str, dict, Any]]:
+    """(actor name, node, store config): one store per node offering its resource."""
+    plan: list[tuple[str, dict, Any]] = []
     taken: dict[str, int] = {}
     for i, spec in enumerate(config.stores):
         where = _nodes_for(spec.node_resource, nodes)
@@ -622,35 +676,20 @@ def _up(ray, config, model, served_name, api_token, started_local, deadline, say
                 raise DeployError(f"stores[{i}] and stores[{taken[node['NodeID']]}] both match node "
                                   f"{node['NodeManagerAddress']} (one store per node)")
             taken[node["NodeID"]] = i
-            store_plan.append((f"store-{len(store_plan)}", node, spec))
-    if len(store_plan) > 1 and not config.index:
-        raise DeployError(f"{len(store_plan)} stores would run (one per matching node); several "
+            plan.append((f"store-{len(plan)}", node, spec))
+    if len(plan) > 1 and not config.index:
+        raise DeployError(f"{len(plan)} stores would run (one per matching node); several "
                           "stores need a shared block index (index: redis://...)")
-    routers = _nodes_for(config.router.node_resource, nodes)
-    if config.router.replicas > len(routers):
-        raise DeployError(f"router.replicas: {config.router.replicas} routers need as many nodes "
-                          f"offering {config.router.node_resource or 'the head role'}; "
-                          f"{len(routers)} do")
-    record_handle = ray.remote(DeploymentRecord).options(
-        name=RECORD_NAME, namespace=NAMESPACE, lifetime="detached", num_cpus=0).remote({
-            "config": config.model_dump(mode="json"), "model": model, "served_name": served_name,
-            "started_local_ray": started_local, "host": socket.gethostname(),
-            "created_at": time.time()})
-    ray.get(record_handle.health.remote(), timeout=60)
+    return plan
 
-    # ---- stores
-    say(f"starting {len(store_plan)} store(s)")
-    stores: dict[str, Any] = {}
-    store_on_node: dict[str, str] = {}
-    for name, node, spec in store_plan:
-        stores[name] = ray.remote(StoreActor).options(
-            **_options(ray, name, num_cpus=0, scheduling_strategy=_pin(node["NodeID"]))
-        ).remote(name, spec.model_dump(), config.index)
-        store_on_node[node["NodeID"]] = f"{node['NodeManagerAddress']}:{spec.port}"
-    _wait_healthy(stores, deadline, say)
-    first_store = store_on_node[store_plan[0][1]["NodeID"]] if store_plan else ""
 
-    # ---- placement groups, then one worker actor in each
+def _start_workers(ray, config, model, served_name, nodes, store_on_node, first_store,
+                   deadline, say) -> dict[str, list[str]]:
+    """A placement group per replica, then its worker actor in it; waits until all are
+    healthy. Returns the workers' addresses by role."""
+    from ray.util.placement_group import placement_group, placement_group_table
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     groups = {}
     for role in ("prefill", "decode"):
         group = getattr(config, role)
@@ -666,14 +705,14 @@ def _up(ray, config, model, served_name, api_token, started_local, deadline, say
             offered = "; ".join(f"{n['NodeManagerAddress']}: {n['Resources']}" for n in nodes)
             raise DeployError(f"{name}: no node can host its placement group {_bundles(group)} "
                               f"(STRICT_PACK) within {wait:.0f}s; nodes offer {offered}")
+    by_id = {n["NodeID"]: n for n in nodes}
     workers: dict[str, Any] = {}
     addresses: dict[str, list[str]] = {"prefill": [], "decode": []}
     for name, (role, i, group, pg) in groups.items():
         node_id = placement_group_table(pg)["bundles_to_node_id"][0]
-        node = by_id.get(node_id) or {"NodeManagerAddress": "?"}
-        visible = None
         bundles = _bundles(group)
-        if any(b.get("GPU") for b in bundles):
+        visible = None
+        if any(b.get("GPU") for b in bundles):  # the GPUs of all its bundles, for vLLM's ranks
             visible = sum(ray.get([ray.remote(_gpu_ids).options(
                 num_cpus=0, num_gpus=b["GPU"], scheduling_strategy=PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=k)).remote() for k, b in enumerate(bundles)],
@@ -687,44 +726,18 @@ def _up(ray, config, model, served_name, api_token, started_local, deadline, say
                         local_prefix_cache=engine.local_prefix_cache)
         if group.pipeline_parallel_size > 1:
             settings["pipeline_parallel_size"] = group.pipeline_parallel_size
-        first = bundles[0]
-        custom = {k: v for k, v in first.items() if k not in _STANDARD_RESOURCES}
+        custom = {k: v for k, v in bundles[0].items() if k not in _STANDARD_RESOURCES}
         port = group.port + i
         workers[name] = ray.remote(WorkerActor).options(**_options(
-            ray, name, num_cpus=first.get("CPU", 0), num_gpus=0, resources=custom,
+            name, num_cpus=bundles[0].get("CPU", 0), num_gpus=0, resources=custom,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0))
         ).remote(name, role, settings, port, group.env, engine.cpu_cores, visible)
+        node = by_id.get(node_id) or {n["NodeID"]: n for n in _alive_nodes()}[node_id]
         addresses[role].append(f"{node['NodeManagerAddress']}:{port}")
     if workers:
         say(f"loading the model in {len(workers)} worker(s) (this takes a little while)")
         _wait_healthy(workers, deadline, say)
-
-    # ---- routers
-    r = config.router
-    settings = dict(model=model, served_model_name=served_name,
-                    prefill_addresses=tuple(addresses["prefill"]),
-                    decode_addresses=tuple(addresses["decode"]), api_token=api_token,
-                    prefill_timeout_s=r.prefill_timeout_s, request_timeout_s=r.request_timeout_s,
-                    routing=r.routing, block_size=config.model.block_size,
-                    decode_local_cache=config.decode.engine.local_prefix_cache,
-                    max_local_prefill_tokens=r.max_local_prefill_tokens,
-                    max_inflight=r.max_inflight, max_queue=r.max_queue,
-                    queue_timeout_s=r.queue_timeout_s)
-    router_handles = {}
-    for i in range(r.replicas):
-        name = f"router-{i}"
-        router_handles[name] = ray.remote(RouterActor).options(**_options(
-            ray, name, num_cpus=0, scheduling_strategy=_pin(routers[i]["NodeID"]))
-        ).remote(name, settings, r.host, r.http_port, r.grpc_port)
-    if router_handles:
-        say(f"starting {len(router_handles)} router(s)")
-        _wait_healthy(router_handles, deadline, say)
-
-    rows = status()
-    routers_info = [row for row in rows if row["kind"] == "router"]
-    return Deployment(router_urls=[row["url"] for row in routers_info],
-                      grpc_addresses=[row["grpc_address"] for row in routers_info if row["grpc_address"]],
-                      components=rows, started_local_ray=started_local)
+    return addresses
 
 
 # ====================================================================== status, down
