@@ -1,0 +1,368 @@
+"""kvmesh on a real two-node Ray cluster on this machine, with real vLLM engines.
+
+The head node (127.0.0.2) offers the custom resource ``prefill``, the second node
+(127.0.0.3) ``decode``: ``deploy/configs/two-node.yaml`` puts the prefill worker (and the
+router) on the head, the decode worker and the store on the second node, so every KV
+block the decode worker loads crossed from one Ray node to the other over gRPC.
+Greedy outputs must equal a colocated vLLM run. Then failures: the decode worker's
+actor is killed while requests are sent (Ray restarts it on the same address and every
+request still ends with the right tokens), the prefill worker's engine process dies (the
+actor exits so that Ray restarts it), the store is killed (it comes back empty on its
+address). Last, ``down`` leaves no actor or placement group.
+
+The tests share one deployment (starting engines costs most of the time) and run in
+file order; each also works alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from cluster.config import parse_config
+from cluster.local import free_port
+from tests.colocated import reference_outputs
+
+HEAD_IP, NODE_IP = "127.0.0.2", "127.0.0.3"
+BLOCK = 32
+MAX_TOKENS = 12
+PROMPTS = [[(7 * i + n) % 900 + 10 for i in range(n)] for n in (5, 64, 100, 200)]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _ray_command() -> str:
+    beside = Path(sys.executable).with_name("ray")
+    return str(beside) if beside.exists() else (shutil.which("ray") or "ray")
+
+
+def _use_token(auth: dict[str, str]) -> None:
+    """Make this process a driver of the test cluster: Ray reads its auth settings when
+    first used, so set them before that (and refresh them if Ray was used already)."""
+    os.environ.update(auth)
+    if "ray._raylet" in sys.modules:
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _run(args: list[str], env: dict, timeout_s: float) -> str:
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:3])} failed ({proc.returncode}):\n"
+                           f"{(proc.stdout + proc.stderr)[-3000:]}")
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A Ray head on 127.0.0.2 with {prefill: 1} and a node on 127.0.0.3 with {decode: 1},
+    token auth on (a token of its own), each node given its share of memory."""
+    if importlib.util.find_spec("ray") is None:
+        pytest.fail("Ray is not installed; install it with pip install 'ray[default]==2.60.0'",
+                    pytrace=False)
+    # Short: Ray's socket paths under its temp dir must stay within 107 characters.
+    workdir = Path(tempfile.mkdtemp(prefix="kvmesh-ray-"))
+    token = workdir / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env = dict(os.environ, **auth, RAY_USAGE_STATS_ENABLED="0")
+    saved = {k: os.environ.get(k) for k in auth}
+    _use_token(auth)
+    port = free_port(HEAD_IP)
+    memory = ["--memory", str(4 << 30), "--object-store-memory", str(160 << 20)]
+    ray_cmd = _ray_command()
+    try:
+        _run([ray_cmd, "start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={port}",
+              '--resources={"prefill": 1}', f"--temp-dir={workdir / 'ray'}", "--num-cpus=2",
+              "--dashboard-host", HEAD_IP, "--dashboard-port", str(free_port(HEAD_IP)),
+              "--disable-usage-stats", *memory], env, timeout_s=120)
+        _run([ray_cmd, "start", f"--address={HEAD_IP}:{port}", f"--node-ip-address={NODE_IP}",
+              '--resources={"decode": 1}', "--num-cpus=2", "--disable-usage-stats", *memory],
+             env, timeout_s=120)
+        yield f"{HEAD_IP}:{port}"
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        subprocess.run([ray_cmd, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, tmp_path_factory):
+    outs = reference_outputs(tiny_model, PROMPTS, MAX_TOKENS, BLOCK, tmp_path_factory.mktemp("colocated"))
+    return {tuple(p): o for p, o in zip(PROMPTS, outs)}
+
+
+@pytest.fixture(scope="module")
+def disk_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("store-disk")
+
+
+@pytest.fixture(scope="module")
+def config(tiny_model, disk_dir):
+    """The shipped two-node config with the test model, free ports and a small store."""
+    data = yaml.safe_load((REPO / "deploy/configs/two-node.yaml").read_text())
+    ports = set()
+    while len(ports) < 5:
+        ports.add(free_port(HEAD_IP))
+    prefill, decode, store, http, grpc_port = sorted(ports)
+    data["model"].update(path=tiny_model, served_name="tiny", block_size=BLOCK)
+    data["prefill"]["port"], data["decode"]["port"] = prefill, decode
+    data["stores"][0].update(port=store, host_bytes="64MiB", disk_bytes="64MiB", disk_dir=str(disk_dir))
+    # Always disaggregate (but for prompts shorter than a block), so blocks cross nodes.
+    data["router"].update(http_port=http, grpc_port=grpc_port, max_local_prefill_tokens=0)
+    return parse_config(data, "two-node.yaml (test)")
+
+
+@pytest.fixture(scope="module")
+def deployed(ray_cluster, config, reference):
+    from cluster import ray_deploy
+
+    ray_deploy.connect(ray_cluster)
+    started = time.monotonic()
+    deployment = ray_deploy.up(config, ray_cluster, timeout_s=300)
+    print(f"\nup took {time.monotonic() - started:.1f}s")
+    try:
+        yield deployment
+    finally:
+        ray_deploy.down(timeout_s=60, say=lambda m: None)
+
+
+def complete(url: str, prompt: list[int], timeout_s: float = 60) -> dict:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+            "return_token_ids": True}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=timeout_s)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _rows() -> dict[str, dict]:
+    from cluster import ray_deploy
+
+    return {row["name"]: row for row in ray_deploy.status()}
+
+
+def test_up_places_each_component_and_serves_the_colocated_tokens(deployed, config, reference, capsys):
+    from ray.util.placement_group import placement_group_table
+
+    rows = _rows()
+    assert set(rows) == {"store-0", "prefill-0", "decode-0", "router-0"}
+    where = {name: row["node_ip"] for name, row in rows.items()}
+    assert where == {"store-0": NODE_IP, "decode-0": NODE_IP, "prefill-0": HEAD_IP, "router-0": HEAD_IP}
+    assert rows["prefill-0"]["address"] == f"{HEAD_IP}:{config.prefill.port}"
+    assert rows["decode-0"]["address"] == f"{NODE_IP}:{config.decode.port}"
+    assert rows["store-0"]["address"] == f"{NODE_IP}:{config.stores[0].port}"
+    assert all(row["health"] == "ok" and row["state"] == "ALIVE" for row in rows.values()), rows
+    node_ids = {row["node_ip"]: row["node_id"] for row in rows.values()}
+    groups = {pg["name"]: pg for pg in placement_group_table().values() if pg["state"] == "CREATED"}
+    for role, ip in (("prefill", HEAD_IP), ("decode", NODE_IP)):
+        pg = groups[f"kvmesh:{role}-0"]
+        assert pg["strategy"] == "STRICT_PACK"
+        assert list(pg["bundles"].values()) == [{"CPU": 1.0, role: 1.0}]
+        assert set(pg["bundles_to_node_id"].values()) == {node_ids[ip]}
+
+    url = deployed.router_urls[0]
+    assert url == f"http://{HEAD_IP}:{config.router.http_port}"
+    for prompt in PROMPTS:
+        r = complete(url, prompt)
+        assert r["choices"][0]["token_ids"] == reference[tuple(prompt)], len(prompt)
+        # Whole blocks of the prompt (but its last token) came from the other node's store.
+        assert r["kvmesh"]["prefix_tokens_from_store"]["decode"] == (len(prompt) - 1) // BLOCK * BLOCK
+
+    from cluster.ray_cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    capsys.readouterr()
+    args = parser.parse_args(["status"])
+    args.func(args)
+    table = capsys.readouterr().out
+    for name, row in rows.items():
+        assert any(line.split()[:3] == [name, row["kind"], row["node_ip"]] for line in table.splitlines()), table
+
+
+def test_a_killed_decode_worker_comes_back_on_its_address_and_no_request_is_lost(deployed, reference):
+    """Requests keep coming while the decode actor is killed. Ray restarts it (the engine
+    loads again); every request is retried on a 5xx until it returns, and each must end
+    with the colocated tokens. What failed on the way is printed."""
+    import ray
+
+    before = _rows()["decode-0"]
+    url = deployed.router_urls[0]
+    requests_per_sender, deadline = 8, time.monotonic() + 240
+    results: dict[tuple[int, int], list[int]] = {}
+    failures: list[tuple[float, int | str, str]] = []
+    start = time.monotonic()
+
+    def send(sender: int) -> None:
+        for k in range(requests_per_sender):
+            prompt = PROMPTS[(sender + k) % len(PROMPTS)]
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+                    "return_token_ids": True}
+            while time.monotonic() < deadline:
+                try:
+                    r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+                except httpx.HTTPError as e:
+                    failures.append((time.monotonic() - start, type(e).__name__, str(e)[:120]))
+                else:
+                    if r.status_code == 200:
+                        results[sender, k] = r.json()["choices"][0]["token_ids"]
+                        break
+                    failures.append((time.monotonic() - start, r.status_code, r.text[:160]))
+                    assert r.status_code >= 500, r.text
+                time.sleep(0.5)
+            time.sleep(0.3)
+
+    senders = [threading.Thread(target=send, args=(i,)) for i in range(2)]
+    for t in senders:
+        t.start()
+    time.sleep(1.0)
+    killed_at = time.monotonic() - start
+    ray.kill(ray.get_actor("decode-0", namespace="kvmesh"), no_restart=False)
+    # While its engine loads again, status says it is not healthy (the others are).
+    seen: list[tuple[str, str]] = []
+    while time.monotonic() - start < killed_at + 20:
+        rows = _rows()
+        seen.append((rows["decode-0"]["state"], rows["decode-0"]["health"]))
+        if rows["decode-0"]["health"] != "ok":
+            assert rows["prefill-0"]["health"] == "ok" and rows["store-0"]["health"] == "ok"
+            break
+        time.sleep(0.5)
+    for t in senders:
+        t.join(max(1.0, deadline - time.monotonic()))
+    total = time.monotonic() - start
+
+    after = _rows()["decode-0"]
+    statuses = sorted({str(f[1]) for f in failures})
+    print(f"\nstatus of decode-0 after the kill: {seen[-1]}")
+    print(f"killed decode-0 at {killed_at:.1f}s; {len(results)} of {2 * requests_per_sender} "
+          f"requests done in {total:.1f}s; {len(failures)} failed attempts "
+          f"(statuses {statuses}) from {failures[0][0] if failures else 0:.1f}s "
+          f"to {failures[-1][0] if failures else 0:.1f}s")
+    for f in {str(f[1]) + f[2][:60]: f for f in failures}.values():
+        print(f"  {f[0]:6.1f}s  {f[1]}  {f[2]}")
+    assert seen and seen[-1][1] != "ok", f"status never showed decode-0 unhealthy: {seen}"
+    assert len(results) == 2 * requests_per_sender, "requests that never succeeded before the deadline"
+    for (sender, k), tokens in results.items():
+        assert tokens == reference[tuple(PROMPTS[(sender + k) % len(PROMPTS)])]
+    assert after["restarted"] is True and after["pid"] != before["pid"]
+    assert (after["address"], after["node_ip"]) == (before["address"], before["node_ip"])
+    assert after["health"] == "ok" and after["state"] == "ALIVE"
+
+
+def test_a_worker_whose_engine_dies_is_restarted_by_ray(deployed, reference):
+    """The engine process of the prefill worker dies (the actor itself does not): the
+    actor notices, exits, and Ray restarts it on the same address."""
+    import psutil
+
+    before = _rows()["prefill-0"]
+    engines = [p for p in psutil.Process(before["pid"]).children() if "EngineCore" in p.name()]
+    assert len(engines) == 1, psutil.Process(before["pid"]).children()
+    engines[0].kill()
+    killed = time.monotonic()
+    deadline = killed + 150
+    seen = []
+    while True:
+        after = _rows()["prefill-0"]
+        seen.append((after["state"], after["health"][:60], after["pid"], after["restarted"]))
+        if after["health"] == "ok" and after["pid"] != before["pid"]:
+            break
+        assert time.monotonic() < deadline, f"prefill-0 did not come back: {seen}"
+        time.sleep(1)
+    assert after["restarted"] is True, (before, seen)
+    assert after["address"] == before["address"]
+    # Until the router's connection to it is back, requests skip the failed prefill and
+    # the decode worker computes the prompt: right tokens all along.
+    back, prompt = time.monotonic(), PROMPTS[3]
+    while True:
+        r = complete(deployed.router_urls[0], prompt)
+        assert r["choices"][0]["token_ids"] == reference[tuple(prompt)]
+        if r["kvmesh"]["prefill_ok"]:
+            break
+        assert time.monotonic() < back + 120, "the router never used the restarted prefill worker"
+        time.sleep(0.5)
+    print(f"\nprefill-0 healthy again {back - killed:.1f}s after its engine died; the router "
+          f"prefilled on it again {time.monotonic() - back:.1f}s later")
+
+
+def test_a_killed_store_comes_back_on_its_address_and_serves_again(deployed, disk_dir, reference):
+    """The store is a cache: killed, it restarts empty on the same address (removing the
+    slab file its predecessor left), and requests go on with the right tokens."""
+    import ray
+
+    before = _rows()["store-0"]
+    assert [f.name for f in disk_dir.iterdir()] == [f"kvmesh-slab-{before['pid']}.bin"]
+    ray.kill(ray.get_actor("store-0", namespace="kvmesh"), no_restart=False)
+    deadline = time.monotonic() + 90
+    while True:
+        after = _rows()["store-0"]
+        if after["health"] == "ok" and after["pid"] != before["pid"]:
+            break
+        assert time.monotonic() < deadline, f"store-0 did not come back: {after}"
+        time.sleep(0.5)
+    assert after["restarted"] is True
+    assert (after["address"], after["node_ip"]) == (before["address"], before["node_ip"])
+    assert [f.name for f in disk_dir.iterdir()] == [f"kvmesh-slab-{after['pid']}.bin"]
+    back, prompt = time.monotonic(), PROMPTS[2]
+    while True:  # until the workers' connections to the store are back: misses, recomputed
+        r = complete(deployed.router_urls[0], prompt)
+        assert r["choices"][0]["token_ids"] == reference[tuple(prompt)]
+        if r["kvmesh"]["prefix_tokens_from_store"]["decode"] == (len(prompt) - 1) // BLOCK * BLOCK:
+            break
+        assert time.monotonic() < back + 120, "the workers never used the restarted store"
+        time.sleep(0.5)
+    print(f"\nstore-0 back; blocks served from it again {time.monotonic() - back:.1f}s later")
+
+
+def test_down_removes_every_actor_and_placement_group(deployed):
+    import ray
+
+    from cluster import ray_deploy
+    from ray.util.placement_group import placement_group_table
+
+    pids = [row["pid"] for row in _rows().values()]
+    removed = ray_deploy.down(timeout_s=60, say=lambda m: None)
+    assert set(removed["actors"]) == {"deployment", "store-0", "prefill-0", "decode-0", "router-0"}
+    assert sorted(removed["placement_groups"]) == ["kvmesh:decode-0", "kvmesh:prefill-0"]
+    assert [a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "kvmesh"] == []
+    assert {pg["state"] for pg in placement_group_table().values()
+            if pg["name"].startswith("kvmesh:")} == {"REMOVED"}
+    assert ray_deploy.status() == []
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()], "actor processes left running"
+
+
+def test_auto_cpu_bind_gives_each_role_and_rank_its_own_cores(monkeypatch):
+    from cluster.ray_deploy import auto_cpu_bind
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert auto_cpu_bind("prefill", 1) == "0,1,2,3" and auto_cpu_bind("decode", 1) == "4,5,6,7"
+    assert auto_cpu_bind("prefill", 2) == "0,1|2,3" and auto_cpu_bind("decode", 4) == "4|5|6|7"
+    assert auto_cpu_bind("decode", 8) == "0|1|2|3|4|5|6|7"  # more ranks than half: all cores
+    assert auto_cpu_bind("decode", 16) is None              # too few cores: vLLM decides
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "3")
+    assert auto_cpu_bind("decode", 1) is None               # the user's binding is kept
