@@ -7,6 +7,7 @@
     kvmesh bench transfer --json     KV transfer backends between processes against memcpy
     kvmesh bench router|routing      router overhead; TTFT of KV-aware routing vs round robin
     kvmesh store|prefill|decode|router   run one component (what containers run)
+    kvmesh up CONFIG | status | down     deploy on a Ray cluster
 """
 
 from __future__ import annotations
@@ -472,6 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--queue-timeout", type=float, default=30.0,
                     help="seconds a request may wait for a slot")
     sp.set_defaults(func=cmd_router)
+
+    from cluster.ray_cli import register as register_ray_commands
+
+    register_ray_commands(sub)
     return p
 
 
