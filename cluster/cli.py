@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 
@@ -84,7 +85,6 @@ def cmd_store(args) -> None:
             peers = PeerBlocks(index, node_id, timeout_s=args.peer_timeout)
         except Exception as e:
             raise SystemExit(f"kvmesh store: cannot use the block index at {args.index}: {e}")
-    import os
     import secrets
 
     backends = [b for b in args.transfer.split(",") if b]
@@ -173,11 +173,21 @@ def cmd_worker(args) -> None:
         announcer = Announcer(ServiceRegistry(args.index), args.command, address)
     if store is None:
         raise SystemExit(f"kvmesh {args.command}: give --store HOST:PORT, or --index to find one")
+    try:  # the settings' own checks, as a clear error before the engine loads
+        from engine_host.engine import EngineSettings
+
+        EngineSettings(model=model, role=args.command, store_address=store, block_size=args.block_size,
+                       tensor_parallel_size=args.tensor_parallel_size,
+                       pipeline_parallel_size=args.pipeline_parallel_size)
+    except ValueError as e:
+        raise SystemExit(f"kvmesh {args.command}: {e}")
     module.run(args.host, args.port, announcer=announcer, model=model, store_address=store,
                model_id=args.model_id, block_size=args.block_size,
                max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
                store_timeout_s=args.store_timeout, local_prefix_cache=args.local_prefix_cache,
-               transfer_preference=args.transfer_preference)
+               transfer_preference=args.transfer_preference,
+               tensor_parallel_size=args.tensor_parallel_size,
+               pipeline_parallel_size=args.pipeline_parallel_size)
 
 
 def discover_store(index_url: str, my_host: str, timeout_s: float) -> str:
@@ -203,8 +213,6 @@ def discover_store(index_url: str, my_host: str, timeout_s: float) -> str:
 
 
 def cmd_router(args) -> None:
-    import os
-
     import uvicorn
 
     from router.app import RouterSettings, create_app
@@ -440,6 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--kv-cache-gib", type=int, default=1, help="CPU KV cache size in GiB")
         sp.add_argument("--store-timeout", type=float, default=5.0,
                         help="deadline of each store call in seconds")
+        sp.add_argument("--tensor-parallel-size", type=int,
+                        default=int(os.environ.get("KVMESH_TENSOR_PARALLEL_SIZE", "1")),
+                        help="tensor-parallel ranks of the engine (default: $KVMESH_TENSOR_PARALLEL_SIZE or 1)")
+        sp.add_argument("--pipeline-parallel-size", type=int,
+                        default=int(os.environ.get("KVMESH_PIPELINE_PARALLEL_SIZE", "1")),
+                        help="pipeline-parallel stages (default: $KVMESH_PIPELINE_PARALLEL_SIZE or 1)")
         sp.add_argument("--transfer-preference", default="shm,nixl,grpc",
                         help="transfer backends to read the store with, best first; the first the "
                              "store offers and this host can use wins (none usable: the store's Get)")

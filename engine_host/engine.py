@@ -24,6 +24,7 @@ class EngineSettings:
     kv_cache_gib: int = 1
     store_timeout_s: float = 5.0
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     local_prefix_cache: bool = False
     transfer_preference: str = "shm,nixl,grpc"
 
@@ -32,6 +33,8 @@ class EngineSettings:
             raise ValueError(f"unknown worker role {self.role!r}; choose one of {sorted(KV_ROLES)}")
         if self.block_size <= 0 or self.block_size % 32:
             raise ValueError("block_size must be a positive multiple of 32")
+        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
+            raise ValueError("tensor and pipeline parallel sizes must be at least 1")
 
 
 def base_engine_kwargs(settings: EngineSettings) -> dict:
@@ -42,8 +45,10 @@ def base_engine_kwargs(settings: EngineSettings) -> dict:
         block_size=settings.block_size,
         max_model_len=settings.max_model_len,
         tensor_parallel_size=settings.tensor_parallel_size,
+        pipeline_parallel_size=settings.pipeline_parallel_size,
         # One rank: run it inside the engine-core process where vLLM allows it.
-        distributed_executor_backend="uni" if settings.tensor_parallel_size == 1 else "mp",
+        distributed_executor_backend=(
+            "uni" if settings.tensor_parallel_size * settings.pipeline_parallel_size == 1 else "mp"),
         enforce_eager=True,
         # By default the store is the prefix cache: every reuse goes through it, where it
         # is counted and shared by all workers. Decode workers behind KV-aware routing may

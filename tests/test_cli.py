@@ -51,3 +51,22 @@ def test_bad_block_size_is_refused():
         EngineSettings(model="m", role="decode", store_address="a:1", block_size=48)
     with pytest.raises(ValueError, match="role"):
         EngineSettings(model="m", role="router", store_address="a:1")
+
+
+def test_parallel_sizes_reach_the_engine_arguments(monkeypatch):
+    from engine_host.engine import EngineSettings, base_engine_kwargs
+
+    kwargs = base_engine_kwargs(EngineSettings(model="m", role="decode", store_address="a:1",
+                                               tensor_parallel_size=2, pipeline_parallel_size=2))
+    assert (kwargs["tensor_parallel_size"], kwargs["pipeline_parallel_size"]) == (2, 2)
+    assert kwargs["distributed_executor_backend"] == "mp"
+    one = base_engine_kwargs(EngineSettings(model="m", role="decode", store_address="a:1"))
+    assert one["distributed_executor_backend"] == "uni"
+    with pytest.raises(ValueError, match="at least 1"):
+        EngineSettings(model="m", role="decode", store_address="a:1", pipeline_parallel_size=0)
+    monkeypatch.setenv("KVMESH_TENSOR_PARALLEL_SIZE", "4")  # the chart's way of passing TP
+    import importlib
+
+    import cluster.cli
+    args = importlib.reload(cluster.cli).build_parser().parse_args(["decode", "--store", "a:1"])
+    assert args.tensor_parallel_size == 4 and args.pipeline_parallel_size == 1
