@@ -480,12 +480,6 @@ def _nodes_for(resource: str | None, nodes: list[dict]) -> list[dict]:
                   key=lambda n: n["NodeManagerAddress"])
 
 
-def _pp_supported() -> bool:
-    from engine_host.engine import EngineSettings
-
-    return any(f.name == "pipeline_parallel_size" for f in dataclasses.fields(EngineSettings))
-
-
 def _bundles(group) -> list[dict[str, float]]:
     bundles = [dict(group.resources_per_rank) for _ in range(group.world_size)]
     for key, value in group.resources.items():
@@ -570,10 +564,6 @@ def up(config: ClusterConfig, address: str | None = None, *, timeout_s: float = 
     and ``DeployError`` says why."""
     ray = _ray()
     deadline = time.monotonic() + timeout_s
-    if config.prefill.pipeline_parallel_size > 1 or config.decode.pipeline_parallel_size > 1:
-        if not _pp_supported():
-            raise DeployError("pipeline_parallel_size > 1 needs engine support "
-                              "(EngineSettings.pipeline_parallel_size), which this kvmesh lacks")
     model, served_name = config.resolved_model()
     api_token = config.api_token()
     actor_log = logging.getLogger("ray.actor")
