@@ -29,6 +29,41 @@ def reference_outputs(model: str, prompts: list[list[int]], max_tokens: int,
     return json.loads(out.read_text())
 
 
+def reference_table(model: str, prompts: list[list[int]], max_tokens: int, block_size: int,
+                    workdir: Path) -> dict[tuple[int, ...], list[int]]:
+    """``reference_outputs`` keyed by prompt."""
+    outs = reference_outputs(model, prompts, max_tokens, block_size, workdir)
+    return {tuple(p): o for p, o in zip(prompts, outs)}
+
+
+async def prefill_then_decode(prefill_address: str, decode_address: str, prompt: list[int],
+                              max_tokens: int, between=lambda: None):
+    """Drive the workers directly — prefill, then ``between()`` (e.g. inject a fault), then
+    decode — and return the decode tokens and its last chunk."""
+    import random
+
+    from kvmesh_proto import worker_pb2
+    from router.workers import WorkerClient
+
+    prefill, decode = WorkerClient(prefill_address), WorkerClient(decode_address)
+    try:
+        req = worker_pb2.GenerateRequest(
+            request_id=f"t{random.random()}", prompt_token_ids=prompt,
+            sampling=worker_pb2.SamplingParams(max_tokens=1, temperature=0))
+        async for _ in prefill.generate(req, 60):
+            pass
+        between()
+        req.sampling.max_tokens = max_tokens
+        tokens, last = [], None
+        async for chunk in decode.generate(req, 60):
+            tokens += chunk.token_ids
+            last = chunk
+        return tokens, last
+    finally:
+        await prefill.close()
+        await decode.close()
+
+
 def main(inp: str, out: str) -> None:
     from vllm import LLM, SamplingParams
 

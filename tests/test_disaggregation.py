@@ -17,16 +17,15 @@ import pytest
 
 from cluster.local import LocalCluster
 from kv_store.client import StoreClient
-from kvmesh_proto import worker_pb2
-from router.workers import WorkerClient
-from tests.colocated import reference_outputs
+from tests.colocated import prefill_then_decode, reference_table
 
 BLOCK = 32
 MAX_TOKENS = 12
 # Shorter than a block, exact multiples of it, and in between.
 LENGTHS = [5, 31, 32, 33, 64, 65, 100, 128, 200, 300]
-PREFIX = [random.Random(7).randrange(10, 1000) for _ in range(256)]
-SHARED = [PREFIX + [random.Random(s).randrange(10, 1000) for _ in range(20)] for s in (1, 2)]
+_rng = random.Random(7)
+PREFIX = [_rng.randrange(10, 1000) for _ in range(256)]
+SHARED = [PREFIX + [_rng.randrange(10, 1000) for _ in range(20)] for _ in range(2)]
 
 
 def _prompts() -> list[list[int]]:
@@ -39,10 +38,8 @@ PROMPTS = _prompts()
 
 @pytest.fixture(scope="module")
 def reference(tiny_model, tmp_path_factory) -> dict[tuple[int, ...], list[int]]:
-    prompts = PROMPTS + SHARED
-    outs = reference_outputs(tiny_model, prompts, MAX_TOKENS, BLOCK,
-                             tmp_path_factory.mktemp("colocated"))
-    return {tuple(p): o for p, o in zip(prompts, outs)}
+    return reference_table(tiny_model, PROMPTS + SHARED, MAX_TOKENS, BLOCK,
+                           tmp_path_factory.mktemp("colocated"))
 
 
 @pytest.fixture(scope="module")
@@ -140,25 +137,9 @@ def test_prefix_demoted_to_disk_is_served_from_disk(cluster, store, reference):
     assert again["choices"][0]["token_ids"] == reference[tuple(first)]
 
 
-async def _prefill_then_decode(cluster, prompt, between) -> tuple[list[int], worker_pb2.GenerateChunk]:
-    """Drive the workers directly so a fault can be injected between prefill and decode."""
-    prefill, decode = WorkerClient(cluster.prefill_address), WorkerClient(cluster.decode_address)
-    try:
-        req = worker_pb2.GenerateRequest(
-            request_id=f"t{random.random()}", prompt_token_ids=prompt,
-            sampling=worker_pb2.SamplingParams(max_tokens=1, temperature=0))
-        async for _ in prefill.generate(req, 60):
-            pass
-        between()
-        req.sampling.max_tokens = MAX_TOKENS
-        tokens, last = [], None
-        async for chunk in decode.generate(req, 60):
-            tokens += chunk.token_ids
-            last = chunk
-        return tokens, last
-    finally:
-        await prefill.close()
-        await decode.close()
+async def _prefill_then_decode(cluster, prompt, between):
+    return await prefill_then_decode(cluster.prefill_address, cluster.decode_address, prompt,
+                                     MAX_TOKENS, between)
 
 
 LONG = [p for p in PROMPTS if len(p) > 2 * BLOCK]

@@ -15,7 +15,7 @@ import pytest
 from cluster.local import LocalCluster
 from kv_store.client import StoreClient
 from kvmesh_proto import worker_pb2, worker_pb2_grpc
-from tests.colocated import reference_outputs
+from tests.colocated import reference_table
 
 BLOCK = 32
 MAX_TOKENS = 8
@@ -28,8 +28,7 @@ PROMPTS = [[rng.randrange(10, 1000) for _ in range(n)]
 
 @pytest.fixture(scope="module")
 def reference(tiny_model, tmp_path_factory):
-    outs = reference_outputs(tiny_model, PROMPTS, MAX_TOKENS, BLOCK, tmp_path_factory.mktemp("ref"))
-    return {tuple(p): o for p, o in zip(PROMPTS, outs)}
+    return reference_table(tiny_model, PROMPTS, MAX_TOKENS, BLOCK, tmp_path_factory.mktemp("ref"))
 
 
 @pytest.fixture(scope="module")

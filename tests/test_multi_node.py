@@ -13,7 +13,7 @@ import pytest
 
 from cluster.local import LocalCluster
 from kv_store.index import RedisBlockIndex
-from tests.colocated import reference_outputs
+from tests.colocated import reference_table
 from tests.test_disaggregation import BLOCK, MAX_TOKENS, complete
 
 HEARTBEAT_TIMEOUT_S = 2.0
@@ -23,8 +23,7 @@ PROMPTS = [[rng.randrange(10, 1000) for _ in range(n)]
 
 @pytest.fixture(scope="module")
 def reference(tiny_model, tmp_path_factory):
-    outs = reference_outputs(tiny_model, PROMPTS, MAX_TOKENS, BLOCK, tmp_path_factory.mktemp("ref"))
-    return {tuple(p): o for p, o in zip(PROMPTS, outs)}
+    return reference_table(tiny_model, PROMPTS, MAX_TOKENS, BLOCK, tmp_path_factory.mktemp("ref"))
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ import yaml
 
 from cluster.config import parse_config
 from cluster.local import free_port
-from tests.colocated import reference_outputs
+from tests.colocated import reference_table
 
 HEAD_IP, NODE_IP = "127.0.0.2", "127.0.0.3"
 BLOCK = 32
@@ -110,8 +110,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def reference(tiny_model, tmp_path_factory):
-    outs = reference_outputs(tiny_model, PROMPTS, MAX_TOKENS, BLOCK, tmp_path_factory.mktemp("colocated"))
-    return {tuple(p): o for p, o in zip(PROMPTS, outs)}
+    return reference_table(tiny_model, PROMPTS, MAX_TOKENS, BLOCK, tmp_path_factory.mktemp("colocated"))
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 import kvmesh_client
 from cluster.local import LocalCluster
 from kvmesh_proto import worker_pb2, worker_pb2_grpc
-from tests.colocated import reference_outputs
+from tests.colocated import reference_table
 
 BLOCK = 32
 MAX_TOKENS = 10
@@ -26,8 +26,9 @@ TEXTS = ["The quick brown fox jumps over the lazy dog",
          "alpha beta gamma delta " * 20]
 CHAT = [{"role": "system", "content": "You answer briefly."},
         {"role": "user", "content": "What does the store hold? " * 6}]
-PREFIX = [random.Random(5).randrange(10, 1000) for _ in range(320)]
-AFFINITY = [PREFIX + [random.Random(s).randrange(10, 1000) for _ in range(8)] for s in range(4)]
+_rng = random.Random(5)
+PREFIX = [_rng.randrange(10, 1000) for _ in range(320)]
+AFFINITY = [PREFIX + [_rng.randrange(10, 1000) for _ in range(8)] for _ in range(4)]
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +48,8 @@ def prompts(tokenizer):
 
 @pytest.fixture(scope="module")
 def reference(tiny_model, prompts, tmp_path_factory):
-    all_prompts = prompts["texts"] + [prompts["chat"]] + AFFINITY
-    outs = reference_outputs(tiny_model, all_prompts, MAX_TOKENS, BLOCK, tmp_path_factory.mktemp("ref"))
-    return {tuple(p): o for p, o in zip(all_prompts, outs)}
+    return reference_table(tiny_model, prompts["texts"] + [prompts["chat"]] + AFFINITY, MAX_TOKENS,
+                           BLOCK, tmp_path_factory.mktemp("ref"))
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +279,8 @@ def test_invalid_inputs_and_auth(cluster, tiny_model):
 
 
 def test_tenant_salt_separates_prefix_caches(cluster):
-    prompt = [random.Random(99).randrange(10, 1000) for _ in range(200)]
+    rng = random.Random(99)
+    prompt = [rng.randrange(10, 1000) for _ in range(200)]
 
     def run(salt):
         body = {"prompt": prompt, "max_tokens": 4, "temperature": 0, "cache_salt": salt}

@@ -12,9 +12,7 @@ import pytest
 
 from cluster.local import LocalCluster
 from kv_store.client import StoreClient
-from kvmesh_proto import worker_pb2
-from router.workers import WorkerClient
-from tests.colocated import reference_outputs
+from tests.colocated import prefill_then_decode, reference_table
 
 BLOCK = 32
 MAX_TOKENS = 8
@@ -25,8 +23,7 @@ PROMPTS = [[rng.randrange(10, 1000) for _ in range(n)]
 
 @pytest.fixture(scope="module")
 def reference(tiny_model, tmp_path_factory):
-    outs = reference_outputs(tiny_model, PROMPTS, MAX_TOKENS, BLOCK, tmp_path_factory.mktemp("ref"))
-    return {tuple(p): o for p, o in zip(PROMPTS, outs)}
+    return reference_table(tiny_model, PROMPTS, MAX_TOKENS, BLOCK, tmp_path_factory.mktemp("ref"))
 
 
 @pytest.fixture(scope="module")
@@ -39,32 +36,13 @@ def cluster(tiny_model, tmp_path_factory):
         yield c
 
 
-async def _prefill_then_decode(cluster, decode_address, prompt, between=lambda: None):
-    prefill, decode = WorkerClient(cluster.prefill_address), WorkerClient(decode_address)
-    try:
-        req = worker_pb2.GenerateRequest(request_id=f"t{random.random()}", prompt_token_ids=prompt,
-                                         sampling=worker_pb2.SamplingParams(max_tokens=1, temperature=0))
-        async for _ in prefill.generate(req, 60):
-            pass
-        between()
-        req.sampling.max_tokens = MAX_TOKENS
-        tokens, last = [], None
-        async for chunk in decode.generate(req, 60):
-            tokens += chunk.token_ids
-            last = chunk
-        return tokens, last
-    finally:
-        await prefill.close()
-        await decode.close()
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_backend_carries_the_kv(cluster, reference, backend):
     address = cluster.decode_addresses[BACKENDS.index(backend)]
     with StoreClient(cluster.store_address) as store:
         for prompt in PROMPTS:
             store.drop()
-            tokens, last = asyncio.run(_prefill_then_decode(cluster, address, prompt))
+            tokens, last = asyncio.run(prefill_then_decode(cluster.prefill_address, address, prompt, MAX_TOKENS))
             loaded = (len(prompt) - 1) // BLOCK * BLOCK
             assert last.kv_backend == backend
             assert last.tokens_from_store == loaded and last.tokens_load_failed == 0
@@ -72,8 +50,8 @@ def test_every_backend_carries_the_kv(cluster, reference, backend):
             assert tokens == reference[tuple(prompt)]
         # The negative control: the same path with the stored KV replaced by noise.
         store.drop()
-        tokens, last = asyncio.run(_prefill_then_decode(
-            cluster, address, PROMPTS[0], lambda: store.inject_fault("noise")))
+        tokens, last = asyncio.run(prefill_then_decode(
+            cluster.prefill_address, address, PROMPTS[0], MAX_TOKENS, lambda: store.inject_fault("noise")))
         assert last.kv_backend == backend and last.tokens_load_failed == 0
         assert tokens != reference[tuple(PROMPTS[0])]
         store.drop()
