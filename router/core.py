@@ -322,6 +322,8 @@ class RouterCore:
                     self.metrics.prefill_skipped.inc()
                 else:
                     await self._prefill(route.prefill, request, trace)
+                    if p.request_id in self._cancel_requested:  # cancelled while prefilling
+                        raise asyncio.CancelledError
                 async for chunk in self._decode(route, request, trace, start):
                     yield chunk
                 if trace.prefill_ok or trace.prefill_skipped:
@@ -331,6 +333,8 @@ class RouterCore:
             outcome = "overloaded"
             raise ApiError(429, str(e), "overloaded_error")
         except grpc.aio.AioRpcError as e:
+            if p.request_id in self._cancel_requested:  # gRPC reports our cancel as CANCELLED
+                raise ApiError(499, "request cancelled") from None
             outcome = "error"
             status = _HTTP_FROM_GRPC.get(e.code(), 502)
             raise ApiError(status, f"decode worker: {e.details() or e.code().name}")

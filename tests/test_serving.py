@@ -175,8 +175,7 @@ def test_disconnect_mid_stream_frees_the_request(cluster):
 
         t = threading.Thread(target=consume)
         t.start()
-        assert wait_until(lambda: decode_running(cluster) == 1)
-        assert client.cancel("c1")
+        assert wait_until(lambda: client.cancel("c1"), 60)  # True once the router runs it
         t.join(30)
         assert not t.is_alive() and isinstance(errors[0], kvmesh_client.Cancelled)
         assert wait_until(lambda: decode_running(cluster) == 0)
@@ -223,23 +222,22 @@ def test_admission_limit_answers_overloaded(cluster):
     # first finished and be served: the router never admits more than its limits).
     assert codes.count(429) >= 3 and codes.count(200) >= 2 and set(codes) <= {200, 429}, codes
     with kvmesh_client.Client(grpc_address, retries=0) as client:
-        errors = []
+        outcomes = []
 
-        def hold():
-            client.generate("zeta " * 30, max_tokens=400, ignore_eos=True)
+        def one():
+            try:
+                client.generate("zeta " * 30, max_tokens=400, ignore_eos=True)
+                outcomes.append("done")
+            except kvmesh_client.Overloaded:
+                outcomes.append("overloaded")
 
-        threads = [threading.Thread(target=hold) for _ in range(2)]
+        threads = [threading.Thread(target=one) for _ in range(6)]
         for t in threads:
             t.start()
-        assert wait_until(lambda: metric(url, "kvmesh_router_inflight") == 1
-                          and metric(url, "kvmesh_router_queued") == 1, 60)
-        try:
-            client.generate("eta", max_tokens=4)
-        except kvmesh_client.Overloaded as e:
-            errors.append(e)
         for t in threads:
-            t.join(120)
-        assert errors, "the third concurrent request was not refused"
+            t.join(180)
+        assert sorted(set(outcomes)) == ["done", "overloaded"], outcomes
+        assert outcomes.count("overloaded") >= 3, outcomes
     assert time.monotonic() - started < 240
     assert metric(url, "kvmesh_router_requests_total", '{outcome="overloaded"}') >= 5
 
