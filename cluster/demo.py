@@ -38,9 +38,10 @@ def run_demo(cluster, max_tokens: int = 24) -> list[dict]:
                        "max_tokens": max_tokens, "temperature": 0})
         info = r["kvmesh"]
         from_store = info["prefix_tokens_from_store"]
+        prefill = "skipped" if info["prefill_skipped"] else f"{from_store['prefill']} tokens"
         print(f"[{label}] prompt {r['usage']['prompt_tokens']} tokens, "
               f"time to first token {info['ttft_s'] * 1000:.0f} ms, "
-              f"from store: prefill {from_store['prefill']}, decode {from_store['decode']} tokens",
+              f"from store: prefill {prefill}, decode {from_store['decode']} tokens",
               flush=True)
         print(f"    -> {r['choices'][0]['text']!r}", flush=True)
         results.append(r)
