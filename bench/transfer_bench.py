@@ -185,10 +185,6 @@ class SourceProcess:
 # ------------------------------------------------------------------ measuring
 
 
-def _case_label(pattern_name: str, block_bytes: int) -> str:
-    return pattern_name if pattern_name != "single" else str(block_bytes)
-
-
 def _cases(sizes, arena_bytes, layers, blocks_per_layer, layer_block_bytes, seed=0):
     """Each case: (pattern, block_bytes, call_bytes, [call extents, ...])."""
     out = []

@@ -177,14 +177,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class _NoSignalLoop(asyncio.SelectorEventLoop):
-    """An event loop for a thread: signals belong to the actor's main thread (Ray's), so
-    ``serve_worker``'s SIGTERM/SIGINT handlers are not installed; ``stop()`` cancels it."""
-
-    def add_signal_handler(self, sig, callback, *args) -> None:
-        pass
-
-
 def auto_cpu_bind(role: str, world_size: int) -> str | None:
     """``VLLM_CPU_OMP_THREADS_BIND`` for ``cpu_cores: auto``: the role's half of this
     machine's cores (as ``cluster.local.worker_cpu_env``), one group per rank
@@ -240,10 +232,12 @@ class WorkerActor(_Component):
     def _serve(self) -> None:
         from engine_host.service import serve_worker
 
-        loop = self._loop = _NoSignalLoop()
+        # Signals belong to the actor's main thread (Ray's): ``stop()`` cancels the task.
+        loop = self._loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         try:
-            self._task = loop.create_task(serve_worker(self.settings, self.node_ip, self.port))
+            self._task = loop.create_task(serve_worker(self.settings, self.node_ip, self.port,
+                                                       stop=asyncio.Event()))
             loop.run_until_complete(self._task)
             if self.error is None:
                 self.error = "the worker stopped"

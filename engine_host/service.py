@@ -83,8 +83,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
 
 async def serve_worker(settings: EngineSettings, host: str, port: int,
-                       shutdown_grace_s: float = 5.0, announcer=None) -> None:
-    """Run a worker until SIGINT/SIGTERM: engine up, then the API, then both down in order.
+                       shutdown_grace_s: float = 5.0, announcer=None,
+                       stop: asyncio.Event | None = None) -> None:
+    """Run a worker until ``stop`` is set (by default: until SIGINT/SIGTERM): engine up,
+    then the API, then both down in order.
 
     With an ``announcer`` (``kv_store.index.services.Announcer``) the worker announces
     itself for discovery once it serves, and withdraws before it stops."""
@@ -101,10 +103,11 @@ async def serve_worker(settings: EngineSettings, host: str, port: int,
         print(f"kvmesh {settings.role} worker serving on {host}:{port}", flush=True)
         if announcer is not None:
             announcer.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        if stop is None:  # a process of its own: signals stop it
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
         if announcer is not None:
