@@ -13,6 +13,7 @@ from typing import NamedTuple, Sequence
 import grpc
 
 from kvmesh_proto.options import DEFAULT_MAX_MESSAGE_BYTES, message_options
+from kv_store.block_store import StoredBlock
 from kv_store.integrity import checksum, verify
 from kvmesh_proto import store_pb2, store_pb2_grpc
 
@@ -28,7 +29,7 @@ class Located(NamedTuple):
 
 
 class GetResult(NamedTuple):
-    blocks: dict[bytes, bytes]  # verified blocks, by key
+    blocks: dict[bytes, StoredBlock]  # verified blocks (bytes and their checksum), by key
     corrupt: int                # blocks returned whose checksum did not match
 
 
@@ -61,11 +62,11 @@ class StoreClient:
 
     def get(self, keys: Sequence[bytes]) -> GetResult:
         reply = self._call(self._stub.Get, store_pb2.GetRequest(keys=keys))
-        good: dict[bytes, bytes] = {}
+        good: dict[bytes, StoredBlock] = {}
         corrupt = 0
         for block in reply.blocks:
             if verify(block.data, block.checksum):
-                good[block.key] = block.data
+                good[block.key] = StoredBlock(block.data, block.checksum)
             else:
                 corrupt += 1
         return GetResult(good, corrupt)

@@ -136,12 +136,12 @@ class LayerLoad:
 
     def _get(self, keys: list[bytes]) -> dict[bytes, bytes]:
         result = self.store.get(keys)
-        self._nbytes += sum(len(d) for d in result.blocks.values())
+        self._nbytes += sum(len(b.data) for b in result.blocks.values())
         self._done_at = time.monotonic()
-        return result.blocks
+        return {k: b.data for k, b in result.blocks.items()}
 
     def _read(self, reader, wanted: list[tuple[bytes, tuple[int, int, int]]]) -> dict[bytes, bytes]:
-        from kv_store.transfer import Extent, TransferError
+        from kv_store.transfer import Extent, ReaderBroken, TransferError
 
         total = sum(size for _, (_, size, _) in wanted)
         dest = bytearray(total)
@@ -150,7 +150,7 @@ class LayerLoad:
                         deadline_s=self._remaining())
         except TransferError as e:
             log.warning("%s transfer failed, blocks will be recomputed: %s", self._backend, e)
-            if "broken" in str(e) or "gone" in str(e):
+            if isinstance(e, ReaderBroken):  # the next load attaches a new one
                 self.readers.drop(reader)
             return {}
         out, pos = {}, 0

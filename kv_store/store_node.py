@@ -21,7 +21,6 @@ from typing import Sequence
 from kv_store.block_store import StoredBlock
 from kv_store.client import StoreClient, StoreError
 from kv_store.index import BlockIndex
-from kv_store.integrity import checksum
 
 log = logging.getLogger("kvmesh.store")
 
@@ -144,7 +143,7 @@ class PeerBlocks:
             except StoreError as e:
                 log.warning("peer %s unavailable: %s", address, e)
                 continue
-            found.update((k, StoredBlock(d, checksum(d))) for k, d in result.blocks.items())
+            found.update(result.blocks)
         return found
 
     def close(self) -> None:

@@ -5,6 +5,7 @@ import time
 import pytest
 
 from kv_store.client import StoreClient, StoreError
+from kv_store.integrity import checksum
 from kv_store.server import start_store_server
 from kv_store.tiered_store import TieredStore
 from kv_store.tiers import HostTier
@@ -26,7 +27,8 @@ def test_put_lookup_get_drop(server):
         assert c.put([(b"a", b"1" * 10), (b"b", b"2" * 10)]) == 2
         assert c.lookup([[b"a"], [b"b"], [b"c"]]) == 2
         got = c.get([b"a", b"c", b"b"])
-        assert got.blocks == {b"a": b"1" * 10, b"b": b"2" * 10} and got.corrupt == 0
+        assert {k: b.data for k, b in got.blocks.items()} == {b"a": b"1" * 10, b"b": b"2" * 10}
+        assert got.corrupt == 0 and got.blocks[b"a"].checksum == checksum(b"1" * 10)
         assert c.drop([b"a"]) == 1
         assert c.lookup([[b"a"]]) == 0
         assert c.stats().blocks == 1
@@ -36,7 +38,7 @@ def test_large_blocks_pass_the_raised_message_limit(server):
     big = bytes(range(256)) * (6 * 4096)  # 6 MiB, over gRPC's 4 MiB default
     with StoreClient(server) as c:
         assert c.put([(b"big", big[: 900 * 1024])]) == 1  # fits the 1 MiB store
-        assert c.get([b"big"]).blocks[b"big"] == big[: 900 * 1024]
+        assert c.get([b"big"]).blocks[b"big"].data == big[: 900 * 1024]
         assert c.put([(b"huge", big)]) == 0  # larger than the store: rejected, not an error
 
 
@@ -49,7 +51,7 @@ def test_faults_are_seen_by_the_reader(server, mode, corrupt, returned):
         got = c.get([b"k"])
         assert got.corrupt == corrupt and len(got.blocks) == returned
         if returned:
-            assert got.blocks[b"k"] != b"\x01\x02" * 64  # noise: valid checksum, other bytes
+            assert got.blocks[b"k"].data != b"\x01\x02" * 64  # noise: valid checksum, other bytes
 
 
 def test_fault_injection_is_refused_by_default():

@@ -19,7 +19,7 @@ import pytest
 from bench.transfer_bench import SourceProcess, pattern
 from kv_store.tiers import HostTier
 from kv_store.transfer import (
-    BackendChoice, Extent, TransferError, choose_backend, open_reader, open_source,
+    BackendChoice, Extent, ReaderBroken, TransferError, choose_backend, open_reader, open_source,
     usable_backends,
 )
 from kv_store.transfer.base import decode_descriptor, encode_descriptor
@@ -208,8 +208,8 @@ def test_nixl_connection_to_a_stopped_store_times_out_and_releases(source):
 
 def test_source_killed_mid_read(source):
     """One store process serves a reader per backend, each reading in a loop; SIGKILL
-    the store: every reader fails with TransferError promptly, holds nothing, and a new
-    reader of a live store works."""
+    the store: every reader fails with TransferError promptly (shm: ReaderBroken, so its
+    user opens a new one), holds nothing, and a new reader of a live store works."""
     with SourceProcess(8 << 20, BACKENDS) as doomed:
         readers = {b: open_reader(_require(doomed, b)) for b in BACKENDS}
         failures: dict[str, tuple[float, BaseException]] = {}
@@ -239,6 +239,8 @@ def test_source_killed_mid_read(source):
         for backend, reader in readers.items():
             failed_at, error = failures[backend]
             assert isinstance(error, TransferError), (backend, error)
+            if backend == "shm":  # the owner's lock is gone: this reader is done for
+                assert isinstance(error, ReaderBroken), error
             assert failed_at - killed_at < 5 + MARGIN_S, backend
             assert reader.stats()["in_flight"] == 0, backend
             with pytest.raises(TransferError):
@@ -258,7 +260,7 @@ def test_close_twice_and_read_after_close(reader_for, backend):
     reader.read([Extent(0, 16)], bytearray(16), deadline_s=10)
     reader.close()
     reader.close()
-    with pytest.raises(TransferError, match="closed"):
+    with pytest.raises(ReaderBroken, match="closed"):
         reader.read([Extent(0, 16)], bytearray(16), deadline_s=10)
     assert reader.stats() == {"registered": 0, "in_flight": 0}
 

@@ -20,14 +20,14 @@ import os
 from typing import Iterable, Mapping, NamedTuple
 
 from kv_store.transfer.base import (
-    Extent, Reader, SourceRegion, TransferError, decode_descriptor,
+    Extent, Reader, ReaderBroken, SourceRegion, TransferError, decode_descriptor,
 )
 
 BACKENDS = ("shm", "nixl", "grpc")
 DEFAULT_PREFERENCE = ("shm", "nixl", "grpc")
 
 __all__ = [
-    "BACKENDS", "BackendChoice", "Extent", "Reader", "SourceRegion", "TransferError",
+    "BACKENDS", "BackendChoice", "Extent", "Reader", "ReaderBroken", "SourceRegion", "TransferError",
     "available_backends", "choose_backend", "open_reader", "open_source", "usable_backends",
 ]
 

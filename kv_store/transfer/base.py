@@ -18,7 +18,9 @@ Contract of ``Reader.read(extents, dest, deadline_s)``:
   bounded piece of work (each backend cuts large reads into pieces for that). After it,
   nothing of that call is still in flight or newly registered; ``dest`` holds
   unspecified bytes.
-* ``close`` is idempotent; a read after close raises ``TransferError``.
+* When the reader itself is done for (the source went away, or it was closed) the error
+  is ``ReaderBroken``; every later read raises it too.
+* ``close`` is idempotent; a read after close raises ``ReaderBroken``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ class Extent(NamedTuple):
 
 class TransferError(RuntimeError):
     """The transfer failed: peer gone, refused, disconnected, or the deadline passed."""
+
+
+class ReaderBroken(TransferError):
+    """The reader cannot be used again (its source is gone, or it was closed): the caller
+    closes it and opens a new one from a fresh descriptor. Other ``TransferError`` s
+    concern one call only; the same reader may be tried again."""
 
 
 class SourceRegion(ABC):

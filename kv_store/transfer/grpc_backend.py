@@ -38,7 +38,7 @@ import numpy as np
 
 from kvmesh_proto.options import message_options
 from kv_store.transfer.base import (
-    Deadline, Extent, Reader, SourceRegion, TransferError, check_dest, check_extents,
+    Deadline, Extent, Reader, ReaderBroken, SourceRegion, TransferError, check_dest, check_extents,
     decode_descriptor, encode_descriptor, split_pieces,
 )
 
@@ -166,7 +166,7 @@ class GrpcReader(Reader):
         out = check_dest(dest, total)
         deadline = Deadline(deadline_s)
         if self._closed:
-            raise TransferError("grpc reader is closed")
+            raise ReaderBroken("grpc reader is closed")
         if total == 0:
             return
         timeout = deadline.check(f"grpc read from {self.address}")

@@ -48,7 +48,7 @@ from typing import Sequence
 import numpy as np
 
 from kv_store.transfer.base import (
-    Deadline, Extent, Reader, SourceRegion, TransferError, check_dest, check_extents,
+    Deadline, Extent, Reader, ReaderBroken, SourceRegion, TransferError, check_dest, check_extents,
     decode_descriptor, encode_descriptor, split_pieces,
 )
 
@@ -282,7 +282,7 @@ class NixlReader(Reader):
 
     def _require_open(self) -> None:
         if self._agent is None:
-            raise TransferError("nixl reader is closed")
+            raise ReaderBroken("nixl reader is closed")
 
     def _retry_stuck(self) -> None:
         for handle in list(self._stuck):
@@ -302,7 +302,7 @@ class NixlReader(Reader):
             if total == 0:
                 return
             if self._broken:
-                raise TransferError(self._broken)
+                raise ReaderBroken(self._broken)
             if self._stuck:
                 self._retry_stuck()
             deadline.check("nixl read")
@@ -353,6 +353,7 @@ class NixlReader(Reader):
             message = f"nixl read: {type(e).__name__}: {e}"
             if "DISCONNECT" in str(e).upper():
                 self._broken = f"nixl source is gone ({message}); open a new reader"
+                raise ReaderBroken(self._broken) from None
             raise TransferError(message) from None
         finally:
             self._active -= 1

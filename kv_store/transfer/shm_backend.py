@@ -27,7 +27,7 @@ from typing import Sequence
 
 from kv_store.tiers import HostTier, shm_path, unlink_shm_if_same
 from kv_store.transfer.base import (
-    Deadline, Extent, Reader, SourceRegion, TransferError, check_dest, check_extents,
+    Deadline, Extent, Reader, ReaderBroken, SourceRegion, TransferError, check_dest, check_extents,
     decode_descriptor, encode_descriptor,
 )
 
@@ -119,7 +119,7 @@ class ShmReader(Reader):
     def _check_owner(self) -> None:
         fd = self._fd
         if fd is None:
-            raise TransferError("shm reader is closed")
+            raise ReaderBroken("shm reader is closed")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -127,14 +127,14 @@ class ShmReader(Reader):
         except OSError as e:
             raise TransferError(f"shm segment {self.shm_name!r}: {e}") from None
         fcntl.flock(fd, fcntl.LOCK_UN)
-        raise TransferError(f"shm segment {self.shm_name!r}: its owner process is gone")
+        raise ReaderBroken(f"shm segment {self.shm_name!r}: its owner process is gone")
 
     def read(self, extents: Sequence[Extent], dest, deadline_s: float) -> None:
         pairs, total = check_extents(extents, self.region_bytes)
         out = check_dest(dest, total)
         deadline = Deadline(deadline_s)
         if self._fd is None:
-            raise TransferError("shm reader is closed")
+            raise ReaderBroken("shm reader is closed")
         if total == 0:
             return
         deadline.check("shm read")
@@ -155,7 +155,7 @@ class ShmReader(Reader):
                         deadline.check("shm read")
                         since = 0
         except ValueError as e:  # the view was released by a concurrent close
-            raise TransferError(f"shm read: {e}") from None
+            raise ReaderBroken(f"shm read: {e}") from None
         deadline.check("shm read")
         self._check_owner()
 
