@@ -3,6 +3,15 @@
 Runs in its own process (vLLM's engine holds threads and memory we don't want in the
 test process): ``python -m tests.colocated IN.json OUT.json`` where IN holds
 ``{"model", "block_size", "max_tokens", "prompts": [[token ids], ...]}``.
+
+Exact ties. The engine's logits are bfloat16, so two candidates can come out exactly
+equal, and then which one greedy decoding takes depends on the order the sums were done
+in: a cached prefix read back (from our store, or from vLLM's own prefix cache) instead of
+recomputed in the same pass rounds differently and can break the tie the other way. So
+each reference keeps the top candidates of every step (``GreedyTokens``), and another run
+matches it when it takes the same tokens, or the same up to a step where it took a
+candidate tied with the reference's choice (within ``TIE_NATS``); past that step the two
+runs continue from different contexts and are not compared.
 """
 
 from __future__ import annotations
@@ -13,9 +22,49 @@ import subprocess
 import sys
 from pathlib import Path
 
+TIE_NATS = 0.07  # one bfloat16 step of a logit below 16 is at most 0.0625
+TOP_CANDIDATES = 5
+
+
+class GreedyTokens(list):
+    """A colocated run's greedy tokens, with its top candidates at each step.
+
+    ``==`` (and ``!=``) with a list of tokens is the match described at the top of this
+    module: equal, or equal up to a step where the other run took a tied candidate."""
+
+    def __init__(self, tokens: list[int], candidates: list[dict[int, float]]):
+        super().__init__(tokens)
+        self.candidates = candidates  # per step: token id -> logprob, the top few
+
+    def tied(self, step: int, token: int) -> bool:
+        """Whether ``token`` was as likely as the reference's choice at ``step``."""
+        top = self.candidates[step]
+        return token in top and top[self[step]] - top[token] <= TIE_NATS
+
+    def __eq__(self, other) -> bool:
+        other = list(other)
+        for step, (mine, theirs) in enumerate(zip(self, other)):
+            if mine != theirs:
+                return self.tied(step, theirs)
+        return len(other) == len(self)
+
+    def __ne__(self, other) -> bool:
+        return not self.__eq__(other)
+
+    __hash__ = None
+
+    def matches_text(self, tokenizer, text: str) -> bool:
+        """The same match for generated text: the reference's text, or its text up to a
+        tied step followed by the tied candidate's."""
+        if text == tokenizer.decode(list(self)):
+            return True
+        return any(text.startswith(tokenizer.decode(self[:step] + [token]))
+                   for step, top in enumerate(self.candidates)
+                   for token in top if token != self[step] and self.tied(step, token))
+
 
 def reference_outputs(model: str, prompts: list[list[int]], max_tokens: int,
-                      block_size: int, workdir: Path, timeout_s: float = 600) -> list[list[int]]:
+                      block_size: int, workdir: Path, timeout_s: float = 600) -> list[GreedyTokens]:
     """Token ids each prompt generates greedily in a colocated vLLM run."""
     inp, out = workdir / "colocated-in.json", workdir / "colocated-out.json"
     inp.write_text(json.dumps({"model": model, "block_size": block_size,
@@ -26,11 +75,12 @@ def reference_outputs(model: str, prompts: list[list[int]], max_tokens: int,
                           env=env, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"colocated run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(out.read_text())
+    return [GreedyTokens(o["tokens"], [{int(t): lp for t, lp in step.items()} for step in o["top"]])
+            for o in json.loads(out.read_text())]
 
 
 def reference_table(model: str, prompts: list[list[int]], max_tokens: int, block_size: int,
-                    workdir: Path) -> dict[tuple[int, ...], list[int]]:
+                    workdir: Path) -> dict[tuple[int, ...], GreedyTokens]:
     """``reference_outputs`` keyed by prompt."""
     outs = reference_outputs(model, prompts, max_tokens, block_size, workdir)
     return {tuple(p): o for p, o in zip(prompts, outs)}
@@ -73,10 +123,12 @@ def main(inp: str, out: str) -> None:
     settings = EngineSettings(model=spec["model"], role="decode", store_address="",
                               block_size=spec["block_size"])
     llm = LLM(**base_engine_kwargs(settings))
-    params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0)
-    # One prompt at a time, as the cluster tests send them.
-    outputs = [list(llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0]
-                    .outputs[0].token_ids) for p in spec["prompts"]]
+    params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, logprobs=TOP_CANDIDATES)
+    outputs = []
+    for p in spec["prompts"]:  # one prompt at a time, as the cluster tests send them
+        result = llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0].outputs[0]
+        outputs.append({"tokens": list(result.token_ids),
+                        "top": [{t: lp.logprob for t, lp in step.items()} for step in result.logprobs]})
     Path(out).write_text(json.dumps(outputs))
 
 
