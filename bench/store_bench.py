@@ -1,9 +1,11 @@
 """``kvmesh bench store``: put/get bandwidth of each store tier against its ceiling.
 
 The ceilings are measured in the same run: ``memcpy`` of the same block sizes (numpy
-copies between preallocated buffers) for the memory tiers, and raw sequential file I/O
+copies between preallocated buffers) for the host tier; raw sequential file I/O
 (``O_DIRECT`` when the file system allows it, 4 MiB requests) on the same disk for the
-disk tier, which then also runs with ``O_DIRECT``. Every figure is a ratio to those.
+disk tier, which then also runs with ``O_DIRECT``; and, where CUDA is usable, copies of
+the same block sizes between page-locked host memory and the device (host to device for
+puts, device to host for gets) for the GPU tier. Every figure is a ratio to those.
 """
 
 from __future__ import annotations
@@ -37,6 +39,37 @@ def memcpy_gbps(block_bytes: int, total_bytes: int) -> float:
     for i in range(count):
         dst[i] = src
     return _gbps(count * block_bytes, time.perf_counter() - start)
+
+
+def gpu_copy_gbps(block_bytes: int, total_bytes: int) -> tuple[float, float]:
+    """Host-to-device and device-to-host copies of ``block_bytes`` between page-locked
+    host memory and the device, back to back over ``total_bytes``: (h2d, d2h) GB/s."""
+    import torch
+
+    count = max(8, total_bytes // block_bytes)
+    host = torch.empty(block_bytes, dtype=torch.uint8, pin_memory=True)
+    device = torch.empty((count, block_bytes), dtype=torch.uint8, device="cuda")
+    device[0].copy_(host)  # warm up the copy engine
+    torch.cuda.synchronize()
+    out = []
+    for direction in ("h2d", "d2h"):
+        start = time.perf_counter()
+        for i in range(count):
+            if direction == "h2d":
+                device[i].copy_(host)
+            else:
+                host.copy_(device[i])
+        torch.cuda.synchronize()
+        out.append(_gbps(count * block_bytes, time.perf_counter() - start))
+    return out[0], out[1]
+
+
+def _cuda_usable() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def _open_direct(path: str, flags: int) -> tuple[int, bool]:
@@ -115,16 +148,18 @@ def run(total_bytes: int = 128 << 20, directory: str | None = None,
               for b in sizes}
     runs = [raw_disk_gbps(directory, total_bytes) for _ in range(2)]  # best of two
     disk_write, disk_read, direct = max(r[0] for r in runs), max(r[1] for r in runs), runs[0][2]
+    gpu_copy: dict[str, tuple[float, float]] = {}
+    if _cuda_usable():
+        say("measuring host<->device copy ceilings")
+        for b in sizes:  # best of three, each direction
+            runs = [gpu_copy_gbps(b, total_bytes) for _ in range(3)]
+            gpu_copy[str(b)] = (max(r[0] for r in runs), max(r[1] for r in runs))
     capacity = total_bytes + 2 * PAGE * len(sizes)
     tiers: list[tuple[str, TieredStore]] = [("host", TieredStore([HostTier(capacity, PAGE)]))]
     disk_path = os.path.join(directory, "kvmesh-tier-bench.bin")
     tiers.append(("disk", TieredStore([DiskTier(disk_path, capacity, PAGE, direct_io=direct)])))
-    try:
-        import torch
-        if torch.cuda.is_available():
-            tiers.insert(0, ("gpu", TieredStore([GpuTier(capacity, PAGE)])))
-    except ImportError:
-        pass
+    if gpu_copy:
+        tiers.insert(0, ("gpu", TieredStore([GpuTier(capacity, PAGE)])))
     results = []
     for name, store in tiers:
         for size in sizes:
@@ -132,13 +167,22 @@ def run(total_bytes: int = 128 << 20, directory: str | None = None,
             results.extend(_run_ops(store, name, size, total_bytes))
         store.close()
     for r in results:
-        ceiling = memcpy[str(r["block_bytes"])] if r["tier"] != "disk" else (
-            disk_write if r["op"] == "put" else disk_read)
+        put = r["op"] == "put"
+        if r["tier"] == "host":
+            ceiling = memcpy[str(r["block_bytes"])]
+        elif r["tier"] == "disk":
+            ceiling = disk_write if put else disk_read
+        else:
+            ceiling = gpu_copy[str(r["block_bytes"])][0 if put else 1]
         r["ratio_to_ceiling"] = round(r["GBps"] / ceiling, 3)
+    ceilings = {"memcpy_GBps": max(memcpy.values()), "memcpy_GBps_by_block": memcpy,
+                "disk_read_GBps": round(disk_read, 3), "disk_write_GBps": round(disk_write, 3),
+                "disk_direct_io": direct}
+    if gpu_copy:
+        ceilings["gpu_h2d_GBps_by_block"] = {b: round(v[0], 3) for b, v in gpu_copy.items()}
+        ceilings["gpu_d2h_GBps_by_block"] = {b: round(v[1], 3) for b, v in gpu_copy.items()}
     return {
-        "ceiling": {"memcpy_GBps": max(memcpy.values()), "memcpy_GBps_by_block": memcpy,
-                    "disk_read_GBps": round(disk_read, 3), "disk_write_GBps": round(disk_write, 3),
-                    "disk_direct_io": direct},
+        "ceiling": ceilings,
         "results": results,
         "config": {"total_bytes_per_case": total_bytes, "page_bytes": PAGE},
     }
@@ -148,6 +192,9 @@ def print_table(report: dict) -> None:
     c = report["ceiling"]
     print(f"ceilings: memcpy up to {c['memcpy_GBps']} GB/s, disk read {c['disk_read_GBps']} GB/s, "
           f"disk write {c['disk_write_GBps']} GB/s (O_DIRECT: {c['disk_direct_io']})")
+    if "gpu_h2d_GBps_by_block" in c:
+        print(f"          host->device up to {max(c['gpu_h2d_GBps_by_block'].values())} GB/s, "
+              f"device->host up to {max(c['gpu_d2h_GBps_by_block'].values())} GB/s (page-locked)")
     print(f"{'tier':6} {'op':4} {'block':>8} {'GB/s':>8} {'ratio':>6} {'p50 us':>9} {'p99 us':>9}")
     for r in report["results"]:
         print(f"{r['tier']:6} {r['op']:4} {r['block_bytes'] >> 10:>6}Ki {r['GBps']:>8.2f} "

@@ -3,7 +3,7 @@
     kvmesh demo                      start a cluster on this machine, run sample prompts, stop
     kvmesh serve                     start a cluster on this machine and serve until Ctrl-C
     kvmesh model make DIR            generate a local test model
-    kvmesh bench store --json        store tier bandwidth against memcpy and raw disk
+    kvmesh bench store --json        store tier bandwidth against memcpy, raw disk (and host<->GPU copies)
     kvmesh bench transfer --json     KV transfer backends between processes against memcpy
     kvmesh bench router|routing      router overhead; TTFT of KV-aware routing vs round robin
     kvmesh store|prefill|decode|router   run one component (what containers run)

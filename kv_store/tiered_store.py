@@ -7,8 +7,9 @@ hit in a slower tier promotes the block back to the fastest tier.
 Guarantees:
 
 * ``get`` returns exactly the bytes put under the key, or nothing: bytes read back from
-  a tier that is not host RAM are checked against the block's checksum, and a mismatch
-  is dropped and counted (``corrupt``), never returned.
+  a tier that is not host RAM (to serve them, or to move them to another tier) are
+  checked against the block's checksum, and a mismatch or a failed read is dropped and
+  counted (``corrupt``), never returned or moved.
 * A block pinned by an in-flight read is never evicted, moved or freed; ``drop`` or a
   re-put of a pinned block takes effect when the last pin goes (the reader still gets
   the old bytes). ``with store.pinned(keys)`` pins for the duration of a block.
@@ -23,6 +24,7 @@ protected by pins.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from contextlib import contextmanager
@@ -35,6 +37,7 @@ from kv_store.integrity import verify
 from kv_store.slab import Slot
 from kv_store.tiers import HostTier, Tier
 
+log = logging.getLogger("kvmesh.store")
 
 @dataclass(eq=False)
 class _Entry:
@@ -148,8 +151,13 @@ class TieredStore(BlockStore):
                     return None
                 self._evict(self._entries[victim])
 
-    def _move(self, entry: _Entry, tier: int) -> bool:
-        """Move an unpinned block to ``tier`` (making room there); False if no room."""
+    def _move(self, entry: _Entry, tier: int, data: bytes | None = None) -> bool:
+        """Move an unpinned block to ``tier`` (making room there); False if no room.
+
+        ``data``: the block's bytes, already read and verified by the caller (saves
+        reading them again). A block whose bytes fail their checksum on the way is dropped
+        and counted as corrupt instead; that returns True too (its old slot is free), so
+        callers that go on using the entry check ``entry.dead``."""
         entry.pins += 1  # making room below must not pick this very block
         try:
             slot = self._make_room(tier, entry.size)
@@ -157,8 +165,11 @@ class TieredStore(BlockStore):
             entry.pins -= 1
         if slot is None:
             return False
-        data = self.tiers[entry.tier].read(entry.slot, entry.size)
-        self.tiers[tier].write(slot, data)
+        if not self._copy(entry, tier, slot, data):
+            self.tiers[tier].allocator.free(slot, entry.size)
+            self._corrupt += 1
+            self._forget(entry)
+            return True
         old_tier = entry.tier
         self.tiers[old_tier].allocator.free(entry.slot, entry.size)
         self._policies[old_tier].remove(entry.key)
@@ -169,6 +180,30 @@ class TieredStore(BlockStore):
         entry.tier, entry.slot = tier, slot
         self._policies[tier].insert(entry.key)
         self._tell("stored", entry.key, self.tiers[tier].name)
+        return True
+
+    def _copy(self, entry: _Entry, tier: int, slot: Slot, data: bytes | None) -> bool:
+        """Copy the block into ``slot`` of ``tier``, straight out of or into the host
+        arena where one side is host RAM. Bytes read from a tier that is not host RAM
+        are verified; False if they fail (or cannot be read), and nothing is written."""
+        src, dst, size = self.tiers[entry.tier], self.tiers[tier], entry.size
+        if data is None and isinstance(src, HostTier):
+            with src.view(entry.slot, size) as view:
+                dst.write(slot, view)
+            return True
+        try:
+            if data is None and isinstance(dst, HostTier):
+                with dst.view(slot, size) as view:
+                    src.read_into(entry.slot, size, view)
+                    return verify(view, entry.checksum)
+            if data is None:
+                data = src.read(entry.slot, size)
+                if not verify(data, entry.checksum):
+                    return False
+        except OSError as e:
+            log.warning("%s tier: cannot read a block back: %s", src.name, e)
+            return False
+        dst.write(slot, data)
         return True
 
     def _evict(self, entry: _Entry) -> None:
@@ -253,10 +288,15 @@ class TieredStore(BlockStore):
                         continue
                     if key in where:
                         continue
-                    self._stats[entry.tier].hits += 1  # served from here (then promoted)
+                    served_from = entry.tier
+                    if entry.tier != host:  # promoted (and verified) first
+                        if entry.pins or not self._move(entry, host):
+                            continue
+                        if entry.dead:  # its bytes were corrupt
+                            self._misses += 1
+                            continue
+                    self._stats[served_from].hits += 1
                     self._policies[entry.tier].access(key)
-                    if entry.tier != host and (entry.pins or not self._move(entry, host)):
-                        continue
                     entry.pins += 1
                     leased.append(entry)
                     where[key] = (entry.slot.offset, entry.size, entry.checksum)
@@ -291,25 +331,33 @@ class TieredStore(BlockStore):
     def get_many(self, keys: Sequence[bytes]) -> dict[bytes, StoredBlock]:
         """The verified blocks among ``keys``; misses and corrupt blocks are left out."""
         found: dict[bytes, StoredBlock] = {}
+        slower: list[_Entry] = []  # hits outside the fastest tier, to promote
         with self.pinned(keys) as entries:
             for key, entry in entries.items():
                 tier = entry.tier
-                data = self.tiers[tier].read(entry.slot, entry.size)
-                if self.tiers[tier].name != "host" and not verify(data, entry.checksum):
+                try:
+                    data = self.tiers[tier].read(entry.slot, entry.size)
+                except OSError as e:
+                    log.warning("%s tier: cannot read a block back: %s", self.tiers[tier].name, e)
+                    data = None
+                if data is None or (self.tiers[tier].name != "host" and not verify(data, entry.checksum)):
                     with self._lock:
                         self._corrupt += 1
                         self._forget(entry)
                     continue
                 found[key] = StoredBlock(data, entry.checksum)
+                if tier > 0:
+                    slower.append(entry)
                 with self._lock:
                     self._stats[tier].hits += 1
                     self._policies[tier].access(key)
         with self._lock:
             self._misses += len(keys) - len(found)
-            for key in found:  # promote hits from slower tiers, now that they are unpinned
-                entry = self._entries.get(key)
-                if entry is not None and entry.tier > 0 and entry.pins == 0:
-                    self._move(entry, 0)
+            for entry in slower:  # promote with the bytes just read, now that it is unpinned
+                block = found[entry.key]
+                if (self._entries.get(entry.key) is entry and entry.tier > 0 and entry.pins == 0
+                        and entry.checksum == block.checksum):
+                    self._move(entry, 0, block.data)
         return found
 
     def lookup(self, groups: Sequence[Sequence[bytes]]) -> int:

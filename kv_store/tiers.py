@@ -2,9 +2,12 @@
 
 A tier owns one preallocated region (host RAM, a slab file on local disk, or GPU memory)
 and a ``SlabAllocator`` over it; the ``TieredStore`` decides what goes where. ``write``
-copies a block into a slot, ``read`` copies it out as ``bytes``. Tiers keep byte and
-time counters for bandwidth metrics. Not thread-safe for the same slot: the store never
-reads a slot while it writes or frees it (pins).
+copies a block into a slot, ``read`` copies it out as ``bytes`` and ``read_into`` into
+memory the caller owns (the store moves blocks between tiers that way, straight into or
+out of the host arena, without an intermediate copy). Tiers keep byte and time counters
+for bandwidth metrics. Not thread-safe for the same slot: the store never reads a slot
+while it writes or frees it (pins). ``OSError`` from a disk means the bytes are lost; the
+store treats it like a checksum mismatch.
 """
 
 from __future__ import annotations
@@ -15,8 +18,11 @@ import os
 import re
 import threading
 import time
+import warnings
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 from kv_store.slab import SlabAllocator, Slot
 
@@ -51,16 +57,29 @@ class Tier(ABC):
     def read(self, slot: Slot, nbytes: int) -> bytes:
         start = time.perf_counter()
         data = self._read(slot, nbytes)
+        self._count_read(nbytes, start)
+        return data
+
+    def read_into(self, slot: Slot, nbytes: int, dest: memoryview) -> None:
+        """Copy the slot's first ``nbytes`` into ``dest[:nbytes]`` (a writable buffer of at
+        least that many bytes)."""
+        start = time.perf_counter()
+        self._read_into(slot, nbytes, dest)
+        self._count_read(nbytes, start)
+
+    def _count_read(self, nbytes: int, start: float) -> None:
         with self._io_lock:
             self.io.read_bytes += nbytes
             self.io.read_seconds += time.perf_counter() - start
-        return data
 
     @abstractmethod
     def _write(self, slot: Slot, data: bytes | memoryview) -> None: ...
 
     @abstractmethod
     def _read(self, slot: Slot, nbytes: int) -> bytes: ...
+
+    @abstractmethod
+    def _read_into(self, slot: Slot, nbytes: int, dest: memoryview) -> None: ...
 
     def close(self) -> None:
         """Release the tier's memory or file."""
@@ -136,6 +155,14 @@ class HostTier(Tier):
 
     def _read(self, slot: Slot, nbytes: int) -> bytes:
         return self._view[slot.offset:slot.offset + nbytes].tobytes()
+
+    def _read_into(self, slot: Slot, nbytes: int, dest: memoryview) -> None:
+        dest[:nbytes] = self._view[slot.offset:slot.offset + nbytes]
+
+    def view(self, slot: Slot, nbytes: int) -> memoryview:
+        """The slot's first ``nbytes`` in place (no copy). The caller releases the view
+        before the tier closes and must not use it once the slot is freed."""
+        return self._view[slot.offset:slot.offset + nbytes]
 
     def buffer(self) -> memoryview:
         """The whole region (for registering with a transfer engine)."""
@@ -218,7 +245,7 @@ def _pin_host_memory(region: mmap.mmap):
 
         address = ctypes.addressof(ctypes.c_char.from_buffer(region))
         cudart = torch.cuda.cudart()
-        if cudart.cudaHostRegister(address, len(region), 0) != 0:
+        if int(cudart.cudaHostRegister(address, len(region), 0)) != 0:  # 0: cudaSuccess
             return None
         return lambda: cudart.cudaHostUnregister(address)
     except Exception:  # no torch, or registration refused: plain pageable memory
@@ -267,13 +294,29 @@ class DiskTier(Tier):
 
     def _read(self, slot: Slot, nbytes: int) -> bytes:
         if not self.direct_io:
-            return os.pread(self._fd, nbytes, slot.offset)
-        buf = self._bounce(slot.size)
-        view = memoryview(buf)
-        got = os.preadv(self._fd, [view[:slot.size]], slot.offset)
-        data = view[:min(nbytes, got)].tobytes()
-        view.release()
-        return data
+            data = os.pread(self._fd, nbytes, slot.offset)
+            _check_length(len(data), nbytes, self.path)
+            return data
+        with self._read_bounced(slot, nbytes) as view:
+            return view.tobytes()
+
+    def _read_into(self, slot: Slot, nbytes: int, dest: memoryview) -> None:
+        if not self.direct_io:
+            with memoryview(dest) as out:
+                _check_length(os.preadv(self._fd, [out[:nbytes]], slot.offset), nbytes, self.path)
+            return
+        with self._read_bounced(slot, nbytes) as view:
+            dest[:nbytes] = view
+
+    @contextmanager
+    def _read_bounced(self, slot: Slot, nbytes: int) -> Iterator[memoryview]:
+        """O_DIRECT: the whole (aligned) slot read into the bounce buffer; yields its
+        first ``nbytes``."""
+        with memoryview(self._bounce(slot.size)) as view:
+            got = os.preadv(self._fd, [view[:slot.size]], slot.offset)
+            _check_length(got, nbytes, self.path)
+            with view[:nbytes] as data:
+                yield data
 
     def close(self) -> None:
         os.close(self._fd)
@@ -283,26 +326,67 @@ class DiskTier(Tier):
             pass
 
 
+def _check_length(got: int, wanted: int, path: str) -> None:
+    if got < wanted:
+        raise OSError(f"short read from {path}: {got} of {wanted} bytes")
+
+
 class GpuTier(Tier):
-    """GPU memory: one device tensor; blocks cross PCIe through the caller's host bytes."""
+    """GPU memory: one device tensor of the tier's capacity.
+
+    Blocks cross PCIe by DMA: ``read`` goes through a page-locked staging buffer (one per
+    thread, grown to the largest block read), ``read_into`` and ``write`` copy straight
+    from or to the caller's memory, which is DMA speed when that memory is page-locked
+    (the host tier's arena is, where CUDA exists) and CUDA's own staging otherwise. Every
+    copy has finished when the call returns.
+
+    ``device`` is a torch device; ``"cpu"`` puts the arena in host memory with the same
+    code path, which stands in for a GPU where none exists (tests of the tier's logic).
+    Raises ``RuntimeError`` for a CUDA device where no GPU is usable.
+    """
 
     name = "gpu"
 
     def __init__(self, capacity_bytes: int, page_bytes: int = 4 << 20, device: str = "cuda"):
         import torch
 
-        if not torch.cuda.is_available():
+        self._torch = torch
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("the GPU tier needs CUDA, and no GPU is usable here")
         super().__init__(capacity_bytes, page_bytes)
-        self._torch = torch
-        self._arena = torch.empty(max(self.capacity_bytes, 1), dtype=torch.uint8, device=device)
+        self._arena = torch.empty(max(self.capacity_bytes, 1), dtype=torch.uint8, device=self.device)
+        self._pin = self.device.type == "cuda"
+        self._local = threading.local()
+
+    def _host(self, buffer, nbytes: int):
+        """A uint8 tensor over the first ``nbytes`` of a host buffer (no copy)."""
+        with warnings.catch_warnings():  # read-only bytes: torch warns, but only reads them
+            warnings.simplefilter("ignore", UserWarning)
+            return self._torch.frombuffer(buffer, dtype=self._torch.uint8, count=nbytes)
+
+    def _staging(self, nbytes: int):
+        buf = getattr(self._local, "staging", None)
+        if buf is None or buf.numel() < nbytes:
+            size = max(nbytes, self.allocator.min_slot_bytes)
+            buf = self._torch.empty(size, dtype=self._torch.uint8, pin_memory=self._pin)
+            self._local.staging = buf
+        return buf[:nbytes]
 
     def _write(self, slot: Slot, data: bytes | memoryview) -> None:
-        src = self._torch.frombuffer(bytearray(data), dtype=self._torch.uint8)
-        self._arena[slot.offset:slot.offset + len(data)].copy_(src)
+        n = len(data)
+        if n:
+            self._arena[slot.offset:slot.offset + n].copy_(self._host(data, n))
 
     def _read(self, slot: Slot, nbytes: int) -> bytes:
-        return self._arena[slot.offset:slot.offset + nbytes].cpu().numpy().tobytes()
+        staging = self._staging(nbytes)
+        staging.copy_(self._arena[slot.offset:slot.offset + nbytes])
+        return staging.numpy().tobytes()
+
+    def _read_into(self, slot: Slot, nbytes: int, dest: memoryview) -> None:
+        if nbytes:
+            self._host(dest, nbytes).copy_(self._arena[slot.offset:slot.offset + nbytes])
 
     def close(self) -> None:
-        del self._arena
+        self._arena = None
+        self._local = threading.local()

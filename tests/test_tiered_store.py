@@ -22,6 +22,21 @@ def put(store, i, size=8192, parent=None):
     return store.put(b"k%d" % i, data, checksum(data), parent=parent)
 
 
+def run_threads(worker, seeds) -> None:
+    threads = [threading.Thread(target=worker, args=(s,)) for s in seeds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def assert_empty_after_drop(store) -> None:
+    """Nothing leaked: once every block is dropped, every tier is back at zero."""
+    store.drop()
+    for tier in store.stats().tiers:
+        assert tier.used_bytes == 0 and tier.held_bytes == 0 and tier.blocks == 0
+
+
 @pytest.fixture
 def two_tier(tmp_path):
     store = TieredStore([HostTier(2 * PAGE, page_bytes=PAGE),
@@ -148,18 +163,42 @@ def test_long_random_run_returns_to_baseline(tmp_path, policy):
                 except TimeoutError:
                     pass
 
-    threads = [threading.Thread(target=worker, args=(s,)) for s in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(worker, seeds=range(3))
     assert not errors, errors[:5]
     stats = store.stats()
     assert stats.evictions > 0 and stats.tiers[0].demotions > 0
-    store.drop()
-    for tier in store.stats().tiers:
-        assert tier.used_bytes == 0 and tier.held_bytes == 0 and tier.blocks == 0
+    assert_empty_after_drop(store)
     store.close()
+
+
+def test_promotion_verifies_disk_bytes(two_tier):
+    """A lease promotes a disk block into the host arena for a zero-copy read: damaged
+    bytes are caught on the way up (counted, dropped), never handed out."""
+    for i in range(20):
+        put(two_tier, i)
+    entry = two_tier._entries[b"k0"]
+    assert two_tier.tier_of(b"k0") == "disk"
+    os.pwrite(two_tier.tiers[1]._fd, b"\xff" * 64, entry.slot.offset)
+    lease, where = two_tier.lease([b"k0", b"k1"], seconds=5)
+    assert b"k0" not in where and b"k1" in where  # k1 was on disk too, intact
+    assert two_tier.tier_of(b"k1") == "host" and b"k0" not in two_tier.keys()
+    stats = two_tier.stats()
+    assert stats.corrupt == 1 and stats.misses == 1
+    offset, size, crc = where[b"k1"]
+    assert two_tier.tiers[0].view(two_tier._entries[b"k1"].slot, size).tobytes() == block(1)
+    assert two_tier.release(lease)
+
+
+def test_unreadable_disk_is_a_counted_miss(two_tier):
+    """The slab file cut short under the store (a failing disk): reads of what was there
+    fail, which counts as corrupt and serves nothing; the store keeps working."""
+    for i in range(20):
+        put(two_tier, i)
+    on_disk = [k for k in two_tier.keys() if two_tier.tier_of(k) == "disk"]
+    os.ftruncate(two_tier.tiers[1]._fd, 0)
+    assert two_tier.get_many(on_disk) == {}
+    assert two_tier.stats().corrupt == len(on_disk) and not set(on_disk) & set(two_tier.keys())
+    assert put(two_tier, 99) and two_tier.get(b"k99").data == block(99)
 
 
 def _cuda() -> bool:
@@ -170,15 +209,78 @@ def _cuda() -> bool:
         return False
 
 
-@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
-def test_gpu_tier_on_top():
-    store = TieredStore([GpuTier(2 * PAGE, page_bytes=PAGE), HostTier(4 * PAGE, page_bytes=PAGE)])
+# The GPU tier runs its own code on a CPU tensor where no GPU exists (device "cpu" stands
+# in for CUDA: same slicing, staging and copies, without the PCIe transfers); on a GPU the
+# same tests run on the device.
+GPU_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU"))]
+
+
+@pytest.mark.parametrize("device", GPU_DEVICES)
+def test_gpu_tier_on_top(device):
+    store = TieredStore([GpuTier(2 * PAGE, page_bytes=PAGE, device=device),
+                         HostTier(4 * PAGE, page_bytes=PAGE)])
     for i in range(24):
         assert put(store, i)
     assert store.tier_of(b"k23") == "gpu" and store.tier_of(b"k0") == "host"
+    assert store.get(b"k0").data == block(0)
+    assert store.tier_of(b"k0") == "gpu"  # a hit in host RAM promotes
     for i in range(24):
         assert store.get(b"k%d" % i).data == block(i)
-    assert store.tier_of(b"k0") == "gpu"
+    gpu, host = store.stats().tiers
+    assert gpu.promotions > 0 and gpu.demotions > 0 and gpu.read_bytes > 0 and host.read_bytes > 0
     store.drop()
     assert store.stats().used_bytes == 0
+    store.close()
+
+
+@pytest.mark.parametrize("device", GPU_DEVICES)
+def test_corrupt_gpu_bytes_are_not_demoted(device):
+    """Bytes damaged in device memory are caught when pressure moves them to host RAM."""
+    store = TieredStore([GpuTier(PAGE, page_bytes=PAGE, device=device),
+                         HostTier(4 * PAGE, page_bytes=PAGE)])
+    for i in range(8):  # the GPU tier is full
+        assert put(store, i)
+    gpu = store.tiers[0]
+    offset = store._entries[b"k0"].slot.offset
+    gpu._arena[offset:offset + 64] = 0xFF
+    for i in range(8, 12):  # the oldest (k0 first) move down
+        assert put(store, i)
+    assert b"k0" not in store.keys() and store.stats().corrupt == 1
+    assert store.tier_of(b"k1") == "host" and store.get(b"k1").data == block(1)
+    store.close()
+
+
+@pytest.mark.parametrize("device", GPU_DEVICES)
+def test_gpu_host_disk_random_run_returns_to_baseline(tmp_path, device):
+    """GPU ▸ host ▸ disk (O_DIRECT), capacities far below the working set, several
+    threads: every byte returned is one that was put, and every tier ends empty."""
+    store = TieredStore([GpuTier(PAGE, page_bytes=PAGE, device=device),
+                         HostTier(2 * PAGE, page_bytes=PAGE),
+                         DiskTier(tmp_path / "slab", 2 * PAGE, page_bytes=PAGE, direct_io=True)],
+                        "s3fifo")
+    errors: list[str] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(800):
+            i = rng.randrange(120)
+            op = rng.random()
+            if op < 0.5:
+                put(store, i, size=rng.choice([3000, 8192]) if i % 2 else 8192)
+            elif op < 0.85:
+                got = store.get(b"k%d" % i)
+                if got is not None and not block(i).startswith(got.data):  # sizes 3000 or 8192
+                    errors.append(f"wrong bytes for k{i}")
+            elif op < 0.95:
+                store.drop([b"k%d" % i])
+            else:
+                lease, where = store.lease([b"k%d" % i], seconds=5)
+                store.release(lease)
+
+    run_threads(worker, seeds=range(3))
+    assert not errors, errors[:5]
+    gpu, host, disk = store.stats().tiers
+    assert gpu.demotions > 0 and gpu.promotions > 0 and host.demotions > 0 and disk.evictions > 0
+    assert store.stats().corrupt == 0 and store.leases == 0
+    assert_empty_after_drop(store)
     store.close()
