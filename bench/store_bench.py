@@ -106,8 +106,12 @@ def raw_disk_gbps(directory: str, total_bytes: int, chunk: int = 4 << 20) -> tup
     return write, read, direct
 
 
+GET_BATCH = 8  # keys per call in the batched gets (a request asks for many blocks at once)
+
+
 def _run_ops(store: TieredStore, tier: str, block_bytes: int, total_bytes: int) -> list[dict]:
-    count = max(8, total_bytes // block_bytes)
+    """Puts one block a call, then gets one block a call, then gets ``GET_BATCH`` a call."""
+    count = max(GET_BATCH, total_bytes // block_bytes)
     payloads = [os.urandom(block_bytes) for _ in range(min(count, 8))]
     sums = [checksum(p) for p in payloads]
     keys = [b"bench-%d" % i for i in range(count)]
@@ -120,19 +124,22 @@ def _run_ops(store: TieredStore, tier: str, block_bytes: int, total_bytes: int) 
             raise RuntimeError(f"{tier} tier refused a {block_bytes}-byte block")
         put_lat.append(time.perf_counter() - t)
     put_s = time.perf_counter() - start
-    get_lat = []
-    start = time.perf_counter()
-    for key in keys:
-        t = time.perf_counter()
-        if key not in store.get_many([key]):
-            raise RuntimeError(f"{tier} tier lost a block")
-        get_lat.append(time.perf_counter() - t)
-    get_s = time.perf_counter() - start
+    gets = []
+    for per_call in (1, GET_BATCH):
+        lat = []
+        start = time.perf_counter()
+        for i in range(0, count - per_call + 1, per_call):
+            batch = keys[i:i + per_call]
+            t = time.perf_counter()
+            if len(store.get_many(batch)) != len(batch):
+                raise RuntimeError(f"{tier} tier lost a block")
+            lat.append(time.perf_counter() - t)
+        gets.append(("get", per_call, time.perf_counter() - start, lat, len(lat) * per_call))
     store.drop()
-    for op, seconds, lat in (("put", put_s, put_lat), ("get", get_s, get_lat)):
+    for op, per_call, seconds, lat, n in [("put", 1, put_s, put_lat, count), *gets]:
         lat_us = sorted(x * 1e6 for x in lat)
-        results.append({"tier": tier, "op": op, "block_bytes": block_bytes,
-                        "GBps": round(_gbps(count * block_bytes, seconds), 3),
+        results.append({"tier": tier, "op": op, "block_bytes": block_bytes, "keys_per_call": per_call,
+                        "GBps": round(_gbps(n * block_bytes, seconds), 3),
                         "p50_us": round(statistics.median(lat_us), 1),
                         "p99_us": round(lat_us[min(len(lat_us) - 1, int(len(lat_us) * 0.99))], 1)})
     return results
@@ -195,9 +202,10 @@ def print_table(report: dict) -> None:
     if "gpu_h2d_GBps_by_block" in c:
         print(f"          host->device up to {max(c['gpu_h2d_GBps_by_block'].values())} GB/s, "
               f"device->host up to {max(c['gpu_d2h_GBps_by_block'].values())} GB/s (page-locked)")
-    print(f"{'tier':6} {'op':4} {'block':>8} {'GB/s':>8} {'ratio':>6} {'p50 us':>9} {'p99 us':>9}")
+    print(f"{'tier':6} {'op':6} {'block':>8} {'GB/s':>8} {'ratio':>6} {'p50 us':>9} {'p99 us':>9}")
     for r in report["results"]:
-        print(f"{r['tier']:6} {r['op']:4} {r['block_bytes'] >> 10:>6}Ki {r['GBps']:>8.2f} "
+        op = r["op"] if r["keys_per_call"] == 1 else f"{r['op']}x{r['keys_per_call']}"
+        print(f"{r['tier']:6} {op:6} {r['block_bytes'] >> 10:>6}Ki {r['GBps']:>8.2f} "
               f"{r['ratio_to_ceiling']:>6.2f} {r['p50_us']:>9.1f} {r['p99_us']:>9.1f}")
 
 

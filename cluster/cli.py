@@ -39,6 +39,16 @@ def parse_bytes_or_zero(text: str) -> int:
     return 0 if text.strip() == "0" else parse_bytes(text)
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
+    return value
+
+
 def port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -92,7 +102,8 @@ def cmd_store(args) -> None:
         store = build_store(args.host_bytes, args.disk_bytes, args.disk_dir, args.gpu_bytes,
                             args.policy, args.direct_io, args.page_bytes,
                             listener=publisher.on_change if publisher else None,
-                            shm_name=f"kvmesh-{os.getpid()}-{secrets.token_hex(4)}" if "shm" in backends else None)
+                            shm_name=f"kvmesh-{os.getpid()}-{secrets.token_hex(4)}" if "shm" in backends else None,
+                            io_threads=args.io_threads)
         sources = open_transfer_sources(store, backends, args.host)
     except (ValueError, RuntimeError, OSError) as e:
         raise SystemExit(f"kvmesh store: {e}")
@@ -404,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--disk-dir", default=None,
                     help="directory for the disk tier's slab file (default: a new temporary one)")
     sp.add_argument("--direct-io", action="store_true", help="open the slab file with O_DIRECT")
+    sp.add_argument("--io-threads", type=positive_int, default=4,
+                    help="block reads and moves of one request that run at once (disk, GPU)")
     sp.add_argument("--gpu-bytes", type=parse_bytes_or_zero, default=0,
                     help="GPU tier capacity (needs CUDA; default 0)")
     sp.add_argument("--policy", choices=["lru", "s3fifo"], default="lru", help="eviction policy")
@@ -495,7 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from kv_store.malloc_tuning import tune_malloc
+
     args = build_parser().parse_args(argv)
+    tune_malloc()  # what launched components get from MALLOC_ENV, for hand-started ones too
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     args.func(args)

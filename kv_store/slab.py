@@ -107,3 +107,21 @@ class SlabAllocator:
         """Share of the held pages not holding block bytes (rounding and free slots)."""
         held = self.held_bytes
         return 0.0 if held == 0 else 1.0 - self.payload_bytes / held
+
+
+def adjacent_runs(slots: list[Slot], max_bytes: int) -> list[list[int]]:
+    """Indices of ``slots`` grouped into runs of slots that follow each other in the
+    region (each starts where the one before ends), in offset order, each run at most
+    ``max_bytes`` long (a single slot longer than that is a run of its own)."""
+    runs: list[list[int]] = []
+    end = length = 0
+    for i in sorted(range(len(slots)), key=lambda i: slots[i].offset):
+        slot = slots[i]
+        if runs and slot.offset == end and length + slot.size <= max_bytes:
+            runs[-1].append(i)
+            length += slot.size
+        else:
+            runs.append([i])
+            length = slot.size
+        end = slot.offset + slot.size
+    return runs

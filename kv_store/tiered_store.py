@@ -19,7 +19,11 @@ Guarantees:
   tier's used bytes are back to zero.
 
 Thread-safe: metadata changes happen under one lock; reads copy bytes outside it,
-protected by pins.
+protected by pins. Several blocks read or moved at once (a multi-key get, the promotions
+of a lease) go through a pool of ``io_threads`` threads when a disk or GPU tier is
+involved, so a disk sees several requests at a time, and blocks in adjacent slots are
+read in one request (up to ``MAX_RUN_BYTES``), into the host arena directly where they
+are being promoted.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
@@ -34,10 +39,12 @@ from typing import Callable, Iterable, Iterator, Sequence
 from kv_store.block_store import BlockStore, StoredBlock
 from kv_store.eviction import EvictionPolicy, make_policy
 from kv_store.integrity import verify
-from kv_store.slab import Slot
+from kv_store.slab import Slot, adjacent_runs
 from kv_store.tiers import HostTier, Tier
 
 log = logging.getLogger("kvmesh.store")
+
+MAX_RUN_BYTES = 4 << 20  # blocks in adjacent slots are read in requests of up to this
 
 @dataclass(eq=False)
 class _Entry:
@@ -100,12 +107,19 @@ class TieredStoreStats:
 
 class TieredStore(BlockStore):
     def __init__(self, tiers: Sequence[Tier], policy: str = "lru",
-                 listener: Callable[[str, bytes, str | None], None] | None = None):
+                 listener: Callable[[str, bytes, str | None], None] | None = None,
+                 io_threads: int = 4):
         """``listener(kind, key, tier)`` hears every change of what is held: ``"stored"``
         (with the tier now holding the key) and ``"removed"``. It is called under the
-        store's lock, so it must only record the event (e.g. put it on a queue)."""
+        store's lock, so it must only record the event (e.g. put it on a queue).
+        ``io_threads``: how many block reads and moves of one call run at once (1: one
+        after the other, on the caller's thread)."""
         if not tiers:
             raise ValueError("a store needs at least one tier")
+        if io_threads < 1:
+            raise ValueError("io_threads must be at least 1")
+        self.io_threads = io_threads
+        self._pool: ThreadPoolExecutor | None = None
         self.listener = listener
         self.tiers = list(tiers)
         self._policies: list[EvictionPolicy] = [make_policy(policy) for _ in self.tiers]
@@ -151,58 +165,122 @@ class TieredStore(BlockStore):
                     return None
                 self._evict(self._entries[victim])
 
-    def _move(self, entry: _Entry, tier: int, data: bytes | None = None) -> bool:
-        """Move an unpinned block to ``tier`` (making room there); False if no room.
+    def _move(self, entry: _Entry, tier: int) -> bool:
+        """Move one unpinned block to ``tier``; see ``_move_many``."""
+        return self._move_many([entry], tier)[0]
 
-        ``data``: the block's bytes, already read and verified by the caller (saves
+    def _move_many(self, entries: Sequence[_Entry], tier: int,
+                   data: Sequence[bytes | None] | None = None) -> list[bool]:
+        """Move unpinned blocks to ``tier`` (making room there, under the lock), copying
+        them on the I/O pool; per block, False if there was no room for it.
+
+        ``data``: the blocks' bytes where the caller already read and verified them (saves
         reading them again). A block whose bytes fail their checksum on the way is dropped
-        and counted as corrupt instead; that returns True too (its old slot is free), so
-        callers that go on using the entry check ``entry.dead``."""
-        entry.pins += 1  # making room below must not pick this very block
+        and counted as corrupt instead; that counts as moved (its old slot is free), so
+        callers that go on using an entry check ``entry.dead``."""
+        data = list(data) if data is not None else [None] * len(entries)
+        for entry in entries:  # making room must not pick these very blocks
+            entry.pins += 1
         try:
-            slot = self._make_room(tier, entry.size)
+            slots = [self._make_room(tier, entry.size) for entry in entries]
         finally:
-            entry.pins -= 1
-        if slot is None:
-            return False
-        if not self._copy(entry, tier, slot, data):
-            self.tiers[tier].allocator.free(slot, entry.size)
-            self._corrupt += 1
-            self._forget(entry)
-            return True
-        old_tier = entry.tier
-        self.tiers[old_tier].allocator.free(entry.slot, entry.size)
-        self._policies[old_tier].remove(entry.key)
-        if tier > old_tier:
-            self._stats[old_tier].demotions += 1
-        else:
-            self._stats[tier].promotions += 1
-        entry.tier, entry.slot = tier, slot
-        self._policies[tier].insert(entry.key)
-        self._tell("stored", entry.key, self.tiers[tier].name)
-        return True
+            for entry in entries:
+                entry.pins -= 1
+        moves = [(e, tier, s, d) for e, s, d in zip(entries, slots, data) if s is not None]
+        groups = self._copy_groups(moves, tier)
+        results = self._run_io([lambda g=g: self._copy_run(g) for g in groups],
+                               parallel=any(self.tiers[t].name != "host" for t in
+                                            {tier, *(e.tier for e, *_ in moves)}))
+        copied = {id(m[0]): good for g, goods in zip(groups, results) for m, good in zip(g, goods)}
+        for entry, _, slot, _ in moves:
+            good = copied[id(entry)]
+            if not good:
+                self.tiers[tier].allocator.free(slot, entry.size)
+                self._corrupt += 1
+                self._forget(entry)
+                continue
+            old_tier = entry.tier
+            self.tiers[old_tier].allocator.free(entry.slot, entry.size)
+            self._policies[old_tier].remove(entry.key)
+            if tier > old_tier:
+                self._stats[old_tier].demotions += 1
+            else:
+                self._stats[tier].promotions += 1
+            entry.tier, entry.slot = tier, slot
+            self._policies[tier].insert(entry.key)
+            self._tell("stored", entry.key, self.tiers[tier].name)
+        return [s is not None for s in slots]
+
+    def _run_io(self, jobs: Sequence[Callable[[], object]], parallel: bool) -> list:
+        """Run ``jobs`` (block copies that touch only their own slots, never the store's
+        state) and return their results in order: on the I/O pool when ``parallel`` and
+        there is more than one, else one after the other on this thread."""
+        if not parallel or len(jobs) < 2 or self.io_threads == 1:
+            return [job() for job in jobs]
+        if self._pool is None:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="kvmesh-io")
+        return [f.result() for f in [self._pool.submit(job) for job in jobs]]
+
+    def _read_into_host(self, move) -> bool:
+        """Whether a move reads a block back from a slower tier into host RAM."""
+        entry, tier, _, data = move
+        return (data is None and isinstance(self.tiers[tier], HostTier)
+                and not isinstance(self.tiers[entry.tier], HostTier))
+
+    def _copy_groups(self, moves: list, tier: int) -> list[list]:
+        """Moves cut into jobs: reads back into host RAM by runs of adjacent slots of one
+        source tier (one request each); every other move on its own."""
+        groups: list[list] = []
+        by_source: dict[int, list] = {}
+        for move in moves:
+            if self._read_into_host(move):
+                by_source.setdefault(move[0].tier, []).append(move)
+            else:
+                groups.append([move])
+        for source in by_source.values():
+            runs = adjacent_runs([m[0].slot for m in source], MAX_RUN_BYTES)
+            groups.extend([source[i] for i in run] for run in runs)
+        return groups
+
+    def _copy_run(self, moves: list) -> list[bool]:
+        """Copy a group from ``_copy_groups``; per move, whether its bytes arrived intact.
+        A run read back into host RAM lands in the new slots directly and is verified
+        there; a failed read fails the whole run."""
+        if not self._read_into_host(moves[0]):
+            return [self._copy(*moves[0])]
+        first, tier = moves[0][0], moves[0][1]
+        src, dst = self.tiers[first.tier], self.tiers[tier]
+        views = [dst.view(slot, slot.size) for _, _, slot, _ in moves]
+        try:
+            src.read_run_into([(e.slot, e.size, v) for (e, _, _, _), v in zip(moves, views)])
+            return [verify(v[:e.size], e.checksum) for (e, _, _, _), v in zip(moves, views)]
+        except OSError as e:
+            log.warning("%s tier: cannot read blocks back: %s", src.name, e)
+            return [False] * len(moves)
+        finally:
+            for view in views:
+                view.release()
 
     def _copy(self, entry: _Entry, tier: int, slot: Slot, data: bytes | None) -> bool:
-        """Copy the block into ``slot`` of ``tier``, straight out of or into the host
-        arena where one side is host RAM. Bytes read from a tier that is not host RAM
-        are verified; False if they fail (or cannot be read), and nothing is written."""
+        """Copy one block into ``slot`` of ``tier`` (reads back into host RAM go through
+        ``_copy_run``): straight out of the host arena where it is there, else its bytes
+        as given, or read back and verified; False if they fail (or cannot be read), and
+        nothing is written."""
         src, dst, size = self.tiers[entry.tier], self.tiers[tier], entry.size
         if data is None and isinstance(src, HostTier):
             with src.view(entry.slot, size) as view:
                 dst.write(slot, view)
             return True
-        try:
-            if data is None and isinstance(dst, HostTier):
-                with dst.view(slot, size) as view:
-                    src.read_into(entry.slot, size, view)
-                    return verify(view, entry.checksum)
-            if data is None:
+        if data is None:
+            try:
                 data = src.read(entry.slot, size)
-                if not verify(data, entry.checksum):
-                    return False
-        except OSError as e:
-            log.warning("%s tier: cannot read a block back: %s", src.name, e)
-            return False
+            except OSError as e:
+                log.warning("%s tier: cannot read a block back: %s", src.name, e)
+                return False
+            if not verify(data, entry.checksum):
+                return False
         dst.write(slot, data)
         return True
 
@@ -281,23 +359,29 @@ class TieredStore(BlockStore):
             leased: list[_Entry] = []
             where: dict[bytes, tuple[int, int, int]] = {}
             if host is not None:
+                wanted: dict[bytes, _Entry] = {}
                 for key in keys:
                     entry = self._entries.get(key)
                     if entry is None:
                         self._misses += 1
+                    else:
+                        wanted.setdefault(key, entry)
+                served_from = {key: entry.tier for key, entry in wanted.items()}
+                for entry in wanted.values():  # held now, so promotions can't push them out
+                    if entry.tier == host:
+                        entry.pins += 1
+                slower = [e for e in wanted.values() if e.tier != host and e.pins == 0]
+                self._move_many(slower, host)  # read (and verified) several at a time
+                for key, entry in wanted.items():
+                    if entry.dead:  # its bytes were corrupt
+                        self._misses += 1
                         continue
-                    if key in where:
+                    if entry.tier != host:  # pinned by a reader down there, or no room
                         continue
-                    served_from = entry.tier
-                    if entry.tier != host:  # promoted (and verified) first
-                        if entry.pins or not self._move(entry, host):
-                            continue
-                        if entry.dead:  # its bytes were corrupt
-                            self._misses += 1
-                            continue
-                    self._stats[served_from].hits += 1
-                    self._policies[entry.tier].access(key)
-                    entry.pins += 1
+                    if served_from[key] != host:
+                        entry.pins += 1
+                    self._stats[served_from[key]].hits += 1
+                    self._policies[host].access(key)
                     leased.append(entry)
                     where[key] = (entry.slot.offset, entry.size, entry.checksum)
             self._lease_seq += 1
@@ -333,32 +417,47 @@ class TieredStore(BlockStore):
         found: dict[bytes, StoredBlock] = {}
         slower: list[_Entry] = []  # hits outside the fastest tier, to promote
         with self.pinned(keys) as entries:
-            for key, entry in entries.items():
-                tier = entry.tier
-                try:
-                    data = self.tiers[tier].read(entry.slot, entry.size)
-                except OSError as e:
-                    log.warning("%s tier: cannot read a block back: %s", self.tiers[tier].name, e)
-                    data = None
-                if data is None or (self.tiers[tier].name != "host" and not verify(data, entry.checksum)):
-                    with self._lock:
+            runs: list[list[_Entry]] = []
+            by_tier: dict[int, list[_Entry]] = {}
+            for entry in entries.values():
+                by_tier.setdefault(entry.tier, []).append(entry)
+            for group in by_tier.values():
+                runs.extend([group[i] for i in run]
+                            for run in adjacent_runs([e.slot for e in group], MAX_RUN_BYTES))
+            datas = self._run_io([lambda r=r: self._read_verified(r) for r in runs],
+                                 parallel=any(self.tiers[t].name != "host" for t in by_tier))
+            with self._lock:
+                for entry, data in zip([e for r in runs for e in r], [d for ds in datas for d in ds]):
+                    if data is None:
                         self._corrupt += 1
                         self._forget(entry)
-                    continue
-                found[key] = StoredBlock(data, entry.checksum)
-                if tier > 0:
-                    slower.append(entry)
-                with self._lock:
-                    self._stats[tier].hits += 1
-                    self._policies[tier].access(key)
+                        continue
+                    found[entry.key] = StoredBlock(data, entry.checksum)
+                    if entry.tier > 0:
+                        slower.append(entry)
+                    self._stats[entry.tier].hits += 1
+                    self._policies[entry.tier].access(entry.key)
         with self._lock:
             self._misses += len(keys) - len(found)
-            for entry in slower:  # promote with the bytes just read, now that it is unpinned
-                block = found[entry.key]
-                if (self._entries.get(entry.key) is entry and entry.tier > 0 and entry.pins == 0
-                        and entry.checksum == block.checksum):
-                    self._move(entry, 0, block.data)
+            # Promote with the bytes just read, now that they are unpinned.
+            slower = [e for e in slower if self._entries.get(e.key) is e and e.tier > 0
+                      and e.pins == 0 and e.checksum == found[e.key].checksum]
+            self._move_many(slower, 0, [found[e.key].data for e in slower])
         return found
+
+    def _read_verified(self, run: list[_Entry]) -> list[bytes | None]:
+        """The bytes of pinned blocks in adjacent slots of one tier, each checked against
+        its checksum unless they come from host RAM; None for one that fails it, and for
+        all of them if they cannot be read."""
+        tier = self.tiers[run[0].tier]
+        try:
+            datas = tier.read_run([(e.slot, e.size) for e in run])
+        except OSError as e:
+            log.warning("%s tier: cannot read blocks back: %s", tier.name, e)
+            return [None] * len(run)
+        if tier.name == "host":
+            return datas
+        return [d if verify(d, e.checksum) else None for d, e in zip(datas, run)]
 
     def lookup(self, groups: Sequence[Sequence[bytes]]) -> int:
         with self._lock:
@@ -419,13 +518,17 @@ class TieredStore(BlockStore):
             return out
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         for tier in self.tiers:
             tier.close()
 
 
 def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = None,
                 gpu_bytes: int = 0, policy: str = "lru", direct_io: bool = False,
-                page_bytes: int = 4 << 20, listener=None, shm_name: str | None = None) -> TieredStore:
+                page_bytes: int = 4 << 20, listener=None, shm_name: str | None = None,
+                io_threads: int = 4) -> TieredStore:
     """A store with the tiers whose capacity is positive, fastest first.
 
     The disk tier's slab file is created in ``disk_dir`` (a new temporary directory when
@@ -450,4 +553,4 @@ def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = Non
         tiers.append(DiskTier(path, disk_bytes, page_bytes, direct_io=direct_io))
     if not tiers:
         raise ValueError("give at least one tier a capacity (host, disk or gpu bytes)")
-    return TieredStore(tiers, policy, listener)
+    return TieredStore(tiers, policy, listener, io_threads)

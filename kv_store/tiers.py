@@ -12,6 +12,7 @@ store treats it like a checksum mismatch.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import mmap
 import os
@@ -22,7 +23,7 @@ import warnings
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from kv_store.slab import SlabAllocator, Slot
 
@@ -66,6 +67,30 @@ class Tier(ABC):
         start = time.perf_counter()
         self._read_into(slot, nbytes, dest)
         self._count_read(nbytes, start)
+
+    def read_run(self, items: Sequence[tuple[Slot, int]]) -> list[bytes]:
+        """The first ``nbytes`` of each ``(slot, nbytes)``, in order, where each slot starts
+        where the one before ends. This reads them one by one; the disk tier reads the
+        whole run in one request."""
+        start = time.perf_counter()
+        out = self._read_run(items)
+        self._count_read(sum(n for _, n in items), start)
+        return out
+
+    def read_run_into(self, items: Sequence[tuple[Slot, int, memoryview]]) -> None:
+        """Each ``(slot, nbytes, dest)``'s first ``nbytes`` into ``dest``, slots adjacent as
+        for ``read_run``. A ``dest`` of at least ``slot.size`` bytes may get the slot's
+        padding too (the disk tier then reads straight into it)."""
+        start = time.perf_counter()
+        self._read_run_into(items)
+        self._count_read(sum(n for _, n, _ in items), start)
+
+    def _read_run(self, items: Sequence[tuple[Slot, int]]) -> list[bytes]:
+        return [self._read(slot, nbytes) for slot, nbytes in items]
+
+    def _read_run_into(self, items: Sequence[tuple[Slot, int, memoryview]]) -> None:
+        for slot, nbytes, dest in items:
+            self._read_into(slot, nbytes, dest)
 
     def _count_read(self, nbytes: int, start: float) -> None:
         with self._io_lock:
@@ -307,6 +332,39 @@ class DiskTier(Tier):
             return
         with self._read_bounced(slot, nbytes) as view:
             dest[:nbytes] = view
+
+    def _read_run(self, items: Sequence[tuple[Slot, int]]) -> list[bytes]:
+        if len(items) == 1:
+            return [self._read(*items[0])]
+        first, (last, _) = items[0][0], items[-1]
+        span = last.offset + last.size - first.offset
+        if not self.direct_io:
+            data = os.pread(self._fd, span, first.offset)
+            _check_length(len(data), span, self.path)
+            with memoryview(data) as view:
+                return [view[s.offset - first.offset:s.offset - first.offset + n].tobytes()
+                        for s, n in items]
+        with memoryview(self._bounce(span)) as view:
+            _check_length(os.preadv(self._fd, [view[:span]], first.offset), span, self.path)
+            return [view[s.offset - first.offset:s.offset - first.offset + n].tobytes()
+                    for s, n in items]
+
+    def _read_run_into(self, items: Sequence[tuple[Slot, int, memoryview]]) -> None:
+        """One scattered read of the whole run straight into the destinations where each
+        holds its whole slot (with O_DIRECT they must be aligned, as host-arena slots
+        are); otherwise, or if the kernel refuses them, one slot at a time."""
+        if len(items) > 1 and all(len(dest) >= slot.size for slot, _, dest in items):
+            span = sum(slot.size for slot, _, _ in items)
+            try:
+                got = os.preadv(self._fd, [memoryview(d)[:s.size] for s, _, d in items], items[0][0].offset)
+            except OSError as e:
+                if not self.direct_io or e.errno != errno.EINVAL:
+                    raise
+            else:
+                _check_length(got, span, self.path)
+                return
+        for slot, nbytes, dest in items:
+            self._read_into(slot, nbytes, dest)
 
     @contextmanager
     def _read_bounced(self, slot: Slot, nbytes: int) -> Iterator[memoryview]:

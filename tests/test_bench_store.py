@@ -12,11 +12,11 @@ def test_bench_store_prints_one_json_object(tmp_path):
     report = json.loads(out)
     ceiling = report["ceiling"]
     assert ceiling["memcpy_GBps"] > 0 and ceiling["disk_read_GBps"] > 0 and ceiling["disk_write_GBps"] > 0
-    cases = {(r["tier"], r["op"], r["block_bytes"]) for r in report["results"]}
+    cases = {(r["tier"], r["op"], r["keys_per_call"], r["block_bytes"]) for r in report["results"]}
     for tier in ("host", "disk"):
-        for op in ("put", "get"):
+        for op, per_call in (("put", 1), ("get", 1), ("get", 8)):
             for size in (64 << 10, 256 << 10, 1 << 20, 4 << 20):
-                assert (tier, op, size) in cases
+                assert (tier, op, per_call, size) in cases
     for r in report["results"]:
         assert r["GBps"] > 0 and r["p99_us"] >= r["p50_us"] > 0 and r["ratio_to_ceiling"] > 0
     assert list(tmp_path.iterdir()) == []  # the benchmark's files are gone

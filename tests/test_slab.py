@@ -1,6 +1,6 @@
 import pytest
 
-from kv_store.slab import SlabAllocator
+from kv_store.slab import SlabAllocator, Slot, adjacent_runs
 
 
 def test_slots_are_aligned_and_pages_come_back():
@@ -31,3 +31,12 @@ def test_fragmentation_counts_rounding():
 def test_page_size_must_be_a_power_of_two():
     with pytest.raises(ValueError):
         SlabAllocator(1 << 20, page_bytes=3 * 4096)
+
+
+def test_adjacent_runs_follow_offsets_and_respect_the_cap():
+    S = lambda offset, size=4096: Slot(offset, size, 0)  # noqa: E731
+    slots = [S(8192), S(0), S(4096), S(20480), S(24576, 8192), S(65536)]
+    assert adjacent_runs(slots, 1 << 20) == [[1, 2, 0], [3, 4], [5]]
+    assert adjacent_runs(slots, 8192) == [[1, 2], [0], [3], [4], [5]]
+    assert adjacent_runs([S(0, 16384)], 4096) == [[0]]  # longer than the cap: alone
+    assert adjacent_runs([], 4096) == []

@@ -8,6 +8,7 @@ import pytest
 
 from kv_store.integrity import checksum
 from kv_store.tiered_store import TieredStore
+from kv_store.slab import adjacent_runs
 from kv_store.tiers import DiskTier, GpuTier, HostTier
 
 PAGE = 64 * 1024
@@ -201,6 +202,62 @@ def test_unreadable_disk_is_a_counted_miss(two_tier):
     assert put(two_tier, 99) and two_tier.get(b"k99").data == block(99)
 
 
+@pytest.mark.parametrize("direct_io", [False, True])
+def test_disk_reads_a_run_of_adjacent_slots_in_one_request(tmp_path, direct_io):
+    tier = DiskTier(tmp_path / "runs", 4 * PAGE, page_bytes=PAGE, direct_io=direct_io)
+    try:
+        sizes = [8192, 5000, 8192, 3000]  # slots of 8, 8, 8 and 4 KiB, one after another
+        slots = [tier.allocator.alloc(n) for n in sizes]
+        slots.sort(key=lambda s: s.offset)
+        for i, (slot, n) in enumerate(zip(slots, sizes)):
+            tier.write(slot, block(i, n))
+        items = list(zip(slots, sizes))
+        runs = adjacent_runs(slots, PAGE)
+        for run in runs:
+            got = tier.read_run([items[i] for i in run])
+            assert got == [block(i, sizes[i]) for i in run]
+        host = HostTier(2 * PAGE, page_bytes=PAGE)  # whole host slots: read straight into them
+        dests = [host.allocator.alloc(n) for n in sizes]
+        for run in runs:
+            tier.read_run_into([(slots[i], sizes[i], host.view(dests[i], dests[i].size)) for i in run])
+        assert [host.read(d, n) for d, n in zip(dests, sizes)] == [block(i, n) for i, n in enumerate(sizes)]
+        small = [bytearray(n) for n in sizes]  # smaller than their slots: one at a time
+        tier.read_run_into([(s, n, memoryview(b)) for s, n, b in zip(slots, sizes, small)])
+        assert [bytes(b) for b in small] == [block(i, n) for i, n in enumerate(sizes)]
+        host.close()
+    finally:
+        tier.close()
+
+
+def test_batched_get_and_lease_of_adjacent_disk_blocks(tmp_path):
+    """Blocks demoted one after another sit in adjacent disk slots and come back in runs:
+    a damaged one among them is dropped alone, the others are served (and promoted)."""
+    store = TieredStore([HostTier(PAGE, page_bytes=PAGE),
+                         DiskTier(tmp_path / "slab", 4 * PAGE, page_bytes=PAGE, direct_io=True)])
+    for i in range(24):  # 8 fit in host: k0..k15 go to disk, in order
+        assert put(store, i)
+    on_disk = [b"k%d" % i for i in range(16)]
+    assert all(store.tier_of(k) == "disk" for k in on_disk)
+    runs = adjacent_runs([store._entries[k].slot for k in on_disk], 4 << 20)
+    assert len(runs) < len(on_disk)  # some really are adjacent
+    fd = os.open(store.tiers[1].path, os.O_WRONLY)  # the tier's own fd is O_DIRECT
+    os.pwrite(fd, b"\xff" * 64, store._entries[b"k3"].slot.offset)
+    os.fsync(fd)
+    os.close(fd)
+    got = store.get_many(on_disk[:8])
+    assert sorted(got) == sorted(k for k in on_disk[:8] if k != b"k3")
+    assert all(got[b"k%d" % i].data == block(i) for i in range(8) if i != 3)
+    assert store.stats().corrupt == 1
+    lease, where = store.lease(on_disk[8:], seconds=5)  # promoted into host in runs
+    host = store.tiers[0]
+    assert set(where) == set(on_disk[8:])
+    for key, (offset, size, _) in where.items():
+        assert bytes(host.buffer()[offset:offset + size]) == block(int(key[1:]))
+    assert store.release(lease)
+    assert_empty_after_drop(store)
+    store.close()
+
+
 def _cuda() -> bool:
     try:
         import torch
@@ -253,28 +310,37 @@ def test_corrupt_gpu_bytes_are_not_demoted(device):
 @pytest.mark.parametrize("device", GPU_DEVICES)
 def test_gpu_host_disk_random_run_returns_to_baseline(tmp_path, device):
     """GPU ▸ host ▸ disk (O_DIRECT), capacities far below the working set, several
-    threads: every byte returned is one that was put, and every tier ends empty."""
+    threads, gets and leases of several keys at a time (their reads and promotions run
+    on the I/O pool): every byte returned or leased is one that was put, and every tier
+    ends empty."""
     store = TieredStore([GpuTier(PAGE, page_bytes=PAGE, device=device),
                          HostTier(2 * PAGE, page_bytes=PAGE),
                          DiskTier(tmp_path / "slab", 2 * PAGE, page_bytes=PAGE, direct_io=True)],
                         "s3fifo")
     errors: list[str] = []
+    host = store.tiers[1]
+
+    def check(key: bytes, data: bytes) -> None:
+        if not block(int(key[1:])).startswith(data):  # sizes 3000 or 8192
+            errors.append(f"wrong bytes for {key!r}")
 
     def worker(seed: int) -> None:
         rng = random.Random(seed)
         for _ in range(800):
             i = rng.randrange(120)
+            keys = [b"k%d" % j for j in (i, rng.randrange(120), rng.randrange(120))]
             op = rng.random()
             if op < 0.5:
                 put(store, i, size=rng.choice([3000, 8192]) if i % 2 else 8192)
-            elif op < 0.85:
-                got = store.get(b"k%d" % i)
-                if got is not None and not block(i).startswith(got.data):  # sizes 3000 or 8192
-                    errors.append(f"wrong bytes for k{i}")
-            elif op < 0.95:
+            elif op < 0.8:
+                for key, got in store.get_many(keys).items():
+                    check(key, got.data)
+            elif op < 0.9:
                 store.drop([b"k%d" % i])
             else:
-                lease, where = store.lease([b"k%d" % i], seconds=5)
+                lease, where = store.lease(keys, seconds=5)
+                for key, (offset, size, _) in where.items():
+                    check(key, bytes(host.buffer()[offset:offset + size]))
                 store.release(lease)
 
     run_threads(worker, seeds=range(3))

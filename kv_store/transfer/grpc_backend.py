@@ -17,9 +17,10 @@ Throughput is bounded by CPU, not by loopback: every byte is copied four times i
 space (frame, gRPC slice, Python bytes, destination) plus twice by TCP, and glibc's
 allocator hands gRPC's 1 MiB buffers back to the kernel after each message, so every
 message page-faults its memory in again. Processes that move much data this way should
-run with ``MALLOC_MMAP_THRESHOLD_=16777216 MALLOC_TRIM_THRESHOLD_=67108864`` in their
-environment: measured here, that halves the reader's CPU per byte (4 MiB reads: 4.7 → 2.0
-ms of CPU; 0.7 → 1.1-1.4 GB/s on a busy 2-core machine).
+run with ``MALLOC_MMAP_THRESHOLD_=16777216 MALLOC_TRIM_THRESHOLD_=67108864``
+(``kv_store.malloc_tuning``; every ``kvmesh`` command applies them to itself): measured
+here, that halves the reader's CPU per byte (4 MiB reads: 4.7 → 2.0 ms of CPU; 0.7 →
+1.1-1.4 GB/s on a busy 2-core machine).
 The server checks every extent against the region (``INVALID_ARGUMENT`` otherwise) and
 the reader checks every frame against its request, so neither side trusts the other's
 sizes.
