@@ -19,6 +19,7 @@ import re
 import sys
 
 DEFAULT_HOST = "127.0.0.1"
+SHM_PREFIX = "kvmesh-"  # the store's host arena in /dev/shm: kvmesh-<pid>-<random>
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -98,11 +99,16 @@ def cmd_store(args) -> None:
     import secrets
 
     backends = [b for b in args.transfer.split(",") if b]
+    if "shm" in backends:
+        from kv_store.tiers import reap_orphaned_segments
+
+        for name in reap_orphaned_segments(SHM_PREFIX):
+            print(f"kvmesh store: removed {name}, the shared memory of a store that died", flush=True)
     try:
         store = build_store(args.host_bytes, args.disk_bytes, args.disk_dir, args.gpu_bytes,
                             args.policy, args.direct_io, args.page_bytes,
                             listener=publisher.on_change if publisher else None,
-                            shm_name=f"kvmesh-{os.getpid()}-{secrets.token_hex(4)}" if "shm" in backends else None,
+                            shm_name=f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}" if "shm" in backends else None,
                             io_threads=args.io_threads)
         sources = open_transfer_sources(store, backends, args.host)
     except (ValueError, RuntimeError, OSError) as e:

@@ -225,6 +225,7 @@ def _create_shared_map(name: str, size: int, populate: bool) -> tuple[int, mmap.
         raise OSError(f"{SHM_DIR} is missing: shared-memory host tiers need Linux POSIX shm")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # "the owner is alive", for readers and reapers
         try:
             os.posix_fallocate(fd, 0, size)
         except OSError as e:
@@ -234,12 +235,41 @@ def _create_shared_map(name: str, size: int, populate: bool) -> tuple[int, mmap.
         if populate:
             flags |= getattr(mmap, "MAP_POPULATE", 0)
         region = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        fcntl.flock(fd, fcntl.LOCK_SH)  # "the owner is alive", for readers
     except BaseException:
         os.close(fd)
         os.unlink(path)
         raise
     return fd, region
+
+
+def reap_orphaned_segments(prefix: str, min_age_s: float = 60.0) -> list[str]:
+    """Unlink the shared-memory segments named ``prefix...`` whose owner is gone (a host
+    tier killed before it could unlink its own: its lock went with it) and that are at
+    least ``min_age_s`` old (a segment being created takes its lock at once; the age
+    leaves a margin). Returns the names unlinked. Segments of live owners are untouched."""
+    reaped = []
+    try:
+        names = [n for n in os.listdir(SHM_DIR) if n.startswith(prefix)]
+    except OSError:
+        return reaped
+    for name in names:
+        path = os.path.join(SHM_DIR, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            if time.time() - os.fstat(fd).st_mtime < min_age_s:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # an owner holds it (or a reader is checking): alive
+                continue
+            if unlink_shm_if_same(name, fd):
+                reaped.append(name)
+        finally:
+            os.close(fd)
+    return reaped
 
 
 def unlink_shm_if_same(name: str, fd: int) -> bool:

@@ -404,3 +404,27 @@ def test_pieces_are_bounded_and_back_to_back():
     assert [pos for _, pos, _ in flat] == list(np.cumsum([0] + [n for _, _, n in flat])[:-1])
     rebuilt = np.concatenate([pattern(src, n) for src, _, n in flat])
     assert np.array_equal(rebuilt, expected(pairs))
+
+
+def test_segments_of_dead_stores_are_reaped_and_live_ones_kept():
+    """A store killed before it could unlink its arena leaves it in /dev/shm; the next store
+    removes it (its owner's lock is gone) but never a live store's, nor a new one's."""
+    from kv_store.tiers import reap_orphaned_segments
+
+    prefix = f"kvmesh-reap-{os.getpid()}-"
+    live = HostTier(1 << 20, page_bytes=1 << 20, shm_name=prefix + "live")
+    try:
+        with SourceProcess(1 << 20, ["shm"]) as doomed:
+            dead_name = decode_descriptor(_require(doomed, "shm"))["name"]
+            doomed.signal(signal.SIGKILL)
+            doomed.process.join(10)
+            # The killed store's arena under this test's prefix (the helper unlinks its
+            # own name on the way out; the link keeps the segment as a crash leaves it).
+            orphan = prefix + "orphan"
+            os.link(f"/dev/shm/{dead_name}", f"/dev/shm/{orphan}")
+        assert os.path.exists(f"/dev/shm/{orphan}")
+        assert reap_orphaned_segments(prefix) == []  # younger than the margin: kept
+        assert reap_orphaned_segments(prefix, min_age_s=0) == [orphan]
+        assert not os.path.exists(f"/dev/shm/{orphan}") and os.path.exists(live.shm_path)
+    finally:
+        live.close()
