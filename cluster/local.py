@@ -10,6 +10,7 @@ while starting raises ``ClusterError`` with the end of its log.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -31,7 +32,33 @@ class ClusterError(RuntimeError):
     pass
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel hands out to outgoing connections and to ``bind(port 0)``."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now, for a component started later.
+
+    It is drawn from below the kernel's ephemeral range: a port from inside it (what
+    ``bind(0)`` gives) can be taken by any outgoing connection in the seconds before the
+    component binds it, which made workers fail to start. Falls back to ``bind(0)`` where
+    no room is left below that range."""
+    low, _ = _ephemeral_ports()
+    if low - 10000 >= 1024:
+        rng = random.SystemRandom()
+        for _ in range(200):
+            port = rng.randrange(low - 10000, low)
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 
 import pytest
 import redis
+
+from cluster.local import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -20,12 +21,6 @@ def tiny_model(tmp_path_factory) -> str:
     from cluster.models import make_model
 
     return str(make_model(tmp_path_factory.mktemp("models") / "tiny", "tiny", seed=0))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_ready(proc: subprocess.Popen, port: int, timeout_s: float) -> bool:
@@ -50,7 +45,7 @@ def redis_url(tmp_path_factory):
                     "apt-get install -y redis-server)", pytrace=False)
     log_path = tmp_path_factory.mktemp("redis") / "redis.log"
     for _ in range(3):  # the free port may be taken before the server binds it
-        port = _free_port()
+        port = free_port()
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
                 [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",

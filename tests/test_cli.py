@@ -70,3 +70,13 @@ def test_parallel_sizes_reach_the_engine_arguments(monkeypatch):
     import cluster.cli
     args = importlib.reload(cluster.cli).build_parser().parse_args(["decode", "--store", "a:1"])
     assert args.tensor_parallel_size == 4 and args.pipeline_parallel_size == 1
+
+
+def test_free_ports_avoid_the_ephemeral_range():
+    """Ports picked for components started later come from below the range outgoing
+    connections draw from, so no client socket takes one first."""
+    from cluster.local import _ephemeral_ports, free_port
+
+    low, high = _ephemeral_ports()
+    ports = {free_port() for _ in range(50)}
+    assert all(p < low or p > high for p in ports) and len(ports) > 40
