@@ -2,9 +2,10 @@
 
 A tier owns one preallocated region (host RAM, a slab file on local disk, or GPU memory)
 and a ``SlabAllocator`` over it; the ``TieredStore`` decides what goes where. ``write``
-copies a block into a slot, ``read`` copies it out as ``bytes`` and ``read_into`` into
-memory the caller owns (the store moves blocks between tiers that way, straight into or
-out of the host arena, without an intermediate copy). Tiers keep byte and time counters
+copies a block into a slot, ``read`` copies it out as ``bytes``; ``read_run`` and
+``read_run_into`` do the same for blocks in adjacent slots, the latter into memory the
+caller owns (the store moves blocks between tiers that way, straight into or out of the
+host arena, without an intermediate copy). Tiers keep byte and time counters
 for bandwidth metrics. Not thread-safe for the same slot: the store never reads a slot
 while it writes or frees it (pins). ``OSError`` from a disk means the bytes are lost; the
 store treats it like a checksum mismatch.
@@ -61,13 +62,6 @@ class Tier(ABC):
         self._count_read(nbytes, start)
         return data
 
-    def read_into(self, slot: Slot, nbytes: int, dest: memoryview) -> None:
-        """Copy the slot's first ``nbytes`` into ``dest[:nbytes]`` (a writable buffer of at
-        least that many bytes)."""
-        start = time.perf_counter()
-        self._read_into(slot, nbytes, dest)
-        self._count_read(nbytes, start)
-
     def read_run(self, items: Sequence[tuple[Slot, int]]) -> list[bytes]:
         """The first ``nbytes`` of each ``(slot, nbytes)``, in order, where each slot starts
         where the one before ends. This reads them one by one; the disk tier reads the
@@ -104,7 +98,8 @@ class Tier(ABC):
     def _read(self, slot: Slot, nbytes: int) -> bytes: ...
 
     @abstractmethod
-    def _read_into(self, slot: Slot, nbytes: int, dest: memoryview) -> None: ...
+    def _read_into(self, slot: Slot, nbytes: int, dest: memoryview) -> None:
+        """The slot's first ``nbytes`` into ``dest[:nbytes]``."""
 
     def close(self) -> None:
         """Release the tier's memory or file."""
@@ -423,7 +418,7 @@ class GpuTier(Tier):
     """GPU memory: one device tensor of the tier's capacity.
 
     Blocks cross PCIe by DMA: ``read`` goes through a page-locked staging buffer (one per
-    thread, grown to the largest block read), ``read_into`` and ``write`` copy straight
+    thread, grown to the largest block read), ``read_run_into`` and ``write`` copy straight
     from or to the caller's memory, which is DMA speed when that memory is page-locked
     (the host tier's arena is, where CUDA exists) and CUDA's own staging otherwise. Every
     copy has finished when the call returns.
