@@ -232,17 +232,8 @@ class TieredStore(BlockStore):
     def _copy_groups(self, moves: list, tier: int) -> list[list]:
         """Moves cut into jobs: reads back into host RAM by runs of adjacent slots of one
         source tier (one request each); every other move on its own."""
-        groups: list[list] = []
-        by_source: dict[int, list] = {}
-        for move in moves:
-            if self._read_into_host(move):
-                by_source.setdefault(move[0].tier, []).append(move)
-            else:
-                groups.append([move])
-        for source in by_source.values():
-            runs = adjacent_runs([m[0].slot for m in source], MAX_RUN_BYTES)
-            groups.extend([source[i] for i in run] for run in runs)
-        return groups
+        return ([[m] for m in moves if not self._read_into_host(m)]
+                + _adjacent_by_tier([m for m in moves if self._read_into_host(m)], lambda m: m[0]))
 
     def _copy_run(self, moves: list) -> list[bool]:
         """Copy a group from ``_copy_groups``; per move, whether its bytes arrived intact.
@@ -417,15 +408,9 @@ class TieredStore(BlockStore):
         found: dict[bytes, StoredBlock] = {}
         slower: list[_Entry] = []  # hits outside the fastest tier, to promote
         with self.pinned(keys) as entries:
-            runs: list[list[_Entry]] = []
-            by_tier: dict[int, list[_Entry]] = {}
-            for entry in entries.values():
-                by_tier.setdefault(entry.tier, []).append(entry)
-            for group in by_tier.values():
-                runs.extend([group[i] for i in run]
-                            for run in adjacent_runs([e.slot for e in group], MAX_RUN_BYTES))
+            runs = _adjacent_by_tier(list(entries.values()), lambda e: e)
             datas = self._run_io([lambda r=r: self._read_verified(r) for r in runs],
-                                 parallel=any(self.tiers[t].name != "host" for t in by_tier))
+                                 parallel=any(self.tiers[r[0].tier].name != "host" for r in runs))
             with self._lock:
                 for entry, data in zip([e for r in runs for e in r], [d for ds in datas for d in ds]):
                     if data is None:
@@ -523,6 +508,16 @@ class TieredStore(BlockStore):
             self._pool = None
         for tier in self.tiers:
             tier.close()
+
+
+def _adjacent_by_tier(items: list, entry_of: Callable[[object], _Entry]) -> list[list]:
+    """``items`` grouped by the tier their entry is in, each group cut into runs of
+    adjacent slots of at most ``MAX_RUN_BYTES`` (one read request each)."""
+    by_tier: dict[int, list] = {}
+    for item in items:
+        by_tier.setdefault(entry_of(item).tier, []).append(item)
+    return [[group[i] for i in run] for group in by_tier.values()
+            for run in adjacent_runs([entry_of(x).slot for x in group], MAX_RUN_BYTES)]
 
 
 def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = None,

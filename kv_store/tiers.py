@@ -347,30 +347,22 @@ class DiskTier(Tier):
             data = os.pread(self._fd, nbytes, slot.offset)
             _check_length(len(data), nbytes, self.path)
             return data
-        with self._read_bounced(slot, nbytes) as view:
-            return view.tobytes()
+        with self._read_span(slot.offset, slot.size) as view:
+            return view[:nbytes].tobytes()
 
     def _read_into(self, slot: Slot, nbytes: int, dest: memoryview) -> None:
         if not self.direct_io:
             with memoryview(dest) as out:
                 _check_length(os.preadv(self._fd, [out[:nbytes]], slot.offset), nbytes, self.path)
             return
-        with self._read_bounced(slot, nbytes) as view:
-            dest[:nbytes] = view
+        with self._read_span(slot.offset, slot.size) as view:
+            dest[:nbytes] = view[:nbytes]
 
     def _read_run(self, items: Sequence[tuple[Slot, int]]) -> list[bytes]:
         if len(items) == 1:
             return [self._read(*items[0])]
         first, (last, _) = items[0][0], items[-1]
-        span = last.offset + last.size - first.offset
-        if not self.direct_io:
-            data = os.pread(self._fd, span, first.offset)
-            _check_length(len(data), span, self.path)
-            with memoryview(data) as view:
-                return [view[s.offset - first.offset:s.offset - first.offset + n].tobytes()
-                        for s, n in items]
-        with memoryview(self._bounce(span)) as view:
-            _check_length(os.preadv(self._fd, [view[:span]], first.offset), span, self.path)
+        with self._read_span(first.offset, last.offset + last.size - first.offset) as view:
             return [view[s.offset - first.offset:s.offset - first.offset + n].tobytes()
                     for s, n in items]
 
@@ -392,13 +384,18 @@ class DiskTier(Tier):
             self._read_into(slot, nbytes, dest)
 
     @contextmanager
-    def _read_bounced(self, slot: Slot, nbytes: int) -> Iterator[memoryview]:
-        """O_DIRECT: the whole (aligned) slot read into the bounce buffer; yields its
-        first ``nbytes``."""
-        with memoryview(self._bounce(slot.size)) as view:
-            got = os.preadv(self._fd, [view[:slot.size]], slot.offset)
-            _check_length(got, nbytes, self.path)
-            with view[:nbytes] as data:
+    def _read_span(self, offset: int, length: int) -> Iterator[memoryview]:
+        """``length`` bytes of the file from ``offset`` (whole slots, so aligned): one
+        ``pread``, or with O_DIRECT one read into this thread's bounce buffer."""
+        if not self.direct_io:
+            data = os.pread(self._fd, length, offset)
+            _check_length(len(data), length, self.path)
+            with memoryview(data) as view:
+                yield view
+            return
+        with memoryview(self._bounce(length)) as view:
+            _check_length(os.preadv(self._fd, [view[:length]], offset), length, self.path)
+            with view[:length] as data:
                 yield data
 
     def close(self) -> None:
