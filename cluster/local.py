@@ -195,10 +195,14 @@ class LocalCluster:
         full_env = dict(MALLOC_ENV, **os.environ)
         full_env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
         full_env.update(env or {})
+        # A process group of its own (stopping it reaches its engine processes; a terminal's
+        # Ctrl-C reaches only us), but not a session of its own: Linux schedules each
+        # session as one group (autogroup), and with every component in its own, a busy
+        # decode engine starved the others for seconds on two cores (streams stalled).
         with open(log_path, "ab") as log:
             popen = subprocess.Popen([sys.executable, "-m", "cluster.cli", command or name, *args],
                                      stdout=log, stderr=subprocess.STDOUT, env=full_env,
-                                     start_new_session=True)
+                                     process_group=0)
         proc = Process(name, popen, log_path)
         self.processes.append(proc)
         return proc

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import re
 import threading
@@ -144,6 +145,15 @@ def test_shared_prefix_goes_to_the_worker_that_holds_it(cluster, reference):
     assert affinity() - aff_before == len(AFFINITY) - 1  # all but the first, by affinity
     # Conditional disaggregation: with the prefix cached, the 8-token suffix skipped prefill.
     assert metric(url, "kvmesh_router_prefill_skipped_total") >= len(AFFINITY) - 1
+
+
+def test_components_share_our_session_in_groups_of_their_own(cluster):
+    """Each component can be stopped as a process group, yet all stay in one session:
+    the kernel shares the CPU between sessions, and an engine in a session of its own
+    starved the other components (a stream stalled for seconds, a Health call timed out)."""
+    for proc in cluster.processes:
+        assert os.getpgid(proc.popen.pid) == proc.popen.pid, proc.name
+        assert os.getsid(proc.popen.pid) == os.getsid(0), proc.name
 
 
 def test_disconnect_mid_stream_frees_the_request(cluster):
