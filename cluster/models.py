@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,6 +153,7 @@ def ensure_model(size: str = "tiny") -> Path:
     """Return the default model directory of ``size``, generating it if missing."""
     path = default_model_dir(size)
     if not is_model_dir(path):
-        print(f"kvmesh: generating the {size} model in {path} ...", flush=True)
+        # Progress, so on stderr: stdout may be a command's JSON report.
+        print(f"kvmesh: generating the {size} model in {path} ...", file=sys.stderr, flush=True)
         make_model(path, size)
     return path
