@@ -50,6 +50,8 @@ class RouterSettings:
     queue_timeout_s: float = 30.0
     index_url: str | None = None       # discover workers in this Redis (with no addresses given)
     health_interval_s: float = 2.0     # how often workers are polled (and discovered)
+    health_timeout_s: float = 2.0      # how long one worker's Health call may take
+    health_timeouts_to_fail: int = 3   # Health calls timing out in a row that mark a worker down
     unavailable_retry_s: float = 120.0  # how long a request may wait for a decode worker to come back
 
 
@@ -416,15 +418,25 @@ class RouterCore:
         m.e2e.observe(time.monotonic() - started)
 
     async def health(self) -> tuple[bool, dict[str, str]]:
+        """Ask every worker for its health and update its ``healthy`` flag: an error status
+        or a refused call marks it down at once; a call that times out only when
+        ``health_timeouts_to_fail`` have in a row (a busy worker answers late, and
+        requests that fail on it mark it down anyway)."""
         status = {}
-        for role, workers in (("prefill", self.routing.prefill), ("decode", self.routing.decode)):
-            for w in workers:
-                try:
-                    reply = await w.client.health()
-                    status[f"{role} {w.address}"] = reply.status
-                    w.healthy = reply.status == "ok"
-                except grpc.aio.AioRpcError as e:
-                    status[f"{role} {w.address}"] = f"unavailable ({e.code().name})"
+        workers = [("prefill", w) for w in self.routing.prefill] + [("decode", w) for w in self.routing.decode]
+        for role, w in workers:
+            name = f"{role} {w.address}"
+            try:
+                reply = await w.client.health(self.settings.health_timeout_s)
+                status[name] = reply.status
+                w.healthy, w.health_timeouts = reply.status == "ok", 0
+            except grpc.aio.AioRpcError as e:
+                status[name] = f"unavailable ({e.code().name})"
+                late = e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                w.health_timeouts = w.health_timeouts + 1 if late else 0
+                if late and w.healthy and w.health_timeouts < self.settings.health_timeouts_to_fail:
+                    status[name] = f"ok (a late health reply, {w.health_timeouts} in a row)"
+                else:
                     w.healthy = False
-        ok = bool(self.routing.decode) and all(v == "ok" for v in status.values())
+        ok = bool(self.routing.decode) and all(w.healthy for _, w in workers)
         return ok, status

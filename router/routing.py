@@ -38,6 +38,7 @@ class Worker:
     client: object          # router.workers.WorkerClient
     inflight: int = 0
     healthy: bool = True
+    health_timeouts: int = 0  # Health calls that timed out in a row
 
 
 class Route(NamedTuple):

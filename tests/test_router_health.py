@@ -1,0 +1,85 @@
+"""The router's health poll against a real gRPC worker API whose replies we control
+(no engine behind it): a late reply is tolerated a few times in a row, a refused call
+or an error status marks the worker down at once, and a good reply brings it back."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from kvmesh_proto import worker_pb2, worker_pb2_grpc
+from router.core import RouterCore, RouterSettings
+from router.routing import RoutingPolicy, Worker
+from router.workers import WorkerClient
+
+TIMEOUT_S = 0.2
+
+
+class ControlledWorker(worker_pb2_grpc.WorkerServicer):
+    def __init__(self):
+        self.delay_s = 0.0
+        self.status = "ok"
+
+    async def Health(self, request, context):
+        await asyncio.sleep(self.delay_s)
+        return worker_pb2.HealthReply(status=self.status, role="decode", model="m", max_model_len=64)
+
+
+async def router_with_one_worker(servicer):
+    server = grpc.aio.server()
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    core = RouterCore(RouterSettings(model="unused", served_model_name="m", prefill_addresses=(),
+                                     decode_addresses=(address,), health_timeout_s=TIMEOUT_S,
+                                     health_timeouts_to_fail=3))
+    worker = Worker(address, WorkerClient(address))
+    core.routing = RoutingPolicy(prefill=[], decode=[worker])  # what start() builds, minus the poller
+    return server, core, worker
+
+
+def test_late_replies_mark_a_worker_down_only_when_they_repeat():
+    async def run():
+        servicer = ControlledWorker()
+        server, core, worker = await router_with_one_worker(servicer)
+        try:
+            assert (await core.health())[0] and worker.healthy
+            servicer.delay_s = TIMEOUT_S * 3
+            seen = []
+            for _ in range(3):
+                ok, status = await core.health()
+                seen.append((ok, worker.healthy, next(iter(status.values()))))
+            assert [s[:2] for s in seen] == [(True, True), (True, True), (False, False)], seen
+            assert seen[0][2].startswith("ok (a late health reply, 1 in a row)")
+            assert seen[2][2] == "unavailable (DEADLINE_EXCEEDED)"
+            servicer.delay_s = 0.0
+            assert (await core.health())[0] and worker.healthy and worker.health_timeouts == 0
+        finally:
+            await worker.client.close()
+            await server.stop(None)
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("failure", ["error status", "refused"])
+def test_a_refused_call_or_an_error_status_marks_it_down_at_once(failure):
+    async def run():
+        servicer = ControlledWorker()
+        server, core, worker = await router_with_one_worker(servicer)
+        try:
+            assert (await core.health())[0]
+            if failure == "refused":
+                await server.stop(None)
+            else:
+                servicer.status = "error"
+            ok, status = await core.health()
+            assert not ok and not worker.healthy, status
+            if failure == "refused":
+                assert next(iter(status.values())) == "unavailable (UNAVAILABLE)"
+        finally:
+            await worker.client.close()
+            await server.stop(None)
+
+    asyncio.run(run())
