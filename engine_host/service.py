@@ -8,6 +8,7 @@ aborts the request in the engine, which frees its KV blocks and its slot.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 
@@ -91,12 +92,11 @@ async def serve_worker(settings: EngineSettings, host: str, port: int,
     With an ``announcer`` (``kv_store.index.services.Announcer``) the worker announces
     itself for discovery once it serves, and withdraws before it stops."""
     engine = build_engine(settings)
-    server = None
+    server = service = None
     try:
-        max_model_len = engine.model_config.max_model_len
+        service = WorkerService(engine, settings, engine.model_config.max_model_len)
         server = grpc.aio.server(options=message_options())
-        worker_pb2_grpc.add_WorkerServicer_to_server(
-            WorkerService(engine, settings, max_model_len), server)
+        worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
         if server.add_insecure_port(f"{host}:{port}") == 0:
             raise RuntimeError(f"cannot bind the {settings.role} worker to {host}:{port}")
         await server.start()
@@ -115,3 +115,16 @@ async def serve_worker(settings: EngineSettings, host: str, port: int,
         if server is not None:
             await server.stop(shutdown_grace_s)
         engine.shutdown()
+        # Nothing of ours keeps the engine alive past here (see ``run_worker``).
+        if service is not None:
+            service.engine = None
+        del engine
+
+
+def run_worker(role: str, host: str, port: int, announcer=None, **settings) -> None:
+    """A worker process's main: ``serve_worker`` until SIGINT/SIGTERM, then collect the
+    engine while the interpreter is whole (vLLM's engine finalizer fails when it runs
+    during interpreter shutdown)."""
+    asyncio.run(serve_worker(EngineSettings(role=role, **settings), host, port, announcer=announcer))
+    gc.collect()
+

@@ -5,6 +5,7 @@ and load the prefix from the store."""
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 
 def test_demo_runs_its_prompts_and_stops_cleanly():
@@ -21,3 +22,9 @@ def test_demo_runs_its_prompts_and_stops_cleanly():
         n, prefill, from_store = by_label[label]
         assert prefill == "skipped" and from_store >= n - 64, (label, by_label[label])
     assert "demo finished; cluster stopped" in proc.stdout
+    # A clean stop: no component's log ends with a traceback (vLLM's engine finalizer
+    # used to fail in every worker when it ran during interpreter shutdown).
+    logs = Path(re.search(r"\(logs in (.+?)\)", proc.stdout).group(1))
+    for log in sorted(logs.glob("*.log")):
+        text = log.read_text(errors="replace")
+        assert "Traceback" not in text and "Exception ignored" not in text, (log.name, text[-2000:])
