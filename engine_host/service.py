@@ -127,4 +127,3 @@ def run_worker(role: str, host: str, port: int, announcer=None, **settings) -> N
     during interpreter shutdown)."""
     asyncio.run(serve_worker(EngineSettings(role=role, **settings), host, port, announcer=announcer))
     gc.collect()
-
