@@ -8,7 +8,6 @@ aborts the request in the engine, which frees its KV blocks and its slot.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 
@@ -115,15 +114,13 @@ async def serve_worker(settings: EngineSettings, host: str, port: int,
         if server is not None:
             await server.stop(shutdown_grace_s)
         engine.shutdown()
-        # Nothing of ours keeps the engine alive past here (see ``run_worker``).
+        # Nothing of ours keeps the engine alive past here: vLLM's engine finalizer fails
+        # (a traceback in the log) when it runs as late as interpreter shutdown.
         if service is not None:
             service.engine = None
         del engine
 
 
 def run_worker(role: str, host: str, port: int, announcer=None, **settings) -> None:
-    """A worker process's main: ``serve_worker`` until SIGINT/SIGTERM, then collect the
-    engine while the interpreter is whole (vLLM's engine finalizer fails when it runs
-    during interpreter shutdown)."""
+    """A worker process's main: ``serve_worker`` until SIGINT/SIGTERM."""
     asyncio.run(serve_worker(EngineSettings(role=role, **settings), host, port, announcer=announcer))
-    gc.collect()
