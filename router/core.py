@@ -419,8 +419,8 @@ class RouterCore:
 
     async def health(self) -> tuple[bool, dict[str, str]]:
         """Ask every worker for its health and update its ``healthy`` flag: an error status
-        or a refused call marks it down at once; a call that times out only when
-        ``health_timeouts_to_fail`` have in a row (a busy worker answers late, and
+        or a refused call marks it down at once; timed-out calls only once
+        ``health_timeouts_to_fail`` of them come in a row (a busy worker answers late, and
         requests that fail on it mark it down anyway)."""
         status = {}
         workers = [("prefill", w) for w in self.routing.prefill] + [("decode", w) for w in self.routing.decode]

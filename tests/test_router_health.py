@@ -5,6 +5,7 @@ or an error status marks the worker down at once, and a good reply brings it bac
 from __future__ import annotations
 
 import asyncio
+from contextlib import asynccontextmanager
 
 import grpc
 import pytest
@@ -27,7 +28,10 @@ class ControlledWorker(worker_pb2_grpc.WorkerServicer):
         return worker_pb2.HealthReply(status=self.status, role="decode", model="m", max_model_len=64)
 
 
+@asynccontextmanager
 async def router_with_one_worker(servicer):
+    """A router whose only (decode) worker is ``servicer``; yields (server, core, worker)
+    and closes the worker's channel and stops the server afterwards."""
     server = grpc.aio.server()
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
@@ -37,14 +41,17 @@ async def router_with_one_worker(servicer):
                                      health_timeouts_to_fail=3))
     worker = Worker(address, WorkerClient(address))
     core.routing = RoutingPolicy(prefill=[], decode=[worker])  # what start() builds, minus the poller
-    return server, core, worker
+    try:
+        yield server, core, worker
+    finally:
+        await worker.client.close()
+        await server.stop(None)
 
 
 def test_late_replies_mark_a_worker_down_only_when_they_repeat():
     async def run():
         servicer = ControlledWorker()
-        server, core, worker = await router_with_one_worker(servicer)
-        try:
+        async with router_with_one_worker(servicer) as (_, core, worker):
             assert (await core.health())[0] and worker.healthy
             servicer.delay_s = TIMEOUT_S * 3
             seen = []
@@ -56,9 +63,6 @@ def test_late_replies_mark_a_worker_down_only_when_they_repeat():
             assert seen[2][2] == "unavailable (DEADLINE_EXCEEDED)"
             servicer.delay_s = 0.0
             assert (await core.health())[0] and worker.healthy and worker.health_timeouts == 0
-        finally:
-            await worker.client.close()
-            await server.stop(None)
 
     asyncio.run(run())
 
@@ -67,8 +71,7 @@ def test_late_replies_mark_a_worker_down_only_when_they_repeat():
 def test_a_refused_call_or_an_error_status_marks_it_down_at_once(failure):
     async def run():
         servicer = ControlledWorker()
-        server, core, worker = await router_with_one_worker(servicer)
-        try:
+        async with router_with_one_worker(servicer) as (server, core, worker):
             assert (await core.health())[0]
             if failure == "refused":
                 await server.stop(None)
@@ -78,8 +81,5 @@ def test_a_refused_call_or_an_error_status_marks_it_down_at_once(failure):
             assert not ok and not worker.healthy, status
             if failure == "refused":
                 assert next(iter(status.values())) == "unavailable (UNAVAILABLE)"
-        finally:
-            await worker.client.close()
-            await server.stop(None)
 
     asyncio.run(run())
