@@ -6,12 +6,17 @@ copies between preallocated buffers) for the host tier; raw sequential file I/O
 disk tier, which then also runs with ``O_DIRECT``; and, where CUDA is usable, copies of
 the same block sizes between page-locked host memory and the device (host to device for
 puts, device to host for gets) for the GPU tier. Every figure is a ratio to those.
+
+It also times host-RAM hits alone and while another thread's leases promote blocks from
+disk (``host_hits_under_disk_traffic``): the ratio says how much disk traffic slows a
+hit down (the store copies bytes outside its lock, so ideally not at all).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -145,11 +150,85 @@ def _run_ops(store: TieredStore, tier: str, block_bytes: int, total_bytes: int) 
     return results
 
 
+def _latencies_us(op, seconds: float, every: float = 1e-3) -> list[float]:
+    """Sorted latencies of ``op()`` called once every ``every`` seconds for ``seconds``
+    (requests that arrive at intervals, leaving the machine to other work in between)."""
+    lat = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        op()
+        lat.append((time.perf_counter() - t) * 1e6)
+        time.sleep(max(0.0, every - (time.perf_counter() - t)))
+    return sorted(lat)
+
+
+def contention(directory: str, direct: bool, block_bytes: int = 1 << 20,
+               seconds: float = 1.5) -> dict:
+    """Host-RAM hits of one block, one a millisecond, alone and while another thread
+    leases eight blocks at a time that are on disk (each lease promotes them, which
+    demotes others): their latencies, the ratios of the two (1: disk traffic does not
+    slow a host hit down) and how fast the leases moved blocks up from disk."""
+    import threading
+
+    host_blocks, cold_blocks = 32, 96
+    store = TieredStore([HostTier(host_blocks * block_bytes, PAGE),
+                         DiskTier(os.path.join(directory, "kvmesh-contention-bench.bin"),
+                                  (host_blocks + cold_blocks) * block_bytes, PAGE, direct_io=direct)])
+    try:
+        payload = os.urandom(block_bytes)
+        crc = checksum(payload)
+        cold = [b"cold-%d" % i for i in range(cold_blocks)]
+        hot = b"hot"
+        for key in [*cold, hot]:
+            store.put(key, payload, crc)
+        alone = _latencies_us(lambda: store.get(hot), seconds)
+        stop = threading.Event()
+
+        def lease_cold() -> None:
+            n = 0
+            while not stop.is_set():
+                lease, _ = store.lease([cold[(n + j) % cold_blocks] for j in range(8)], 5)
+                store.release(lease)
+                n += 8
+
+        leaser = threading.Thread(target=lease_cold, daemon=True)
+        start = time.perf_counter()
+        leaser.start()
+        try:
+            busy = _latencies_us(lambda: store.get(hot), seconds)
+        finally:
+            stop.set()
+            leaser.join()
+        promoted_s = time.perf_counter() - start
+        if store.tier_of(hot) != "host":
+            raise RuntimeError("the hot block left host RAM during the contention run")
+        pct = lambda lat, q: round(lat[min(len(lat) - 1, int(len(lat) * q))], 1)  # noqa: E731
+        promotions = store.stats().tiers[0].promotions
+        return {"block_bytes": block_bytes, "promotions": promotions,
+                "promoted_GBps": round(_gbps(promotions * block_bytes, promoted_s), 3),
+                "alone_p50_us": pct(alone, 0.5), "alone_p99_us": pct(alone, 0.99),
+                "with_disk_traffic_p50_us": pct(busy, 0.5), "with_disk_traffic_p99_us": pct(busy, 0.99),
+                "p50_ratio": round(pct(busy, 0.5) / pct(alone, 0.5), 2),
+                "p99_ratio": round(pct(busy, 0.99) / pct(alone, 0.99), 2)}
+    finally:
+        store.close()
+
+
 def run(total_bytes: int = 128 << 20, directory: str | None = None,
         block_sizes: list[int] | None = None, progress=None) -> dict:
-    sizes = block_sizes or BLOCK_SIZES
-    say = progress or (lambda msg: None)
-    directory = directory or tempfile.mkdtemp(prefix="kvmesh-bench-")
+    """Measure the ceilings and every tier; the files it writes in ``directory`` (a new
+    temporary directory when None, removed afterwards) are gone when it returns."""
+    if directory is not None:
+        return _run(total_bytes, directory, block_sizes or BLOCK_SIZES, progress or (lambda msg: None))
+    directory = tempfile.mkdtemp(prefix="kvmesh-bench-")
+    try:
+        return _run(total_bytes, directory, block_sizes or BLOCK_SIZES, progress or (lambda msg: None))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _run(total_bytes: int, directory: str, sizes: list[int], say) -> dict:
     say("measuring memcpy and raw disk ceilings")
     memcpy = {str(b): round(max(memcpy_gbps(b, total_bytes) for _ in range(3)), 3)  # best of three
               for b in sizes}
@@ -162,17 +241,22 @@ def run(total_bytes: int = 128 << 20, directory: str | None = None,
             runs = [gpu_copy_gbps(b, total_bytes) for _ in range(3)]
             gpu_copy[str(b)] = (max(r[0] for r in runs), max(r[1] for r in runs))
     capacity = total_bytes + 2 * PAGE * len(sizes)
-    tiers: list[tuple[str, TieredStore]] = [("host", TieredStore([HostTier(capacity, PAGE)]))]
-    disk_path = os.path.join(directory, "kvmesh-tier-bench.bin")
-    tiers.append(("disk", TieredStore([DiskTier(disk_path, capacity, PAGE, direct_io=direct)])))
+    tiers = [("host", lambda: HostTier(capacity, PAGE)),
+             ("disk", lambda: DiskTier(os.path.join(directory, "kvmesh-tier-bench.bin"), capacity,
+                                       PAGE, direct_io=direct))]
     if gpu_copy:
-        tiers.insert(0, ("gpu", TieredStore([GpuTier(capacity, PAGE)])))
+        tiers.insert(0, ("gpu", lambda: GpuTier(capacity, PAGE)))
     results = []
-    for name, store in tiers:
-        for size in sizes:
-            say(f"{name} tier, {size >> 10} KiB blocks")
-            results.extend(_run_ops(store, name, size, total_bytes))
-        store.close()
+    for name, make_tier in tiers:
+        store = TieredStore([make_tier()])
+        try:
+            for size in sizes:
+                say(f"{name} tier, {size >> 10} KiB blocks")
+                results.extend(_run_ops(store, name, size, total_bytes))
+        finally:
+            store.close()
+    say("host hits while disk blocks are leased")
+    host_hits = contention(directory, direct)
     for r in results:
         put = r["op"] == "put"
         if r["tier"] == "host":
@@ -191,6 +275,7 @@ def run(total_bytes: int = 128 << 20, directory: str | None = None,
     return {
         "ceiling": ceilings,
         "results": results,
+        "host_hits_under_disk_traffic": host_hits,
         "config": {"total_bytes_per_case": total_bytes, "page_bytes": PAGE},
     }
 
@@ -203,6 +288,10 @@ def print_table(report: dict) -> None:
         print(f"          host->device up to {max(c['gpu_h2d_GBps_by_block'].values())} GB/s, "
               f"device->host up to {max(c['gpu_d2h_GBps_by_block'].values())} GB/s (page-locked)")
     print(f"{'tier':6} {'op':6} {'block':>8} {'GB/s':>8} {'ratio':>6} {'p50 us':>9} {'p99 us':>9}")
+    h = report["host_hits_under_disk_traffic"]
+    print(f"host hits of {h['block_bytes'] >> 10} KiB: p50 {h['alone_p50_us']} us alone, "
+          f"{h['with_disk_traffic_p50_us']} us while leases promote {h['promoted_GBps']} GB/s from disk "
+          f"(x{h['p50_ratio']}; p99 x{h['p99_ratio']})")
     for r in report["results"]:
         op = r["op"] if r["keys_per_call"] == 1 else f"{r['op']}x{r['keys_per_call']}"
         print(f"{r['tier']:6} {op:6} {r['block_bytes'] >> 10:>6}Ki {r['GBps']:>8.2f} "

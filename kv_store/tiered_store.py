@@ -10,7 +10,9 @@ Guarantees:
   a tier that is not host RAM (to serve them, or to move them to another tier) are
   checked against the block's checksum, and a mismatch or a failed read is dropped and
   counted (``corrupt``), never returned or moved.
-* A block pinned by an in-flight read is never evicted, moved or freed; ``drop`` or a
+* A block pinned by an in-flight read is never evicted, demoted or freed, and the slot
+  the reader found it in stays whole until the last pin goes (another reader's hit may
+  promote it meanwhile: the slot it leaves is freed with that last pin). ``drop`` or a
   re-put of a pinned block takes effect when the last pin goes (the reader still gets
   the old bytes). ``with store.pinned(keys)`` pins for the duration of a block.
 * A parent block (the block before it in its chain) is never evicted while a child that
@@ -18,12 +20,14 @@ Guarantees:
 * Every slot is freed exactly once: after everything is dropped and unpinned, every
   tier's used bytes are back to zero.
 
-Thread-safe: metadata changes happen under one lock; reads copy bytes outside it,
-protected by pins. Several blocks read or moved at once (a multi-key get, the promotions
-of a lease) go through a pool of ``io_threads`` threads when a disk or GPU tier is
-involved, so a disk sees several requests at a time, and blocks in adjacent slots are
-read in one request (up to ``MAX_RUN_BYTES``), into the host arena directly where they
-are being promoted.
+Thread-safe: only bookkeeping happens under the store's one lock; every copy of bytes
+(a put's write, a get's read, a move between tiers) runs outside it, on slots that pins
+or reservations keep from being freed or reused meanwhile, so a host-RAM hit never
+waits behind another request's disk I/O. Several blocks read or moved at once (a
+multi-key get, the promotions of a lease) go through a pool of ``io_threads`` threads
+when a disk or GPU tier is involved, so a disk sees several requests at a time, and
+blocks in adjacent slots are read in one request (up to ``MAX_RUN_BYTES``), into the
+host arena directly where they are being promoted.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from kv_store.block_store import BlockStore, StoredBlock
 from kv_store.eviction import EvictionPolicy, make_policy
@@ -45,6 +49,10 @@ from kv_store.tiers import HostTier, Tier
 log = logging.getLogger("kvmesh.store")
 
 MAX_RUN_BYTES = 4 << 20  # blocks in adjacent slots are read in requests of up to this
+MAX_ROOM_ATTEMPTS = 256  # victims one call tries to move or evict before it gives up
+
+# What became of a block asked to move (``TieredStore._move_many``).
+_MOVED, _NO_ROOM, _STAYED, _CORRUPT = "moved", "no room", "stayed", "corrupt"
 
 @dataclass(eq=False)
 class _Entry:
@@ -56,6 +64,30 @@ class _Entry:
     slot: Slot
     pins: int = 0
     dead: bool = False  # dropped or replaced while pinned: free when unpinned
+    retired: list[tuple[int, Slot]] = field(default_factory=list)  # moved out of while
+    # pinned: (tier, slot) pairs still being read, freed with the last pin
+
+
+class _Read(NamedTuple):
+    """Where a pinned block was when a reader took its pin (it may move meanwhile; the
+    slot it left stays whole until the last pin goes)."""
+    entry: _Entry
+    tier: int
+    slot: Slot
+    checksum: int
+
+
+@dataclass(eq=False)
+class _Move:
+    """One block on its way to another tier: copied from ``src_slot`` into ``slot``."""
+    index: int  # in the caller's list
+    entry: _Entry
+    src: int
+    src_slot: Slot
+    checksum: int
+    tier: int
+    slot: Slot
+    data: bytes | None  # its bytes, where the caller already read and verified them
 
 
 @dataclass
@@ -132,6 +164,12 @@ class TieredStore(BlockStore):
         self._lease_seq = 0
 
     # ------------------------------------------------------------------ placement
+    #
+    # Bytes are copied outside the lock; only bookkeeping happens under it. A slot is
+    # reserved (allocated, held by no entry), filled without the lock, then handed to an
+    # entry under it, or freed if the entry went meanwhile. Pins keep the slots being read
+    # alive: only an unpinned block is picked to move down or go, and a slot a block moves
+    # out of while someone still reads it is retired, freed with the last pin.
 
     def _can_evict(self, key: bytes) -> bool:
         entry = self._entries[key]
@@ -140,76 +178,130 @@ class TieredStore(BlockStore):
     def _can_move(self, key: bytes) -> bool:
         return self._entries[key].pins == 0
 
-    def _make_room(self, tier: int, nbytes: int) -> Slot | None:
-        """A slot in ``tier``, moving its victims down (or out, from the last tier)."""
+    def _victim(self, tier: int, size_class: int) -> _Entry | None:
+        """Under the lock: the block ``tier`` gives up next, taken off its policy; one in a
+        slot of ``size_class`` first (freeing it frees exactly the room wanted)."""
+        allowed = self._can_evict if tier == len(self.tiers) - 1 else self._can_move
+        policy = self._policies[tier]
+        key = policy.pop_victim(lambda k: allowed(k) and self._entries[k].slot.size == size_class)
+        if key is None:  # a page may still free up from another size class
+            key = policy.pop_victim(allowed)
+        return None if key is None else self._entries[key]
+
+    def _reserve(self, tier: int, nbytes: int) -> Slot | None:
+        """A free slot of ``tier`` for ``nbytes``, reserved for the caller, who fills it and
+        then, under the lock, gives it to an entry or frees it. Room is made by moving the
+        tier's victims one tier down or, from the slowest tier, evicting them. None when no
+        room can be made (what is left is pinned, or parents of stored children).
+        Call without the lock."""
         allocator = self.tiers[tier].allocator
         size_class = allocator.slot_size_for(nbytes)
         if size_class is None:
             return None
-        while True:
-            slot = allocator.alloc(nbytes)
-            if slot is not None:
-                return slot
-            last = tier == len(self.tiers) - 1
-            allowed = self._can_evict if last else self._can_move
-            policy = self._policies[tier]
-            victim = policy.pop_victim(
-                lambda k: allowed(k) and self._entries[k].slot.size == size_class)
-            if victim is None:  # a page may still free up from another size class
-                victim = policy.pop_victim(allowed)
-            if victim is None:
-                return None
-            if last or not self._move(self._entries[victim], tier + 1):
-                if not self._can_evict(victim):  # could neither move nor evict it
-                    policy.insert(victim)
+        for _ in range(MAX_ROOM_ATTEMPTS):
+            with self._lock:
+                slot = allocator.alloc(nbytes)
+                if slot is not None:
+                    return slot
+                victim = self._victim(tier, size_class)
+                if victim is None:
                     return None
-                self._evict(self._entries[victim])
+                if tier == len(self.tiers) - 1:
+                    self._evict(victim)
+                    continue
+                victim.pins += 1  # the move's own pin: nobody else picks or frees it
+            outcome = _NO_ROOM
+            try:
+                outcome = self._move_many([victim], tier + 1)[0]
+            finally:
+                with self._lock:
+                    self._unpin([victim])
+                    stuck = self._settle(victim, tier, outcome)
+            if stuck:
+                return None
+        return None
 
-    def _move(self, entry: _Entry, tier: int) -> bool:
-        """Move one unpinned block to ``tier``; see ``_move_many``."""
-        return self._move_many([entry], tier)[0]
+    def _settle(self, victim: _Entry, tier: int, outcome: str) -> bool:
+        """Under the lock, after trying to move a victim down: if it is still in ``tier``,
+        evict it where it could not move and may go, else give it back to the policy.
+        True when it could neither move nor go (a parent of stored blocks, with no room
+        below); a victim someone began to read meanwhile is not stuck, just skipped."""
+        if self._entries.get(victim.key) is not victim or victim.tier != tier:
+            return False
+        if outcome == _NO_ROOM and self._can_evict(victim.key):
+            self._evict(victim)
+            return False
+        self._policies[tier].insert(victim.key)
+        return outcome == _NO_ROOM and victim.pins == 0
 
     def _move_many(self, entries: Sequence[_Entry], tier: int,
-                   data: Sequence[bytes | None] | None = None) -> list[bool]:
-        """Move unpinned blocks to ``tier`` (making room there, under the lock), copying
-        them on the I/O pool; per block, False if there was no room for it.
+                   data: Sequence[bytes | None] | None = None) -> list[str]:
+        """Move blocks the caller has pinned (one pin each, the caller's to release) to
+        ``tier``: room is reserved there, the bytes are copied outside the lock (on the I/O
+        pool, adjacent disk slots in one request), then each entry takes its new slot
+        under the lock. Per block: ``_MOVED``; ``_NO_ROOM``; ``_STAYED`` (dropped, replaced
+        or moved by another meanwhile, or, moving down, it began to be read: its new slot
+        is freed); ``_CORRUPT`` (its bytes failed their checksum on the way: dropped and
+        counted, so callers that go on using an entry check ``entry.dead``).
 
         ``data``: the blocks' bytes where the caller already read and verified them (saves
-        reading them again). A block whose bytes fail their checksum on the way is dropped
-        and counted as corrupt instead; that counts as moved (its old slot is free), so
-        callers that go on using an entry check ``entry.dead``."""
+        reading them again). Call without the lock."""
+        with self._lock:
+            sources = [(e.tier, e.slot, e.checksum) for e in entries]
         data = list(data) if data is not None else [None] * len(entries)
-        for entry in entries:  # making room must not pick these very blocks
-            entry.pins += 1
+        outcomes = [_STAYED] * len(entries)
+        moves: list[_Move] = []
         try:
-            slots = [self._make_room(tier, entry.size) for entry in entries]
-        finally:
-            for entry in entries:
-                entry.pins -= 1
-        moves = [(e, tier, s, d) for e, s, d in zip(entries, slots, data) if s is not None]
-        groups = self._copy_groups(moves, tier)
-        results = self._run_io([lambda g=g: self._copy_run(g) for g in groups],
-                               parallel=any(self.tiers[t].name != "host" for t in
-                                            {tier, *(e.tier for e, *_ in moves)}))
-        copied = {id(m[0]): good for g, goods in zip(groups, results) for m, good in zip(g, goods)}
-        for entry, _, slot, _ in moves:
-            good = copied[id(entry)]
-            if not good:
-                self.tiers[tier].allocator.free(slot, entry.size)
-                self._corrupt += 1
-                self._forget(entry)
-                continue
-            old_tier = entry.tier
-            self.tiers[old_tier].allocator.free(entry.slot, entry.size)
-            self._policies[old_tier].remove(entry.key)
-            if tier > old_tier:
-                self._stats[old_tier].demotions += 1
-            else:
-                self._stats[tier].promotions += 1
-            entry.tier, entry.slot = tier, slot
-            self._policies[tier].insert(entry.key)
-            self._tell("stored", entry.key, self.tiers[tier].name)
-        return [s is not None for s in slots]
+            for i, (entry, (src, src_slot, crc), d) in enumerate(zip(entries, sources, data)):
+                if src == tier or src_slot is None:
+                    continue
+                slot = self._reserve(tier, entry.size)
+                if slot is None:
+                    outcomes[i] = _NO_ROOM
+                else:
+                    moves.append(_Move(i, entry, src, src_slot, crc, tier, slot, d))
+            groups = self._copy_groups(moves)
+            results = self._run_io([lambda g=g: self._copy_run(g) for g in groups],
+                                   parallel=any(self.tiers[t].name != "host" for t in
+                                                {tier, *(m.src for m in moves)}))
+        except BaseException:
+            with self._lock:
+                for move in moves:
+                    self.tiers[tier].allocator.free(move.slot, move.entry.size)
+            raise
+        with self._lock:
+            for group, goods in zip(groups, results):
+                for move, good in zip(group, goods):
+                    outcomes[move.index] = self._finish_move(move, good)
+        return outcomes
+
+    def _finish_move(self, move: _Move, good: bool) -> str:
+        """Under the lock: give a copied block its new slot, or free that slot."""
+        entry = move.entry
+        unchanged = (not entry.dead and entry.tier == move.src and entry.slot is move.src_slot
+                     and entry.checksum == move.checksum)
+        readers = entry.pins - 1  # besides the mover's pin
+        if not unchanged or (good and move.tier > move.src and readers > 0):
+            self.tiers[move.tier].allocator.free(move.slot, entry.size)
+            return _STAYED
+        if not good:
+            self.tiers[move.tier].allocator.free(move.slot, entry.size)
+            self._corrupt += 1
+            self._forget(entry)
+            return _CORRUPT
+        if readers > 0:  # still reading the old slot: it goes with the last pin
+            entry.retired.append((move.src, move.src_slot))
+        else:
+            self.tiers[move.src].allocator.free(move.src_slot, entry.size)
+        self._policies[move.src].remove(entry.key)
+        if move.tier > move.src:
+            self._stats[move.src].demotions += 1
+        else:
+            self._stats[move.tier].promotions += 1
+        entry.tier, entry.slot = move.tier, move.slot
+        self._policies[move.tier].insert(entry.key)
+        self._tell("stored", entry.key, self.tiers[move.tier].name)
+        return _MOVED
 
     def _run_io(self, jobs: Sequence[Callable[[], object]], parallel: bool) -> list:
         """Run ``jobs`` (block copies that touch only their own slots, never the store's
@@ -223,30 +315,29 @@ class TieredStore(BlockStore):
                     self._pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="kvmesh-io")
         return [f.result() for f in [self._pool.submit(job) for job in jobs]]
 
-    def _read_into_host(self, move) -> bool:
+    def _read_into_host(self, move: _Move) -> bool:
         """Whether a move reads a block back from a slower tier into host RAM."""
-        entry, tier, _, data = move
-        return (data is None and isinstance(self.tiers[tier], HostTier)
-                and not isinstance(self.tiers[entry.tier], HostTier))
+        return (move.data is None and isinstance(self.tiers[move.tier], HostTier)
+                and not isinstance(self.tiers[move.src], HostTier))
 
-    def _copy_groups(self, moves: list, tier: int) -> list[list]:
+    def _copy_groups(self, moves: list[_Move]) -> list[list[_Move]]:
         """Moves cut into jobs: reads back into host RAM by runs of adjacent slots of one
         source tier (one request each); every other move on its own."""
         return ([[m] for m in moves if not self._read_into_host(m)]
-                + _adjacent_by_tier([m for m in moves if self._read_into_host(m)], lambda m: m[0]))
+                + _adjacent_by_tier([m for m in moves if self._read_into_host(m)],
+                                    lambda m: (m.src, m.src_slot)))
 
-    def _copy_run(self, moves: list) -> list[bool]:
+    def _copy_run(self, moves: list[_Move]) -> list[bool]:
         """Copy a group from ``_copy_groups``; per move, whether its bytes arrived intact.
         A run read back into host RAM lands in the new slots directly and is verified
         there; a failed read fails the whole run."""
         if not self._read_into_host(moves[0]):
-            return [self._copy(*moves[0])]
-        first, tier = moves[0][0], moves[0][1]
-        src, dst = self.tiers[first.tier], self.tiers[tier]
-        views = [dst.view(slot, slot.size) for _, _, slot, _ in moves]
+            return [self._copy(moves[0])]
+        src, dst = self.tiers[moves[0].src], self.tiers[moves[0].tier]
+        views = [dst.view(m.slot, m.slot.size) for m in moves]
         try:
-            src.read_run_into([(e.slot, e.size, v) for (e, _, _, _), v in zip(moves, views)])
-            return [verify(v[:e.size], e.checksum) for (e, _, _, _), v in zip(moves, views)]
+            src.read_run_into([(m.src_slot, m.entry.size, v) for m, v in zip(moves, views)])
+            return [verify(v[:m.entry.size], m.checksum) for m, v in zip(moves, views)]
         except OSError as e:
             log.warning("%s tier: cannot read blocks back: %s", src.name, e)
             return [False] * len(moves)
@@ -254,25 +345,25 @@ class TieredStore(BlockStore):
             for view in views:
                 view.release()
 
-    def _copy(self, entry: _Entry, tier: int, slot: Slot, data: bytes | None) -> bool:
-        """Copy one block into ``slot`` of ``tier`` (reads back into host RAM go through
+    def _copy(self, move: _Move) -> bool:
+        """Copy one block into its new slot (reads back into host RAM go through
         ``_copy_run``): straight out of the host arena where it is there, else its bytes
         as given, or read back and verified; False if they fail (or cannot be read), and
         nothing is written."""
-        src, dst, size = self.tiers[entry.tier], self.tiers[tier], entry.size
+        src, dst, size, data = self.tiers[move.src], self.tiers[move.tier], move.entry.size, move.data
         if data is None and isinstance(src, HostTier):
-            with src.view(entry.slot, size) as view:
-                dst.write(slot, view)
+            with src.view(move.src_slot, size) as view:
+                dst.write(move.slot, view)
             return True
         if data is None:
             try:
-                data = src.read(entry.slot, size)
+                data = src.read(move.src_slot, size)
             except OSError as e:
                 log.warning("%s tier: cannot read a block back: %s", src.name, e)
                 return False
-            if not verify(data, entry.checksum):
+            if not verify(data, move.checksum):
                 return False
-        dst.write(slot, data)
+        dst.write(move.slot, data)
         return True
 
     def _evict(self, entry: _Entry) -> None:
@@ -304,15 +395,31 @@ class TieredStore(BlockStore):
             self.tiers[entry.tier].allocator.free(entry.slot, entry.size)
             entry.slot = None
 
+    def _unpin(self, entries: Iterable[_Entry]) -> None:
+        for entry in entries:
+            entry.pins -= 1
+            if entry.pins == 0:
+                for tier, slot in entry.retired:
+                    self.tiers[tier].allocator.free(slot, entry.size)
+                entry.retired.clear()
+                if entry.dead:
+                    self._free_slot(entry)
+
     # ------------------------------------------------------------------ BlockStore
 
     def put(self, key: bytes, data: bytes, checksum: int, parent: bytes | None = None) -> bool:
-        with self._lock:
-            slot = self._make_room(0, len(data))
-            if slot is None:
+        slot = self._reserve(0, len(data))
+        if slot is None:
+            with self._lock:
                 self._rejected += 1
-                return False
-            self.tiers[0].write(slot, data)
+            return False
+        try:
+            self.tiers[0].write(slot, data)  # the slot is ours alone: no lock needed
+        except BaseException:
+            with self._lock:
+                self.tiers[0].allocator.free(slot, len(data))
+            raise
+        with self._lock:
             old = self._entries.get(key)
             if old is not None:
                 self._forget(old)
@@ -345,36 +452,36 @@ class TieredStore(BlockStore):
         in the host tier's region. The caller ``release``s the lease when done; a lease not
         released in time expires (``expire_leases``), so a reader that dies leaks nothing."""
         host = next((i for i, t in enumerate(self.tiers) if t.name == "host"), None)
+        wanted: dict[bytes, _Entry] = {}
         with self._lock:
             self.expire_leases()
-            leased: list[_Entry] = []
-            where: dict[bytes, tuple[int, int, int]] = {}
             if host is not None:
-                wanted: dict[bytes, _Entry] = {}
                 for key in keys:
                     entry = self._entries.get(key)
                     if entry is None:
                         self._misses += 1
-                    else:
-                        wanted.setdefault(key, entry)
-                served_from = {key: entry.tier for key, entry in wanted.items()}
-                for entry in wanted.values():  # held now, so promotions can't push them out
-                    if entry.tier == host:
-                        entry.pins += 1
-                slower = [e for e in wanted.values() if e.tier != host and e.pins == 0]
-                self._move_many(slower, host)  # read (and verified) several at a time
-                for key, entry in wanted.items():
-                    if entry.dead:  # its bytes were corrupt
-                        self._misses += 1
-                        continue
-                    if entry.tier != host:  # pinned by a reader down there, or no room
-                        continue
-                    if served_from[key] != host:
-                        entry.pins += 1
-                    self._stats[served_from[key]].hits += 1
-                    self._policies[host].access(key)
-                    leased.append(entry)
-                    where[key] = (entry.slot.offset, entry.size, entry.checksum)
+                    elif key not in wanted:
+                        wanted[key] = entry
+                        entry.pins += 1  # the lease's pin, from now on
+            served_from = {key: entry.tier for key, entry in wanted.items()}
+        try:  # promote what is slower, several at a time (read and verified on the way)
+            self._move_many([e for k, e in wanted.items() if served_from[k] != host], host)
+        except BaseException:
+            with self._lock:
+                self._unpin(wanted.values())
+            raise
+        with self._lock:
+            leased: list[_Entry] = []
+            where: dict[bytes, tuple[int, int, int]] = {}
+            for key, entry in wanted.items():
+                if entry.dead or entry.tier != host:  # corrupt or dropped; or no room up there
+                    self._misses += entry.dead
+                    self._unpin([entry])
+                    continue
+                self._stats[served_from[key]].hits += 1
+                self._policies[host].access(key)
+                leased.append(entry)
+                where[key] = (entry.slot.offset, entry.size, entry.checksum)
             self._lease_seq += 1
             self._leases[self._lease_seq] = (time.monotonic() + seconds, leased)
             return self._lease_seq, where
@@ -397,52 +504,52 @@ class TieredStore(BlockStore):
                 self._unpin(self._leases.pop(i)[1])
             return len(expired)
 
-    def _unpin(self, entries: Iterable[_Entry]) -> None:
-        for entry in entries:
-            entry.pins -= 1
-            if entry.pins == 0 and entry.dead:
-                self._free_slot(entry)
-
     def get_many(self, keys: Sequence[bytes]) -> dict[bytes, StoredBlock]:
-        """The verified blocks among ``keys``; misses and corrupt blocks are left out."""
+        """The verified blocks among ``keys``; misses and corrupt blocks are left out.
+        Blocks found in a slower tier are promoted with the bytes just read."""
+        with self._lock:
+            entries = {k: self._entries[k] for k in keys if k in self._entries}
+            reads = [_Read(e, e.tier, e.slot, e.checksum) for e in entries.values()]
+            for entry in entries.values():
+                entry.pins += 1
         found: dict[bytes, StoredBlock] = {}
-        slower: list[_Entry] = []  # hits outside the fastest tier, to promote
-        with self.pinned(keys) as entries:
-            runs = _adjacent_by_tier(list(entries.values()), lambda e: e)
+        try:
+            runs = _adjacent_by_tier(reads, lambda r: (r.tier, r.slot))
             datas = self._run_io([lambda r=r: self._read_verified(r) for r in runs],
                                  parallel=any(self.tiers[r[0].tier].name != "host" for r in runs))
+            slower: list[tuple[_Entry, bytes]] = []
             with self._lock:
-                for entry, data in zip([e for r in runs for e in r], [d for ds in datas for d in ds]):
+                for read, data in zip([r for run in runs for r in run], [d for ds in datas for d in ds]):
                     if data is None:
                         self._corrupt += 1
-                        self._forget(entry)
+                        self._forget(read.entry)
                         continue
-                    found[entry.key] = StoredBlock(data, entry.checksum)
-                    if entry.tier > 0:
-                        slower.append(entry)
-                    self._stats[entry.tier].hits += 1
-                    self._policies[entry.tier].access(entry.key)
-        with self._lock:
-            self._misses += len(keys) - len(found)
-            # Promote with the bytes just read, now that they are unpinned.
-            slower = [e for e in slower if self._entries.get(e.key) is e and e.tier > 0
-                      and e.pins == 0 and e.checksum == found[e.key].checksum]
-            self._move_many(slower, 0, [found[e.key].data for e in slower])
+                    found[read.entry.key] = StoredBlock(data, read.checksum)
+                    if read.tier > 0:
+                        slower.append((read.entry, data))
+                    self._stats[read.tier].hits += 1
+                    self._policies[read.entry.tier].access(read.entry.key)
+                self._misses += len(keys) - len(found)
+            if slower:
+                self._move_many([e for e, _ in slower], 0, [d for _, d in slower])
+        finally:
+            with self._lock:
+                self._unpin(entries.values())
         return found
 
-    def _read_verified(self, run: list[_Entry]) -> list[bytes | None]:
+    def _read_verified(self, run: list[_Read]) -> list[bytes | None]:
         """The bytes of pinned blocks in adjacent slots of one tier, each checked against
         its checksum unless they come from host RAM; None for one that fails it, and for
         all of them if they cannot be read."""
         tier = self.tiers[run[0].tier]
         try:
-            datas = tier.read_run([(e.slot, e.size) for e in run])
+            datas = tier.read_run([(r.slot, r.entry.size) for r in run])
         except OSError as e:
             log.warning("%s tier: cannot read blocks back: %s", tier.name, e)
             return [None] * len(run)
         if tier.name == "host":
             return datas
-        return [d if verify(d, e.checksum) else None for d, e in zip(datas, run)]
+        return [d if verify(d, r.checksum) else None for d, r in zip(datas, run)]
 
     def lookup(self, groups: Sequence[Sequence[bytes]]) -> int:
         with self._lock:
@@ -510,14 +617,14 @@ class TieredStore(BlockStore):
             tier.close()
 
 
-def _adjacent_by_tier(items: list, entry_of: Callable[[object], _Entry]) -> list[list]:
-    """``items`` grouped by the tier their entry is in, each group cut into runs of
-    adjacent slots of at most ``MAX_RUN_BYTES`` (one read request each)."""
+def _adjacent_by_tier(items: list, where: Callable[[object], tuple[int, Slot]]) -> list[list]:
+    """``items`` grouped by the tier ``where`` says they are in, each group cut into runs
+    of adjacent slots of at most ``MAX_RUN_BYTES`` (one read request each)."""
     by_tier: dict[int, list] = {}
     for item in items:
-        by_tier.setdefault(entry_of(item).tier, []).append(item)
+        by_tier.setdefault(where(item)[0], []).append(item)
     return [[group[i] for i in run] for group in by_tier.values()
-            for run in adjacent_runs([entry_of(x).slot for x in group], MAX_RUN_BYTES)]
+            for run in adjacent_runs([where(x)[1] for x in group], MAX_RUN_BYTES)]
 
 
 def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = None,

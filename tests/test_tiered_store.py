@@ -258,6 +258,62 @@ def test_batched_get_and_lease_of_adjacent_disk_blocks(tmp_path):
     store.close()
 
 
+class GatedDisk(DiskTier):
+    """The real disk tier, with its reads and writes held at a gate the test opens: a slow
+    disk, on demand."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.gate.set()
+
+    def _wait(self) -> None:
+        self.entered.set()
+        assert self.gate.wait(10), "the test never opened the gate"
+
+    def _write(self, slot, data):
+        self._wait()
+        super()._write(slot, data)
+
+    def _read_run_into(self, items):
+        self._wait()
+        super()._read_run_into(items)
+
+
+def test_host_hits_do_not_wait_behind_disk_io(tmp_path):
+    """While one request promotes a block from disk (its disk I/O stalled), another
+    request's host-RAM hit, a lookup and the stats are served: the store's lock is not
+    held across the copy."""
+    disk = GatedDisk(tmp_path / "slab", 4 * PAGE, page_bytes=PAGE)
+    store = TieredStore([HostTier(PAGE, page_bytes=PAGE), disk])
+    for i in range(16):  # k0..k7 on disk, k8..k15 in host RAM
+        assert put(store, i)
+    assert store.tier_of(b"k0") == "disk" and store.tier_of(b"k15") == "host"
+    disk.gate.clear()
+    disk.entered.clear()
+    leased = {}
+    promoter = threading.Thread(target=lambda: leased.update(lease=store.lease([b"k0"], seconds=5)))
+    promoter.start()
+    assert disk.entered.wait(5)  # the lease is inside the disk's I/O now
+    served = {}
+    reader = threading.Thread(target=lambda: served.update(
+        got=store.get_many([b"k15"]), lookup=store.lookup([[b"k14"], [b"k13"]]), stats=store.stats()))
+    reader.start()
+    reader.join(5)
+    stalled = reader.is_alive()
+    disk.gate.set()  # let everything finish before asserting
+    reader.join(5)
+    promoter.join(5)
+    assert not stalled, "a host hit waited behind another request's disk I/O"
+    assert served["got"][b"k15"].data == block(15) and served["lookup"] == 2
+    lease, where = leased["lease"]
+    offset, size, _ = where[b"k0"]
+    assert bytes(store.tiers[0].buffer()[offset:offset + size]) == block(0)
+    assert store.release(lease)
+    assert_empty_after_drop(store)
+    store.close()
+
+
 def _cuda() -> bool:
     try:
         import torch
@@ -339,6 +395,8 @@ def test_gpu_host_disk_random_run_returns_to_baseline(tmp_path, device):
                 store.drop([b"k%d" % i])
             else:
                 lease, where = store.lease(keys, seconds=5)
+                for j in range(3):  # pressure while leased: leased bytes must stay put
+                    put(store, rng.randrange(120))
                 for key, (offset, size, _) in where.items():
                     check(key, bytes(host.buffer()[offset:offset + size]))
                 store.release(lease)
