@@ -10,11 +10,12 @@ Guarantees:
   a tier that is not host RAM (to serve them, or to move them to another tier) are
   checked against the block's checksum, and a mismatch or a failed read is dropped and
   counted (``corrupt``), never returned or moved.
-* A block pinned by an in-flight read is never evicted, demoted or freed, and the slot
-  the reader found it in stays whole until the last pin goes (another reader's hit may
-  promote it meanwhile: the slot it leaves is freed with that last pin). ``drop`` or a
-  re-put of a pinned block takes effect when the last pin goes (the reader still gets
-  the old bytes). ``with store.pinned(keys)`` pins for the duration of a block.
+* A block pinned by an in-flight read is never evicted or freed, nor moved down to make
+  room, and the slot the reader found it in stays whole until the last pin goes (another
+  request may move it meanwhile -- a hit promoting it, a lease bringing it to host RAM --
+  and the slot it leaves is freed with that last pin). ``drop`` or a re-put of a pinned
+  block takes effect when the last pin goes (the reader still gets the old bytes).
+  ``with store.pinned(keys)`` pins for the duration of a block.
 * A parent block (the block before it in its chain) is never evicted while a child that
   names it is stored; it may still move to a slower tier.
 * Every slot is freed exactly once: after everything is dropped and unpinned, every
@@ -22,8 +23,9 @@ Guarantees:
 
 Thread-safe: only bookkeeping happens under the store's one lock; every copy of bytes
 (a put's write, a get's read, a move between tiers) runs outside it, on slots that pins
-or reservations keep from being freed or reused meanwhile, so a host-RAM hit never
-waits behind another request's disk I/O. Several blocks read or moved at once (a
+or reservations keep from being freed or reused meanwhile, so a hit in the fastest
+tier never waits behind another request's disk I/O (a hit lower down waits for its own
+promotion, which may have to make room). Several blocks read or moved at once (a
 multi-key get, the promotions of a lease) go through a pool of ``io_threads`` threads
 when a disk or GPU tier is involved, so a disk sees several requests at a time, and
 blocks in adjacent slots are read in one request (up to ``MAX_RUN_BYTES``), into the
@@ -35,7 +37,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
@@ -69,8 +71,8 @@ class _Entry:
 
 
 class _Read(NamedTuple):
-    """Where a pinned block was when a reader took its pin (it may move meanwhile; the
-    slot it left stays whole until the last pin goes)."""
+    """Where a pinned block was, and its checksum, when its reader or mover took the pin
+    (it may move meanwhile; the slot it left stays whole until the last pin goes)."""
     entry: _Entry
     tier: int
     slot: Slot
@@ -210,9 +212,10 @@ class TieredStore(BlockStore):
                     self._evict(victim)
                     continue
                 victim.pins += 1  # the move's own pin: nobody else picks or frees it
-            outcome = _NO_ROOM
+                source = _Read(victim, tier, victim.slot, victim.checksum)
+            outcome = _STAYED  # if the move raises, the victim just stays
             try:
-                outcome = self._move_many([victim], tier + 1)[0]
+                outcome = self._move_many([source], tier + 1, yield_to_readers=True)[0]
             finally:
                 with self._lock:
                     self._unpin([victim])
@@ -234,32 +237,37 @@ class TieredStore(BlockStore):
         self._policies[tier].insert(victim.key)
         return outcome == _NO_ROOM and victim.pins == 0
 
-    def _move_many(self, entries: Sequence[_Entry], tier: int,
-                   data: Sequence[bytes | None] | None = None) -> list[str]:
+    def _move_many(self, sources: Sequence[_Read], tier: int,
+                   data: Sequence[bytes | None] | None = None,
+                   yield_to_readers: bool = False) -> list[str]:
         """Move blocks the caller has pinned (one pin each, the caller's to release) to
-        ``tier``: room is reserved there, the bytes are copied outside the lock (on the I/O
-        pool, adjacent disk slots in one request), then each entry takes its new slot
-        under the lock. Per block: ``_MOVED``; ``_NO_ROOM``; ``_STAYED`` (dropped, replaced
-        or moved by another meanwhile, or, moving down, it began to be read: its new slot
-        is freed); ``_CORRUPT`` (its bytes failed their checksum on the way: dropped and
-        counted, so callers that go on using an entry check ``entry.dead``).
+        ``tier``; ``sources`` say where each was, and its checksum, when the caller took
+        its pin. Room is reserved in ``tier``, the bytes are copied outside the lock (on
+        the I/O pool, adjacent disk slots in one request), then each entry takes its new
+        slot under the lock, its old one freed, or retired while others read it. Per
+        block: ``_MOVED``; ``_NO_ROOM`` (none could be made, or the write failed);
+        ``_STAYED`` (dropped, replaced or moved by another meanwhile, or, with
+        ``yield_to_readers``, another began to read it: its new slot is freed);
+        ``_CORRUPT`` (its bytes failed their checksum on the way: dropped and counted, so
+        callers that go on using an entry check ``entry.dead``).
 
         ``data``: the blocks' bytes where the caller already read and verified them (saves
         reading them again). Call without the lock."""
-        with self._lock:
-            sources = [(e.tier, e.slot, e.checksum) for e in entries]
-        data = list(data) if data is not None else [None] * len(entries)
-        outcomes = [_STAYED] * len(entries)
+        data = list(data) if data is not None else [None] * len(sources)
+        outcomes = [_STAYED] * len(sources)
         moves: list[_Move] = []
         try:
-            for i, (entry, (src, src_slot, crc), d) in enumerate(zip(entries, sources, data)):
-                if src == tier or src_slot is None:
+            for i, (source, d) in enumerate(zip(sources, data)):
+                if source.tier == tier:
                     continue
-                slot = self._reserve(tier, entry.size)
+                slot = self._reserve(tier, source.entry.size)
                 if slot is None:
                     outcomes[i] = _NO_ROOM
                 else:
-                    moves.append(_Move(i, entry, src, src_slot, crc, tier, slot, d))
+                    moves.append(_Move(i, source.entry, source.tier, source.slot, source.checksum,
+                                       tier, slot, d))
+            if not moves:
+                return outcomes
             groups = self._copy_groups(moves)
             results = self._run_io([lambda g=g: self._copy_run(g) for g in groups],
                                    parallel=any(self.tiers[t].name != "host" for t in
@@ -270,21 +278,22 @@ class TieredStore(BlockStore):
                     self.tiers[tier].allocator.free(move.slot, move.entry.size)
             raise
         with self._lock:
-            for group, goods in zip(groups, results):
-                for move, good in zip(group, goods):
-                    outcomes[move.index] = self._finish_move(move, good)
+            for group, copied in zip(groups, results):
+                for move, result in zip(group, copied):
+                    outcomes[move.index] = self._finish_move(move, result, yield_to_readers)
         return outcomes
 
-    def _finish_move(self, move: _Move, good: bool) -> str:
-        """Under the lock: give a copied block its new slot, or free that slot."""
+    def _finish_move(self, move: _Move, result: bool | None, yield_to_readers: bool) -> str:
+        """Under the lock: give a copied block its new slot, or free that slot. ``result``
+        is ``_copy``'s: True intact, False bad bytes, None not written."""
         entry = move.entry
         unchanged = (not entry.dead and entry.tier == move.src and entry.slot is move.src_slot
                      and entry.checksum == move.checksum)
         readers = entry.pins - 1  # besides the mover's pin
-        if not unchanged or (good and move.tier > move.src and readers > 0):
+        if result is None or not unchanged or (result and yield_to_readers and readers > 0):
             self.tiers[move.tier].allocator.free(move.slot, entry.size)
-            return _STAYED
-        if not good:
+            return _NO_ROOM if result is None else _STAYED
+        if not result:
             self.tiers[move.tier].allocator.free(move.slot, entry.size)
             self._corrupt += 1
             self._forget(entry)
@@ -313,7 +322,9 @@ class TieredStore(BlockStore):
             with self._lock:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="kvmesh-io")
-        return [f.result() for f in [self._pool.submit(job) for job in jobs]]
+        futures = [self._pool.submit(job) for job in jobs]
+        wait(futures)  # all of them, even if one failed: their slots are in use until then
+        return [f.result() for f in futures]
 
     def _read_into_host(self, move: _Move) -> bool:
         """Whether a move reads a block back from a slower tier into host RAM."""
@@ -327,10 +338,10 @@ class TieredStore(BlockStore):
                 + _adjacent_by_tier([m for m in moves if self._read_into_host(m)],
                                     lambda m: (m.src, m.src_slot)))
 
-    def _copy_run(self, moves: list[_Move]) -> list[bool]:
-        """Copy a group from ``_copy_groups``; per move, whether its bytes arrived intact.
-        A run read back into host RAM lands in the new slots directly and is verified
-        there; a failed read fails the whole run."""
+    def _copy_run(self, moves: list[_Move]) -> list[bool | None]:
+        """Copy a group from ``_copy_groups``; per move, as ``_copy``. A run read back into
+        host RAM lands in the new slots directly and is verified there; a failed read
+        fails the whole run."""
         if not self._read_into_host(moves[0]):
             return [self._copy(moves[0])]
         src, dst = self.tiers[moves[0].src], self.tiers[moves[0].tier]
@@ -345,17 +356,14 @@ class TieredStore(BlockStore):
             for view in views:
                 view.release()
 
-    def _copy(self, move: _Move) -> bool:
+    def _copy(self, move: _Move) -> bool | None:
         """Copy one block into its new slot (reads back into host RAM go through
         ``_copy_run``): straight out of the host arena where it is there, else its bytes
-        as given, or read back and verified; False if they fail (or cannot be read), and
-        nothing is written."""
+        as given, or read back and verified. True when copied; False when its bytes fail
+        (or cannot be read), and nothing is written; None when the new tier failed to
+        write them (its slot is then left to be freed)."""
         src, dst, size, data = self.tiers[move.src], self.tiers[move.tier], move.entry.size, move.data
-        if data is None and isinstance(src, HostTier):
-            with src.view(move.src_slot, size) as view:
-                dst.write(move.slot, view)
-            return True
-        if data is None:
+        if data is None and not isinstance(src, HostTier):
             try:
                 data = src.read(move.src_slot, size)
             except OSError as e:
@@ -363,7 +371,15 @@ class TieredStore(BlockStore):
                 return False
             if not verify(data, move.checksum):
                 return False
-        dst.write(move.slot, data)
+        try:
+            if data is None:  # straight out of the host arena
+                with src.view(move.src_slot, size) as view:
+                    dst.write(move.slot, view)
+            else:
+                dst.write(move.slot, data)
+        except OSError as e:
+            log.warning("%s tier: cannot write a block: %s", dst.name, e)
+            return None
         return True
 
     def _evict(self, entry: _Entry) -> None:
@@ -464,8 +480,9 @@ class TieredStore(BlockStore):
                         wanted[key] = entry
                         entry.pins += 1  # the lease's pin, from now on
             served_from = {key: entry.tier for key, entry in wanted.items()}
+            slower = [_Read(e, e.tier, e.slot, e.checksum) for e in wanted.values() if e.tier != host]
         try:  # promote what is slower, several at a time (read and verified on the way)
-            self._move_many([e for k, e in wanted.items() if served_from[k] != host], host)
+            self._move_many(slower, host)
         except BaseException:
             with self._lock:
                 self._unpin(wanted.values())
@@ -517,7 +534,7 @@ class TieredStore(BlockStore):
             runs = _adjacent_by_tier(reads, lambda r: (r.tier, r.slot))
             datas = self._run_io([lambda r=r: self._read_verified(r) for r in runs],
                                  parallel=any(self.tiers[r[0].tier].name != "host" for r in runs))
-            slower: list[tuple[_Entry, bytes]] = []
+            slower: list[tuple[_Read, bytes]] = []
             with self._lock:
                 for read, data in zip([r for run in runs for r in run], [d for ds in datas for d in ds]):
                     if data is None:
@@ -526,12 +543,12 @@ class TieredStore(BlockStore):
                         continue
                     found[read.entry.key] = StoredBlock(data, read.checksum)
                     if read.tier > 0:
-                        slower.append((read.entry, data))
+                        slower.append((read, data))
                     self._stats[read.tier].hits += 1
                     self._policies[read.entry.tier].access(read.entry.key)
                 self._misses += len(keys) - len(found)
             if slower:
-                self._move_many([e for e, _ in slower], 0, [d for _, d in slower])
+                self._move_many([r for r, _ in slower], 0, [d for _, d in slower])
         finally:
             with self._lock:
                 self._unpin(entries.values())

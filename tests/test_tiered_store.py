@@ -1,5 +1,6 @@
 """The tiered store on real memory maps and real files (and a real GPU where one exists)."""
 
+import errno
 import os
 import random
 import threading
@@ -258,9 +259,9 @@ def test_batched_get_and_lease_of_adjacent_disk_blocks(tmp_path):
     store.close()
 
 
-class GatedDisk(DiskTier):
-    """The real disk tier, with its reads and writes held at a gate the test opens: a slow
-    disk, on demand."""
+class Gated:
+    """A real tier with its writes (and scattered reads) held at a gate the test opens:
+    slow I/O, on demand."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -278,6 +279,21 @@ class GatedDisk(DiskTier):
     def _read_run_into(self, items):
         self._wait()
         super()._read_run_into(items)
+
+
+class GatedDisk(Gated, DiskTier):
+    pass
+
+
+class GatedGpu(Gated, GpuTier):
+    pass
+
+
+class FailingDisk(DiskTier):
+    """The real disk tier on a disk that fails every write (EIO)."""
+
+    def _write(self, slot, data):
+        raise OSError(errno.EIO, "injected write failure")
 
 
 def test_host_hits_do_not_wait_behind_disk_io(tmp_path):
@@ -310,6 +326,48 @@ def test_host_hits_do_not_wait_behind_disk_io(tmp_path):
     offset, size, _ = where[b"k0"]
     assert bytes(store.tiers[0].buffer()[offset:offset + size]) == block(0)
     assert store.release(lease)
+    assert_empty_after_drop(store)
+    store.close()
+
+
+def test_a_disk_that_fails_writes_evicts_instead_of_failing_puts(tmp_path):
+    """Demotions onto a disk that cannot write fall back to evicting the victim: puts
+    still succeed, nothing is lost track of and nothing leaks."""
+    store = TieredStore([HostTier(PAGE, page_bytes=PAGE), FailingDisk(tmp_path / "slab", 4 * PAGE, page_bytes=PAGE)])
+    for i in range(16):  # 8 fit in host RAM; the rest can only push the oldest out
+        assert put(store, i)
+    host, disk = store.stats().tiers
+    assert host.evictions == 8 and host.demotions == 0 and disk.blocks == 0 and disk.used_bytes == 0
+    assert sorted(store.keys()) == sorted(b"k%d" % i for i in range(8, 16))
+    assert store.get(b"k15").data == block(15)
+    assert_empty_after_drop(store)
+    store.close()
+
+
+def test_two_leases_of_one_gpu_block_both_get_it():
+    """Two requests lease the same block while it is copied from the GPU tier (its code on
+    a CPU tensor) into host RAM: both get it there (one move serves both), neither misses."""
+    gpu = GatedGpu(PAGE, page_bytes=PAGE, device="cpu")
+    store = TieredStore([gpu, HostTier(4 * PAGE, page_bytes=PAGE)])
+    host = store.tiers[1]
+    assert put(store, 1) and store.tier_of(b"k1") == "gpu"
+    gpu.gate.clear()
+    results = []
+    leasers = [threading.Thread(target=lambda: results.append(store.lease([b"k1"], seconds=5)))
+               for _ in range(2)]
+    for t in leasers:
+        gpu.entered.clear()
+        t.start()
+        assert gpu.entered.wait(5)  # this one is inside its copy into host RAM
+    gpu.gate.set()
+    for t in leasers:
+        t.join(5)
+    assert len(results) == 2 and all(b"k1" in where for _, where in results)
+    for lease, where in results:
+        offset, size, _ = where[b"k1"]
+        assert bytes(host.buffer()[offset:offset + size]) == block(1)
+        assert store.release(lease)
+    assert store.tier_of(b"k1") == "host" and store.stats().misses == 0
     assert_empty_after_drop(store)
     store.close()
 
