@@ -78,6 +78,7 @@ def cmd_store(args) -> None:
     import signal
     import threading
 
+    from kv_store.gc_tuning import freeze_startup_objects
     from kv_store.server import start_store_server
     from kv_store.tiered_store import build_store
 
@@ -138,6 +139,7 @@ def cmd_store(args) -> None:
         registry.register(StoreCollector(store))
         start_http_server(args.metrics_port, addr=args.host, registry=registry)
         print(f"kvmesh store metrics on http://{args.host}:{args.metrics_port}/metrics", flush=True)
+    freeze_startup_objects()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

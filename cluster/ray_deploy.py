@@ -103,6 +103,7 @@ class StoreActor(_Component):
 
     def __init__(self, name: str, spec: dict, index_url: str | None):
         super().__init__(name)
+        from kv_store.gc_tuning import freeze_startup_objects
         from kv_store.server import start_store_server
         from kv_store.tiered_store import build_store
 
@@ -134,6 +135,7 @@ class StoreActor(_Component):
             registry = CollectorRegistry()
             registry.register(StoreCollector(self.store))
             start_http_server(spec["metrics_port"], addr=self.node_ip, registry=registry)
+        freeze_startup_objects()
 
     def health(self) -> bool:
         from cluster.local import store_ready

@@ -14,6 +14,7 @@ import signal
 import grpc
 
 from engine_host.engine import EngineSettings, build_engine
+from kv_store.gc_tuning import freeze_startup_objects
 from kvmesh_proto.options import message_options
 from kvmesh_proto import worker_pb2, worker_pb2_grpc
 
@@ -100,6 +101,7 @@ async def serve_worker(settings: EngineSettings, host: str, port: int,
             raise RuntimeError(f"cannot bind the {settings.role} worker to {host}:{port}")
         await server.start()
         print(f"kvmesh {settings.role} worker serving on {host}:{port}", flush=True)
+        freeze_startup_objects()
         if announcer is not None:
             announcer.start()
         if stop is None:  # a process of its own: signals stop it

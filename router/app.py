@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from kv_store.gc_tuning import freeze_startup_objects
 from router.core import ApiError, Prepared, RouterCore, RouterSettings, Trace
 from router.openai_api import (ChatCompletionRequest, CompletionRequest, chat_chunk,
                                chat_completion, completion_chunk, error_body, usage)
@@ -42,6 +43,7 @@ def create_app(settings: RouterSettings, core: RouterCore | None = None,
 
             grpc_server = await start_grpc_server(core, *grpc_bind)
             print(f"kvmesh router gRPC API on {grpc_bind[0]}:{grpc_bind[1]}", flush=True)
+        freeze_startup_objects()
         yield
         if grpc_server is not None:
             await grpc_server.stop(2)

@@ -19,6 +19,9 @@ def test_bench_store_prints_one_json_object(tmp_path):
                 assert (tier, op, per_call, size) in cases
     for r in report["results"]:
         assert r["GBps"] > 0 and r["p99_us"] >= r["p50_us"] > 0 and r["ratio_to_ceiling"] > 0
+        assert abs(r["ratio_to_ceiling"] - r["GBps"] / r["ceiling_GBps"]) < 0.01
+        if r["tier"] == "host":
+            assert r["ceiling_GBps"] <= ceiling["memcpy_GBps_by_block"][str(r["block_bytes"])]
     hits = report["host_hits_under_disk_traffic"]  # measured against the same hits alone
     assert hits["promotions"] > 0 and hits["with_disk_traffic_p99_us"] >= hits["with_disk_traffic_p50_us"] > 0
     assert hits["p50_ratio"] > 0 and hits["alone_p99_us"] >= hits["alone_p50_us"] > 0
