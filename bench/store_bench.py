@@ -24,7 +24,6 @@ import statistics
 import tempfile
 import time
 
-
 from kv_store.gc_tuning import freeze_startup_objects
 from kv_store.integrity import checksum
 from kv_store.tiered_store import TieredStore
@@ -68,9 +67,10 @@ def memcpy_gbps(block_bytes: int, total_bytes: int, sources: int, destinations: 
 
 
 def memcpy_cases(block_bytes: int, total_bytes: int) -> dict[tuple[str, int], float]:
-    """The memcpy ceiling of each host-tier case, keyed ``(op, keys_per_call)``: puts copy the bench's few payloads into a region of the case's size;
-    gets copy out of that region into as many result buffers as a call returns (the
-    allocator hands the same ones out again, so they may stay in cache)."""
+    """The memcpy ceiling of each host-tier case, keyed ``(op, keys_per_call)``: puts
+    copy the bench's few payloads into a region of the case's size; gets copy out of
+    that region into as many result buffers as a call returns (the allocator hands the
+    same ones out again, so they may stay in cache)."""
     count = max(GET_BATCH, total_bytes // block_bytes)
     shapes = {("put", 1): (PAYLOADS, count), ("get", 1): (count, 1), ("get", GET_BATCH): (count, GET_BATCH)}
     return {case: memcpy_gbps(block_bytes, total_bytes, *shape) for case, shape in shapes.items()}
@@ -139,8 +139,6 @@ def raw_disk_gbps(directory: str, total_bytes: int, chunk: int = 4 << 20) -> tup
         view.release()
         buf.close()
     return write, read, direct
-
-
 
 
 def _run_ops(store: TieredStore, tier: str, block_bytes: int, total_bytes: int) -> list[dict]:
@@ -251,13 +249,13 @@ def run(total_bytes: int = 128 << 20, directory: str | None = None,
         block_sizes: list[int] | None = None, progress=None) -> dict:
     """Measure the ceilings and every tier; the files it writes in ``directory`` (a new
     temporary directory when None, removed afterwards) are gone when it returns."""
-    if directory is not None:
-        return _run(total_bytes, directory, block_sizes or BLOCK_SIZES, progress or (lambda msg: None))
-    directory = tempfile.mkdtemp(prefix="kvmesh-bench-")
+    made = directory is None
+    directory = directory or tempfile.mkdtemp(prefix="kvmesh-bench-")
     try:
         return _run(total_bytes, directory, block_sizes or BLOCK_SIZES, progress or (lambda msg: None))
     finally:
-        shutil.rmtree(directory, ignore_errors=True)
+        if made:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def _direct_io_works(directory: str) -> bool:

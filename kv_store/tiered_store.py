@@ -81,12 +81,10 @@ class _Read(NamedTuple):
 
 @dataclass(eq=False)
 class _Move:
-    """One block on its way to another tier: copied from ``src_slot`` into ``slot``."""
+    """One block on its way to another tier: copied from where ``source`` says it was
+    into ``slot`` of ``tier``."""
     index: int  # in the caller's list
-    entry: _Entry
-    src: int
-    src_slot: Slot
-    checksum: int
+    source: _Read
     tier: int
     slot: Slot
     data: bytes | None  # its bytes, where the caller already read and verified them
@@ -264,18 +262,17 @@ class TieredStore(BlockStore):
                 if slot is None:
                     outcomes[i] = _NO_ROOM
                 else:
-                    moves.append(_Move(i, source.entry, source.tier, source.slot, source.checksum,
-                                       tier, slot, d))
+                    moves.append(_Move(i, source, tier, slot, d))
             if not moves:
                 return outcomes
             groups = self._copy_groups(moves)
             results = self._run_io([lambda g=g: self._copy_run(g) for g in groups],
                                    parallel=any(self.tiers[t].name != "host" for t in
-                                                {tier, *(m.src for m in moves)}))
+                                                {tier, *(m.source.tier for m in moves)}))
         except BaseException:
             with self._lock:
                 for move in moves:
-                    self.tiers[tier].allocator.free(move.slot, move.entry.size)
+                    self.tiers[tier].allocator.free(move.slot, move.source.entry.size)
             raise
         with self._lock:
             for group, copied in zip(groups, results):
@@ -286,9 +283,10 @@ class TieredStore(BlockStore):
     def _finish_move(self, move: _Move, result: bool | None, yield_to_readers: bool) -> str:
         """Under the lock: give a copied block its new slot, or free that slot. ``result``
         is ``_copy``'s: True intact, False bad bytes, None not written."""
-        entry = move.entry
-        unchanged = (not entry.dead and entry.tier == move.src and entry.slot is move.src_slot
-                     and entry.checksum == move.checksum)
+        was = move.source
+        entry = was.entry
+        unchanged = (not entry.dead and entry.tier == was.tier and entry.slot is was.slot
+                     and entry.checksum == was.checksum)
         readers = entry.pins - 1  # besides the mover's pin
         if result is None or not unchanged or (result and yield_to_readers and readers > 0):
             self.tiers[move.tier].allocator.free(move.slot, entry.size)
@@ -299,12 +297,12 @@ class TieredStore(BlockStore):
             self._forget(entry)
             return _CORRUPT
         if readers > 0:  # still reading the old slot: it goes with the last pin
-            entry.retired.append((move.src, move.src_slot))
+            entry.retired.append((was.tier, was.slot))
         else:
-            self.tiers[move.src].allocator.free(move.src_slot, entry.size)
-        self._policies[move.src].remove(entry.key)
-        if move.tier > move.src:
-            self._stats[move.src].demotions += 1
+            self.tiers[was.tier].allocator.free(was.slot, entry.size)
+        self._policies[was.tier].remove(entry.key)
+        if move.tier > was.tier:
+            self._stats[was.tier].demotions += 1
         else:
             self._stats[move.tier].promotions += 1
         entry.tier, entry.slot = move.tier, move.slot
@@ -329,14 +327,14 @@ class TieredStore(BlockStore):
     def _read_into_host(self, move: _Move) -> bool:
         """Whether a move reads a block back from a slower tier into host RAM."""
         return (move.data is None and isinstance(self.tiers[move.tier], HostTier)
-                and not isinstance(self.tiers[move.src], HostTier))
+                and not isinstance(self.tiers[move.source.tier], HostTier))
 
     def _copy_groups(self, moves: list[_Move]) -> list[list[_Move]]:
         """Moves cut into jobs: reads back into host RAM by runs of adjacent slots of one
         source tier (one request each); every other move on its own."""
         return ([[m] for m in moves if not self._read_into_host(m)]
                 + _adjacent_by_tier([m for m in moves if self._read_into_host(m)],
-                                    lambda m: (m.src, m.src_slot)))
+                                    lambda m: (m.source.tier, m.source.slot)))
 
     def _copy_run(self, moves: list[_Move]) -> list[bool | None]:
         """Copy a group from ``_copy_groups``; per move, as ``_copy``. A run read back into
@@ -344,11 +342,11 @@ class TieredStore(BlockStore):
         fails the whole run."""
         if not self._read_into_host(moves[0]):
             return [self._copy(moves[0])]
-        src, dst = self.tiers[moves[0].src], self.tiers[moves[0].tier]
+        src, dst = self.tiers[moves[0].source.tier], self.tiers[moves[0].tier]
         views = [dst.view(m.slot, m.slot.size) for m in moves]
         try:
-            src.read_run_into([(m.src_slot, m.entry.size, v) for m, v in zip(moves, views)])
-            return [verify(v[:m.entry.size], m.checksum) for m, v in zip(moves, views)]
+            src.read_run_into([(m.source.slot, m.source.entry.size, v) for m, v in zip(moves, views)])
+            return [verify(v[:m.source.entry.size], m.source.checksum) for m, v in zip(moves, views)]
         except OSError as e:
             log.warning("%s tier: cannot read blocks back: %s", src.name, e)
             return [False] * len(moves)
@@ -362,18 +360,19 @@ class TieredStore(BlockStore):
         as given, or read back and verified. True when copied; False when its bytes fail
         (or cannot be read), and nothing is written; None when the new tier failed to
         write them (its slot is then left to be freed)."""
-        src, dst, size, data = self.tiers[move.src], self.tiers[move.tier], move.entry.size, move.data
+        was, data = move.source, move.data
+        src, dst, size = self.tiers[was.tier], self.tiers[move.tier], was.entry.size
         if data is None and not isinstance(src, HostTier):
             try:
-                data = src.read(move.src_slot, size)
+                data = src.read(was.slot, size)
             except OSError as e:
                 log.warning("%s tier: cannot read a block back: %s", src.name, e)
                 return False
-            if not verify(data, move.checksum):
+            if not verify(data, was.checksum):
                 return False
         try:
             if data is None:  # straight out of the host arena
-                with src.view(move.src_slot, size) as view:
+                with src.view(was.slot, size) as view:
                     dst.write(move.slot, view)
             else:
                 dst.write(move.slot, data)
