@@ -209,8 +209,7 @@ class TieredStore(BlockStore):
                 if tier == len(self.tiers) - 1:
                     self._evict(victim)
                     continue
-                victim.pins += 1  # the move's own pin: nobody else picks or frees it
-                source = _Read(victim, tier, victim.slot, victim.checksum)
+                source = self._pin(victim)  # the move's own pin: nobody else picks or frees it
             outcome = _STAYED  # if the move raises, the victim just stays
             try:
                 outcome = self._move_many([source], tier + 1, yield_to_readers=True)[0]
@@ -410,6 +409,12 @@ class TieredStore(BlockStore):
             self.tiers[entry.tier].allocator.free(entry.slot, entry.size)
             entry.slot = None
 
+    def _pin(self, entry: _Entry) -> _Read:
+        """Under the lock: one more pin on ``entry``, and where it is now with its checksum
+        (that slot stays whole until the pin goes, ``_unpin``)."""
+        entry.pins += 1
+        return _Read(entry, entry.tier, entry.slot, entry.checksum)
+
     def _unpin(self, entries: Iterable[_Entry]) -> None:
         for entry in entries:
             entry.pins -= 1
@@ -467,7 +472,7 @@ class TieredStore(BlockStore):
         in the host tier's region. The caller ``release``s the lease when done; a lease not
         released in time expires (``expire_leases``), so a reader that dies leaks nothing."""
         host = next((i for i, t in enumerate(self.tiers) if t.name == "host"), None)
-        wanted: dict[bytes, _Entry] = {}
+        wanted: dict[bytes, _Read] = {}
         with self._lock:
             self.expire_leases()
             if host is not None:
@@ -476,25 +481,22 @@ class TieredStore(BlockStore):
                     if entry is None:
                         self._misses += 1
                     elif key not in wanted:
-                        wanted[key] = entry
-                        entry.pins += 1  # the lease's pin, from now on
-            served_from = {key: entry.tier for key, entry in wanted.items()}
-            slower = [_Read(e, e.tier, e.slot, e.checksum) for e in wanted.values() if e.tier != host]
+                        wanted[key] = self._pin(entry)  # the lease's pin, from now on
         try:  # promote what is slower, several at a time (read and verified on the way)
-            self._move_many(slower, host)
+            self._move_many([r for r in wanted.values() if r.tier != host], host)
         except BaseException:
             with self._lock:
-                self._unpin(wanted.values())
+                self._unpin(r.entry for r in wanted.values())
             raise
         with self._lock:
             leased: list[_Entry] = []
             where: dict[bytes, tuple[int, int, int]] = {}
-            for key, entry in wanted.items():
+            for key, (entry, served_from, _, _) in wanted.items():
                 if entry.dead or entry.tier != host:  # corrupt or dropped; or no room up there
                     self._misses += entry.dead
                     self._unpin([entry])
                     continue
-                self._stats[served_from[key]].hits += 1
+                self._stats[served_from].hits += 1
                 self._policies[host].access(key)
                 leased.append(entry)
                 where[key] = (entry.slot.offset, entry.size, entry.checksum)
@@ -525,9 +527,7 @@ class TieredStore(BlockStore):
         Blocks found in a slower tier are promoted with the bytes just read."""
         with self._lock:
             entries = {k: self._entries[k] for k in keys if k in self._entries}
-            reads = [_Read(e, e.tier, e.slot, e.checksum) for e in entries.values()]
-            for entry in entries.values():
-                entry.pins += 1
+            reads = [self._pin(e) for e in entries.values()]
         found: dict[bytes, StoredBlock] = {}
         try:
             runs = _adjacent_by_tier(reads, lambda r: (r.tier, r.slot))
