@@ -1,14 +1,18 @@
 """``kvmesh bench store``: put/get bandwidth of each store tier against its ceiling.
 
-The ceilings are measured in the same run, in turn with the cases they bound (each
-three times, the best of each kept): for the host tier, ``memcpy`` of the same
-block sizes over the same memory as each case (copies from the puts' payloads into
-a region of the case's size, and out of it into a get's result buffers); for the disk
-tier, raw sequential file I/O (``O_DIRECT`` when the file system allows it, 4 MiB
-requests) on the same disk, the tier then also running with ``O_DIRECT``; and, where
-CUDA is usable, copies of the same block sizes between page-locked host memory and the
-device (host to device for puts, device to host for gets) for the GPU tier. Every result
-row names its ``ceiling_GBps`` and its ratio to it.
+The ceilings are measured in the same run, with the cases they bound: for the host
+tier, ``memcpy`` of the same block sizes over the same memory as each case (copies from
+the puts' payloads into a region of the case's size, and out of it into a get's result
+buffers), just before the case; for the disk tier, raw sequential file I/O (``O_DIRECT``
+when the file system allows it, 4 MiB requests) on the same disk, the tier then also
+running with ``O_DIRECT``, run between the tier's own calls (a 4 MiB raw request each
+time the case has moved another 4 MiB), so that both see the same disk: a shared disk's
+bandwidth drifts by 2x from one second to the next; and, where CUDA is usable, copies of
+the same block sizes between page-locked host memory and the device (host to device for
+puts, device to host for gets) for the GPU tier, just before the case. Each case runs
+three rounds with its ceiling; the round with the median ratio is reported. A case's
+GB/s is its bytes over the time spent in its calls. Every result row names its
+``ceiling_GBps`` and its ratio to it.
 
 It also times host-RAM hits alone and while another thread's leases promote blocks from
 disk (``host_hits_under_disk_traffic``): the ratio says how much disk traffic slows a
@@ -23,6 +27,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from typing import NamedTuple
 
 from kv_store.gc_tuning import freeze_startup_objects
 from kv_store.integrity import checksum
@@ -33,7 +38,7 @@ BLOCK_SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20]
 PAGE = 4 << 20
 GET_BATCH = 8  # keys per call in the batched gets (a request asks for many blocks at once)
 PAYLOADS = 8  # distinct blocks the puts cycle through
-ROUNDS = 3  # each case and its ceiling are measured this many times, in turn; best of each
+ROUNDS = 3  # each case and its ceiling are measured this many times; the median round is kept
 
 
 def _gbps(nbytes: int, seconds: float) -> float:
@@ -114,37 +119,90 @@ def _open_direct(path: str, flags: int) -> tuple[int, bool]:
         return os.open(path, flags, 0o600), False
 
 
-def raw_disk_gbps(directory: str, total_bytes: int, chunk: int = 4 << 20) -> tuple[float, float, bool]:
-    """Sequential write then read of ``total_bytes`` in ``chunk`` requests: (write, read, direct)."""
-    import mmap
-
-    path = os.path.join(directory, "kvmesh-raw-bench.bin")
-    buf = mmap.mmap(-1, chunk)
-    buf.write(os.urandom(chunk))
-    view = memoryview(buf)
-    n = total_bytes // chunk
-    fd, direct = _open_direct(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
-    try:
-        start = time.perf_counter()
-        for i in range(n):  # like the disk tier's writes: no fsync
-            os.pwrite(fd, view, i * chunk)
-        write = _gbps(n * chunk, time.perf_counter() - start)
-        start = time.perf_counter()
-        for i in range(n):
-            os.preadv(fd, [view], i * chunk)
-        read = _gbps(n * chunk, time.perf_counter() - start)
-    finally:
-        os.close(fd)
-        os.unlink(path)
-        view.release()
-        buf.close()
-    return write, read, direct
+class RawFigures(NamedTuple):
+    sequential_GBps: float  # in requests of RawDisk.chunk: the ceiling
+    same_requests_GBps: float  # in requests the size of the case's calls (up to a chunk)
 
 
-def _run_ops(store: TieredStore, tier: str, block_bytes: int, total_bytes: int) -> list[dict]:
+class RawDisk:
+    """Raw file I/O on a file of its own in the bench's directory, ``O_DIRECT`` when the
+    file system allows it, run between the disk tier's calls so that both see the same
+    disk: the tier's ceiling.
+
+    ``owe(case, nbytes)`` records that a call of ``case`` (``("put"|"get", keys_per_call)``)
+    just wrote or read ``nbytes``. At once, the same bytes are moved raw in requests of
+    that size (at most ``chunk``); and each time a whole ``chunk`` (4 MiB) is owed, one
+    sequential request of that size runs. ``settle(case)`` runs the rest and returns both
+    rates (``RawFigures``). Each kind of request goes through the file in order. The file
+    is written through once up front, so reads hit written blocks; ``close`` removes it."""
+
+    def __init__(self, directory: str, total_bytes: int, chunk: int = 4 << 20):
+        import mmap
+
+        self.path = os.path.join(directory, "kvmesh-raw-bench.bin")
+        self.chunk = chunk
+        self.size = max(chunk, total_bytes // chunk * chunk)
+        self._buf = mmap.mmap(-1, chunk)
+        self._buf.write(os.urandom(chunk))
+        self._view = memoryview(self._buf)
+        self.fd, _ = _open_direct(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        self._pos: dict[str, int] = {}
+        self._owed: dict[tuple, int] = {}
+        self._done: dict[tuple, list[float]] = {}  # (case, kind): [bytes, seconds]
+        try:
+            for offset in range(0, self.size, chunk):
+                os.pwrite(self.fd, self._view, offset)
+        except BaseException:
+            self.close()
+            raise
+
+    def _request(self, case: tuple, kind: str, nbytes: int) -> None:
+        nbytes = -(-nbytes // 4096) * 4096
+        offset = self._pos.get(kind, 0)
+        if offset + nbytes > self.size:
+            offset = 0
+        self._pos[kind] = offset + nbytes
+        with self._view[:nbytes] as view:
+            start = time.perf_counter()
+            if case[0] == "put":  # like the disk tier's writes: no fsync
+                os.pwrite(self.fd, view, offset)
+            else:
+                os.preadv(self.fd, [view], offset)
+            seconds = time.perf_counter() - start
+        done = self._done.setdefault((case, kind), [0, 0.0])
+        done[0] += nbytes
+        done[1] += seconds
+
+    def owe(self, case: tuple, nbytes: int) -> None:
+        for start in range(0, nbytes, self.chunk):
+            self._request(case, "same", min(self.chunk, nbytes - start))
+        owed = self._owed.get(case, 0) + nbytes
+        while owed >= self.chunk:
+            self._request(case, "sequential", self.chunk)
+            owed -= self.chunk
+        self._owed[case] = owed
+
+    def settle(self, case: tuple) -> RawFigures:
+        owed = self._owed.pop(case, 0)
+        if owed:
+            self._request(case, "sequential", owed)
+        return RawFigures(*(_gbps(*self._done.pop((case, kind), (0, 0.0))) for kind in ("sequential", "same")))
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.unlink(self.path)
+        self._view.release()
+        self._buf.close()
+
+
+def _run_ops(store: TieredStore, tier: str, block_bytes: int, total_bytes: int,
+             raw: RawDisk | None = None) -> list[dict]:
     """Puts one block a call, then gets one block a call, then gets ``GET_BATCH`` a call
     (each pass of gets after one untimed call, as in a process that has served gets
-    before)."""
+    before). With ``raw``, raw I/O of as many bytes runs between the calls (untimed
+    here), and each row gets its ``ceiling_GBps`` (sequential) and
+    ``raw_same_requests_GBps`` from it."""
+    owe = (lambda case, nbytes: None) if raw is None else raw.owe
     count = max(GET_BATCH, total_bytes // block_bytes)
     payloads = [os.urandom(block_bytes) for _ in range(min(count, PAYLOADS))]
     sums = [checksum(p) for p in payloads]
@@ -157,26 +215,32 @@ def _run_ops(store: TieredStore, tier: str, block_bytes: int, total_bytes: int) 
         if not store.put(key, payloads[i % len(payloads)], sums[i % len(sums)]):
             raise RuntimeError(f"{tier} tier refused a {block_bytes}-byte block")
         put_lat.append(time.perf_counter() - t)
-    put_s = time.perf_counter() - start
+        owe(("put", 1), block_bytes)
+    put_s = sum(put_lat)
     gets = []
     for per_call in (1, GET_BATCH):
         store.get_many(keys[:per_call])  # untimed: the first call grows the heap for its results
         lat = []
-        start = time.perf_counter()
         for i in range(0, count - per_call + 1, per_call):
             batch = keys[i:i + per_call]
             t = time.perf_counter()
             if len(store.get_many(batch)) != len(batch):
                 raise RuntimeError(f"{tier} tier lost a block")
             lat.append(time.perf_counter() - t)
-        gets.append(("get", per_call, time.perf_counter() - start, lat, len(lat) * per_call))
+            owe(("get", per_call), per_call * block_bytes)
+        gets.append(("get", per_call, sum(lat), lat, len(lat) * per_call))
     store.drop()
     for op, per_call, seconds, lat, n in [("put", 1, put_s, put_lat, count), *gets]:
         lat_us = sorted(x * 1e6 for x in lat)
-        results.append({"tier": tier, "op": op, "block_bytes": block_bytes, "keys_per_call": per_call,
-                        "GBps": round(_gbps(n * block_bytes, seconds), 3),
-                        "p50_us": round(statistics.median(lat_us), 1),
-                        "p99_us": round(lat_us[min(len(lat_us) - 1, int(len(lat_us) * 0.99))], 1)})
+        row = {"tier": tier, "op": op, "block_bytes": block_bytes, "keys_per_call": per_call,
+               "GBps": round(_gbps(n * block_bytes, seconds), 3),
+               "p50_us": round(statistics.median(lat_us), 1),
+               "p99_us": round(lat_us[min(len(lat_us) - 1, int(len(lat_us) * 0.99))], 1)}
+        if raw is not None:
+            figures = raw.settle((op, per_call))
+            row["ceiling_GBps"] = round(figures.sequential_GBps, 3)
+            row["raw_same_requests_GBps"] = round(figures.same_requests_GBps, 3)
+        results.append(row)
     return results
 
 
@@ -266,36 +330,43 @@ def _direct_io_works(directory: str) -> bool:
     return direct
 
 
-def _ceilings(tier: str, block_bytes: int, total_bytes: int, directory: str) -> dict[tuple[str, int], float]:
-    """The ceiling of each case of ``tier`` at ``block_bytes``, keyed ``(op,
-    keys_per_call)``: one measurement."""
+def _ceilings(tier: str, block_bytes: int, total_bytes: int) -> dict[tuple[str, int], float]:
+    """The ceiling of each case of ``tier`` (host or GPU) at ``block_bytes``, keyed
+    ``(op, keys_per_call)``: one measurement, taken just before the cases run."""
     if tier == "host":
         return memcpy_cases(block_bytes, total_bytes)
-    if tier == "disk":
-        write, read, _ = raw_disk_gbps(directory, total_bytes)
-    else:
-        write, read = gpu_copy_gbps(block_bytes, total_bytes)
+    write, read = gpu_copy_gbps(block_bytes, total_bytes)
     return {("put", 1): write, ("get", 1): read, ("get", GET_BATCH): read}
 
 
-def _best_of_rounds(store: TieredStore, tier: str, block_bytes: int, total_bytes: int,
-                    directory: str) -> list[dict]:
-    """Each case of ``tier`` at ``block_bytes`` and its ceiling, measured in turn for
-    ``ROUNDS`` rounds (on a shared machine memory and disk bandwidth drift over seconds,
-    so both get the same chances); the best of each, with its ratio."""
-    ceilings: dict[tuple[str, int], float] = {}
-    best: dict[tuple[str, int], dict] = {}
+def _one_round(store: TieredStore, tier: str, block_bytes: int, total_bytes: int,
+               directory: str) -> list[dict]:
+    """Every case of ``tier`` at ``block_bytes`` once, each row with its ceiling: for the
+    disk tier, raw I/O run between the tier's calls; otherwise measured just before."""
+    if tier != "disk":
+        ceilings = _ceilings(tier, block_bytes, total_bytes)
+        rows = _run_ops(store, tier, block_bytes, total_bytes)
+        for r in rows:
+            r["ceiling_GBps"] = round(ceilings[r["op"], r["keys_per_call"]], 3)
+        return rows
+    raw = RawDisk(directory, total_bytes)
+    try:
+        return _run_ops(store, tier, block_bytes, total_bytes, raw)
+    finally:
+        raw.close()
+
+
+def _median_round(store: TieredStore, tier: str, block_bytes: int, total_bytes: int,
+                  directory: str) -> list[dict]:
+    """Each case of ``tier`` at ``block_bytes`` and its ceiling, over ``ROUNDS`` rounds;
+    per case the round whose ratio to its ceiling is the median (one lucky or unlucky
+    round on a shared machine moves neither the figure nor its ceiling)."""
+    by_case: dict[tuple[str, int], list[dict]] = {}
     for _ in range(ROUNDS):
-        for case, value in _ceilings(tier, block_bytes, total_bytes, directory).items():
-            ceilings[case] = max(ceilings.get(case, 0.0), value)
-        for r in _run_ops(store, tier, block_bytes, total_bytes):
-            case = r["op"], r["keys_per_call"]
-            if case not in best or r["GBps"] > best[case]["GBps"]:
-                best[case] = r
-    for case, r in best.items():
-        r["ceiling_GBps"] = round(ceilings[case], 3)
-        r["ratio_to_ceiling"] = round(r["GBps"] / ceilings[case], 3)
-    return list(best.values())
+        for r in _one_round(store, tier, block_bytes, total_bytes, directory):
+            r["ratio_to_ceiling"] = round(r["GBps"] / r["ceiling_GBps"], 3)
+            by_case.setdefault((r["op"], r["keys_per_call"]), []).append(r)
+    return [sorted(rows, key=lambda r: r["ratio_to_ceiling"])[len(rows) // 2] for rows in by_case.values()]
 
 
 def _run(total_bytes: int, directory: str, sizes: list[int], say) -> dict:
@@ -313,7 +384,7 @@ def _run(total_bytes: int, directory: str, sizes: list[int], say) -> dict:
         try:
             for size in sizes:
                 say(f"{name} tier, {size >> 10} KiB blocks: its ceiling and the tier, {ROUNDS} rounds")
-                results.extend(_best_of_rounds(store, name, size, total_bytes, directory))
+                results.extend(_median_round(store, name, size, total_bytes, directory))
         finally:
             store.close()
     say("host hits while disk blocks are leased")
@@ -349,15 +420,17 @@ def print_table(report: dict) -> None:
     if "gpu_h2d_GBps_by_block" in c:
         print(f"          host->device up to {max(c['gpu_h2d_GBps_by_block'].values())} GB/s, "
               f"device->host up to {max(c['gpu_d2h_GBps_by_block'].values())} GB/s (page-locked)")
-    print(f"{'tier':6} {'op':6} {'block':>8} {'GB/s':>8} {'ratio':>6} {'p50 us':>9} {'p99 us':>9}")
+    print(f"{'tier':6} {'op':6} {'block':>8} {'GB/s':>8} {'ratio':>6} {'p50 us':>9} {'p99 us':>9} "
+          f"{'raw as the calls GB/s':>22}")
+    for r in report["results"]:
+        op = r["op"] if r["keys_per_call"] == 1 else f"{r['op']}x{r['keys_per_call']}"
+        print(f"{r['tier']:6} {op:6} {r['block_bytes'] >> 10:>6}Ki {r['GBps']:>8.2f} "
+              f"{r['ratio_to_ceiling']:>6.2f} {r['p50_us']:>9.1f} {r['p99_us']:>9.1f} "
+              f"{r.get('raw_same_requests_GBps', ''):>22}")
     h = report["host_hits_under_disk_traffic"]
     print(f"host hits of {h['block_bytes'] >> 10} KiB: p50 {h['alone_p50_us']} us alone, "
           f"{h['with_disk_traffic_p50_us']} us while leases promote {h['promoted_GBps']} GB/s from disk "
           f"(x{h['p50_ratio']}; p99 x{h['p99_ratio']})")
-    for r in report["results"]:
-        op = r["op"] if r["keys_per_call"] == 1 else f"{r['op']}x{r['keys_per_call']}"
-        print(f"{r['tier']:6} {op:6} {r['block_bytes'] >> 10:>6}Ki {r['GBps']:>8.2f} "
-              f"{r['ratio_to_ceiling']:>6.2f} {r['p50_us']:>9.1f} {r['p99_us']:>9.1f}")
 
 
 def main(as_json: bool, total_bytes: int, directory: str | None) -> None:

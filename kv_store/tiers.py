@@ -303,11 +303,15 @@ def _pin_host_memory(region: mmap.mmap):
 
 
 class DiskTier(Tier):
-    """A slab file on local disk, preallocated to the tier's capacity.
+    """A slab file on local disk, preallocated to the tier's capacity: its blocks are
+    reserved on the file system when the tier opens (``posix_fallocate``), so a disk
+    without room for the capacity fails here, with ``OSError``, and never a block write
+    later.
 
     Slots are 4 KiB-aligned. With ``direct_io`` the file is opened ``O_DIRECT`` (no page
     cache) and every transfer goes through an aligned bounce buffer, padded to the slot
-    size; without it, plain ``pread``/``pwrite``. The file is removed on ``close``.
+    size; without it, plain ``pread``/``pwrite``. The file is removed on ``close``, and
+    when opening fails.
     """
 
     name = "disk"
@@ -321,7 +325,12 @@ class DiskTier(Tier):
             flags |= getattr(os, "O_DIRECT", 0)
         self.direct_io = direct_io
         self._fd = os.open(self.path, flags, 0o600)
-        os.ftruncate(self._fd, self.capacity_bytes)
+        try:
+            os.posix_fallocate(self._fd, 0, max(self.capacity_bytes, 1))
+        except OSError as e:
+            self.close()
+            raise OSError(e.errno, f"cannot reserve {self.capacity_bytes} bytes for the disk tier "
+                                   f"in {self.path}: {e.strerror}") from None
         self._local = threading.local()
 
     def _bounce(self, size: int) -> mmap.mmap:

@@ -22,6 +22,9 @@ def test_bench_store_prints_one_json_object(tmp_path):
         assert abs(r["ratio_to_ceiling"] - r["GBps"] / r["ceiling_GBps"]) < 0.01
         if r["tier"] == "host":
             assert r["ceiling_GBps"] <= ceiling["memcpy_GBps_by_block"][str(r["block_bytes"])]
+        if r["tier"] == "disk":  # raw I/O run between the tier's calls: sequential, and as the calls
+            assert r["raw_same_requests_GBps"] > 0
+            assert r["ceiling_GBps"] <= ceiling["disk_read_GBps" if r["op"] == "get" else "disk_write_GBps"]
     hits = report["host_hits_under_disk_traffic"]  # measured against the same hits alone
     assert hits["promotions"] > 0 and hits["with_disk_traffic_p99_us"] >= hits["with_disk_traffic_p50_us"] > 0
     assert hits["p50_ratio"] > 0 and hits["alone_p99_us"] >= hits["alone_p50_us"] > 0

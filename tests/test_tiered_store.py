@@ -90,6 +90,20 @@ def test_direct_io_round_trip(tmp_path):
     assert not (tmp_path / "direct").exists()
 
 
+def test_disk_tier_reserves_its_capacity_up_front(tmp_path):
+    tier = DiskTier(tmp_path / "slab", 4 * PAGE, page_bytes=PAGE)
+    try:  # blocks held on the file system, not a sparse file that may fill up later
+        assert os.stat(tmp_path / "slab").st_blocks * 512 >= 4 * PAGE
+    finally:
+        tier.close()
+
+
+def test_disk_tier_larger_than_the_disk_fails_to_open_and_leaves_no_file(tmp_path):
+    with pytest.raises(OSError, match="cannot reserve"):
+        DiskTier(tmp_path / "huge", 1 << 50, page_bytes=1 << 40)  # 1 PiB: no disk here holds it
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_parents_outlive_their_children():
     store = TieredStore([HostTier(PAGE, page_bytes=PAGE)])  # 8 blocks of 8 KiB
     parent = None
