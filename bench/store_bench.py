@@ -133,8 +133,12 @@ class RawDisk:
     just wrote or read ``nbytes``. At once, the same bytes are moved raw in requests of
     that size (at most ``chunk``); and each time a whole ``chunk`` (4 MiB) is owed, one
     sequential request of that size runs. ``settle(case)`` runs the rest and returns both
-    rates (``RawFigures``). Each kind of request goes through the file in order. The file
-    is written through once up front, so reads hit written blocks; ``close`` removes it."""
+    rates (``RawFigures``). Each kind of request goes through its own half of the file in
+    order (not the same bytes twice in a row, which a disk's cache would absorb). The
+    file is written through once up front, so reads hit written blocks and writes
+    overwrite them, as the tier's do once it has filled; ``close`` removes it."""
+
+    KINDS = ("sequential", "same")
 
     def __init__(self, directory: str, total_bytes: int, chunk: int = 4 << 20):
         import mmap
@@ -150,7 +154,7 @@ class RawDisk:
         self._owed: dict[tuple, int] = {}
         self._done: dict[tuple, list[float]] = {}  # (case, kind): [bytes, seconds]
         try:
-            for offset in range(0, self.size, chunk):
+            for offset in range(0, len(self.KINDS) * self.size, chunk):
                 os.pwrite(self.fd, self._view, offset)
         except BaseException:
             self.close()
@@ -162,6 +166,7 @@ class RawDisk:
         if offset + nbytes > self.size:
             offset = 0
         self._pos[kind] = offset + nbytes
+        offset += self.KINDS.index(kind) * self.size
         with self._view[:nbytes] as view:
             start = time.perf_counter()
             if case[0] == "put":  # like the disk tier's writes: no fsync
@@ -186,7 +191,7 @@ class RawDisk:
         owed = self._owed.pop(case, 0)
         if owed:
             self._request(case, "sequential", owed)
-        return RawFigures(*(_gbps(*self._done.pop((case, kind), (0, 0.0))) for kind in ("sequential", "same")))
+        return RawFigures(*(_gbps(*self._done.pop((case, kind), (0, 0.0))) for kind in self.KINDS))
 
     def close(self) -> None:
         os.close(self.fd)

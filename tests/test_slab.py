@@ -13,6 +13,20 @@ def test_slots_are_aligned_and_pages_come_back():
     assert a.free_pages == 4 and a.payload_bytes == 0 and a.fragmentation == 0.0
 
 
+def test_freed_pages_and_slots_come_back_lowest_offset_first():
+    a = SlabAllocator(capacity_bytes=4 * 65536, page_bytes=65536, min_slot_bytes=4096)
+    pages = [a.alloc(65536) for _ in range(4)]
+    for s in pages:  # freed in ascending order: a stack would hand them back descending
+        a.free(s, 65536)
+    assert [a.alloc(65536).offset for _ in range(4)] == [0, 65536, 2 * 65536, 3 * 65536]
+    a = SlabAllocator(capacity_bytes=65536, page_bytes=65536, min_slot_bytes=4096)
+    slots = [a.alloc(4096) for _ in range(16)]
+    assert [s.offset for s in slots] == list(range(0, 65536, 4096))
+    for s in slots[2:8]:
+        a.free(s, 4096)
+    assert [a.alloc(4096).offset for _ in range(6)] == [s.offset for s in slots[2:8]]
+
+
 def test_full_allocator_says_none_and_sizes_are_bounded():
     a = SlabAllocator(capacity_bytes=65536, page_bytes=65536, min_slot_bytes=4096)
     assert a.alloc(0) is None and a.alloc(65537) is None
