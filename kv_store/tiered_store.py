@@ -370,9 +370,9 @@ class TieredStore(BlockStore):
             if not verify(data, was.checksum):
                 return False
         try:
-            if data is None:  # straight out of the host arena
-                with src.view(was.slot, size) as view:
-                    dst.write(move.slot, view)
+            if data is None:  # straight out of the host arena, its whole slot
+                with src.view(was.slot, was.slot.size) as view:
+                    dst.write_from(move.slot, size, view)
             else:
                 dst.write(move.slot, data)
         except OSError as e:

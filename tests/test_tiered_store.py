@@ -244,6 +244,36 @@ def test_disk_reads_a_run_of_adjacent_slots_in_one_request(tmp_path, direct_io):
         tier.close()
 
 
+@pytest.mark.parametrize("direct_io", [False, True])
+def test_disk_writes_whole_host_slots_straight_from_the_arena(tmp_path, direct_io):
+    """A demotion's write: the host slot, padding and all, goes to disk without the disk
+    tier's bounce buffer; a source shorter than its slot (or unaligned) goes through it."""
+    tier = DiskTier(tmp_path / "slab", 2 * PAGE, page_bytes=PAGE, direct_io=direct_io)
+    host = HostTier(PAGE, page_bytes=PAGE)
+    try:
+        data = block(7, 5000)  # an 8 KiB slot
+        src, dst = host.allocator.alloc(len(data)), tier.allocator.alloc(len(data))
+        host.write(src, data)
+        with host.view(src, src.size) as whole:
+            tier.write_from(dst, len(data), whole)
+        assert getattr(tier._local, "buf", None) is None  # no bounce buffer was needed
+        assert tier.read(dst, len(data)) == data and tier.io.write_bytes == len(data)
+        other = tier.allocator.alloc(len(data))
+        unaligned = memoryview(bytes(1) + data)[1:]  # shorter than the slot
+        tier.write_from(other, len(data), unaligned)
+        assert tier.read(other, len(data)) == data
+    finally:
+        host.close()
+        tier.close()
+    disk = DiskTier(tmp_path / "store", 4 * PAGE, page_bytes=PAGE, direct_io=direct_io)
+    store = TieredStore([HostTier(PAGE, page_bytes=PAGE), disk], io_threads=1)  # demotions on this thread
+    for i in range(24):
+        assert put(store, i)
+    assert store.stats().tiers[0].demotions == 16 and getattr(disk._local, "buf", None) is None
+    assert all(store.get(b"k%d" % i).data == block(i) for i in range(24))
+    store.close()
+
+
 def test_batched_get_and_lease_of_adjacent_disk_blocks(tmp_path):
     """Blocks demoted one after another sit in adjacent disk slots and come back in runs:
     a damaged one among them is dropped alone, the others are served (and promoted)."""
@@ -290,6 +320,10 @@ class Gated:
         self._wait()
         super()._write(slot, data)
 
+    def _write_from(self, slot, nbytes, src):
+        self._wait()
+        super()._write_from(slot, nbytes, src)
+
     def _read_run_into(self, items):
         self._wait()
         super()._read_run_into(items)
@@ -307,6 +341,9 @@ class FailingDisk(DiskTier):
     """The real disk tier on a disk that fails every write (EIO)."""
 
     def _write(self, slot, data):
+        raise OSError(errno.EIO, "injected write failure")
+
+    def _write_from(self, slot, nbytes, src):
         raise OSError(errno.EIO, "injected write failure")
 
 
