@@ -28,4 +28,6 @@ def test_bench_store_prints_one_json_object(tmp_path):
     hits = report["host_hits_under_disk_traffic"]  # measured against the same hits alone
     assert hits["promotions"] > 0 and hits["with_disk_traffic_p99_us"] >= hits["with_disk_traffic_p50_us"] > 0
     assert hits["p50_ratio"] > 0 and hits["alone_p99_us"] >= hits["alone_p50_us"] > 0
+    demoting = report["puts_demoting_to_disk"]  # every timed put made room by demoting one
+    assert demoting["demotions"] >= 32 and demoting["GBps"] > 0 and demoting["ratio_to_ceiling"] > 0
     assert list(tmp_path.iterdir()) == []  # the benchmark's files are gone
