@@ -33,7 +33,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from kv_store.gc_tuning import freeze_startup_objects
 from kv_store.integrity import checksum
@@ -44,6 +44,7 @@ BLOCK_SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20]
 PAGE = 4 << 20
 GET_BATCH = 8  # keys per call in the batched gets (a request asks for many blocks at once)
 PAYLOADS = 8  # distinct blocks the puts cycle through
+WRITE_BEHIND = 32 << 20  # staging RAM of the disk tier's write-behind variant
 ROUNDS = 5  # each case and its ceiling are measured this many times; the median round is kept
 
 
@@ -135,9 +136,10 @@ class RawDisk:
     file system allows it, run in bursts between the disk tier's calls so that both see
     the same disk: the tier's ceiling.
 
-    ``owe(case, nbytes)`` records that a call of ``case`` (``("put"|"get", keys_per_call)``)
-    just wrote or read ``nbytes``. Each time ``burst`` bytes (16 MiB) are owed, a burst
-    runs: as many bytes moved raw sequentially in requests of ``chunk`` (4 MiB), then in
+    ``owe(case, nbytes, before_burst)`` records that a call of ``case`` (``("put"|"get",
+    keys_per_call)``) just wrote or read ``nbytes``. Each time ``burst`` bytes (16 MiB)
+    are owed, ``before_burst()`` runs (a case whose writes finish behind its calls
+    finishes them there, on its own clock) and then a burst: as many bytes moved raw sequentially in requests of ``chunk`` (4 MiB), then in
     requests the size of the case's calls (at most ``chunk``). ``settle(case)`` runs the
     rest and returns both rates (``RawFigures``). Bursts, not a raw request after every
     call: a virtual disk acknowledges writes into a cache and drains it behind them, so a
@@ -194,10 +196,11 @@ class RawDisk:
             for start in range(0, nbytes, request):
                 self._request(case, kind, min(request, nbytes - start))
 
-    def owe(self, case: tuple, nbytes: int) -> None:
+    def owe(self, case: tuple, nbytes: int, before_burst: Callable[[], None] = lambda: None) -> None:
         self._call_bytes[case] = min(self.chunk, nbytes)
         owed = self._owed.get(case, 0) + nbytes
         if owed >= self.burst:
+            before_burst()
             self._burst(case, owed)
             owed = 0
         self._owed[case] = owed
@@ -219,24 +222,33 @@ def _run_ops(store: TieredStore, tier: str, block_bytes: int, total_bytes: int,
              raw: RawDisk | None = None) -> list[dict]:
     """Puts one block a call, then gets one block a call, then gets ``GET_BATCH`` a call
     (each pass of gets after one untimed call, as in a process that has served gets
-    before). With ``raw``, raw I/O of as many bytes runs between the calls (untimed
+    before). The puts' time includes waiting, before each raw burst and at the end, for
+    writes a tier finishes behind them (``flush``). With ``raw``, raw I/O of as many bytes runs between the calls (untimed
     here), and each row gets its ``ceiling_GBps`` (sequential) and
     ``raw_same_requests_GBps`` from it."""
-    owe = (lambda case, nbytes: None) if raw is None else raw.owe
+    owe = (lambda case, nbytes, before_burst=None: None) if raw is None else raw.owe
     count = max(GET_BATCH, total_bytes // block_bytes)
     payloads = [os.urandom(block_bytes) for _ in range(min(count, PAYLOADS))]
     sums = [checksum(p) for p in payloads]
     keys = [b"bench-%d" % i for i in range(count)]
     results = []
     put_lat = []
-    start = time.perf_counter()
+    drained = []
+
+    def drain() -> None:  # write-behind: the puts' writes reach the disk on the puts' clock
+        t = time.perf_counter()
+        if not store.flush():
+            raise RuntimeError(f"{tier} tier: staged writes did not reach the disk")
+        drained.append(time.perf_counter() - t)
+
     for i, key in enumerate(keys):
         t = time.perf_counter()
         if not store.put(key, payloads[i % len(payloads)], sums[i % len(sums)]):
             raise RuntimeError(f"{tier} tier refused a {block_bytes}-byte block")
         put_lat.append(time.perf_counter() - t)
-        owe(("put", 1), block_bytes)
-    put_s = sum(put_lat)
+        owe(("put", 1), block_bytes, drain)
+    drain()
+    put_s = sum(put_lat) + sum(drained)
     gets = []
     for per_call in (1, GET_BATCH):
         store.get_many(keys[:per_call])  # untimed: the first call grows the heap for its results
@@ -427,19 +439,23 @@ def _median_round(store: TieredStore, tier: str, block_bytes: int, total_bytes: 
 def _run(total_bytes: int, directory: str, sizes: list[int], say) -> dict:
     direct = _direct_io_works(directory)
     capacity = total_bytes + 2 * PAGE * len(sizes)
-    tiers = [("host", lambda: HostTier(capacity, PAGE)),
-             ("disk", lambda: DiskTier(os.path.join(directory, "kvmesh-tier-bench.bin"), capacity,
-                                       PAGE, direct_io=direct))]
+    disk_file = os.path.join(directory, "kvmesh-tier-bench.bin")
+    tiers = [("host", 0, lambda: HostTier(capacity, PAGE)),
+             ("disk", 0, lambda: DiskTier(disk_file, capacity, PAGE, direct_io=direct)),
+             ("disk", WRITE_BEHIND, lambda: DiskTier(disk_file, capacity, PAGE, direct_io=direct,
+                                                     write_behind_bytes=WRITE_BEHIND))]
     if _cuda_usable():
-        tiers.insert(0, ("gpu", lambda: GpuTier(capacity, PAGE)))
+        tiers.insert(0, ("gpu", 0, lambda: GpuTier(capacity, PAGE)))
     freeze_startup_objects()  # as a store server does once it is up (torch is imported by now)
     results = []
-    for name, make_tier in tiers:
+    for name, behind, make_tier in tiers:
         store = TieredStore([make_tier()])
+        label = f"{name} tier" + (f" with {behind >> 20} MiB of write-behind" if behind else "")
         try:
             for size in sizes:
-                say(f"{name} tier, {size >> 10} KiB blocks: its ceiling and the tier, {ROUNDS} rounds")
-                results.extend(_median_round(store, name, size, total_bytes, directory))
+                say(f"{label}, {size >> 10} KiB blocks: its ceiling and the tier, {ROUNDS} rounds")
+                rows = _median_round(store, name, size, total_bytes, directory)
+                results.extend(r | {"write_behind_bytes": behind} if name == "disk" else r for r in rows)
         finally:
             store.close()
     say("host hits while disk blocks are leased")
@@ -478,11 +494,12 @@ def print_table(report: dict) -> None:
     if "gpu_h2d_GBps_by_block" in c:
         print(f"          host->device up to {max(c['gpu_h2d_GBps_by_block'].values())} GB/s, "
               f"device->host up to {max(c['gpu_d2h_GBps_by_block'].values())} GB/s (page-locked)")
-    print(f"{'tier':6} {'op':6} {'block':>8} {'GB/s':>8} {'ratio':>6} {'p50 us':>9} {'p99 us':>9} "
+    print(f"{'tier':8} {'op':6} {'block':>8} {'GB/s':>8} {'ratio':>6} {'p50 us':>9} {'p99 us':>9} "
           f"{'raw as the calls GB/s':>22}")
     for r in report["results"]:
         op = r["op"] if r["keys_per_call"] == 1 else f"{r['op']}x{r['keys_per_call']}"
-        print(f"{r['tier']:6} {op:6} {r['block_bytes'] >> 10:>6}Ki {r['GBps']:>8.2f} "
+        tier = r["tier"] + ("+wb" if r.get("write_behind_bytes") else "")  # with write-behind
+        print(f"{tier:8} {op:6} {r['block_bytes'] >> 10:>6}Ki {r['GBps']:>8.2f} "
               f"{r['ratio_to_ceiling']:>6.2f} {r['p50_us']:>9.1f} {r['p99_us']:>9.1f} "
               f"{r.get('raw_same_requests_GBps', ''):>22}")
     h = report["host_hits_under_disk_traffic"]

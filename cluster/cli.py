@@ -110,7 +110,7 @@ def cmd_store(args) -> None:
                             args.policy, args.direct_io, args.page_bytes,
                             listener=publisher.on_change if publisher else None,
                             shm_name=f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}" if "shm" in backends else None,
-                            io_threads=args.io_threads)
+                            io_threads=args.io_threads, disk_write_behind_bytes=args.disk_write_behind)
         sources = open_transfer_sources(store, backends, args.host)
     except (ValueError, RuntimeError, OSError) as e:
         raise SystemExit(f"kvmesh store: {e}")
@@ -423,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--disk-dir", default=None,
                     help="directory for the disk tier's slab file (default: a new temporary one)")
     sp.add_argument("--direct-io", action="store_true", help="open the slab file with O_DIRECT")
+    sp.add_argument("--disk-write-behind", type=parse_bytes_or_zero, default=0, metavar="BYTES",
+                    help="RAM in which disk writes are staged and written behind the put, adjacent "
+                         "blocks in one request (default 0: each write goes to disk before the put returns)")
     sp.add_argument("--io-threads", type=positive_int, default=4,
                     help="block reads and moves of one request that run at once (disk, GPU)")
     sp.add_argument("--gpu-bytes", type=parse_bytes_or_zero, default=0,

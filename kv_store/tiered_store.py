@@ -625,6 +625,11 @@ class TieredStore(BlockStore):
                     write_seconds=tier.io.write_seconds))
             return out
 
+    def flush(self) -> bool:
+        """Wait until every tier's writes have reached its medium (a disk tier with
+        write-behind); False if one timed out."""
+        return all([tier.flush() for tier in self.tiers])
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
@@ -646,12 +651,13 @@ def _adjacent_by_tier(items: list, where: Callable[[object], tuple[int, Slot]]) 
 def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = None,
                 gpu_bytes: int = 0, policy: str = "lru", direct_io: bool = False,
                 page_bytes: int = 4 << 20, listener=None, shm_name: str | None = None,
-                io_threads: int = 4) -> TieredStore:
+                io_threads: int = 4, disk_write_behind_bytes: int = 0) -> TieredStore:
     """A store with the tiers whose capacity is positive, fastest first.
 
     The disk tier's slab file is created in ``disk_dir`` (a new temporary directory when
     None) and removed by ``close``. With ``shm_name`` the host tier lives in named shared
-    memory, readable by other processes on this host. Raises ``ValueError`` for a store with no tier and
+    memory, readable by other processes on this host. With ``disk_write_behind_bytes``
+    disk writes return once staged in that much RAM (``kv_store.write_behind``). Raises ``ValueError`` for a store with no tier and
     ``RuntimeError`` for a GPU tier where no GPU is usable.
     """
     import os
@@ -668,7 +674,8 @@ def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = Non
         directory = disk_dir or tempfile.mkdtemp(prefix="kvmesh-disk-")
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, f"kvmesh-slab-{os.getpid()}.bin")
-        tiers.append(DiskTier(path, disk_bytes, page_bytes, direct_io=direct_io))
+        tiers.append(DiskTier(path, disk_bytes, page_bytes, direct_io=direct_io,
+                              write_behind_bytes=disk_write_behind_bytes))
     if not tiers:
         raise ValueError("give at least one tier a capacity (host, disk or gpu bytes)")
     return TieredStore(tiers, policy, listener, io_threads)

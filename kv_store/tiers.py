@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from kv_store.slab import SlabAllocator, Slot
+from kv_store.write_behind import WriteBehind
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Tier(ABC):
             self._write(slot, data)
 
     def read(self, slot: Slot, nbytes: int) -> bytes:
+        self._before_read([slot])
         start = time.perf_counter()
         data = self._read(slot, nbytes)
         self._count_read(nbytes, start)
@@ -82,6 +84,7 @@ class Tier(ABC):
         """The first ``nbytes`` of each ``(slot, nbytes)``, in order, where each slot starts
         where the one before ends. This reads them one by one; the disk tier reads the
         whole run in one request."""
+        self._before_read([slot for slot, _ in items])
         start = time.perf_counter()
         out = self._read_run(items)
         self._count_read(sum(n for _, n in items), start)
@@ -91,12 +94,20 @@ class Tier(ABC):
         """Each ``(slot, nbytes, dest)``'s first ``nbytes`` into ``dest``, slots adjacent as
         for ``read_run``. A ``dest`` of at least ``slot.size`` bytes may get the slot's
         padding too (the disk tier then reads straight into it)."""
+        self._before_read([slot for slot, _, _ in items])
         start = time.perf_counter()
         self._read_run_into(items)
         self._count_read(sum(n for _, n, _ in items), start)
 
     def _read_run(self, items: Sequence[tuple[Slot, int]]) -> list[bytes]:
         return [self._read(slot, nbytes) for slot, nbytes in items]
+
+    def _before_read(self, slots: Sequence[Slot]) -> None:
+        """Called before ``slots`` are read (the disk tier waits for their writes)."""
+
+    def flush(self) -> bool:
+        """Wait until every write has reached the medium; False if it timed out."""
+        return True
 
     def _read_run_into(self, items: Sequence[tuple[Slot, int, memoryview]]) -> None:
         for slot, nbytes, dest in items:
@@ -328,14 +339,21 @@ class DiskTier(Tier):
     cache) and every transfer goes through an aligned bounce buffer, padded to the slot
     size; without it, plain ``pread``/``pwrite``. The file is removed on ``close``, and
     when opening fails.
+
+    With ``write_behind_bytes`` a write returns once the block is staged in that much
+    RAM, and a thread writes the staged blocks in offset order, adjacent ones in one
+    request (``kv_store.write_behind``); a read of a block waits for its write. The
+    write counters then count the time writes took to stage; ``flush`` waits for the
+    disk.
     """
 
     name = "disk"
 
     def __init__(self, path: str | os.PathLike, capacity_bytes: int, page_bytes: int = 4 << 20,
-                 direct_io: bool = False):
+                 direct_io: bool = False, write_behind_bytes: int = 0):
         super().__init__(capacity_bytes, page_bytes)
         self.path = os.fspath(path)
+        self._behind: WriteBehind | None = None
         flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
         if direct_io:
             flags |= getattr(os, "O_DIRECT", 0)
@@ -348,6 +366,25 @@ class DiskTier(Tier):
             raise OSError(e.errno, f"cannot reserve {self.capacity_bytes} bytes for the disk tier "
                                    f"in {self.path}: {e.strerror}") from None
         self._local = threading.local()
+        if write_behind_bytes > 0:
+            self._behind = WriteBehind(self._fd, self.path, write_behind_bytes, page_bytes)
+
+    def _staged(self, slot: Slot, data: bytes | memoryview) -> bool:
+        """Whether write-behind took the block; if it had no room in time, the caller
+        writes it (once no older bytes of the slot are still to be written)."""
+        if self._behind is None:
+            return False
+        if self._behind.stage(slot, data):
+            return True
+        self._behind.wait_written([slot])
+        return False
+
+    def _before_read(self, slots: Sequence[Slot]) -> None:
+        if self._behind is not None:
+            self._behind.wait_written(slots)
+
+    def flush(self) -> bool:
+        return self._behind is None or self._behind.flush()
 
     def _bounce(self, size: int) -> mmap.mmap:
         """A page-aligned buffer of at least ``size`` bytes, one per thread."""
@@ -358,6 +395,8 @@ class DiskTier(Tier):
         return buf
 
     def _write(self, slot: Slot, data: bytes | memoryview) -> None:
+        if self._staged(slot, data):
+            return
         if not self.direct_io:
             os.pwrite(self._fd, data, slot.offset)
             return
@@ -368,7 +407,7 @@ class DiskTier(Tier):
         view.release()
 
     def _write_from(self, slot: Slot, nbytes: int, src: memoryview) -> None:
-        if len(src) < slot.size:
+        if len(src) < slot.size or self._behind is not None:
             return super()._write_from(slot, nbytes, src)
         try:
             with src[:slot.size] as whole:
@@ -437,6 +476,8 @@ class DiskTier(Tier):
                 yield data
 
     def close(self) -> None:
+        if self._behind is not None:
+            self._behind.close()  # before the file: its thread writes to it
         os.close(self._fd)
         try:
             os.unlink(self.path)

@@ -140,12 +140,14 @@ def test_all_pinned_means_rejected_not_overfilled():
     assert store.stats().rejected == 1 and store.stats().used_bytes == 8 * 8192
 
 
-@pytest.mark.parametrize("policy", ["lru", "s3fifo"])
-def test_long_random_run_returns_to_baseline(tmp_path, policy):
+@pytest.mark.parametrize("policy, write_behind", [("lru", 0), ("s3fifo", 0), ("lru", PAGE)])
+def test_long_random_run_returns_to_baseline(tmp_path, policy, write_behind):
     """Capacities far below the working set; puts, gets, drops, pins and cancelled reads
-    from several threads. No wrong bytes ever; pinned blocks never lost; nothing leaked."""
+    from several threads. No wrong bytes ever; pinned blocks never lost; nothing leaked.
+    With write-behind (O_DIRECT), a small staging area: writes also wait for room."""
     store = TieredStore([HostTier(2 * PAGE, page_bytes=PAGE),
-                         DiskTier(tmp_path / "slab", 2 * PAGE, page_bytes=PAGE)], policy)
+                         DiskTier(tmp_path / "slab", 2 * PAGE, page_bytes=PAGE, direct_io=bool(write_behind),
+                                  write_behind_bytes=write_behind)], policy)
     versions: dict[bytes, set[bytes]] = {}  # every payload ever put under a key
     lock = threading.Lock()
     errors: list[str] = []
@@ -183,6 +185,10 @@ def test_long_random_run_returns_to_baseline(tmp_path, policy):
     assert not errors, errors[:5]
     stats = store.stats()
     assert stats.evictions > 0 and stats.tiers[0].demotions > 0
+    assert store.flush()
+    if write_behind:
+        behind = store.tiers[1]._behind
+        assert behind.staged_bytes == 0 and behind.requests > 0 and behind.failed_writes == 0
     assert_empty_after_drop(store)
     store.close()
 
