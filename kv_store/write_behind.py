@@ -134,13 +134,14 @@ class WriteBehind:
                 for staged in batch:
                     staged.taken = True
             for run in adjacent_runs([s.slot for s in batch], self.max_run_bytes):
-                self._write_run([batch[i] for i in run])
-            with self._cond:
-                for staged in batch:
-                    if self._pending.get(staged.slot.offset) is staged:
-                        del self._pending[staged.slot.offset]
-                    self.allocator.free(staged.staging, staged.slot.size)
-                self._cond.notify_all()
+                written = [batch[i] for i in run]
+                self._write_run(written)
+                with self._cond:  # room and readers go free run by run, not at the batch's end
+                    for staged in written:
+                        if self._pending.get(staged.slot.offset) is staged:
+                            del self._pending[staged.slot.offset]
+                        self.allocator.free(staged.staging, staged.slot.size)
+                    self._cond.notify_all()
 
     def _write_run(self, run: list[_Staged]) -> None:
         """One request for slots that follow each other in the file, straight out of the
