@@ -62,7 +62,8 @@ class Tier(ABC):
         (``slot.size`` bytes, starting with the block): the disk tier then writes
         straight from it, padding included, without its bounce buffer (with O_DIRECT
         ``src`` must be aligned, as host-arena slots are; if the kernel refuses it, the
-        bounce buffer serves). Other tiers copy the first ``nbytes``."""
+        bounce buffer serves). Other tiers, and a disk tier with write-behind (which
+        stages the bytes), copy the first ``nbytes``."""
         start = time.perf_counter()
         self._write_from(slot, nbytes, src)
         with self._io_lock:
@@ -367,7 +368,11 @@ class DiskTier(Tier):
                                    f"in {self.path}: {e.strerror}") from None
         self._local = threading.local()
         if write_behind_bytes > 0:
-            self._behind = WriteBehind(self._fd, self.path, write_behind_bytes, page_bytes)
+            try:  # ValueError: less than a page of staging
+                self._behind = WriteBehind(self._fd, self.path, write_behind_bytes, page_bytes)
+            except BaseException:
+                self.close()
+                raise
 
     def _staged(self, slot: Slot, data: bytes | memoryview) -> bool:
         """Whether write-behind took the block; if it had no room in time, the caller
@@ -476,9 +481,8 @@ class DiskTier(Tier):
                 yield data
 
     def close(self) -> None:
-        if self._behind is not None:
-            self._behind.close()  # before the file: its thread writes to it
-        os.close(self._fd)
+        if self._behind is None or self._behind.close():  # before the file: its thread writes to it
+            os.close(self._fd)  # (a flusher stuck in a write keeps it: the number must not be reused)
         try:
             os.unlink(self.path)
         except FileNotFoundError:

@@ -1,7 +1,7 @@
 """Write-behind for the disk tier: a block write returns once its bytes are staged in RAM.
 
 A disk given one small write at a time writes well below its sequential rate (one
-256 KiB ``O_DIRECT`` write at a time ran at 0.7-0.85 of 4 MiB writes on the development
+256 KiB ``O_DIRECT`` write at a time ran at 0.6-0.85 of 4 MiB writes on the development
 machine, 64 KiB at a third). ``WriteBehind`` copies each slot's bytes into an aligned
 staging region and returns; one flusher thread writes what is staged in offset order,
 the slots that follow each other in the file in one request of up to ``max_run_bytes``
@@ -10,17 +10,20 @@ another are adjacent).
 
 Contract:
 
-* ``stage`` returns True once the bytes are staged (the caller's buffer is free again),
-  False when no staging room came free within ``timeout_s``: the caller then writes
-  the slot itself, after ``wait_written``.
-* A later ``stage`` of the same slot supersedes an earlier one: the file ends up with
-  the newer bytes, never the older.
-* ``wait_written(slots)`` returns once none of ``slots`` has bytes still staged (a reader
-  calls it before it reads them), or raises ``OSError`` after ``timeout_s``.
+* ``stage`` returns True once the bytes are staged (the caller's buffer is free again);
+  False when no staging room came free within ``timeout_s``, or the write-behind is
+  closed: the caller then writes the slot itself, after ``wait_written``.
+* A later ``stage`` of a slot supersedes what was staged earlier for any slot that
+  overlaps it (a freed slot's page may be cut into slots of another size; live slots
+  never overlap, so those bytes are dead): the file ends up with the newer bytes.
+* ``wait_written(slots)`` returns once no staged write overlaps ``slots`` (a reader calls
+  it before it reads them); ``OSError`` after ``timeout_s``, or at once once closed with
+  writes still staged.
 * A flush write that fails loses those blocks' bytes: the file keeps what was there, so
   a reader's checksum turns them into misses. Failures are counted and logged.
-* ``close`` stops the flusher; what is still staged is dropped (the file is discarded
-  with the tier).
+* ``close`` stops the flusher after the request it is in; what is still staged is
+  dropped (the file is discarded with the tier). It returns False if the flusher did
+  not stop in time: the caller must then leave the file descriptor open.
 """
 
 from __future__ import annotations
@@ -45,18 +48,25 @@ class _Staged:
     taken: bool = False  # the flusher is writing it
 
 
+def _overlap(a: Slot, b: Slot) -> bool:
+    return a.offset < b.offset + b.size and b.offset < a.offset + a.size
+
+
 class WriteBehind:
     def __init__(self, fd: int, path: str, capacity_bytes: int, page_bytes: int,
                  max_run_bytes: int = 4 << 20, timeout_s: float = 30.0):
+        """Raises ``ValueError`` for a capacity below one page (no block would fit)."""
+        if capacity_bytes < page_bytes:
+            raise ValueError(f"write-behind needs at least one page ({page_bytes} bytes) of staging")
         self.fd, self.path = fd, path
         self.max_run_bytes, self.timeout_s = max_run_bytes, timeout_s
         self.allocator = SlabAllocator(capacity_bytes, page_bytes)
-        size = max(self.allocator.capacity_bytes, mmap.PAGESIZE)
-        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-                              | getattr(mmap, "MAP_POPULATE", 0))
+        self._map = mmap.mmap(-1, self.allocator.capacity_bytes,
+                              flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0))
         self._view = memoryview(self._map)
         self._cond = threading.Condition()
-        self._pending: dict[int, _Staged] = {}  # file offset -> the newest bytes staged for it
+        # file page -> file offset -> the bytes staged for that slot (slots never cross pages)
+        self._pending: dict[int, dict[int, _Staged]] = {}
         self._closed = False
         self.requests = 0  # write requests the flusher made
         self.flushed_bytes = 0
@@ -64,6 +74,18 @@ class WriteBehind:
         self.failed_writes = 0  # blocks whose write failed
         self._flusher = threading.Thread(target=self._run, name="kvmesh-write-behind", daemon=True)
         self._flusher.start()
+
+    # ------------------------------------------------------------------ under the lock
+
+    def _overlapping(self, slot: Slot) -> list[_Staged]:
+        return [s for s in self._pending.get(slot.page, {}).values() if _overlap(s.slot, slot)]
+
+    def _remove(self, staged: _Staged) -> None:
+        page = self._pending.get(staged.slot.page, {})
+        if page.get(staged.slot.offset) is staged:
+            del page[staged.slot.offset]
+            if not page:
+                del self._pending[staged.slot.page]
 
     # ------------------------------------------------------------------ writers and readers
 
@@ -84,22 +106,24 @@ class WriteBehind:
             if self._closed:
                 self.allocator.free(staging, slot.size)
                 return False
-            old = self._pending.get(slot.offset)
-            if old is not None and not old.taken:  # never written: superseded
-                self.allocator.free(old.staging, old.slot.size)
-            self._pending[slot.offset] = _Staged(slot, staging)
+            for old in self._overlapping(slot):
+                if not old.taken:  # never written: superseded (a taken one is written first)
+                    self._remove(old)
+                    self.allocator.free(old.staging, old.slot.size)
+            self._pending.setdefault(slot.page, {})[slot.offset] = _Staged(slot, staging)
             self._cond.notify_all()
         return True
 
     def wait_written(self, slots: Sequence[Slot]) -> None:
-        """Return once no slot of ``slots`` has bytes staged; ``OSError`` after the timeout."""
-        staged = lambda: any(s.offset in self._pending for s in slots)  # noqa: E731
+        """Return once no staged write overlaps ``slots``; see the contract."""
+        staged = lambda: any(self._overlapping(s) for s in slots)  # noqa: E731
         with self._cond:
             if not self._cond.wait_for(lambda: self._closed or not staged(), self.timeout_s) or staged():
                 raise OSError(f"write-behind to {self.path}: blocks not written within {self.timeout_s} s")
 
     def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until nothing is staged; False if that took longer than the timeout."""
+        """Wait until everything staged before the call (and since) is written; False if
+        that took longer than the timeout."""
         with self._cond:
             self._cond.wait_for(lambda: self._closed or not self._pending,
                                 self.timeout_s if timeout_s is None else timeout_s)
@@ -110,27 +134,35 @@ class WriteBehind:
         with self._cond:
             return self.allocator.payload_bytes
 
-    def close(self) -> None:
+    def close(self) -> bool:
+        """Stop the flusher and drop what is staged; False if the flusher is still in a
+        write after ``timeout_s`` (its memory is then left mapped, for it)."""
         with self._cond:
             if self._closed:
-                return
+                return not self._flusher.is_alive()
             self._closed = True
             self._cond.notify_all()
         self._flusher.join(self.timeout_s)
+        if self._flusher.is_alive():
+            log.warning("write-behind to %s: the flusher is stuck in a write; leaving it", self.path)
+            return False
         with self._cond:
             self._pending.clear()
         self._view.release()
         self._map.close()
+        return True
 
     # ------------------------------------------------------------------ the flusher
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._closed or any(not s.taken for s in self._pending.values()))
+                self._cond.wait_for(lambda: self._closed or any(
+                    not s.taken for page in self._pending.values() for s in page.values()))
                 if self._closed:
                     return
-                batch = sorted((s for s in self._pending.values() if not s.taken), key=lambda s: s.slot.offset)
+                batch = sorted((s for page in self._pending.values() for s in page.values() if not s.taken),
+                               key=lambda s: s.slot.offset)
                 for staged in batch:
                     staged.taken = True
             for run in adjacent_runs([s.slot for s in batch], self.max_run_bytes):
@@ -138,14 +170,15 @@ class WriteBehind:
                 self._write_run(written)
                 with self._cond:  # room and readers go free run by run, not at the batch's end
                     for staged in written:
-                        if self._pending.get(staged.slot.offset) is staged:
-                            del self._pending[staged.slot.offset]
+                        self._remove(staged)
                         self.allocator.free(staged.staging, staged.slot.size)
                     self._cond.notify_all()
+                    if self._closed:
+                        return
 
     def _write_run(self, run: list[_Staged]) -> None:
         """One request for slots that follow each other in the file, straight out of the
-        staging region (aligned, whole slots)."""
+        staging region (aligned, whole slots). Never raises: a failure is counted."""
         views = [self._view[s.staging.offset:s.staging.offset + s.slot.size] for s in run]
         wanted = sum(s.slot.size for s in run)
         start = time.perf_counter()
@@ -154,7 +187,7 @@ class WriteBehind:
             written = os.pwritev(self.fd, views, run[0].slot.offset)
             if written < wanted:
                 raise OSError(f"short write: {written} of {wanted} bytes")
-        except OSError as e:
+        except Exception as e:  # the flusher must live on: the blocks are lost, not the thread
             self.failed_writes += len(run)
             log.warning("write-behind to %s: %d blocks lost (they will read as misses): %s",
                         self.path, len(run), e)

@@ -11,6 +11,7 @@ import pytest
 from kv_store import write_behind
 from kv_store.integrity import checksum
 from kv_store.tiered_store import TieredStore
+from kv_store.slab import Slot
 from kv_store.tiers import DiskTier, HostTier
 
 PAGE = 64 * 1024
@@ -133,3 +134,37 @@ def test_close_with_blocks_still_staged_returns(tmp_path):
         tier.write(tier.allocator.alloc(8192), block(i))
     tier.close()
     assert not tier._behind._flusher.is_alive() and not (tmp_path / "slab").exists()
+
+
+def test_a_newer_block_in_an_overlapping_slot_supersedes_a_dead_one(disk, monkeypatch):
+    """A page freed and cut into slots of another size: bytes still staged for a freed
+    4 KiB slot must not land over the 8 KiB block now written across it."""
+    gated = GatedWrites(monkeypatch)
+    disk.write(Slot(PAGE, 4096, 1), block(9, 4096))  # the flusher holds this one at the gate
+    assert gated.entered.wait(5)
+    disk.write(Slot(4096, 4096, 0), block(1, 4096))  # an old block, its slot then freed
+    disk.write(Slot(0, 8192, 0), block(2))  # the page's new 8 KiB slot, over it
+    gated.gate.set()
+    assert disk.read(Slot(0, 8192, 0), 8192) == block(2)
+    assert disk.flush() and raw_bytes(disk, Slot(0, 8192, 0), 8192) == block(2)
+    assert disk._behind.staged_bytes == 0
+
+
+def test_staging_smaller_than_a_page_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="at least one page"):
+        DiskTier(tmp_path / "slab", 8 * PAGE, page_bytes=PAGE, write_behind_bytes=PAGE // 2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_close_while_the_flusher_is_stuck_in_a_write(tmp_path, monkeypatch):
+    gated = GatedWrites(monkeypatch)
+    tier = DiskTier(tmp_path / "slab", 8 * PAGE, page_bytes=PAGE, write_behind_bytes=4 * PAGE)
+    tier._behind.timeout_s = 0.3
+    tier.write(tier.allocator.alloc(8192), block(1))
+    assert gated.entered.wait(5)
+    tier.close()  # gives up waiting: the file is unlinked, its descriptor kept for the flusher
+    assert not (tmp_path / "slab").exists() and tier._behind._flusher.is_alive()
+    gated.gate.set()  # the write completes on the kept descriptor; the flusher then stops
+    tier._behind._flusher.join(5)
+    assert not tier._behind._flusher.is_alive() and tier._behind.failed_writes == 0
+    os.close(tier._fd)
