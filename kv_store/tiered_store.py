@@ -657,7 +657,8 @@ def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = Non
     The disk tier's slab file is created in ``disk_dir`` (a new temporary directory when
     None) and removed by ``close``. With ``shm_name`` the host tier lives in named shared
     memory, readable by other processes on this host. With ``disk_write_behind_bytes``
-    disk writes return once staged in that much RAM (``kv_store.write_behind``). Raises ``ValueError`` for a store with no tier and
+    disk writes return once staged in that much RAM (``kv_store.write_behind``). Raises
+    ``ValueError`` for a store with no tier (or write-behind below one page) and
     ``RuntimeError`` for a GPU tier where no GPU is usable.
     """
     import os

@@ -53,9 +53,7 @@ class Tier(ABC):
     def write(self, slot: Slot, data: bytes | memoryview) -> None:
         start = time.perf_counter()
         self._write(slot, data)
-        with self._io_lock:
-            self.io.write_bytes += len(data)
-            self.io.write_seconds += time.perf_counter() - start
+        self._count_write(len(data), start)
 
     def write_from(self, slot: Slot, nbytes: int, src: memoryview) -> None:
         """A block of ``nbytes`` into ``slot`` out of ``src``, which holds the whole slot
@@ -66,9 +64,7 @@ class Tier(ABC):
         stages the bytes), copy the first ``nbytes``."""
         start = time.perf_counter()
         self._write_from(slot, nbytes, src)
-        with self._io_lock:
-            self.io.write_bytes += nbytes
-            self.io.write_seconds += time.perf_counter() - start
+        self._count_write(nbytes, start)
 
     def _write_from(self, slot: Slot, nbytes: int, src: memoryview) -> None:
         with src[:nbytes] as data:
@@ -113,6 +109,11 @@ class Tier(ABC):
     def _read_run_into(self, items: Sequence[tuple[Slot, int, memoryview]]) -> None:
         for slot, nbytes, dest in items:
             self._read_into(slot, nbytes, dest)
+
+    def _count_write(self, nbytes: int, start: float) -> None:
+        with self._io_lock:
+            self.io.write_bytes += nbytes
+            self.io.write_seconds += time.perf_counter() - start
 
     def _count_read(self, nbytes: int, start: float) -> None:
         with self._io_lock:
