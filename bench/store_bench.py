@@ -139,8 +139,9 @@ class RawDisk:
     ``owe(case, nbytes, before_burst)`` records that a call of ``case`` (``("put"|"get",
     keys_per_call)``) just wrote or read ``nbytes``. Each time ``burst`` bytes (16 MiB)
     are owed, ``before_burst()`` runs (a case whose writes finish behind its calls
-    finishes them there, on its own clock) and then a burst: as many bytes moved raw sequentially in requests of ``chunk`` (4 MiB), then in
-    requests the size of the case's calls (at most ``chunk``). ``settle(case)`` runs the
+    finishes them there, on its own clock) and then a burst: as many bytes moved raw
+    sequentially in requests of ``chunk`` (4 MiB), then in requests the size of the
+    case's calls (at most ``chunk``). ``settle(case)`` runs the
     rest and returns both rates (``RawFigures``). Bursts, not a raw request after every
     call: a virtual disk acknowledges writes into a cache and drains it behind them, so a
     request that follows another pays for the one before; in bursts, each kind pays once
