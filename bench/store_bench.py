@@ -224,9 +224,9 @@ def _run_ops(store: TieredStore, tier: str, block_bytes: int, total_bytes: int,
     """Puts one block a call, then gets one block a call, then gets ``GET_BATCH`` a call
     (each pass of gets after one untimed call, as in a process that has served gets
     before). The puts' time includes waiting, before each raw burst and at the end, for
-    writes a tier finishes behind them (``flush``). With ``raw``, raw I/O of as many bytes runs between the calls (untimed
-    here), and each row gets its ``ceiling_GBps`` (sequential) and
-    ``raw_same_requests_GBps`` from it."""
+    writes a tier finishes behind them (``flush``). With ``raw``, raw I/O of as many
+    bytes runs between the calls (untimed here), and each row gets its ``ceiling_GBps``
+    (sequential) and ``raw_same_requests_GBps`` from it."""
     owe = (lambda case, nbytes, before_burst=None: None) if raw is None else raw.owe
     count = max(GET_BATCH, total_bytes // block_bytes)
     payloads = [os.urandom(block_bytes) for _ in range(min(count, PAYLOADS))]
