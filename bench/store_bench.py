@@ -322,7 +322,7 @@ def demoting_puts(directory: str, direct: bool, total_bytes: int, block_bytes: i
         finally:
             raw.close()
             store.close()
-    return sorted(rounds, key=lambda r: r["ratio_to_ceiling"])[len(rounds) // 2]
+    return _median_ratio(rounds)
 
 
 def contention(directory: str, direct: bool, block_bytes: int = 1 << 20,
@@ -434,7 +434,12 @@ def _median_round(store: TieredStore, tier: str, block_bytes: int, total_bytes: 
         for r in _one_round(store, tier, block_bytes, total_bytes, directory):
             r["ratio_to_ceiling"] = round(r["GBps"] / r["ceiling_GBps"], 3)
             by_case.setdefault((r["op"], r["keys_per_call"]), []).append(r)
-    return [sorted(rows, key=lambda r: r["ratio_to_ceiling"])[len(rows) // 2] for rows in by_case.values()]
+    return [_median_ratio(rows) for rows in by_case.values()]
+
+
+def _median_ratio(rounds: list[dict]) -> dict:
+    """The round whose ``ratio_to_ceiling`` is the median (the upper one of an even count)."""
+    return sorted(rounds, key=lambda r: r["ratio_to_ceiling"])[len(rounds) // 2]
 
 
 def _run(total_bytes: int, directory: str, sizes: list[int], say) -> dict:
