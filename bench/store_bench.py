@@ -22,7 +22,10 @@ It also times host-RAM hits alone and while another thread's leases promote bloc
 disk (``host_hits_under_disk_traffic``): the ratio says how much disk traffic slows a
 hit down (the store copies bytes outside its lock, so ideally not at all); and puts into
 a full host tier, each of which first demotes a block to disk, against raw disk writes
-(``puts_demoting_to_disk``): the write path of a store whose host RAM has filled.
+(``puts_demoting_to_disk``): the write path of a store whose host RAM has filled; and
+puts that come in bursts into a host tier that has filled, with and without the demoter
+keeping a quarter of it free between bursts (``bursty_puts_with_demote_ahead``): the
+ratio of their latencies is what moving blocks down ahead of need saves a put.
 """
 
 from __future__ import annotations
@@ -325,6 +328,45 @@ def demoting_puts(directory: str, direct: bool, total_bytes: int, block_bytes: i
     return _median_ratio(rounds)
 
 
+def bursty_puts(directory: str, direct: bool, block_bytes: int = 1 << 20, bursts: int = 12,
+                burst_blocks: int = 8, pause_s: float = 0.05, share: float = 0.25) -> dict:
+    """Puts in bursts of ``burst_blocks`` with ``pause_s`` between them, into a host tier
+    of 32 blocks that has filled, over disk: their latencies without the demoter (each
+    put moves a block down first) and with it keeping ``share`` of host RAM free
+    (``demote_ahead``; a quarter is one burst), and the ratios of the two."""
+    host_blocks = 32
+    payloads = [os.urandom(block_bytes) for _ in range(PAYLOADS)]
+    sums = [checksum(p) for p in payloads]
+    out: dict = {"block_bytes": block_bytes, "burst_blocks": burst_blocks, "pause_ms": pause_s * 1e3,
+                 "demote_ahead": share}
+    for label, ahead in (("without", 0.0), ("with", share)):
+        store = TieredStore([HostTier(host_blocks * block_bytes, PAGE),
+                             DiskTier(os.path.join(directory, "kvmesh-bursts-bench.bin"),
+                                      (host_blocks + bursts * burst_blocks) * block_bytes, PAGE,
+                                      direct_io=direct)], demote_ahead=ahead)
+        try:
+            for i in range(host_blocks):  # fill host RAM (untimed)
+                store.put(b"warm-%d" % i, payloads[i % PAYLOADS], sums[i % PAYLOADS])
+            time.sleep(pause_s)
+            lat = []
+            for b in range(bursts):
+                for j in range(burst_blocks):
+                    i = b * burst_blocks + j
+                    t = time.perf_counter()
+                    store.put(b"burst-%d" % i, payloads[i % PAYLOADS], sums[i % PAYLOADS])
+                    lat.append((time.perf_counter() - t) * 1e6)
+                time.sleep(pause_s)
+            lat.sort()
+            out[f"{label}_p50_us"] = round(statistics.median(lat), 1)
+            out[f"{label}_p99_us"] = round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 1)
+            out[f"{label}_demotions_ahead"] = store.stats().tiers[0].demotions_ahead
+        finally:
+            store.close()
+    out["p50_ratio"] = round(out["with_p50_us"] / out["without_p50_us"], 3)
+    out["p99_ratio"] = round(out["with_p99_us"] / out["without_p99_us"], 3)
+    return out
+
+
 def contention(directory: str, direct: bool, block_bytes: int = 1 << 20,
                seconds: float = 1.5) -> dict:
     """Host-RAM hits of one block, one a millisecond, alone and while another thread
@@ -468,6 +510,8 @@ def _run(total_bytes: int, directory: str, sizes: list[int], say) -> dict:
     host_hits = contention(directory, direct)
     say("puts into a full host tier, each demoting a block to disk")
     demoting = demoting_puts(directory, direct, total_bytes)
+    say("puts in bursts into a full host tier, without and with the demoter")
+    bursty = bursty_puts(directory, direct)
 
     def best(tier: str, op: str) -> dict[str, float]:  # per block size, over its cases
         out: dict[str, float] = {}
@@ -489,6 +533,7 @@ def _run(total_bytes: int, directory: str, sizes: list[int], say) -> dict:
         "results": results,
         "host_hits_under_disk_traffic": host_hits,
         "puts_demoting_to_disk": demoting,
+        "bursty_puts_with_demote_ahead": bursty,
         "config": {"total_bytes_per_case": total_bytes, "page_bytes": PAGE},
     }
 
@@ -512,6 +557,10 @@ def print_table(report: dict) -> None:
     d = report["puts_demoting_to_disk"]
     print(f"puts of {d['block_bytes'] >> 10} KiB into full host RAM, each demoting one to disk: "
           f"{d['GBps']} GB/s ({d['ratio_to_ceiling']} of raw disk writes)")
+    b = report["bursty_puts_with_demote_ahead"]
+    print(f"puts of {b['block_bytes'] >> 10} KiB in bursts of {b['burst_blocks']} into full host RAM: "
+          f"p50 {b['without_p50_us']} us, with {b['demote_ahead']} of it kept free by the demoter "
+          f"{b['with_p50_us']} us (x{b['p50_ratio']}; p99 x{b['p99_ratio']})")
     print(f"host hits of {h['block_bytes'] >> 10} KiB: p50 {h['alone_p50_us']} us alone, "
           f"{h['with_disk_traffic_p50_us']} us while leases promote {h['promoted_GBps']} GB/s from disk "
           f"(x{h['p50_ratio']}; p99 x{h['p99_ratio']})")

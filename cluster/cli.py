@@ -50,6 +50,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1: {value}")
+    return value
+
+
 def port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -110,7 +120,8 @@ def cmd_store(args) -> None:
                             args.policy, args.direct_io, args.page_bytes,
                             listener=publisher.on_change if publisher else None,
                             shm_name=f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}" if "shm" in backends else None,
-                            io_threads=args.io_threads, disk_write_behind_bytes=args.disk_write_behind)
+                            io_threads=args.io_threads, disk_write_behind_bytes=args.disk_write_behind,
+                            demote_ahead=args.demote_ahead)
         sources = open_transfer_sources(store, backends, args.host)
     except (ValueError, RuntimeError, OSError) as e:
         raise SystemExit(f"kvmesh store: {e}")
@@ -426,6 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--disk-write-behind", type=parse_bytes_or_zero, default=0, metavar="BYTES",
                     help="RAM in which disk writes are staged and written behind the put, adjacent "
                          "blocks in one request (default 0: each write goes to disk before the put returns)")
+    sp.add_argument("--demote-ahead", type=share, default=0.0, metavar="SHARE",
+                    help="keep this share of each faster tier (e.g. 0.1 of host RAM) free by moving its "
+                         "least recently used blocks down in the background, so that puts find room "
+                         "(default 0: a put that finds no room moves them itself)")
     sp.add_argument("--io-threads", type=positive_int, default=4,
                     help="block reads and moves of one request that run at once (disk, GPU)")
     sp.add_argument("--gpu-bytes", type=parse_bytes_or_zero, default=0,

@@ -12,7 +12,8 @@ Layout (every key but ``model`` has a default; ``deploy/configs/`` holds example
                resources, resources_per_rank, engine: {...}, env}
     decode:   (as prefill)
     stores:   [{node_resource, port, host_bytes, disk_bytes, disk_dir, gpu_bytes,
-                policy, page_bytes, direct_io, disk_write_behind_bytes, metrics_port}]
+                policy, page_bytes, direct_io, disk_write_behind_bytes, demote_ahead,
+                metrics_port}]
     index:    redis://HOST:PORT/DB or null
     router:   {replicas, node_resource, host, http_port, grpc_port, api_token,
                api_token_env, routing, max_local_prefill_tokens, max_inflight,
@@ -141,6 +142,8 @@ class StoreConfig(_Strict):
     direct_io: bool = False
     disk_write_behind_bytes: BytesOrZero = Field(0, description=(
         "RAM staging disk writes, written behind the put (0: each write reaches disk first)"))
+    demote_ahead: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "share of each faster tier kept free by moving blocks down in the background (0: none)"))
     metrics_port: Optional[Port] = None
 
     @field_validator("page_bytes")

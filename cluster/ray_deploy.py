@@ -123,7 +123,8 @@ class StoreActor(_Component):
                                  spec["gpu_bytes"], spec["policy"], spec["direct_io"],
                                  spec["page_bytes"],
                                  listener=self.publisher.on_change if self.publisher else None,
-                                 disk_write_behind_bytes=spec.get("disk_write_behind_bytes", 0))
+                                 disk_write_behind_bytes=spec.get("disk_write_behind_bytes", 0),
+                                 demote_ahead=spec.get("demote_ahead", 0.0))
         self.server, _ = start_store_server(self.node_ip, spec["port"], self.store,
                                             peers=self.peers, publisher=self.publisher)
         if self.publisher is not None:

@@ -49,6 +49,7 @@ class SlabAllocator:
         self._free_pages = list(range(self.num_pages))  # a heap
         self._partial: dict[int, set[int]] = {}  # slot size -> pages with a free slot
         self.payload_bytes = 0  # bytes of the blocks stored (not rounded up)
+        self.slot_bytes = 0  # bytes of the slots handed out
 
     def slot_size_for(self, nbytes: int) -> int | None:
         """The slot size a block of ``nbytes`` takes, or None if no slot can hold it."""
@@ -81,6 +82,7 @@ class SlabAllocator:
         if not page.free:
             partial.discard(index)
         self.payload_bytes += nbytes
+        self.slot_bytes += size
         return Slot(offset, size, index)
 
     def free(self, slot: Slot, nbytes: int) -> None:
@@ -89,6 +91,7 @@ class SlabAllocator:
         heapq.heappush(page.free, slot.offset)
         page.used -= 1
         self.payload_bytes -= nbytes
+        self.slot_bytes -= slot.size
         partial = self._partial.setdefault(page.slot_size, set())
         if page.used == 0:
             partial.discard(slot.page)

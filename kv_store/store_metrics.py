@@ -32,6 +32,8 @@ class StoreCollector(Collector):
         yield family(CounterMetricFamily, "hits", "Blocks served", lambda t: t.hits)
         yield family(CounterMetricFamily, "evictions", "Blocks dropped from the store", lambda t: t.evictions)
         yield family(CounterMetricFamily, "demotions", "Blocks moved to a slower tier", lambda t: t.demotions)
+        yield family(CounterMetricFamily, "demotions_ahead",
+                     "Blocks the demoter moved to a slower tier ahead of need", lambda t: t.demotions_ahead)
         yield family(CounterMetricFamily, "promotions", "Blocks moved into this tier from a slower one",
                      lambda t: t.promotions)
         yield family(CounterMetricFamily, "read_bytes", "Bytes read from the tier", lambda t: t.read_bytes)

@@ -101,6 +101,7 @@ class TierStats:
     hits: int = 0
     evictions: int = 0
     demotions: int = 0   # blocks moved out of this tier to a slower one
+    demotions_ahead: int = 0  # of those, moved by the demoter ahead of need
     promotions: int = 0  # blocks moved into this tier from a slower one
     read_bytes: int = 0
     read_seconds: float = 0.0
@@ -140,16 +141,22 @@ class TieredStoreStats:
 class TieredStore(BlockStore):
     def __init__(self, tiers: Sequence[Tier], policy: str = "lru",
                  listener: Callable[[str, bytes, str | None], None] | None = None,
-                 io_threads: int = 4):
+                 io_threads: int = 4, demote_ahead: float = 0.0):
         """``listener(kind, key, tier)`` hears every change of what is held: ``"stored"``
         (with the tier now holding the key) and ``"removed"``. It is called under the
         store's lock, so it must only record the event (e.g. put it on a queue).
         ``io_threads``: how many block reads and moves of one call run at once (1: one
-        after the other, on the caller's thread)."""
+        after the other, on the caller's thread). ``demote_ahead``: the share of each
+        tier but the slowest that a background thread keeps free by moving the tier's
+        victims down ahead of need (0: only a put or promotion that finds no room moves
+        them, itself); it never evicts. Raises ``ValueError`` for no tier, fewer than
+        one I/O thread or a share outside [0, 1)."""
         if not tiers:
             raise ValueError("a store needs at least one tier")
         if io_threads < 1:
             raise ValueError("io_threads must be at least 1")
+        if not 0.0 <= demote_ahead < 1.0:
+            raise ValueError(f"demote_ahead must be at least 0 and below 1, not {demote_ahead}")
         self.io_threads = io_threads
         self._pool: ThreadPoolExecutor | None = None
         self.listener = listener
@@ -162,6 +169,13 @@ class TieredStore(BlockStore):
         self._misses = self._corrupt = self._rejected = self._puts = 0
         self._leases: dict[int, tuple[float, list[_Entry]]] = {}
         self._lease_seq = 0
+        self.demote_ahead = demote_ahead
+        self._room_wanted = threading.Event()
+        self._closing = False
+        self._demoter: threading.Thread | None = None
+        if demote_ahead > 0 and len(self.tiers) > 1:
+            self._demoter = threading.Thread(target=self._demote_ahead, name="kvmesh-demoter", daemon=True)
+            self._demoter.start()
 
     # ------------------------------------------------------------------ placement
     #
@@ -210,29 +224,80 @@ class TieredStore(BlockStore):
                     self._evict(victim)
                     continue
                 source = self._pin(victim)  # the move's own pin: nobody else picks or frees it
-            outcome = _STAYED  # if the move raises, the victim just stays
-            try:
-                outcome = self._move_many([source], tier + 1, yield_to_readers=True)[0]
-            finally:
-                with self._lock:
-                    self._unpin([victim])
-                    stuck = self._settle(victim, tier, outcome)
-            if stuck:
+            if self._demote(source, tier, may_evict=True)[1]:
                 return None
         return None
 
-    def _settle(self, victim: _Entry, tier: int, outcome: str) -> bool:
+    def _demote(self, source: _Read, tier: int, may_evict: bool) -> tuple[str, bool]:
+        """Move a victim the caller took off ``tier``'s policy and pinned (``source``; the
+        pin is released here) one tier down. Where it cannot move, it is evicted if
+        ``may_evict`` and it may go, else it stays (back in the policy). True when it is
+        stuck: it neither moved nor went for want of room (a victim someone began to
+        read meanwhile is not stuck, just skipped). Returns the move's outcome and
+        whether the victim is stuck. Call without the lock."""
+        victim = source.entry
+        outcome = _STAYED  # if the move raises, the victim just stays
+        try:
+            outcome = self._move_many([source], tier + 1, yield_to_readers=True)[0]
+        finally:
+            with self._lock:
+                self._unpin([victim])
+                stuck = self._settle(victim, tier, outcome, may_evict)
+        return outcome, stuck
+
+    def _settle(self, victim: _Entry, tier: int, outcome: str, may_evict: bool) -> bool:
         """Under the lock, after trying to move a victim down: if it is still in ``tier``,
-        evict it where it could not move and may go, else give it back to the policy.
-        True when it could neither move nor go (a parent of stored blocks, with no room
-        below); a victim someone began to read meanwhile is not stuck, just skipped."""
+        evict it where it could not move and may go (and ``may_evict``), else give it
+        back to the policy; as ``_demote`` says, whether it is stuck."""
         if self._entries.get(victim.key) is not victim or victim.tier != tier:
             return False
-        if outcome == _NO_ROOM and self._can_evict(victim.key):
+        if outcome == _NO_ROOM and may_evict and self._can_evict(victim.key):
             self._evict(victim)
             return False
         self._policies[tier].insert(victim.key)
         return outcome == _NO_ROOM and victim.pins == 0
+
+    # ------------------------------------------------------------------ demoting ahead
+
+    def _short_of_room(self, tier: int) -> bool:
+        """Under the lock (or racy, as a hint): whether ``tier`` has less than its
+        ``demote_ahead`` share of its capacity in free slots."""
+        a = self.tiers[tier].allocator
+        return a.capacity_bytes - a.slot_bytes < self.demote_ahead * a.capacity_bytes
+
+    def _room_taken(self, tier: int) -> None:
+        """A block just took room in ``tier``: wake the demoter if the tier ran short."""
+        if self._demoter is not None and tier < len(self.tiers) - 1 and self._short_of_room(tier):
+            self._room_wanted.set()
+
+    def _demote_ahead(self) -> None:
+        """The demoter thread: while a tier is short of room, move its victims down one at
+        a time (each under the same pins and checks as a put's), stopping at a victim
+        that cannot move; wakes when a block takes room, and every second."""
+        while not self._closing:
+            self._room_wanted.wait(1.0)
+            self._room_wanted.clear()
+            for tier in range(len(self.tiers) - 1):
+                for _ in range(MAX_ROOM_ATTEMPTS):
+                    with self._lock:
+                        if self._closing or not self._short_of_room(tier):
+                            break
+                        key = self._policies[tier].pop_victim(self._can_move)
+                        if key is None:
+                            break
+                        source = self._pin(self._entries[key])
+                    try:
+                        outcome, stuck = self._demote(source, tier, may_evict=False)
+                    except Exception:  # the thread lives on; the block stayed where it was
+                        log.exception("%s tier: moving a block down ahead of need failed", self.tiers[tier].name)
+                        break
+                    if outcome == _MOVED:
+                        with self._lock:
+                            self._stats[tier].demotions_ahead += 1
+                    if stuck:
+                        break
+                else:
+                    self._room_wanted.set()  # more to do: go on after the other tiers
 
     def _move_many(self, sources: Sequence[_Read], tier: int,
                    data: Sequence[bytes | None] | None = None,
@@ -306,6 +371,7 @@ class TieredStore(BlockStore):
             self._stats[move.tier].promotions += 1
         entry.tier, entry.slot = move.tier, move.slot
         self._policies[move.tier].insert(entry.key)
+        self._room_taken(move.tier)
         self._tell("stored", entry.key, self.tiers[move.tier].name)
         return _MOVED
 
@@ -449,6 +515,7 @@ class TieredStore(BlockStore):
                 self._children[parent] = self._children.get(parent, 0) + 1
             self._policies[0].insert(key)
             self._puts += 1
+            self._room_taken(0)
             self._tell("stored", key, self.tiers[0].name)
             return True
 
@@ -620,6 +687,7 @@ class TieredStore(BlockStore):
                     name=s.name, capacity_bytes=a.capacity_bytes, used_bytes=a.payload_bytes,
                     held_bytes=a.held_bytes, blocks=counts[i], fragmentation=a.fragmentation,
                     hits=s.hits, evictions=s.evictions, demotions=s.demotions,
+                    demotions_ahead=s.demotions_ahead,
                     promotions=s.promotions, read_bytes=tier.io.read_bytes,
                     read_seconds=tier.io.read_seconds, write_bytes=tier.io.write_bytes,
                     write_seconds=tier.io.write_seconds))
@@ -631,6 +699,13 @@ class TieredStore(BlockStore):
         return all([tier.flush() for tier in self.tiers])
 
     def close(self) -> None:
+        """Stop the demoter (after the move it is in), then the I/O pool, then the tiers."""
+        self._closing = True
+        if self._demoter is not None:
+            self._room_wanted.set()
+            self._demoter.join(60)
+            if self._demoter.is_alive():
+                log.warning("the demoter is stuck in a move; closing the tiers under it")
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -651,15 +726,17 @@ def _adjacent_by_tier(items: list, where: Callable[[object], tuple[int, Slot]]) 
 def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = None,
                 gpu_bytes: int = 0, policy: str = "lru", direct_io: bool = False,
                 page_bytes: int = 4 << 20, listener=None, shm_name: str | None = None,
-                io_threads: int = 4, disk_write_behind_bytes: int = 0) -> TieredStore:
+                io_threads: int = 4, disk_write_behind_bytes: int = 0,
+                demote_ahead: float = 0.0) -> TieredStore:
     """A store with the tiers whose capacity is positive, fastest first.
 
     The disk tier's slab file is created in ``disk_dir`` (a new temporary directory when
     None) and removed by ``close``. With ``shm_name`` the host tier lives in named shared
     memory, readable by other processes on this host. With ``disk_write_behind_bytes``
-    disk writes return once staged in that much RAM (``kv_store.write_behind``). Raises
-    ``ValueError`` for a store with no tier (or write-behind below one page) and
-    ``RuntimeError`` for a GPU tier where no GPU is usable.
+    disk writes return once staged in that much RAM (``kv_store.write_behind``). With
+    ``demote_ahead`` a thread keeps that share of each faster tier free (``TieredStore``).
+    Raises ``ValueError`` for a store with no tier (or write-behind below one page, or a
+    share outside [0, 1)) and ``RuntimeError`` for a GPU tier where no GPU is usable.
     """
     import os
     import tempfile
@@ -679,4 +756,9 @@ def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = Non
                               write_behind_bytes=disk_write_behind_bytes))
     if not tiers:
         raise ValueError("give at least one tier a capacity (host, disk or gpu bytes)")
-    return TieredStore(tiers, policy, listener, io_threads)
+    try:
+        return TieredStore(tiers, policy, listener, io_threads, demote_ahead)
+    except ValueError:
+        for tier in tiers:
+            tier.close()
+        raise

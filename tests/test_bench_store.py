@@ -30,4 +30,7 @@ def test_bench_store_prints_one_json_object(tmp_path):
     assert hits["p50_ratio"] > 0 and hits["alone_p99_us"] >= hits["alone_p50_us"] > 0
     demoting = report["puts_demoting_to_disk"]  # every timed put made room by demoting one
     assert demoting["demotions"] >= 32 and demoting["GBps"] > 0 and demoting["ratio_to_ceiling"] > 0
+    bursty = report["bursty_puts_with_demote_ahead"]  # the same bursts without and with the demoter
+    assert bursty["without_demotions_ahead"] == 0 and bursty["with_demotions_ahead"] > 0
+    assert bursty["without_p99_us"] >= bursty["without_p50_us"] > 0 and bursty["p50_ratio"] > 0
     assert list(tmp_path.iterdir()) == []  # the benchmark's files are gone

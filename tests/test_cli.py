@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from cluster.cli import parse_bytes
+from cluster.cli import parse_bytes, share
 
 
 def test_parse_bytes():
@@ -14,6 +14,13 @@ def test_parse_bytes():
     for bad in ("", "lots", "-1G", "0"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_bytes(bad)
+
+
+def test_share():
+    assert share("0") == 0.0 and share("0.25") == 0.25
+    for bad in ("", "a tenth", "-0.1", "1", "1.5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            share(bad)
 
 
 def test_help_names_every_command():

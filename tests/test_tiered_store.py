@@ -4,6 +4,7 @@ import errno
 import os
 import random
 import threading
+import time
 
 import pytest
 
@@ -140,14 +141,81 @@ def test_all_pinned_means_rejected_not_overfilled():
     assert store.stats().rejected == 1 and store.stats().used_bytes == 8 * 8192
 
 
-@pytest.mark.parametrize("policy, write_behind", [("lru", 0), ("s3fifo", 0), ("lru", PAGE)])
-def test_long_random_run_returns_to_baseline(tmp_path, policy, write_behind):
+def eventually(condition, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def free_share(store, tier: int) -> float:
+    a = store.tiers[tier].allocator
+    return 1 - a.slot_bytes / a.capacity_bytes
+
+
+def test_the_demoter_keeps_room_free_ahead_of_puts(tmp_path):
+    """With ``demote_ahead``, a thread moves host victims to disk until a quarter of host
+    RAM is free again; without it, a full host tier stays full until a put needs room."""
+    for share in (0.0, 0.25):
+        store = TieredStore([HostTier(2 * PAGE, page_bytes=PAGE),
+                             DiskTier(tmp_path / f"slab-{share}", 8 * PAGE, page_bytes=PAGE)],
+                            demote_ahead=share)
+        try:
+            for i in range(16):  # exactly fills host RAM (16 blocks of 8 KiB)
+                assert put(store, i)
+            if share:
+                assert eventually(lambda: free_share(store, 0) >= share)
+                assert store.stats().tiers[0].demotions == store.stats().tiers[0].demotions_ahead == 4  # no more
+                assert all(store.tier_of(b"k%d" % i) == "disk" for i in range(4))  # the LRU ones
+            else:
+                time.sleep(0.3)
+                assert free_share(store, 0) == 0 and store.stats().tiers[0].demotions == 0
+            assert all(store.get(b"k%d" % i).data == block(i) for i in range(16))
+            assert store.stats().evictions == 0
+        finally:
+            store.close()
+        assert store._demoter is None or not store._demoter.is_alive()
+
+
+def test_the_demoter_never_drops_a_block_it_cannot_move(tmp_path):
+    """Disk full of pinned blocks: the demoter's victims stay in host RAM (a put that
+    needs room may still evict; the demoter only moves)."""
+    store = TieredStore([HostTier(4 * 8192, page_bytes=4 * 8192),
+                         DiskTier(tmp_path / "slab", 2 * 8192, page_bytes=2 * 8192)], demote_ahead=0.5)
+    try:
+        for i in range(3):
+            assert put(store, i)
+        assert eventually(lambda: store.tier_of(b"k0") == "disk")
+        assert put(store, 3)
+        assert eventually(lambda: store.tier_of(b"k1") == "disk")  # the disk is full now
+        with store.pinned([b"k0", b"k1"]):
+            assert put(store, 4)  # host short of room again; nothing below may go
+            time.sleep(0.5)
+            assert [store.tier_of(b"k%d" % i) for i in range(5)] == ["disk"] * 2 + ["host"] * 3
+        assert store.stats().evictions == 0
+        assert all(store.get(b"k%d" % i).data == block(i) for i in range(5))
+    finally:
+        store.close()
+
+
+def test_demote_ahead_outside_zero_to_one_is_refused():
+    for share in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="demote_ahead"):
+            TieredStore([HostTier(PAGE, page_bytes=PAGE)], demote_ahead=share)
+
+
+@pytest.mark.parametrize("policy, write_behind, demote_ahead",
+                         [("lru", 0, 0.0), ("s3fifo", 0, 0.0), ("lru", PAGE, 0.0), ("s3fifo", 0, 0.5)])
+def test_long_random_run_returns_to_baseline(tmp_path, policy, write_behind, demote_ahead):
     """Capacities far below the working set; puts, gets, drops, pins and cancelled reads
     from several threads. No wrong bytes ever; pinned blocks never lost; nothing leaked.
-    With write-behind (O_DIRECT), a small staging area: writes also wait for room."""
+    With write-behind (O_DIRECT), a small staging area: writes also wait for room. With
+    ``demote_ahead``, the demoter moves blocks down meanwhile."""
     store = TieredStore([HostTier(2 * PAGE, page_bytes=PAGE),
                          DiskTier(tmp_path / "slab", 2 * PAGE, page_bytes=PAGE, direct_io=bool(write_behind),
-                                  write_behind_bytes=write_behind)], policy)
+                                  write_behind_bytes=write_behind)], policy, demote_ahead=demote_ahead)
     versions: dict[bytes, set[bytes]] = {}  # every payload ever put under a key
     lock = threading.Lock()
     errors: list[str] = []
@@ -185,10 +253,13 @@ def test_long_random_run_returns_to_baseline(tmp_path, policy, write_behind):
     assert not errors, errors[:5]
     stats = store.stats()
     assert stats.evictions > 0 and stats.tiers[0].demotions > 0
+    assert (stats.tiers[0].demotions_ahead > 0) == bool(demote_ahead)
     assert store.flush()
     if write_behind:
         behind = store.tiers[1]._behind
         assert behind.staged_bytes == 0 and behind.requests > 0 and behind.failed_writes == 0
+    store.drop()  # the demoter may be finishing a move: its slots go when it ends
+    assert eventually(lambda: all(t.used_bytes == 0 for t in store.stats().tiers))
     assert_empty_after_drop(store)
     store.close()
 
