@@ -2,7 +2,9 @@
 
 Placement: a put lands in the fastest tier. When a tier has no room, its policy's
 victims move one tier down (write-back); the slowest tier evicts them from the store. A
-hit in a slower tier promotes the block back to the fastest tier.
+hit in a slower tier promotes the block back to the fastest tier. With ``demote_ahead``
+a background thread (the demoter) moves victims down before a put needs their room,
+keeping that share of each faster tier free; it only moves blocks, never drops one.
 
 Guarantees:
 
