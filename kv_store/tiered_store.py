@@ -151,7 +151,8 @@ class TieredStore(BlockStore):
         after the other, on the caller's thread). ``demote_ahead``: the share of each
         tier but the slowest that a background thread keeps free by moving the tier's
         victims down ahead of need (0: only a put or promotion that finds no room moves
-        them, itself); it never evicts. Raises ``ValueError`` for no tier, fewer than
+        them, itself). It never drops a block it cannot move; room below is made as for
+        a put (the slowest tier evicts). Raises ``ValueError`` for no tier, fewer than
         one I/O thread or a share outside [0, 1)."""
         if not tiers:
             raise ValueError("a store needs at least one tier")
@@ -233,10 +234,10 @@ class TieredStore(BlockStore):
     def _demote(self, source: _Read, tier: int, may_evict: bool) -> tuple[str, bool]:
         """Move a victim the caller took off ``tier``'s policy and pinned (``source``; the
         pin is released here) one tier down. Where it cannot move, it is evicted if
-        ``may_evict`` and it may go, else it stays (back in the policy). True when it is
-        stuck: it neither moved nor went for want of room (a victim someone began to
-        read meanwhile is not stuck, just skipped). Returns the move's outcome and
-        whether the victim is stuck. Call without the lock."""
+        ``may_evict`` and it may go, else it stays (back in the policy). Returns the
+        move's outcome and whether the victim is stuck: it neither moved nor went for
+        want of room (a victim someone began to read meanwhile is not stuck, just
+        skipped). Call without the lock."""
         victim = source.entry
         outcome = _STAYED  # if the move raises, the victim just stays
         try:
