@@ -25,7 +25,9 @@ a full host tier, each of which first demotes a block to disk, against raw disk 
 (``puts_demoting_to_disk``): the write path of a store whose host RAM has filled; and
 puts that come in bursts into a host tier that has filled, with and without the demoter
 keeping a quarter of it free between bursts (``bursty_puts_with_demote_ahead``): the
-ratio of their latencies is what moving blocks down ahead of need saves a put.
+ratio of their latencies is what moving blocks down ahead of need saves a put; and how
+fast the demoter empties half of a full host tier onto disk, by block size, against raw
+sequential disk writes run just before and after it (``demoter_to_disk``).
 """
 
 from __future__ import annotations
@@ -367,6 +369,47 @@ def bursty_puts(directory: str, direct: bool, block_bytes: int = 1 << 20, bursts
     return out
 
 
+def demoter_to_disk(directory: str, direct: bool, total_bytes: int,
+                    sizes: tuple[int, ...] = (64 << 10, 256 << 10, 1 << 20)) -> list[dict]:
+    """Per block size: a host tier of ``total_bytes`` (at least 16 MiB) filled, then the
+    demoter asked to keep half of it free; the time until it has moved that half to
+    disk (adjacent victims in one request), against raw sequential writes of as many
+    bytes, half just before and half just after (``RawDisk``). ``ROUNDS`` rounds, the
+    median ratio kept."""
+    host_bytes = max(16 << 20, total_bytes // PAGE * PAGE)
+    rows = []
+    for block_bytes in sizes:
+        count = host_bytes // block_bytes
+        payload = os.urandom(block_bytes)
+        crc = checksum(payload)
+        rounds = []
+        for _ in range(ROUNDS):
+            store = TieredStore([HostTier(host_bytes, PAGE),
+                                 DiskTier(os.path.join(directory, "kvmesh-demoter-bench.bin"),
+                                          host_bytes, PAGE, direct_io=direct)])
+            raw = RawDisk(directory, host_bytes // 2)
+            try:
+                for i in range(count):
+                    store.put(b"k%d" % i, payload, crc)
+                raw.owe(("put", 0), host_bytes // 4)
+                start = time.perf_counter()
+                store.demote_ahead = 0.5
+                while store.stats().tiers[0].demotions_ahead < count // 2:
+                    if time.perf_counter() - start > 120:
+                        raise RuntimeError("the demoter did not free half of host RAM in 120 s")
+                    time.sleep(0.0002)
+                gbps = _gbps(count // 2 * block_bytes, time.perf_counter() - start)
+                raw.owe(("put", 0), host_bytes // 4)
+                ceiling = raw.settle(("put", 0)).sequential_GBps
+                rounds.append({"block_bytes": block_bytes, "GBps": round(gbps, 3),
+                               "ceiling_GBps": round(ceiling, 3), "ratio_to_ceiling": round(gbps / ceiling, 3)})
+            finally:
+                raw.close()
+                store.close()
+        rows.append(_median_ratio(rounds))
+    return rows
+
+
 def contention(directory: str, direct: bool, block_bytes: int = 1 << 20,
                seconds: float = 1.5) -> dict:
     """Host-RAM hits of one block, one a millisecond, alone and while another thread
@@ -512,6 +555,8 @@ def _run(total_bytes: int, directory: str, sizes: list[int], say) -> dict:
     demoting = demoting_puts(directory, direct, total_bytes)
     say("puts in bursts into a full host tier, without and with the demoter")
     bursty = bursty_puts(directory, direct)
+    say(f"the demoter emptying half of a full host tier onto disk, {ROUNDS} rounds per block size")
+    demoter = demoter_to_disk(directory, direct, total_bytes)
 
     def best(tier: str, op: str) -> dict[str, float]:  # per block size, over its cases
         out: dict[str, float] = {}
@@ -534,6 +579,7 @@ def _run(total_bytes: int, directory: str, sizes: list[int], say) -> dict:
         "host_hits_under_disk_traffic": host_hits,
         "puts_demoting_to_disk": demoting,
         "bursty_puts_with_demote_ahead": bursty,
+        "demoter_to_disk": demoter,
         "config": {"total_bytes_per_case": total_bytes, "page_bytes": PAGE},
     }
 
@@ -561,6 +607,9 @@ def print_table(report: dict) -> None:
     print(f"puts of {b['block_bytes'] >> 10} KiB in bursts of {b['burst_blocks']} into full host RAM: "
           f"p50 {b['without_p50_us']} us, with {b['demote_ahead']} of it kept free by the demoter "
           f"{b['with_p50_us']} us (x{b['p50_ratio']}; p99 x{b['p99_ratio']})")
+    for r in report["demoter_to_disk"]:
+        print(f"the demoter moving {r['block_bytes'] >> 10} KiB blocks to disk: {r['GBps']} GB/s "
+              f"({r['ratio_to_ceiling']} of raw sequential writes)")
     print(f"host hits of {h['block_bytes'] >> 10} KiB: p50 {h['alone_p50_us']} us alone, "
           f"{h['with_disk_traffic_p50_us']} us while leases promote {h['promoted_GBps']} GB/s from disk "
           f"(x{h['p50_ratio']}; p99 x{h['p99_ratio']})")

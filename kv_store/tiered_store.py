@@ -158,8 +158,6 @@ class TieredStore(BlockStore):
             raise ValueError("a store needs at least one tier")
         if io_threads < 1:
             raise ValueError("io_threads must be at least 1")
-        if not 0.0 <= demote_ahead < 1.0:
-            raise ValueError(f"demote_ahead must be at least 0 and below 1, not {demote_ahead}")
         self.io_threads = io_threads
         self._pool: ThreadPoolExecutor | None = None
         self.listener = listener
@@ -172,13 +170,11 @@ class TieredStore(BlockStore):
         self._misses = self._corrupt = self._rejected = self._puts = 0
         self._leases: dict[int, tuple[float, list[_Entry]]] = {}
         self._lease_seq = 0
-        self.demote_ahead = demote_ahead
         self._room_wanted = threading.Event()
         self._closing = False
         self._demoter: threading.Thread | None = None
-        if demote_ahead > 0 and len(self.tiers) > 1:
-            self._demoter = threading.Thread(target=self._demote_ahead, name="kvmesh-demoter", daemon=True)
-            self._demoter.start()
+        self._share = 0.0
+        self.demote_ahead = demote_ahead
 
     # ------------------------------------------------------------------ placement
     #
@@ -227,26 +223,25 @@ class TieredStore(BlockStore):
                     self._evict(victim)
                     continue
                 source = self._pin(victim)  # the move's own pin: nobody else picks or frees it
-            if self._demote(source, tier, may_evict=True)[1]:
+            if self._demote([source], tier, may_evict=True)[0][1]:
                 return None
         return None
 
-    def _demote(self, source: _Read, tier: int, may_evict: bool) -> tuple[str, bool]:
-        """Move a victim the caller took off ``tier``'s policy and pinned (``source``; the
-        pin is released here) one tier down. Where it cannot move, it is evicted if
-        ``may_evict`` and it may go, else it stays (back in the policy). Returns the
-        move's outcome and whether the victim is stuck: it neither moved nor went for
-        want of room (a victim someone began to read meanwhile is not stuck, just
-        skipped). Call without the lock."""
-        victim = source.entry
-        outcome = _STAYED  # if the move raises, the victim just stays
+    def _demote(self, sources: Sequence[_Read], tier: int, may_evict: bool) -> list[tuple[str, bool]]:
+        """Move victims the caller took off ``tier``'s policy and pinned (``sources``; the
+        pins are released here) one tier down, adjacent ones in one request. Where one
+        cannot move, it is evicted if ``may_evict`` and it may go, else it stays (back in
+        the policy). Per victim: the move's outcome and whether the victim is stuck: it
+        neither moved nor went for want of room (a victim someone began to read
+        meanwhile is not stuck, just skipped). Call without the lock."""
+        outcomes = [_STAYED] * len(sources)  # if the move raises, the victims just stay
         try:
-            outcome = self._move_many([source], tier + 1, yield_to_readers=True)[0]
+            outcomes = self._move_many(sources, tier + 1, yield_to_readers=True)
         finally:
             with self._lock:
-                self._unpin([victim])
-                stuck = self._settle(victim, tier, outcome, may_evict)
-        return outcome, stuck
+                self._unpin([s.entry for s in sources])
+                stuck = [self._settle(s.entry, tier, o, may_evict) for s, o in zip(sources, outcomes)]
+        return list(zip(outcomes, stuck))
 
     def _settle(self, victim: _Entry, tier: int, outcome: str, may_evict: bool) -> bool:
         """Under the lock, after trying to move a victim down: if it is still in ``tier``,
@@ -262,42 +257,65 @@ class TieredStore(BlockStore):
 
     # ------------------------------------------------------------------ demoting ahead
 
-    def _short_of_room(self, tier: int) -> bool:
-        """Under the lock (or racy, as a hint): whether ``tier`` has less than its
-        ``demote_ahead`` share of its capacity in free slots."""
+    @property
+    def demote_ahead(self) -> float:
+        return self._share
+
+    @demote_ahead.setter
+    def demote_ahead(self, share: float) -> None:
+        """Change the share the demoter keeps free (it starts on the first share above 0,
+        in a store of more than one tier); ``ValueError`` outside [0, 1)."""
+        if not 0.0 <= share < 1.0:
+            raise ValueError(f"demote_ahead must be at least 0 and below 1, not {share}")
+        with self._lock:
+            self._share = share
+            if share > 0 and len(self.tiers) > 1 and self._demoter is None and not self._closing:
+                self._demoter = threading.Thread(target=self._run_demoter, name="kvmesh-demoter", daemon=True)
+                self._demoter.start()
+        self._room_wanted.set()
+
+    def _room_short(self, tier: int) -> float:
+        """Under the lock (or racy, as a hint): how many bytes of free slots ``tier`` lacks
+        to have its ``demote_ahead`` share of its capacity free (0 or less: none)."""
         a = self.tiers[tier].allocator
-        return a.capacity_bytes - a.slot_bytes < self.demote_ahead * a.capacity_bytes
+        return self.demote_ahead * a.capacity_bytes - (a.capacity_bytes - a.slot_bytes)
 
     def _room_taken(self, tier: int) -> None:
         """A block just took room in ``tier``: wake the demoter if the tier ran short."""
-        if self._demoter is not None and tier < len(self.tiers) - 1 and self._short_of_room(tier):
+        if self._demoter is not None and tier < len(self.tiers) - 1 and self._room_short(tier) > 0:
             self._room_wanted.set()
 
-    def _demote_ahead(self) -> None:
-        """The demoter thread: while a tier is short of room, move its victims down one at
-        a time (each under the same pins and checks as a put's), stopping at a victim
-        that cannot move; wakes when a block takes room, and every second."""
+    def _run_demoter(self) -> None:
+        """The demoter thread: while a tier is short of room, move its victims down, as many
+        at a time as make up the room lacking (up to ``MAX_RUN_BYTES``: adjacent ones
+        reach a disk in one request), under the same pins and checks as a put's; stop at
+        a victim that cannot move. Wakes when a block takes room, and every second."""
         while not self._closing:
             self._room_wanted.wait(1.0)
             self._room_wanted.clear()
             for tier in range(len(self.tiers) - 1):
                 for _ in range(MAX_ROOM_ATTEMPTS):
                     with self._lock:
-                        if self._closing or not self._short_of_room(tier):
-                            break
-                        key = self._policies[tier].pop_victim(self._can_move)
-                        if key is None:
-                            break
-                        source = self._pin(self._entries[key])
-                    try:
-                        outcome, stuck = self._demote(source, tier, may_evict=False)
-                    except Exception:  # the thread lives on; the block stayed where it was
-                        log.exception("%s tier: moving a block down ahead of need failed", self.tiers[tier].name)
+                        short = 0.0 if self._closing else min(self._room_short(tier), MAX_RUN_BYTES)
+                        sources: list[_Read] = []
+                        while short > 0:
+                            key = self._policies[tier].pop_victim(self._can_move)
+                            if key is None:
+                                break
+                            sources.append(self._pin(self._entries[key]))
+                            short -= sources[-1].slot.size
+                    if not sources:
                         break
-                    if outcome == _MOVED:
+                    try:
+                        results = self._demote(sources, tier, may_evict=False)
+                    except Exception:  # the thread lives on; the blocks stayed where they were
+                        log.exception("%s tier: moving blocks down ahead of need failed", self.tiers[tier].name)
+                        break
+                    moved = sum(outcome == _MOVED for outcome, _ in results)
+                    if moved:
                         with self._lock:
-                            self._stats[tier].demotions_ahead += 1
-                    if stuck:
+                            self._stats[tier].demotions_ahead += moved
+                    if any(stuck for _, stuck in results):
                         break
                 else:
                     self._room_wanted.set()  # more to do: go on after the other tiers
@@ -397,27 +415,50 @@ class TieredStore(BlockStore):
         return (move.data is None and isinstance(self.tiers[move.tier], HostTier)
                 and not isinstance(self.tiers[move.source.tier], HostTier))
 
+    def _written_from_host(self, move: _Move) -> bool:
+        """Whether a move writes a block out of host RAM into a slower tier."""
+        return (move.data is None and isinstance(self.tiers[move.source.tier], HostTier)
+                and not isinstance(self.tiers[move.tier], HostTier))
+
     def _copy_groups(self, moves: list[_Move]) -> list[list[_Move]]:
         """Moves cut into jobs: reads back into host RAM by runs of adjacent slots of one
-        source tier (one request each); every other move on its own."""
-        return ([[m] for m in moves if not self._read_into_host(m)]
-                + _adjacent_by_tier([m for m in moves if self._read_into_host(m)],
-                                    lambda m: (m.source.tier, m.source.slot)))
+        source tier, and writes out of host RAM by runs of adjacent slots of the new
+        tier (one request each); every other move on its own."""
+        reads = [m for m in moves if self._read_into_host(m)]
+        writes = [m for m in moves if self._written_from_host(m)]
+        return ([[m] for m in moves if not (self._read_into_host(m) or self._written_from_host(m))]
+                + _adjacent_by_tier(reads, lambda m: (m.source.tier, m.source.slot))
+                + _adjacent_by_tier(writes, lambda m: (m.tier, m.slot)))
 
     def _copy_run(self, moves: list[_Move]) -> list[bool | None]:
-        """Copy a group from ``_copy_groups``; per move, as ``_copy``. A run read back into
-        host RAM lands in the new slots directly and is verified there; a failed read
-        fails the whole run."""
-        if not self._read_into_host(moves[0]):
-            return [self._copy(moves[0])]
-        src, dst = self.tiers[moves[0].source.tier], self.tiers[moves[0].tier]
-        views = [dst.view(m.slot, m.slot.size) for m in moves]
+        """Copy a group from ``_copy_groups``; per move, as ``_copy``: a run between host
+        RAM and a slower tier in one request (``_run_through_host``), else one move."""
+        if len(moves) > 1 and self._written_from_host(moves[0]):
+            return self._run_through_host(moves, reading=False)
+        if self._read_into_host(moves[0]):
+            return self._run_through_host(moves, reading=True)
+        return [self._copy(moves[0])]
+
+    def _run_through_host(self, moves: list[_Move], reading: bool) -> list[bool | None]:
+        """A run of adjacent slots of a slower tier in one request, over whole host slots:
+        read back straight into the new host slots and verified there (``reading``), or
+        written straight out of the old ones. A failed request fails the whole run:
+        False each for a read (bad bytes), None each for a write (not written)."""
+        first = moves[0]
+        host, other = ((self.tiers[first.tier], self.tiers[first.source.tier]) if reading
+                       else (self.tiers[first.source.tier], self.tiers[first.tier]))
+        host_slots = [m.slot if reading else m.source.slot for m in moves]
+        views = [host.view(slot, slot.size) for slot in host_slots]
+        items = [(m.source.slot if reading else m.slot, m.source.entry.size, v) for m, v in zip(moves, views)]
         try:
-            src.read_run_into([(m.source.slot, m.source.entry.size, v) for m, v in zip(moves, views)])
-            return [verify(v[:m.source.entry.size], m.source.checksum) for m, v in zip(moves, views)]
+            if reading:
+                other.read_run_into(items)
+                return [verify(v[:m.source.entry.size], m.source.checksum) for m, v in zip(moves, views)]
+            other.write_run_from(items)
+            return [True] * len(moves)
         except OSError as e:
-            log.warning("%s tier: cannot read blocks back: %s", src.name, e)
-            return [False] * len(moves)
+            log.warning("%s tier: cannot %s blocks: %s", other.name, "read back" if reading else "write", e)
+            return [False if reading else None] * len(moves)
         finally:
             for view in views:
                 view.release()

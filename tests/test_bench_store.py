@@ -33,4 +33,7 @@ def test_bench_store_prints_one_json_object(tmp_path):
     bursty = report["bursty_puts_with_demote_ahead"]  # the same bursts without and with the demoter
     assert bursty["without_demotions_ahead"] == 0 and bursty["with_demotions_ahead"] > 0
     assert bursty["without_p99_us"] >= bursty["without_p50_us"] > 0 and bursty["p50_ratio"] > 0
+    demoter = report["demoter_to_disk"]  # against raw writes run around it
+    assert [r["block_bytes"] for r in demoter] == [64 << 10, 256 << 10, 1 << 20]
+    assert all(r["GBps"] > 0 and r["ratio_to_ceiling"] > 0 for r in demoter)
     assert list(tmp_path.iterdir()) == []  # the benchmark's files are gone

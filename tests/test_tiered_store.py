@@ -351,6 +351,85 @@ def test_disk_writes_whole_host_slots_straight_from_the_arena(tmp_path, direct_i
     store.close()
 
 
+class CountedWrites:
+    """Records the number of buffers of each gathered write the disk tier makes."""
+
+    def __init__(self, monkeypatch):
+        import kv_store.tiers
+
+        self.buffers: list[int] = []
+        real = os.pwritev
+
+        def pwritev(fd, buffers, offset):
+            self.buffers.append(len(buffers))
+            return real(fd, buffers, offset)
+
+        monkeypatch.setattr(kv_store.tiers.os, "pwritev", pwritev)
+
+
+@pytest.mark.parametrize("direct_io", [False, True])
+def test_disk_writes_a_run_of_whole_host_slots_in_one_request(tmp_path, direct_io, monkeypatch):
+    counted = CountedWrites(monkeypatch)
+    tier = DiskTier(tmp_path / "slab", 2 * PAGE, page_bytes=PAGE, direct_io=direct_io)
+    host = HostTier(PAGE, page_bytes=PAGE)
+    try:
+        sizes = [8192, 5000, 8000]  # three 8 KiB slots, one after another on both sides
+        srcs = [host.allocator.alloc(n) for n in sizes]
+        dsts = [tier.allocator.alloc(n) for n in sizes]
+        for i, (src, n) in enumerate(zip(srcs, sizes)):
+            host.write(src, block(i, n))
+        views = [host.view(s, s.size) for s in srcs]
+        tier.write_run_from([(d, n, v) for d, n, v in zip(dsts, sizes, views)])
+        assert counted.buffers == [3] and tier.io.write_bytes == sum(sizes)
+        assert [tier.read(d, n) for d, n in zip(dsts, sizes)] == [block(i, n) for i, n in enumerate(sizes)]
+        short = [memoryview(block(9 + i, n)) for i, n in enumerate(sizes)]  # shorter than their slots
+        tier.write_run_from([(d, n, v) for d, n, v in zip(dsts, sizes, short)])
+        assert counted.buffers == [3]  # one at a time, through the usual path
+        assert [tier.read(d, n) for d, n in zip(dsts, sizes)] == [block(9 + i, n) for i, n in enumerate(sizes)]
+        for view in views:
+            view.release()
+    finally:
+        host.close()
+        tier.close()
+
+
+def test_the_demoter_writes_adjacent_victims_to_disk_in_one_request(tmp_path, monkeypatch):
+    counted = CountedWrites(monkeypatch)
+    store = TieredStore([HostTier(2 * PAGE, page_bytes=PAGE),
+                         DiskTier(tmp_path / "slab", 8 * PAGE, page_bytes=PAGE)])
+    try:
+        for i in range(16):  # fills host RAM; then the demoter frees half, eight blocks at once
+            assert put(store, i)
+        store.demote_ahead = 0.5
+        assert eventually(lambda: store.stats().tiers[0].demotions_ahead == 8)
+        assert counted.buffers == [8]
+        assert all(store.get(b"k%d" % i).data == block(i) for i in range(16))
+    finally:
+        store.close()
+
+
+def test_a_failed_run_write_leaves_the_demoters_victims_in_host_ram(tmp_path, monkeypatch):
+    import kv_store.tiers
+
+    def failing(fd, buffers, offset):
+        raise OSError(errno.EIO, "injected write failure")
+
+    monkeypatch.setattr(kv_store.tiers.os, "pwritev", failing)
+    store = TieredStore([HostTier(2 * PAGE, page_bytes=PAGE),
+                         DiskTier(tmp_path / "slab", 8 * PAGE, page_bytes=PAGE)])
+    try:
+        for i in range(16):
+            assert put(store, i)
+        store.demote_ahead = 0.5
+        time.sleep(0.3)
+        stats = store.stats()
+        assert stats.tiers[0].demotions == 0 and stats.evictions == 0 and stats.tiers[1].used_bytes == 0
+        assert all(store.tier_of(b"k%d" % i) == "host" for i in range(16))
+        assert all(store.get(b"k%d" % i).data == block(i) for i in range(16))
+    finally:
+        store.close()
+
+
 def test_batched_get_and_lease_of_adjacent_disk_blocks(tmp_path):
     """Blocks demoted one after another sit in adjacent disk slots and come back in runs:
     a damaged one among them is dropped alone, the others are served (and promoted)."""
