@@ -437,10 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--disk-write-behind", type=parse_bytes_or_zero, default=0, metavar="BYTES",
                     help="RAM in which disk writes are staged and written behind the put, adjacent "
                          "blocks in one request (default 0: each write goes to disk before the put returns)")
-    sp.add_argument("--demote-ahead", type=share, default=0.0, metavar="SHARE",
-                    help="keep this share of each faster tier (e.g. 0.1 of host RAM) free by moving its "
-                         "least recently used blocks down in the background, so that puts find room "
-                         "(default 0: a put that finds no room moves them itself)")
+    sp.add_argument("--demote-ahead", type=share, default=0.1, metavar="SHARE",
+                    help="keep this share of each faster tier free by moving its least recently used "
+                         "blocks down in the background, several in one disk request, so that puts find "
+                         "room (default 0.1; 0: a put that finds no room moves one block itself)")
     sp.add_argument("--io-threads", type=positive_int, default=4,
                     help="block reads and moves of one request that run at once (disk, GPU)")
     sp.add_argument("--gpu-bytes", type=parse_bytes_or_zero, default=0,

@@ -142,8 +142,9 @@ class StoreConfig(_Strict):
     direct_io: bool = False
     disk_write_behind_bytes: BytesOrZero = Field(0, description=(
         "RAM staging disk writes, written behind the put (0: each write reaches disk first)"))
-    demote_ahead: float = Field(0.0, ge=0.0, lt=1.0, description=(
-        "share of each faster tier kept free by moving blocks down in the background (0: none)"))
+    demote_ahead: float = Field(0.1, ge=0.0, lt=1.0, description=(
+        "share of each faster tier kept free by moving blocks down in the background "
+        "(0: a put that finds no room moves one itself)"))
     metrics_port: Optional[Port] = None
 
     @field_validator("page_bytes")

@@ -124,7 +124,7 @@ class StoreActor(_Component):
                                  spec["page_bytes"],
                                  listener=self.publisher.on_change if self.publisher else None,
                                  disk_write_behind_bytes=spec.get("disk_write_behind_bytes", 0),
-                                 demote_ahead=spec.get("demote_ahead", 0.0))
+                                 demote_ahead=spec.get("demote_ahead", 0.1))
         self.server, _ = start_store_server(self.node_ip, spec["port"], self.store,
                                             peers=self.peers, publisher=self.publisher)
         if self.publisher is not None:
