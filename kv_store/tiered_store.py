@@ -54,6 +54,7 @@ log = logging.getLogger("kvmesh.store")
 
 MAX_RUN_BYTES = 4 << 20  # blocks in adjacent slots are read in requests of up to this
 MAX_ROOM_ATTEMPTS = 256  # victims one call tries to move or evict before it gives up
+DEMOTER_PAUSE_S = (1.0, 30.0)  # the demoter's first and longest rest after a pass that moved nothing
 
 # What became of a block asked to move (``TieredStore._move_many``).
 _MOVED, _NO_ROOM, _STAYED, _CORRUPT = "moved", "no room", "stayed", "corrupt"
@@ -286,39 +287,68 @@ class TieredStore(BlockStore):
             self._room_wanted.set()
 
     def _run_demoter(self) -> None:
-        """The demoter thread: while a tier is short of room, move its victims down, as many
-        at a time as make up the room lacking (up to ``MAX_RUN_BYTES``: adjacent ones
-        reach a disk in one request), under the same pins and checks as a put's; stop at
-        a victim that cannot move. Wakes when a block takes room, and every second."""
+        """The demoter thread: passes of ``_demote_ahead_pass`` when a block takes room,
+        and every second. After a pass that was stuck (a disk that fails its writes, or
+        a tier below with no room to make) and moved nothing, it rests before the next,
+        twice as long each time up to ``DEMOTER_PAUSE_S[1]``, whatever wakes it meanwhile;
+        a pass that moves a block (or has nothing to move) sets the rests back."""
+        pause = 0.0
         while not self._closing:
-            self._room_wanted.wait(1.0)
+            if pause:
+                self._rest(pause)
+            else:
+                self._room_wanted.wait(1.0)
+                self._room_wanted.clear()
+            moved, stuck = self._demote_ahead_pass()
+            if stuck and not moved and not self._closing:
+                pause = min(max(2 * pause, DEMOTER_PAUSE_S[0]), DEMOTER_PAUSE_S[1])
+                log.warning("the demoter could not move blocks down; trying again in %.0f s", pause)
+            else:
+                pause = 0.0
+
+    def _rest(self, seconds: float) -> None:
+        """Wait ``seconds``, or until the store closes (wake-ups meanwhile are dropped)."""
+        deadline = time.monotonic() + seconds
+        while not self._closing and (left := deadline - time.monotonic()) > 0:
+            self._room_wanted.wait(left)
             self._room_wanted.clear()
-            for tier in range(len(self.tiers) - 1):
-                for _ in range(MAX_ROOM_ATTEMPTS):
+
+    def _demote_ahead_pass(self) -> tuple[int, bool]:
+        """While a tier is short of room, move its victims down, as many at a time as make
+        up the room lacking (up to ``MAX_RUN_BYTES``: adjacent ones reach a disk in one
+        request), under the same pins and checks as a put's; stop at a victim that
+        cannot move. Returns how many blocks moved and whether a victim was stuck."""
+        moved_in_all, stuck_any = 0, False
+        for tier in range(len(self.tiers) - 1):
+            for _ in range(MAX_ROOM_ATTEMPTS):
+                with self._lock:
+                    short = 0.0 if self._closing else min(self._room_short(tier), MAX_RUN_BYTES)
+                    sources: list[_Read] = []
+                    while short > 0:
+                        key = self._policies[tier].pop_victim(self._can_move)
+                        if key is None:
+                            break
+                        sources.append(self._pin(self._entries[key]))
+                        short -= sources[-1].slot.size
+                if not sources:
+                    break
+                try:
+                    results = self._demote(sources, tier, may_evict=False)
+                except Exception:  # the thread lives on; the blocks stayed where they were
+                    log.exception("%s tier: moving blocks down ahead of need failed", self.tiers[tier].name)
+                    stuck_any = True
+                    break
+                moved = sum(outcome == _MOVED for outcome, _ in results)
+                if moved:
+                    moved_in_all += moved
                     with self._lock:
-                        short = 0.0 if self._closing else min(self._room_short(tier), MAX_RUN_BYTES)
-                        sources: list[_Read] = []
-                        while short > 0:
-                            key = self._policies[tier].pop_victim(self._can_move)
-                            if key is None:
-                                break
-                            sources.append(self._pin(self._entries[key]))
-                            short -= sources[-1].slot.size
-                    if not sources:
-                        break
-                    try:
-                        results = self._demote(sources, tier, may_evict=False)
-                    except Exception:  # the thread lives on; the blocks stayed where they were
-                        log.exception("%s tier: moving blocks down ahead of need failed", self.tiers[tier].name)
-                        break
-                    moved = sum(outcome == _MOVED for outcome, _ in results)
-                    if moved:
-                        with self._lock:
-                            self._stats[tier].demotions_ahead += moved
-                    if any(stuck for _, stuck in results):
-                        break
-                else:
-                    self._room_wanted.set()  # more to do: go on after the other tiers
+                        self._stats[tier].demotions_ahead += moved
+                if any(stuck for _, stuck in results):
+                    stuck_any = True
+                    break
+            else:
+                self._room_wanted.set()  # more to do: go on after the other tiers
+        return moved_in_all, stuck_any
 
     def _move_many(self, sources: Sequence[_Read], tier: int,
                    data: Sequence[bytes | None] | None = None,

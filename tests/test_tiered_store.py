@@ -430,6 +430,59 @@ def test_a_failed_run_write_leaves_the_demoters_victims_in_host_ram(tmp_path, mo
         store.close()
 
 
+def test_the_demoter_backs_off_from_a_disk_that_fails_and_resumes_once_it_heals(tmp_path, monkeypatch):
+    """A disk that fails every write: however many puts wake the demoter meanwhile, it
+    tries again only after resting 1 s, then 2 s, ... (the puts themselves evict what
+    they cannot move); once the disk writes again, so does the demoter."""
+    import kv_store.tiers
+
+    healed = threading.Event()
+    demoter_writes: list[float] = []  # when the demoter's thread tried the disk
+
+    def failing(real):
+        def write(fd, data, offset):
+            if healed.is_set():
+                return real(fd, data, offset)
+            if threading.current_thread().name == "kvmesh-demoter":
+                demoter_writes.append(time.monotonic())
+            raise OSError(errno.EIO, "injected write failure")
+        return write
+
+    def tries() -> list[list[float]]:  # writes less than 0.1 s apart belong to one try
+        out: list[list[float]] = []
+        for t in list(demoter_writes):
+            if out and t - out[-1][-1] < 0.1:
+                out[-1].append(t)
+            else:
+                out.append([t])
+        return out
+
+    monkeypatch.setattr(kv_store.tiers.os, "pwritev", failing(os.pwritev))
+    monkeypatch.setattr(kv_store.tiers.os, "pwrite", failing(os.pwrite))
+    store = TieredStore([HostTier(2 * PAGE, page_bytes=PAGE),  # one I/O thread: moves run on the mover's
+                         DiskTier(tmp_path / "slab", 8 * PAGE, page_bytes=PAGE)], io_threads=1)
+    try:
+        for i in range(16):  # fills host RAM
+            assert put(store, i)
+        store.demote_ahead = 0.5
+        assert eventually(lambda: len(tries()) == 1)
+        end = time.monotonic() + 2.5
+        i = 16
+        while time.monotonic() < end:  # each put finds host RAM short and wakes the demoter
+            assert put(store, i)
+            i += 1
+            time.sleep(0.02)
+        assert i > 60
+        spans = [(round(t[0] - demoter_writes[0], 2), round(t[-1] - t[0], 2)) for t in tries()]
+        assert 2 <= len(spans) <= 4 and all(span < 0.2 for _, span in spans), \
+            f"the demoter's tries at (start s, lasting s): {spans}"
+        healed.set()
+        assert eventually(lambda: store.stats().tiers[0].demotions_ahead > 0, timeout_s=10)
+        assert all(store.get(key).data == block(int(key[1:])) for key in store.keys())
+    finally:
+        store.close()
+
+
 def test_batched_get_and_lease_of_adjacent_disk_blocks(tmp_path):
     """Blocks demoted one after another sit in adjacent disk slots and come back in runs:
     a damaged one among them is dropped alone, the others are served (and promoted)."""
