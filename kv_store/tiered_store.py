@@ -4,7 +4,8 @@ Placement: a put lands in the fastest tier. When a tier has no room, its policy'
 victims move one tier down (write-back); the slowest tier evicts them from the store. A
 hit in a slower tier promotes the block back to the fastest tier. With ``demote_ahead``
 a background thread (the demoter) moves victims down before a put needs their room,
-keeping that share of each faster tier free; it only moves blocks, never drops one.
+keeping that share of each faster tier free; it never drops a block it cannot move
+(the room it makes below is made as for a put: the slowest tier evicts).
 
 Guarantees:
 
@@ -19,7 +20,10 @@ Guarantees:
   block takes effect when the last pin goes (the reader still gets the old bytes).
   ``with store.pinned(keys)`` pins for the duration of a block.
 * A parent block (the block before it in its chain) is never evicted while a child that
-  names it is stored; it may still move to a slower tier.
+  names it is stored, nor to make room for such a child; it may still move to a slower
+  tier.
+* A lease past its deadline holds nothing once room is wanted: a put that finds no room
+  releases expired leases before it gives up.
 * Every slot is freed exactly once: after everything is dropped and unpinned, every
   tier's used bytes are back to zero.
 
@@ -192,10 +196,12 @@ class TieredStore(BlockStore):
     def _can_move(self, key: bytes) -> bool:
         return self._entries[key].pins == 0
 
-    def _victim(self, tier: int, size_class: int) -> _Entry | None:
+    def _victim(self, tier: int, size_class: int, evict: bool = False) -> _Entry | None:
         """Under the lock: the block ``tier`` gives up next, taken off its policy; one in a
-        slot of ``size_class`` first (freeing it frees exactly the room wanted)."""
-        allowed = self._can_evict if tier == len(self.tiers) - 1 else self._can_move
+        slot of ``size_class`` first (freeing it frees exactly the room wanted). One that
+        may be evicted (``evict``, and always from the slowest tier), else one that may
+        move."""
+        allowed = self._can_evict if evict or tier == len(self.tiers) - 1 else self._can_move
         policy = self._policies[tier]
         key = policy.pop_victim(lambda k: allowed(k) and self._entries[k].slot.size == size_class)
         if key is None:  # a page may still free up from another size class
@@ -206,7 +212,9 @@ class TieredStore(BlockStore):
         """A free slot of ``tier`` for ``nbytes``, reserved for the caller, who fills it and
         then, under the lock, gives it to an entry or frees it. Room is made by moving the
         tier's victims one tier down or, from the slowest tier, evicting them. None when no
-        room can be made (what is left is pinned, or parents of stored children).
+        room can be made (what is left is pinned, or parents of stored children). Where a
+        victim can neither move (no room below) nor go (a parent), a block of the tier
+        that may go is evicted instead; expired leases are released before giving up.
         Call without the lock."""
         allocator = self.tiers[tier].allocator
         size_class = allocator.slot_size_for(nbytes)
@@ -219,13 +227,19 @@ class TieredStore(BlockStore):
                     return slot
                 victim = self._victim(tier, size_class)
                 if victim is None:
+                    if self._leases and self.expire_leases():
+                        continue
                     return None
                 if tier == len(self.tiers) - 1:
                     self._evict(victim)
                     continue
                 source = self._pin(victim)  # the move's own pin: nobody else picks or frees it
             if self._demote([source], tier, may_evict=True)[0][1]:
-                return None
+                with self._lock:  # stuck: nothing fits below and it may not go
+                    victim = self._victim(tier, size_class, evict=True)
+                    if victim is None:
+                        return None
+                    self._evict(victim)
         return None
 
     def _demote(self, sources: Sequence[_Read], tier: int, may_evict: bool) -> list[tuple[str, bool]]:
@@ -531,11 +545,7 @@ class TieredStore(BlockStore):
             self._tell("removed", entry.key, None)
             self._policies[entry.tier].remove(entry.key)
             if entry.parent is not None:
-                left = self._children.get(entry.parent, 0) - 1
-                if left > 0:
-                    self._children[entry.parent] = left
-                else:
-                    self._children.pop(entry.parent, None)
+                self._child_gone(entry.parent)
         entry.dead = True
         if entry.pins == 0:
             self._free_slot(entry)
@@ -548,6 +558,14 @@ class TieredStore(BlockStore):
         if entry.slot is not None:
             self.tiers[entry.tier].allocator.free(entry.slot, entry.size)
             entry.slot = None
+
+    def _child_gone(self, parent: bytes) -> None:
+        """Under the lock: one child fewer names ``parent``."""
+        left = self._children.get(parent, 0) - 1
+        if left > 0:
+            self._children[parent] = left
+        else:
+            self._children.pop(parent, None)
 
     def _pin(self, entry: _Entry) -> _Read:
         """Under the lock: one more pin on ``entry``, and where it is now with its checksum
@@ -568,25 +586,32 @@ class TieredStore(BlockStore):
     # ------------------------------------------------------------------ BlockStore
 
     def put(self, key: bytes, data: bytes, checksum: int, parent: bytes | None = None) -> bool:
-        slot = self._reserve(0, len(data))
-        if slot is None:
+        if parent is not None:  # counted from now on: making room for the child never evicts it
             with self._lock:
-                self._rejected += 1
-            return False
+                self._children[parent] = self._children.get(parent, 0) + 1
+        slot = None
         try:
-            self.tiers[0].write(slot, data)  # the slot is ours alone: no lock needed
+            slot = self._reserve(0, len(data))
+            if slot is not None:
+                self.tiers[0].write(slot, data)  # the slot is ours alone: no lock needed
         except BaseException:
             with self._lock:
-                self.tiers[0].allocator.free(slot, len(data))
+                if slot is not None:
+                    self.tiers[0].allocator.free(slot, len(data))
+                if parent is not None:
+                    self._child_gone(parent)
             raise
         with self._lock:
+            if slot is None:
+                self._rejected += 1
+                if parent is not None:
+                    self._child_gone(parent)
+                return False
             old = self._entries.get(key)
             if old is not None:
                 self._forget(old)
             entry = _Entry(key, len(data), checksum, parent, 0, slot)
             self._entries[key] = entry
-            if parent is not None:
-                self._children[parent] = self._children.get(parent, 0) + 1
             self._policies[0].insert(key)
             self._puts += 1
             self._room_taken(0)
@@ -617,11 +642,11 @@ class TieredStore(BlockStore):
         with self._lock:
             self.expire_leases()
             if host is not None:
-                for key in keys:
+                for key in dict.fromkeys(keys):
                     entry = self._entries.get(key)
                     if entry is None:
                         self._misses += 1
-                    elif key not in wanted:
+                    else:
                         wanted[key] = self._pin(entry)  # the lease's pin, from now on
         try:  # promote what is slower, several at a time (read and verified on the way)
             self._move_many([r for r in wanted.values() if r.tier != host], host)
@@ -686,7 +711,7 @@ class TieredStore(BlockStore):
                         slower.append((read, data))
                     self._stats[read.tier].hits += 1
                     self._policies[read.entry.tier].access(read.entry.key)
-                self._misses += len(keys) - len(found)
+                self._misses += len(set(keys)) - len(found)
             if slower:
                 self._move_many([r for r, _ in slower], 0, [d for _, d in slower])
         finally:

@@ -118,6 +118,70 @@ def test_parents_outlive_their_children():
     assert not {b"k4", b"k5", b"k6", b"k7"} & keys
 
 
+def test_making_room_for_a_child_never_evicts_its_parent():
+    """The parent is the oldest block when its child comes: the room is made elsewhere."""
+    store = TieredStore([HostTier(PAGE, page_bytes=PAGE)])  # 8 blocks of 8 KiB
+    try:
+        for i in range(8):  # k0 first: the least recently used
+            assert put(store, i)
+        assert put(store, 100, parent=b"k0")
+        assert store.tier_of(b"k0") == "host" and store.tier_of(b"k100") == "host"
+        assert store.tier_of(b"k1") is None  # the next oldest went instead
+        assert not put(store, 101, size=2 * PAGE, parent=b"k2")  # too big: rejected ...
+        for i in range(102, 108):  # ... and then k2 is no parent: it may go again
+            assert put(store, i)
+        assert store.tier_of(b"k2") is None
+    finally:
+        store.close()
+
+
+def test_a_put_evicts_what_may_go_when_the_victims_below_are_all_parents(tmp_path):
+    """Disk full of a chain's prefix (parents: none may go), host holding its tail and a
+    leaf: a victim in host RAM can neither move down nor go, so a block that may go is
+    evicted instead; puts are not refused while one is left."""
+    store = TieredStore([HostTier(PAGE, page_bytes=PAGE),
+                         DiskTier(tmp_path / "slab", PAGE, page_bytes=PAGE)])  # 8 + 8 blocks
+    try:
+        parent = None
+        for i in range(15):  # k0 <- ... <- k14: k0..k6 and k7 end on disk
+            assert put(store, i, parent=parent)
+            parent = b"k%d" % i
+        assert put(store, 99)
+        assert all(store.tier_of(b"k%d" % i) == "disk" for i in range(8))
+        assert [put(store, i) for i in range(200, 204)] == [True] * 4
+        assert store.stats().rejected == 0
+        assert all(store.tier_of(b"k%d" % i) is not None for i in range(8, 11))  # parents stay
+        assert all(store.get(b"k%d" % i).data == block(i) for i in range(8))
+    finally:
+        store.close()
+
+
+def test_expired_leases_give_their_room_to_a_put():
+    store = TieredStore([HostTier(PAGE, page_bytes=PAGE)])
+    try:
+        for i in range(8):
+            assert put(store, i)
+        lease, where = store.lease([b"k%d" % i for i in range(8)], seconds=0.05)
+        assert len(where) == 8 and not put(store, 100)  # all leased: no room
+        time.sleep(0.1)  # the reader died: nobody releases it, nobody takes another lease
+        assert put(store, 101)
+        assert store.leases == 0 and not store.release(lease)
+    finally:
+        store.close()
+
+
+def test_a_key_asked_for_twice_counts_once():
+    store = TieredStore([HostTier(PAGE, page_bytes=PAGE)])
+    try:
+        assert put(store, 1)
+        assert len(store.get_many([b"k1", b"k1", b"k2", b"k2"])) == 1
+        lease, where = store.lease([b"k1", b"k1", b"k3", b"k3"], seconds=5)
+        assert list(where) == [b"k1"] and store.release(lease)
+        assert store.stats().misses == 2  # k2 once, k3 once
+    finally:
+        store.close()
+
+
 def test_pinned_blocks_survive_pressure_and_drop_waits_for_unpin():
     store = TieredStore([HostTier(PAGE, page_bytes=PAGE)])
     for i in range(8):
