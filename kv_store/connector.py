@@ -12,13 +12,15 @@ vLLM runs a connector in two places, and this module keeps them apart:
   (``start_load_kv``, ``wait_for_layer_load``; ``kv_store.layer_loader``), copies each layer's finished blocks out as
   soon as the layer has run and sends them to the store in the background
   (``save_kv_layer``), and waits for those sends at the end of the step
-  (``wait_for_save``).
+  (``wait_for_save``). A request that loads blocks in the step has its saves held until
+  its load is done, and dropped if the load failed (``kv_store.step_saves``).
 
 Failure contract: the store is a cache. A lookup that fails counts as zero hits; a block
 that is missing or fails its checksum at load time is reported through
 ``get_block_ids_with_load_errors`` and vLLM recomputes it (the engine must run with
 ``kv_load_failure_policy="recompute"``); a save that fails or misses its deadline is
-logged and becomes a future miss. No call here waits without a deadline.
+logged and becomes a future miss; KV computed over a block that failed to load is never
+saved. No call here waits without a deadline.
 
 Configuration (``kv_connector_extra_config``): ``store_address`` (required),
 ``model_id`` (defaults to the model path), ``timeout_s`` (per store call and per step's
@@ -30,7 +32,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,7 @@ from kv_store.client import StoreClient, StoreError
 from kv_store.keys import KeySpace, chain_hashes, namespace
 from kv_store.layer_loader import LayerLoad, LoadStats, ReaderCache
 from kv_store.paged_layout import block_dim, read_blocks
+from kv_store.step_saves import StepSaves
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -161,9 +163,10 @@ class KvmeshConnector(KVConnectorBase_V1):
         self._layers: dict[str, int] = {}
         self._num_blocks = kv_cache_config.num_blocks if kv_cache_config is not None else 0
         self._sender = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvmesh-save")
-        self._pending_saves: list[cf.Future] = []
+        self._saves = StepSaves(self.store.put, self._sender, self.timeout_s)
         self._failed_block_ids: set[int] = set()
         self._failed_tokens: dict[str, int] = {}
+        self._failed_loads: set[str] = set()  # requests whose load failed, until their saves settle
         self._loader = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmesh-load")
         self._readers = ReaderCache(str(extra.get("transfer_preference", "shm,nixl,grpc")).split(","))
         self._load: LayerLoad | None = None
@@ -297,6 +300,7 @@ class KvmeshConnector(KVConnectorBase_V1):
         if not meta.loads:
             return
         self._finish_load()  # a previous step's load, if its finish was skipped
+        self._settle_saves()
         self._load = LayerLoad(self.store, self._readers, self._space, self._layers, self._caches,
                                self._block_dims, self._loader, self.timeout_s)
         self._load.start(meta.loads)
@@ -311,10 +315,17 @@ class KvmeshConnector(KVConnectorBase_V1):
         load, self._load = self._load, None
 
         def failed(req_id: str, block_ids: list[int]) -> None:
+            self._failed_loads.add(req_id)
             self._failed_block_ids.update(block_ids)
             self._failed_tokens[req_id] = self._failed_tokens.get(req_id, 0) + len(block_ids) * self.block_size
 
         self._load_stats.update(load.finish(failed))
+
+    def _settle_saves(self) -> None:
+        """Once the step's load is finished: send the held saves of requests whose load
+        went well, drop the others'."""
+        self._saves.settle(self._failed_loads)
+        self._failed_loads.clear()
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor,
                       attn_metadata: Any, **kwargs: Any) -> None:
@@ -326,27 +337,23 @@ class KvmeshConnector(KVConnectorBase_V1):
             return
         layer = self._layers[layer_name]
         dim = self._block_dims[layer_name]
-        batch: list[tuple[bytes, bytes, bytes | None]] = []
+        loading = {t.req_id for t in meta.loads}
+        now = []
         for transfer in meta.saves:
             data = read_blocks(kv_layer, dim, transfer.block_ids)
             parents = [transfer.parent, *transfer.hashes[:-1]]
-            batch.extend((self._space.key(h, layer), d, p and self._space.key(p, layer))
-                         for h, d, p in zip(transfer.hashes, data, parents))
-        self._pending_saves.append(self._sender.submit(self.store.put, batch))
+            items = [(self._space.key(h, layer), d, p and self._space.key(p, layer))
+                     for h, d, p in zip(transfer.hashes, data, parents)]
+            if transfer.req_id in loading:
+                self._saves.add(items, held_for=transfer.req_id)
+            else:
+                now.extend(items)
+        self._saves.add(now)
 
     def wait_for_save(self) -> None:
         self._finish_load()
-        if not self._pending_saves:
-            return
-        deadline = time.monotonic() + self.timeout_s
-        for future in self._pending_saves:
-            try:
-                future.result(timeout=max(0.0, deadline - time.monotonic()))
-            except cf.TimeoutError:
-                log.warning("KV save missed its %.1fs deadline; those blocks will miss", self.timeout_s)
-            except StoreError as e:
-                log.warning("KV save failed; those blocks will miss: %s", e)
-        self._pending_saves.clear()
+        self._settle_saves()
+        self._saves.wait()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         self._finish_load()
