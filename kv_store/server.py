@@ -73,11 +73,7 @@ class StoreService(store_pb2_grpc.KVStoreServicer):
         with self._lock:
             vanished = set(self._vanished)
         found = self.store.get_many([k for k in request.keys if k not in vanished])
-        missing = [k for k in request.keys if k not in found and k not in vanished]
-        if self.peers is not None and missing:
-            for key, block in self.peers.fetch(missing).items():
-                found[key] = block
-                self.store.put(key, block.data, block.checksum)
+        found.update(self._from_peers([k for k in request.keys if k not in found and k not in vanished]))
         return store_pb2.GetReply(blocks=[
             store_pb2.Block(key=k, data=b.data, checksum=b.checksum) for k, b in found.items()])
 
@@ -120,6 +116,16 @@ class StoreService(store_pb2_grpc.KVStoreServicer):
             affected += self.store.replace(key, damaged)
         return store_pb2.FaultReply(affected=affected)
 
+    def _from_peers(self, keys: list[bytes]) -> dict[bytes, StoredBlock]:
+        """The blocks among ``keys`` that live peers hold (verified), fetched and stored
+        here too, so that later reads, and leases, find them here."""
+        if self.peers is None or not keys:
+            return {}
+        found = self.peers.fetch(keys)
+        for key, block in found.items():
+            self.store.put(key, block.data, block.checksum)
+        return found
+
     def Locate(self, request, context):
         if not hasattr(self.store, "lease") or not self.offers:
             return store_pb2.LocateReply()  # no zero-copy path: the reader uses Get
@@ -127,7 +133,9 @@ class StoreService(store_pb2_grpc.KVStoreServicer):
         lease_s = min(max(request.lease_s, 0.1), self.MAX_LEASE_S)
         with self._lock:
             vanished = set(self._vanished)
-        lease_id, where = self.store.lease([k for k in request.keys if k not in vanished], lease_s)
+        keys = [k for k in request.keys if k not in vanished]
+        self._from_peers([k for k in keys if self.store.tier_of(k) is None])  # then leased here
+        lease_id, where = self.store.lease(keys, lease_s)
         return store_pb2.LocateReply(lease_id=lease_id, offers=self.offers, extents=[
             store_pb2.BlockExtent(key=k, offset=o, size=n, checksum=c) for k, (o, n, c) in where.items()])
 

@@ -40,6 +40,9 @@ def test_blocks_written_on_one_node_are_fetched_through_the_other(cluster, refer
     for prompt in PROMPTS[:2]:
         r = complete(cluster, prompt)
         assert r["kvmesh"]["prefix_tokens_from_store"]["decode"] == (len(prompt) - 1) // BLOCK * BLOCK
+        # loaded, not recomputed: store1 fetched the blocks from store0 and leased them out
+        assert r["kvmesh"]["kv_load_failed_tokens"] == 0
+        assert r["kvmesh"]["kv_transfer"]["backend"] in ("shm", "nixl", "grpc")
         assert r["choices"][0]["token_ids"] == reference[tuple(prompt)]
 
 
