@@ -444,14 +444,21 @@ class TieredStore(BlockStore):
         """Run ``jobs`` (block copies that touch only their own slots, never the store's
         state) and return their results in order: on the I/O pool when ``parallel`` and
         there is more than one, else one after the other on this thread."""
-        if not parallel or len(jobs) < 2 or self.io_threads == 1:
-            return [job() for job in jobs]
-        if self._pool is None:
-            with self._lock:
+        with self._lock:
+            if not parallel or len(jobs) < 2 or self.io_threads == 1 or self._closing:
+                pool = None  # (once closing, no new pool: close has shut it down)
+            else:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="kvmesh-io")
-        futures = [self._pool.submit(job) for job in jobs]
-        wait(futures)  # all of them, even if one failed: their slots are in use until then
+                pool = self._pool
+        if pool is None:
+            return [job() for job in jobs]
+        futures = [pool.submit(job) for job in jobs]
+        try:
+            wait(futures)  # all of them, even if one failed: their slots are in use until then
+        except BaseException:  # interrupted: the jobs still write into their slots until they end
+            wait(futures)
+            raise
         return [f.result() for f in futures]
 
     def _read_into_host(self, move: _Move) -> bool:
@@ -551,8 +558,12 @@ class TieredStore(BlockStore):
             self._free_slot(entry)
 
     def _tell(self, kind: str, key: bytes, tier: str | None) -> None:
+        """Tell the listener; one that raises is logged, never lets bookkeeping stop halfway."""
         if self.listener is not None:
-            self.listener(kind, key, tier)
+            try:
+                self.listener(kind, key, tier)
+            except Exception:
+                log.exception("the store's listener failed on a %s event", kind)
 
     def _free_slot(self, entry: _Entry) -> None:
         if entry.slot is not None:
@@ -799,14 +810,17 @@ class TieredStore(BlockStore):
 
     def close(self) -> None:
         """Stop the demoter (after the move it is in), then the I/O pool, then the tiers."""
-        self._closing = True
+        with self._lock:
+            self._closing = True
+        stuck = False
         if self._demoter is not None:
             self._room_wanted.set()
             self._demoter.join(60)
-            if self._demoter.is_alive():
+            stuck = self._demoter.is_alive()
+            if stuck:
                 log.warning("the demoter is stuck in a move; closing the tiers under it")
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=not stuck)  # its stuck job may be in the pool
             self._pool = None
         for tier in self.tiers:
             tier.close()

@@ -170,6 +170,22 @@ def test_expired_leases_give_their_room_to_a_put():
         store.close()
 
 
+def test_a_listener_that_raises_stops_no_bookkeeping_halfway(tmp_path):
+    def broken(kind, key, tier):
+        raise RuntimeError("index publisher down")
+
+    store = TieredStore([HostTier(PAGE, page_bytes=PAGE), DiskTier(tmp_path / "slab", 4 * PAGE, page_bytes=PAGE)],
+                        listener=broken)
+    try:
+        for i in range(16):  # 8 of them move down to disk, each move telling the listener
+            assert put(store, i)
+        assert store.stats().tiers[0].demotions == 8
+        assert all(store.get(b"k%d" % i).data == block(i) for i in range(16))
+        assert_empty_after_drop(store)
+    finally:
+        store.close()
+
+
 def test_a_key_asked_for_twice_counts_once():
     store = TieredStore([HostTier(PAGE, page_bytes=PAGE)])
     try:
