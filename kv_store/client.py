@@ -61,10 +61,15 @@ class StoreClient:
         return self._call(self._stub.Lookup, msg).prefix_groups
 
     def get(self, keys: Sequence[bytes]) -> GetResult:
+        """The verified blocks among ``keys``; a block that fails its checksum is counted
+        in ``corrupt``, and one the reply carries that was not asked for is ignored."""
         reply = self._call(self._stub.Get, store_pb2.GetRequest(keys=keys))
+        asked = set(keys)
         good: dict[bytes, StoredBlock] = {}
         corrupt = 0
         for block in reply.blocks:
+            if block.key not in asked:
+                continue
             if verify(block.data, block.checksum):
                 good[block.key] = StoredBlock(block.data, block.checksum)
             else:

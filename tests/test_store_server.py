@@ -70,3 +70,32 @@ def test_unreachable_store_fails_within_the_deadline():
         with pytest.raises(StoreError):
             c.lookup([[b"k"]])
         assert time.monotonic() - start < 5
+
+
+def test_blocks_a_reply_carries_unasked_are_ignored():
+    """A misbehaving peer (a store servicer that adds a block of its own to every reply):
+    the client keeps only what it asked for, so a node never stores a peer's extra keys."""
+    from concurrent import futures
+
+    import grpc
+
+    from kvmesh_proto import store_pb2, store_pb2_grpc
+    from kv_store.server import StoreService
+
+    class Chatty(StoreService):
+        def Get(self, request, context):
+            reply = super().Get(request, context)
+            reply.blocks.append(store_pb2.Block(key=b"unasked", data=b"x" * 10, checksum=checksum(b"x" * 10)))
+            return reply
+
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    store_pb2_grpc.add_KVStoreServicer_to_server(Chatty(one_mib_store(), False, None, None, None), srv)
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    try:
+        with StoreClient(f"127.0.0.1:{port}") as c:
+            assert c.put([(b"a", b"1" * 10)]) == 1
+            got = c.get([b"a", b"b"])
+            assert set(got.blocks) == {b"a"} and got.corrupt == 0
+    finally:
+        srv.stop(0)
