@@ -173,6 +173,28 @@ def test_grpc_slow_source_frames_time_out():
             assert time.monotonic() - start < 0.15 + MARGIN_S
 
 
+def test_grpc_source_bounds_what_one_reader_can_make_it_do():
+    """Too many extents, and a stream the reader stopped reading (it set no deadline):
+    refused, and cut, so that an honest read finds a free server thread."""
+    import grpc
+
+    from kv_store.transfer.grpc_backend import _pack_extents
+
+    region = bytearray(32 << 20)
+    with open_source("grpc", memoryview(region), max_workers=1, max_stream_s=0.5) as src:
+        with open_reader(src.descriptor()) as reader:
+            with pytest.raises(grpc.RpcError) as info:
+                list(reader._call(_pack_extents([(2 * i, 1) for i in range(70000)]), timeout=5))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            stalled = reader._call(_pack_extents([(0, len(region))]))  # no deadline
+            next(stalled)  # one frame, then it stops reading: the server's writes block
+            start = time.monotonic()
+            dest = bytearray(4096)
+            reader.read([Extent(100, len(dest))], dest, deadline_s=5)
+            assert bytes(dest) == bytes(4096) and time.monotonic() - start < 0.5 + 4 * MARGIN_S
+            stalled.cancel()
+
+
 @pytest.mark.parametrize("backend", ["shm", "nixl"])
 def test_one_sided_reads_work_while_the_store_is_stopped(source, reader_for, backend):
     reader = reader_for(backend)
