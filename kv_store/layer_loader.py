@@ -47,11 +47,26 @@ class _Request:
 
 
 class ReaderCache:
-    """Transfer readers by store descriptor, opened on first use and kept."""
+    """Transfer readers by store descriptor, opened on first use and kept; and the one
+    buffer reads land in (``scratch``)."""
 
     def __init__(self, preference: Sequence[str]):
         self.preference = tuple(preference)
         self._readers: dict[bytes, object] = {}
+        self._scratch = bytearray(0)
+
+    def scratch(self, nbytes: int) -> memoryview:
+        """``nbytes`` of the receive buffer, for one read at a time (the loader's thread).
+        It is kept from load to load, and grows, never shrinks: a reader that registers
+        its destinations (NIXL) registers it once, and never holds the registration of
+        memory that was freed and handed out again (a fresh buffer per read would often
+        land at a freed one's address). When it grows, the readers let the old one go."""
+        if len(self._scratch) < nbytes:
+            old, self._scratch = self._scratch, bytearray(max(nbytes, 2 * len(self._scratch)))
+            for reader in self._readers.values():
+                if old and hasattr(reader, "unregister"):
+                    reader.unregister(old)
+        return memoryview(self._scratch)[:nbytes]
 
     def reader_for(self, offers: dict[str, bytes]) -> tuple[str, object] | None:
         from kv_store.transfer import TransferError, choose_backend, open_reader, usable_backends
@@ -81,6 +96,7 @@ class ReaderCache:
     def close(self) -> None:
         for reader in list(self._readers.values()):
             self.drop(reader)
+        self._scratch = bytearray(0)
 
 
 class LayerLoad:
@@ -144,9 +160,9 @@ class LayerLoad:
         from kv_store.transfer import Extent, ReaderBroken, TransferError
 
         total = sum(size for _, (_, size, _) in wanted)
-        dest = bytearray(total)
+        dest = self.readers.scratch(total)
         try:
-            reader.read([Extent(off, size) for _, (off, size, _) in wanted], memoryview(dest),
+            reader.read([Extent(off, size) for _, (off, size, _) in wanted], dest,
                         deadline_s=self._remaining())
         except TransferError as e:
             log.warning("%s transfer failed, blocks will be recomputed: %s", self._backend, e)

@@ -1,0 +1,79 @@
+"""One step's KV loads (``kv_store.layer_loader``) from a real store server, over NIXL.
+
+The paged KV cache is a plain CPU tensor of the layout vLLM's CPU backend uses per
+layer; the store, its gRPC API and the NIXL transfer are the real ones.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from typing import NamedTuple
+
+import pytest
+import torch
+
+from kv_store.client import StoreClient
+from kv_store.keys import KeySpace, namespace
+from kv_store.layer_loader import LayerLoad, ReaderCache
+from kv_store.paged_layout import read_blocks
+from kv_store.server import start_store_server
+from kv_store.tiered_store import TieredStore
+from kv_store.tiers import HostTier
+from kv_store.transfer import TransferError, open_source
+
+LAYERS, NUM_BLOCKS, BLOCK_SHAPE = 2, 64, (2, 4, 16)  # per block: K/V x tokens x head dims
+
+
+class Transfer(NamedTuple):
+    req_id: str
+    block_ids: list[int]
+    hashes: list[bytes]
+
+
+@pytest.fixture
+def nixl_store():
+    store = TieredStore([HostTier(8 << 20, page_bytes=1 << 16)])
+    try:
+        source = open_source("nixl", store.tiers[0])
+    except TransferError as e:
+        store.close()
+        pytest.fail(f"NIXL is not usable here: {e}", pytrace=False)
+    server, port = start_store_server("127.0.0.1", 0, store, offers={"nixl": source.descriptor()})
+    with StoreClient(f"127.0.0.1:{port}", timeout_s=5) as client:
+        yield client
+    server.stop(0)
+    source.close()
+    store.close()
+
+
+def test_loads_of_any_size_land_in_one_kept_registered_buffer(nixl_store):
+    """Loads of 1 to 24 blocks, one after another: each lands whole in the cache, and the
+    NIXL reader holds one registration, of the buffer in use, not one per freed buffer."""
+    space = KeySpace(namespace("test-model", "cpu|f32"), (0, 1))
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
+    layers = {name: i for i, name in enumerate(names)}
+    source = {n: torch.randn(NUM_BLOCKS, *BLOCK_SHAPE) for n in names}  # what a prefill computed
+    caches = {n: torch.zeros(NUM_BLOCKS, *BLOCK_SHAPE) for n in names}
+    readers = ReaderCache(["nixl"])
+    executor = cf.ThreadPoolExecutor(1)
+    try:
+        for step, count in enumerate([1, 24, 3, 16, 2, 24, 5]):
+            ids = list(range(count))
+            hashes = [b"step%d-block%d" % (step, i) for i in ids]
+            for name in names:
+                data = read_blocks(source[name], 0, ids)
+                assert nixl_store.put([(space.key(h, layers[name]), d) for h, d in zip(hashes, data)]) == count
+            load = LayerLoad(nixl_store, readers, space, layers, caches, {n: 0 for n in names}, executor, 5.0)
+            load.start([Transfer("r", ids, hashes)])
+            failed = []
+            stats = load.finish(lambda req_id, blocks: failed.append(blocks))
+            assert failed == [] and stats["r"].backend == "nixl"
+            for name in names:
+                assert torch.equal(caches[name][:count], source[name][:count])
+                caches[name].zero_()
+            reader = next(iter(readers._readers.values()))
+            assert reader.stats()["registered"] == 1
+            nixl_store.drop()
+    finally:
+        executor.shutdown()
+        readers.close()
