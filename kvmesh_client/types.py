@@ -48,6 +48,9 @@ def build_request(prompt: str | Sequence[int], *, max_tokens: int = 16,
                   top_k: int | None = None, seed: int | None = None, stop: Sequence[str] = (),
                   ignore_eos: bool = False, model: str = "", cache_salt: str = "",
                   request_id: str = "") -> serving_pb2.GenerateRequest:
+    """The ``GenerateRequest`` of a call; a sampling field left None takes the server's
+    default. ``max_tokens=0`` also means the server's default (16): the field is a plain
+    proto3 ``uint32``, so 0 is never sent and the server cannot tell it from "not set"."""
     sampling = serving_pb2.Sampling(max_tokens=max_tokens, stop=list(stop), ignore_eos=ignore_eos)
     for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k),
                         ("seed", seed)):

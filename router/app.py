@@ -18,13 +18,60 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers
 
 from kv_store.gc_tuning import freeze_startup_objects
-from router.core import ApiError, Prepared, RouterCore, RouterSettings, Trace
+from router.core import ApiError, Prepared, RouterCore, RouterSettings, Trace, bearer_ok
 from router.openai_api import (ChatCompletionRequest, CompletionRequest, chat_chunk,
                                chat_completion, completion_chunk, error_body, usage)
 
 __all__ = ["create_app", "RouterSettings"]
+
+
+class LimitsAndAuth:
+    """ASGI middleware guarding ``/v1/``: with an API token, a request must carry
+    ``authorization: Bearer <token>`` (else 401); its body may be at most ``max_bytes``
+    (else 413), judged by ``Content-Length`` when given and by the bytes actually received
+    in any case (a chunked body too), and never read past that limit. It reads the body
+    before the endpoint runs and hands it on as one message; later ``receive`` calls go
+    to the server, so ``request.is_disconnected()`` still sees a client that went away
+    (Starlette's ``BaseHTTPMiddleware`` hides that). Other paths pass through untouched."""
+
+    def __init__(self, app, api_token: str | None, max_bytes: int):
+        self.app, self.api_token, self.max_bytes = app, api_token, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        if not bearer_ok(self.api_token, headers.get("authorization")):
+            return await _refuse(scope, receive, send, 401, "missing or wrong bearer token",
+                                 "authentication_error")
+        too_large = f"request body larger than {self.max_bytes} bytes"
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await _refuse(scope, receive, send, 413, too_large)
+        body, more = [], True
+        received = 0
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending it all
+                return
+            body.append(message.get("body", b""))
+            received += len(body[-1])
+            if received > self.max_bytes:
+                return await _refuse(scope, receive, send, 413, too_large)
+            more = message.get("more_body", False)
+        pending = [{"type": "http.request", "body": b"".join(body), "more_body": False}]
+
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _refuse(scope, receive, send, status: int, message: str, kind: str = "invalid_request_error"):
+    await JSONResponse(error_body(message, status, kind), status_code=status)(scope, receive, send)
 
 
 def create_app(settings: RouterSettings, core: RouterCore | None = None,
@@ -51,6 +98,8 @@ def create_app(settings: RouterSettings, core: RouterCore | None = None,
 
     app = FastAPI(title="kvmesh router", lifespan=lifespan)
     app.state.core = core
+    app.add_middleware(LimitsAndAuth, api_token=settings.api_token,
+                       max_bytes=settings.max_request_bytes)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -64,18 +113,6 @@ def create_app(settings: RouterSettings, core: RouterCore | None = None,
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
             parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
         return JSONResponse(error_body("; ".join(parts) or "invalid request", 400), status_code=400)
-
-    @app.middleware("http")
-    async def _limits_and_auth(request: Request, call_next):
-        if request.url.path.startswith("/v1/"):
-            if settings.api_token and request.headers.get("authorization") != f"Bearer {settings.api_token}":
-                return JSONResponse(error_body("missing or wrong bearer token", 401,
-                                               "authentication_error"), status_code=401)
-            length = request.headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > settings.max_request_bytes):
-                return JSONResponse(error_body(
-                    f"request body larger than {settings.max_request_bytes} bytes", 413), status_code=413)
-        return await call_next(request)
 
     async def prepared(body, prompt) -> Prepared:
         try:

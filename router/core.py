@@ -6,14 +6,18 @@ prompt's KV lands in the store (unless conditional disaggregation skips it), the
 the decode worker's tokens. Everything is counted in ``RouterMetrics``.
 
 Failure contract: a failed or late prefill never fails the request (the decode worker
-then computes more); a decode failure raises ``ApiError``. Cancelling the task running
-``generate`` (a client that went away, or ``cancel(request_id)``) cancels the worker
-calls, which abort the request on the workers and free its KV blocks and slots.
+then computes more); a decode failure raises ``ApiError`` (a decode worker unreachable
+before the first token is retried on another); so does any other failure (500, counted
+as an "error"). Cancelling the task running ``generate`` (a client that went away, or
+``cancel(request_id)``) cancels the worker calls, which abort the request on the workers
+and free its KV blocks and slots. A worker that leaves the pool (discovery) finishes its
+calls before its channel is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 import uuid
@@ -64,6 +68,20 @@ _HTTP_FROM_GRPC = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.RESOUR
                    grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.UNAVAILABLE: 503}
 
 
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+
+
+def bearer_ok(api_token: str | None, authorization: str | None) -> bool:
+    """Whether an ``authorization`` header (or gRPC metadata) value lets a call in: always
+    when the router has no token (None or empty); else only ``Bearer <token>``, compared in
+    constant time."""
+    if not api_token:
+        return True
+    return authorization is not None and hmac.compare_digest(
+        authorization.encode("utf-8", "replace"), f"Bearer {api_token}".encode())
+
+
 class ApiError(Exception):
     """A request the router refuses or could not serve; ``status`` is the HTTP status."""
 
@@ -96,8 +114,10 @@ class Sampling:
             problems.append("temperature must be within [0, 2]")
         if not 0.0 < self.top_p <= 1.0:
             problems.append("top_p must be within (0, 1]")
-        if self.top_k < -1:
-            problems.append("top_k must be -1 (off) or positive")
+        if not -1 <= self.top_k <= INT32_MAX:
+            problems.append(f"top_k must be -1 or 0 (off), or within [1, {INT32_MAX}]")
+        if self.seed is not None and not INT64_MIN <= self.seed <= INT64_MAX:
+            problems.append(f"seed must be within [{INT64_MIN}, {INT64_MAX}]")
         if len(self.stop) > 16 or any(len(s) > 256 for s in self.stop):
             problems.append("at most 16 stop strings of at most 256 characters")
         if problems:
@@ -155,6 +175,7 @@ class RouterCore:
         self._max_model_len: int | None = None
         self._tasks: dict[str, asyncio.Task] = {}
         self._cancel_requested: set[str] = set()
+        self._leaving: dict[tuple[str, str], tuple[Worker, asyncio.Task]] = {}  # (role, address) -> (worker, closer)
 
     async def start(self) -> None:
         from transformers import AutoTokenizer
@@ -175,15 +196,35 @@ class RouterCore:
         self._health_task = asyncio.ensure_future(self._poll_health())
 
     async def _discover(self) -> None:
-        """Take the worker pools from the service registry (in a thread: Redis blocks)."""
+        """Take the worker pools from the service registry (in a thread: Redis blocks).
+        A worker that left gets no new requests; its channel is closed once its calls are
+        done (``_close_when_idle``), and a worker that comes back before that is kept."""
         for role in ("prefill", "decode"):
             addresses = await asyncio.to_thread(self._registry.members, role)
             pool = self.routing.prefill if role == "prefill" else self.routing.decode
             known = {w.address: w for w in pool}
-            workers = [known.get(a) or Worker(a, WorkerClient(a)) for a in addresses]
+            workers = [known.get(a) or self._rejoin((role, a)) or Worker(a, WorkerClient(a))
+                       for a in addresses]
             for gone in self.routing.set_members(role, workers):
                 log.info("%s worker %s left", role, gone.address)
-                await gone.client.close()
+                self._leaving[role, gone.address] = (gone, asyncio.ensure_future(
+                    self._close_when_idle((role, gone.address), gone)))
+
+    def _rejoin(self, key: tuple[str, str]) -> Worker | None:
+        """The worker that left ``key`` (role, address) if its channel is still open, else None."""
+        worker, closer = self._leaving.pop(key, (None, None))
+        if closer is not None:
+            closer.cancel()
+        return worker
+
+    async def _close_when_idle(self, key: tuple[str, str], worker: Worker) -> None:
+        """Close a departed worker's channel once no call runs on it; at the latest when
+        the longest call could still be running has passed its deadline."""
+        give_up = time.monotonic() + max(self.settings.request_timeout_s, self.settings.prefill_timeout_s)
+        while worker.inflight > 0 and time.monotonic() < give_up:
+            await asyncio.sleep(0.1)
+        self._leaving.pop(key, None)  # from here on it cannot rejoin
+        await worker.client.close()
 
     async def _poll_health(self) -> None:
         """Keep every worker's ``healthy`` flag current (and, with an index, the pools);
@@ -201,7 +242,8 @@ class RouterCore:
         self._health_task.cancel()
         if self._registry is not None:
             self._registry.close()
-        for worker in self.routing.prefill + self.routing.decode:
+        leaving = [self._rejoin(key) for key in list(self._leaving)]
+        for worker in self.routing.prefill + self.routing.decode + leaving:
             await worker.client.close()
 
     # ------------------------------------------------------------------ validation
@@ -344,6 +386,13 @@ class RouterCore:
             if p.request_id in self._cancel_requested:  # by cancel(): tell the caller
                 raise ApiError(499, "request cancelled") from None
             raise
+        except ApiError:
+            outcome = "error"
+            raise
+        except Exception as e:  # a bug: answer 500, count it as an error, log it
+            outcome = "error"
+            log.exception("request %s failed", p.request_id)
+            raise ApiError(500, f"internal error: {type(e).__name__}") from e
         finally:
             self._tasks.pop(p.request_id, None)
             self._cancel_requested.discard(p.request_id)
@@ -356,6 +405,8 @@ class RouterCore:
         worker = route.decode
         give_up = time.monotonic() + self.settings.unavailable_retry_s
         while True:
+            if worker not in self.routing.decode and self.routing.decode:  # it left while we prefilled
+                worker = self._least_loaded_decode()
             try:
                 async for chunk in self._decode_on(worker, request, trace, start):
                     yield chunk
@@ -367,11 +418,15 @@ class RouterCore:
                 self.metrics.decode_retries.inc()
                 log.warning("decode worker %s unavailable; retrying %s elsewhere", worker.address,
                             request.request_id)
-                others = [w for w in self.routing.decode if w.healthy]
-                if others:
-                    worker = min(others, key=lambda w: w.inflight)
+                if any(w.healthy for w in self.routing.decode):
+                    worker = self._least_loaded_decode()
                 else:
                     await asyncio.sleep(0.5)  # none healthy: wait for one to come back
+
+    def _least_loaded_decode(self) -> Worker:
+        """The least-loaded healthy decode worker (any, when none is healthy)."""
+        pool = [w for w in self.routing.decode if w.healthy] or self.routing.decode
+        return min(pool, key=lambda w: w.inflight)
 
     async def _decode_on(self, worker: Worker, request, trace: Trace, start: float):
         self.metrics.decode_requests.labels(worker.address).inc()

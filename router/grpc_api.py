@@ -1,9 +1,9 @@
 """The router's gRPC serving API (``kvmesh_proto/serving.proto``) over ``RouterCore``.
 
-Status codes follow gRPC conventions (see the .proto). When the router has an API token,
-every call must carry ``authorization: Bearer <token>`` metadata. Message sizes are
-bounded by ``max_request_bytes``. A call the client cancels, or whose deadline passes,
-cancels the request on the workers.
+Status codes follow gRPC conventions (see the .proto). When the router has an API token
+(neither None nor empty, as over HTTP), every call must carry ``authorization: Bearer
+<token>`` metadata. Message sizes are bounded by ``max_request_bytes``. A call the client
+cancels, or whose deadline passes, cancels the request on the workers.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import grpc
 
 from kvmesh_proto import serving_pb2, serving_pb2_grpc
-from router.core import ApiError, RouterCore, Sampling, Trace
+from router.core import ApiError, RouterCore, Sampling, Trace, bearer_ok
 
 
 class ServingService(serving_pb2_grpc.KVMeshServicer):
@@ -19,15 +19,16 @@ class ServingService(serving_pb2_grpc.KVMeshServicer):
         self.core = core
 
     async def _authorize(self, context) -> None:
-        token = self.core.settings.api_token
-        if token is None:
-            return
         metadata = dict(context.invocation_metadata() or ())
-        if metadata.get("authorization") != f"Bearer {token}":
+        if not bearer_ok(self.core.settings.api_token, metadata.get("authorization")):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
     @staticmethod
     def _sampling(msg: serving_pb2.Sampling) -> Sampling:
+        """The request's sampling; a field left out takes its default. ``max_tokens`` is a
+        plain proto3 ``uint32``, which has no presence: 0 is indistinguishable from "not
+        set" on the wire, so it means the default, 16 (as the .proto says), never an
+        error. The other optional fields are range-checked by ``Sampling.check``."""
         return Sampling(
             max_tokens=msg.max_tokens or 16,
             temperature=msg.temperature if msg.HasField("temperature") else 1.0,

@@ -7,11 +7,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from router.core import Sampling
+from router.core import INT32_MAX, INT64_MAX, INT64_MIN, Sampling
 
 
 class _Common(BaseModel):
-    """Fields completions and chat share. Unknown fields are ignored: clients send extras."""
+    """Fields completions and chat share. Unknown fields are ignored: clients send extras.
+    Ranges are those of the worker protocol's fields (``top_k`` int32, ``seed`` int64, as
+    vLLM takes them), so a value out of range is a 400, never a failure further on."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -19,8 +21,8 @@ class _Common(BaseModel):
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1)
-    seed: int | None = None
+    top_k: int = Field(-1, ge=-1, le=INT32_MAX, description="-1 or 0: off")
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
     ignore_eos: bool = False

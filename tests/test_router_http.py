@@ -1,0 +1,254 @@
+"""The router's front doors for real — its HTTP API under uvicorn and its gRPC API, started
+by ``create_app`` and ``RouterCore.start`` as ``kvmesh router`` starts them, with the tiny
+model's tokenizer — in front of stub decode workers (``bench.stub_worker``: the worker gRPC
+API with no engine behind it). The stub is the one fake: it stands in for a vLLM worker,
+and it tells what the router asked of it (calls running, calls completed).
+
+Covered: a client that leaves a non-streaming request cancels it; auth and the body limit
+(on the bytes received, never read past); out-of-range sampling values; a worker that
+leaves the service registry finishes its calls before its channel closes; a channel
+closed under a call is a worker failure that is retried, never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import uvicorn
+
+import kvmesh_client
+from bench.stub_worker import StubWorker, start_stub
+from cluster.local import free_port
+from router.app import create_app
+from router.core import ApiError, Prepared, RouterCore, RouterSettings, Sampling, Trace
+
+
+@dataclass
+class Router:
+    url: str
+    grpc_address: str
+    core: RouterCore
+    stubs: list[StubWorker]
+    stub_addresses: list[str]
+    call: object  # call(coroutine) runs it on the router's event loop and returns its result
+
+    def metric(self, name: str, labels: str = "") -> float:
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.MULTILINE)
+        return float(m.group(1)) if m else 0.0
+
+
+@contextmanager
+def serving(model: str, stubs: int = 1, token_delay_s: float = 0.0, discover: bool = False,
+            **settings):
+    """A router serving on an event loop of its own (a thread), with ``stubs`` stub decode
+    workers; given as its decode addresses unless ``discover`` (then the test announces
+    them in the registry at ``settings["index_url"]``)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def call(coro, timeout_s: float = 60):
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout_s)
+
+    workers = [StubWorker("decode", token_delay_s=token_delay_s) for _ in range(stubs)]
+    servers = [call(start_stub("decode", stub=w)) for w in workers]
+    addresses = [address for _, address in servers]
+    grpc_port = free_port()
+    s = RouterSettings(model=model, served_model_name="tiny", prefill_addresses=(),
+                       decode_addresses=() if discover else tuple(addresses), **settings)
+    app = create_app(s, grpc_bind=("127.0.0.1", grpc_port))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    served = asyncio.run_coroutine_threadsafe(server.serve(), loop)
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert not served.done() and time.monotonic() < deadline, "the router did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield Router(f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", app.state.core,
+                     workers, addresses, call)
+    finally:
+        server.should_exit = True
+        served.result(30)
+        for grpc_server, _ in servers:
+            call(grpc_server.stop(None))
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def wait_until(predicate, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def raw_request(url: str, path: str, body: bytes, headers: str = "") -> socket.socket:
+    """An open connection that has sent a POST of ``body`` (with Content-Length)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall((f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(body)}\r\n{headers}\r\n").encode() + body)
+    return sock
+
+
+def test_a_client_that_leaves_before_a_non_streaming_answer_cancels_it(tiny_model):
+    """The request is cancelled everywhere within a second or so: the stub's call, the
+    worker's in-flight count, the admission slot; counted as cancelled."""
+    with serving(tiny_model, token_delay_s=0.05) as r:
+        body = json.dumps({"prompt": "hello there", "max_tokens": 400}).encode()  # 20 s
+        sock = raw_request(r.url, "/v1/completions", body)
+        assert wait_until(lambda: r.stubs[0].running == 1)
+        sock.close()
+        worker = r.core.routing.decode[0]
+        assert wait_until(lambda: r.stubs[0].running == 0 and worker.inflight == 0
+                          and r.core.admission.inflight == 0, 5), "the request still runs"
+        assert r.stubs[0].completed == 0
+        assert wait_until(lambda: r.metric("kvmesh_router_requests_total", '{outcome="cancelled"}') == 1)
+        # and one that stays gets its answer
+        ok = httpx.post(r.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_auth_and_the_body_limit(tiny_model):
+    """Auth on /v1/ only (401), compared as the whole ``Bearer <token>``; the body limit on
+    Content-Length and on the bytes received (413), a chunked body too, answered as soon
+    as the limit is passed — the rest of the body is never waited for."""
+    with serving(tiny_model, api_token="s3cret", max_request_bytes=1000) as r:
+        good = {"authorization": "Bearer s3cret"}
+        small = {"prompt": "hi", "max_tokens": 2}
+        for headers in ({}, {"authorization": "Bearer s3cre"}, {"authorization": "s3cret"}):
+            answer = httpx.post(r.url + "/v1/completions", json=small, headers=headers, timeout=30)
+            assert answer.status_code == 401 and answer.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(r.url + "/health", timeout=30).status_code == 200
+        assert httpx.post(r.url + "/v1/completions", json=small, headers=good, timeout=30).status_code == 200
+
+        big = json.dumps({"prompt": "a" * 5000, "max_tokens": 1}).encode()
+        answer = httpx.post(r.url + "/v1/completions", content=big, headers=good, timeout=30)
+        assert answer.status_code == 413 and answer.json()["error"]["message"]
+
+        def chunks():
+            for i in range(0, len(big), 500):
+                yield big[i:i + 500]
+
+        answer = httpx.post(r.url + "/v1/completions", content=chunks(), headers=good, timeout=30)
+        assert answer.request.headers.get("transfer-encoding") == "chunked"
+        assert answer.status_code == 413, answer.text
+
+        # A chunked body that goes past the limit and then stalls: refused at once.
+        host, port = r.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n"
+                         b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         + b"%x\r\n" % 2000 + big[:2000] + b"\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 413 "), "the router waits for the rest of the body"
+
+        with kvmesh_client.Client(r.grpc_address) as client:
+            with pytest.raises(kvmesh_client.Unauthenticated):
+                client.generate("hi", max_tokens=2)
+        with kvmesh_client.Client(r.grpc_address, token="s3cret") as client:
+            assert client.generate("hi", max_tokens=2).finish_reason == "length"
+
+
+def test_an_empty_api_token_means_no_auth_on_both_apis(tiny_model):
+    with serving(tiny_model, api_token="") as r:
+        answer = httpx.post(r.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+        assert answer.status_code == 200
+        with kvmesh_client.Client(r.grpc_address) as client:
+            assert client.generate("hi", max_tokens=2).finish_reason == "length"
+            # max_tokens has no presence in proto3: 0 is "not set", the documented default
+            assert len(client.generate("hi", max_tokens=0).token_ids) == 16
+
+
+def test_sampling_values_out_of_range_are_refused_and_a_bug_is_an_error(tiny_model):
+    """top_k beyond int32 and seed beyond int64 (the worker protocol's fields) are a 400,
+    streaming or not, counted as invalid; the edges are served. A failure in the router
+    that is no ``ApiError`` is counted as an error and raised as ``ApiError(500)``."""
+    with serving(tiny_model) as r:
+        for extra in ({"top_k": 2**31}, {"top_k": -2}, {"seed": 2**63}, {"seed": -2**63 - 1},
+                      {"top_k": 2**40, "stream": True}):
+            answer = httpx.post(r.url + "/v1/completions", json={"prompt": "hi", **extra}, timeout=30)
+            assert answer.status_code == 400, (extra, answer.text)
+        assert r.metric("kvmesh_router_requests_total", '{outcome="invalid"}') == 5
+        for extra in ({"top_k": 2**31 - 1, "seed": 2**63 - 1}, {"top_k": 0, "seed": -2**63},
+                      {"top_k": -1}):
+            answer = httpx.post(r.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2, **extra},
+                                timeout=30)
+            assert answer.status_code == 200, (extra, answer.text)
+        assert r.metric("kvmesh_router_requests_total", '{outcome="cancelled"}') == 0
+
+        async def unchecked():  # what prepare() would have refused, straight to generate()
+            p = Prepared("bug", [5, 6, 7], Sampling(max_tokens=2, top_k=2**40), "")
+            return [c async for c in r.core.generate(p, Trace())]
+
+        with pytest.raises(ApiError) as refused:
+            r.call(unchecked())
+        assert refused.value.status == 500
+        assert r.metric("kvmesh_router_requests_total", '{outcome="error"}') == 1
+        assert r.metric("kvmesh_router_requests_total", '{outcome="cancelled"}') == 0
+
+
+def test_a_worker_that_leaves_the_registry_finishes_its_requests(tiny_model, redis_url):
+    """Dropped from the pool, the worker gets no new request, but the one it runs ends
+    normally; its channel is closed once it is idle. Back in the registry, it serves."""
+    from kv_store.index.services import Announcer, ServiceRegistry
+
+    with serving(tiny_model, token_delay_s=0.05, discover=True, index_url=redis_url,
+                 health_interval_s=0.1) as r:
+        registry = ServiceRegistry(redis_url)
+        announcer = Announcer(registry, "decode", r.stub_addresses[0])
+        announcer.start()
+        assert wait_until(lambda: len(r.core.routing.decode) == 1)
+        worker = r.core.routing.decode[0]
+        answers = []
+        body = {"prompt": "hello there", "max_tokens": 40}  # 2 s
+        t = threading.Thread(target=lambda: answers.append(
+            httpx.post(r.url + "/v1/completions", json=body, timeout=60)))
+        t.start()
+        assert wait_until(lambda: r.stubs[0].running == 1)
+        announcer.stop()  # withdraws it
+        assert wait_until(lambda: r.core.routing.decode == [], 5)
+        t.join(30)
+        assert answers[0].status_code == 200, answers[0].text
+        assert answers[0].json()["usage"]["completion_tokens"] == 40 and r.stubs[0].completed == 1
+        assert wait_until(lambda: worker.client.closed, 5), "the departed worker's channel stays open"
+
+        announcer = Announcer(registry, "decode", r.stub_addresses[0])
+        announcer.start()
+        assert wait_until(lambda: len(r.core.routing.decode) == 1)
+        answer = httpx.post(r.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+        assert answer.status_code == 200
+        announcer.stop()
+        registry.close()
+
+
+def test_a_channel_closed_under_a_call_is_retried_not_a_500(tiny_model):
+    """Closing a worker's channel cuts its calls with a bare ``CancelledError`` in gRPC; the
+    router reads that as the worker being unavailable: before the first token the
+    request moves to the other worker and is served."""
+    with serving(tiny_model, stubs=2, token_delay_s=0.5) as r:
+        first = r.core.routing.decode[0]
+        answers = []
+        body = {"prompt": "hello there", "max_tokens": 3}
+        t = threading.Thread(target=lambda: answers.append(
+            httpx.post(r.url + "/v1/completions", json=body, timeout=60)))
+        t.start()
+        assert wait_until(lambda: first.inflight == 1)
+        r.call(first.client.close())
+        t.join(30)
+        assert answers[0].status_code == 200, answers[0].text
+        assert answers[0].json()["usage"]["completion_tokens"] == 3
+        assert r.metric("kvmesh_router_decode_retries_total") == 1
+        assert sum(s.completed for s in r.stubs) == 1
