@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import sys
@@ -50,14 +51,24 @@ def positive_int(text: str) -> int:
     return value
 
 
-def share(text: str) -> float:
+def _number(text: str, within, rule: str) -> float:
+    """``text`` as a float for which ``within`` holds, else an error saying it ``rule``."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1: {value}")
+    if not within(value):  # nan fails every comparison, so no rule admits it
+        raise argparse.ArgumentTypeError(f"{rule}: {value}")
     return value
+
+
+def share(text: str) -> float:
+    return _number(text, lambda v: 0.0 <= v < 1.0, "must be at least 0 and below 1")
+
+
+def seconds(text: str) -> float:
+    """A duration: finite and positive."""
+    return _number(text, lambda v: 0.0 < v < math.inf, "must be a finite number of seconds above 0")
 
 
 def port(text: str) -> int:
@@ -85,6 +96,12 @@ def resolve_model(model: str | None) -> tuple[str, str]:
 
 
 def cmd_store(args) -> None:
+    """Run a store node until SIGTERM or SIGINT. Whatever it has started (index
+    connections, the store, transfer sources, servers) is undone on the way out, in
+    reverse order, after a failed start too: the store's /dev/shm segment never
+    outlives the command. Startup failures are one-line errors (``SystemExit``)."""
+    import contextlib
+    import secrets
     import signal
     import threading
 
@@ -92,82 +109,90 @@ def cmd_store(args) -> None:
     from kv_store.server import start_store_server
     from kv_store.tiered_store import build_store
 
-    publisher = peers = index = None
-    if args.index:
-        from kv_store.index import RedisBlockIndex
-        from kv_store.store_node import IndexPublisher, PeerBlocks
-
-        if args.port == 0 and not args.advertise:
-            raise SystemExit("kvmesh store: with --index, give a fixed --port or --advertise")
-        address = args.advertise or f"{args.host}:{args.port}"
-        node_id = args.node_id or address
-        try:
-            index = RedisBlockIndex.from_url(args.index, heartbeat_timeout_s=args.heartbeat_timeout)
-            publisher = IndexPublisher(index, node_id, address, heartbeat_s=args.heartbeat)
-            peers = PeerBlocks(index, node_id, timeout_s=args.peer_timeout)
-        except Exception as e:
-            raise SystemExit(f"kvmesh store: cannot use the block index at {args.index}: {e}")
-    import secrets
-
-    backends = [b for b in args.transfer.split(",") if b]
-    if "shm" in backends:
-        from kv_store.tiers import reap_orphaned_segments
-
-        for name in reap_orphaned_segments(SHM_PREFIX):
-            print(f"kvmesh store: removed {name}, the shared memory of a store that died", flush=True)
-    try:
-        store = build_store(args.host_bytes, args.disk_bytes, args.disk_dir, args.gpu_bytes,
-                            args.policy, args.direct_io, args.page_bytes,
-                            listener=publisher.on_change if publisher else None,
-                            shm_name=f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}" if "shm" in backends else None,
-                            io_threads=args.io_threads, disk_write_behind_bytes=args.disk_write_behind,
-                            demote_ahead=args.demote_ahead)
-        sources = open_transfer_sources(store, backends, args.host)
-    except (ValueError, RuntimeError, OSError) as e:
-        raise SystemExit(f"kvmesh store: {e}")
-    offers = {name: source.descriptor() for name, source in sources.items()}
-    if offers:
-        print(f"kvmesh store: zero-copy reads over {', '.join(offers)}", flush=True)
-    server, bound = start_store_server(args.host, args.port, store, peers=peers, publisher=publisher,
-                                       offers=offers,
-                                       allow_fault_injection=args.allow_fault_injection)
-    tiers = ", ".join(f"{t.name} {t.capacity_bytes} bytes" for t in store.tiers)
-    print(f"kvmesh store serving on {args.host}:{bound} ({tiers}; {args.policy} eviction)", flush=True)
-    if publisher is not None:
-        try:
-            publisher.start()
-        except Exception as e:
-            server.stop(0)
-            store.close()
-            raise SystemExit(f"kvmesh store: cannot register with the block index: {e}")
-        print(f"kvmesh store node {publisher.node_id} registered in the block index", flush=True)
-    if args.metrics_port is not None:
-        from prometheus_client import CollectorRegistry, start_http_server
-
-        from kv_store.store_metrics import StoreCollector
-
-        registry = CollectorRegistry()
-        registry.register(StoreCollector(store))
-        start_http_server(args.metrics_port, addr=args.host, registry=registry)
-        print(f"kvmesh store metrics on http://{args.host}:{args.metrics_port}/metrics", flush=True)
-    freeze_startup_objects()
+    if args.heartbeat_timeout <= args.heartbeat:  # a node would drop out between heartbeats
+        raise SystemExit(f"kvmesh store: --heartbeat-timeout ({args.heartbeat_timeout} s) must be "
+                         f"longer than --heartbeat ({args.heartbeat} s)")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    stop.wait()
-    if publisher is not None:
-        publisher.stop()  # leave the index first: peers stop asking for our blocks
-    server.stop(grace=2).wait(5)
-    if peers is not None:
-        peers.close()
-        index.close()
-    for source in sources.values():
-        source.close()
-    store.close()
+    with contextlib.ExitStack() as started:
+        publisher = peers = None
+        if args.index:
+            from kv_store.index import RedisBlockIndex
+            from kv_store.store_node import IndexPublisher, PeerBlocks
+
+            if args.port == 0 and not args.advertise:
+                raise SystemExit("kvmesh store: with --index, give a fixed --port or --advertise")
+            address = args.advertise or f"{args.host}:{args.port}"
+            node_id = args.node_id or address
+            try:
+                index = RedisBlockIndex.from_url(args.index, heartbeat_timeout_s=args.heartbeat_timeout)
+                started.callback(index.close)
+                publisher = IndexPublisher(index, node_id, address, heartbeat_s=args.heartbeat)
+                peers = PeerBlocks(index, node_id, timeout_s=args.peer_timeout)
+                started.callback(peers.close)
+            except Exception as e:
+                raise SystemExit(f"kvmesh store: cannot use the block index at {args.index}: {e}")
+
+        backends = [b for b in args.transfer.split(",") if b]
+        if "shm" in backends:
+            from kv_store.tiers import reap_orphaned_segments
+
+            for name in reap_orphaned_segments(SHM_PREFIX):
+                print(f"kvmesh store: removed {name}, the shared memory of a store that died", flush=True)
+        try:
+            store = build_store(args.host_bytes, args.disk_bytes, args.disk_dir, args.gpu_bytes,
+                                args.policy, args.direct_io, args.page_bytes,
+                                listener=publisher.on_change if publisher else None,
+                                shm_name=f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}" if "shm" in backends else None,
+                                io_threads=args.io_threads, disk_write_behind_bytes=args.disk_write_behind,
+                                demote_ahead=args.demote_ahead)
+            started.callback(store.close)
+            sources = open_transfer_sources(store, backends, args.host)
+        except (ValueError, RuntimeError, OSError) as e:
+            raise SystemExit(f"kvmesh store: {e}")
+        for source in sources.values():
+            started.callback(source.close)
+        offers = {name: source.descriptor() for name, source in sources.items()}
+        if offers:
+            print(f"kvmesh store: zero-copy reads over {', '.join(offers)}", flush=True)
+        try:
+            server, bound = start_store_server(args.host, args.port, store, peers=peers, publisher=publisher,
+                                               offers=offers,
+                                               allow_fault_injection=args.allow_fault_injection)
+        except RuntimeError:
+            raise SystemExit(f"kvmesh store: cannot serve on {args.host}:{args.port}: the port is "
+                             "in use or the address is not one of this host's") from None
+        started.callback(lambda: server.stop(grace=2).wait(5))
+        tiers = ", ".join(f"{t.name} {t.capacity_bytes} bytes" for t in store.tiers)
+        print(f"kvmesh store serving on {args.host}:{bound} ({tiers}; {args.policy} eviction)", flush=True)
+        if publisher is not None:
+            try:
+                publisher.start()
+            except Exception as e:
+                raise SystemExit(f"kvmesh store: cannot register with the block index: {e}")
+            started.callback(publisher.stop)  # runs first: peers stop asking for our blocks
+            print(f"kvmesh store node {publisher.node_id} registered in the block index", flush=True)
+        if args.metrics_port is not None:
+            from prometheus_client import CollectorRegistry, start_http_server
+
+            from kv_store.store_metrics import StoreCollector
+
+            registry = CollectorRegistry()
+            registry.register(StoreCollector(store))
+            try:
+                start_http_server(args.metrics_port, addr=args.host, registry=registry)
+            except OSError as e:
+                raise SystemExit(f"kvmesh store: cannot serve metrics on {args.host}:{args.metrics_port}: "
+                                 f"{e.strerror or e}") from None
+            print(f"kvmesh store metrics on http://{args.host}:{args.metrics_port}/metrics", flush=True)
+        freeze_startup_objects()
+        stop.wait()
 
 
 def open_transfer_sources(store, backends: list[str], host: str) -> dict:
-    """Expose the store's host arena through each usable transfer backend."""
+    """Expose the store's host arena through each usable transfer backend. If one fails
+    to open, those already open are closed before the error propagates."""
     from kv_store.transfer import BACKENDS, available_backends, open_source
 
     unknown = set(backends) - set(BACKENDS)
@@ -178,12 +203,17 @@ def open_transfer_sources(store, backends: list[str], host: str) -> dict:
         return {}
     usable = available_backends()
     sources = {}
-    for backend in backends:
-        if backend not in usable:
-            print(f"kvmesh store: transfer backend {backend} is not usable here; skipped", flush=True)
-            continue
-        options = {"address": f"{host}:0"} if backend == "grpc" else {}
-        sources[backend] = open_source(backend, arena, **options)
+    try:
+        for backend in backends:
+            if backend not in usable:
+                print(f"kvmesh store: transfer backend {backend} is not usable here; skipped", flush=True)
+                continue
+            options = {"address": f"{host}:0"} if backend == "grpc" else {}
+            sources[backend] = open_source(backend, arena, **options)
+    except BaseException:
+        for source in sources.values():
+            source.close()
+        raise
     return sources
 
 
@@ -427,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("store", help="run a KV store node")
     sp.add_argument("--host", default=DEFAULT_HOST)
     sp.add_argument("--port", type=port, default=50051)
-    sp.add_argument("--host-bytes", "--capacity-bytes", type=parse_bytes, default=parse_bytes("2GiB"),
+    sp.add_argument("--host-bytes", "--capacity-bytes", type=parse_bytes_or_zero, default=parse_bytes("2GiB"),
                     help="host RAM tier capacity, e.g. 512MiB or 8GiB (0: no host tier)")
     sp.add_argument("--disk-bytes", type=parse_bytes_or_zero, default=0,
                     help="local disk tier capacity (default 0: no disk tier)")
@@ -459,10 +489,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--node-id", default=None, help="this node's id in the index (default: its address)")
     sp.add_argument("--advertise", default=None, metavar="HOST:PORT",
                     help="address peers use to reach this node (default: --host:--port)")
-    sp.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
-    sp.add_argument("--heartbeat-timeout", type=float, default=5.0,
-                    help="seconds without a heartbeat after which a node's blocks leave lookups")
-    sp.add_argument("--peer-timeout", type=float, default=2.0, help="deadline of a fetch from a peer")
+    sp.add_argument("--heartbeat", type=seconds, default=1.0, help="seconds between heartbeats")
+    sp.add_argument("--heartbeat-timeout", type=seconds, default=5.0,
+                    help="seconds without a heartbeat after which a node's blocks leave lookups "
+                         "(more than --heartbeat)")
+    sp.add_argument("--peer-timeout", type=seconds, default=2.0,
+                    help="deadline of a fetch from a peer in seconds")
     sp.add_argument("--allow-fault-injection", action="store_true",
                     help="accept InjectFault calls (failure tests only)")
     sp.set_defaults(func=cmd_store)

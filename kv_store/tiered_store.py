@@ -849,7 +849,8 @@ def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = Non
     disk writes return once staged in that much RAM (``kv_store.write_behind``). With
     ``demote_ahead`` a thread keeps that share of each faster tier free (``TieredStore``).
     Raises ``ValueError`` for a store with no tier (or write-behind below one page, or a
-    share outside [0, 1)) and ``RuntimeError`` for a GPU tier where no GPU is usable.
+    share outside [0, 1)) and ``RuntimeError`` for a GPU tier where no GPU is usable;
+    whatever it raises, the tiers it had made are closed first.
     """
     import os
     import tempfile
@@ -857,21 +858,21 @@ def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = Non
     from kv_store.tiers import DiskTier, GpuTier
 
     tiers: list[Tier] = []
-    if gpu_bytes > 0:
-        tiers.append(GpuTier(gpu_bytes, page_bytes))
-    if host_bytes > 0:
-        tiers.append(HostTier(host_bytes, page_bytes, shm_name=shm_name))
-    if disk_bytes > 0:
-        directory = disk_dir or tempfile.mkdtemp(prefix="kvmesh-disk-")
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, f"kvmesh-slab-{os.getpid()}.bin")
-        tiers.append(DiskTier(path, disk_bytes, page_bytes, direct_io=direct_io,
-                              write_behind_bytes=disk_write_behind_bytes))
-    if not tiers:
-        raise ValueError("give at least one tier a capacity (host, disk or gpu bytes)")
     try:
+        if gpu_bytes > 0:
+            tiers.append(GpuTier(gpu_bytes, page_bytes))
+        if host_bytes > 0:
+            tiers.append(HostTier(host_bytes, page_bytes, shm_name=shm_name))
+        if disk_bytes > 0:
+            directory = disk_dir or tempfile.mkdtemp(prefix="kvmesh-disk-")
+            os.makedirs(directory, exist_ok=True)
+            path = os.path.join(directory, f"kvmesh-slab-{os.getpid()}.bin")
+            tiers.append(DiskTier(path, disk_bytes, page_bytes, direct_io=direct_io,
+                                  write_behind_bytes=disk_write_behind_bytes))
+        if not tiers:
+            raise ValueError("give at least one tier a capacity (host, disk or gpu bytes)")
         return TieredStore(tiers, policy, listener, io_threads, demote_ahead)
-    except ValueError:
+    except BaseException:  # a tier made before the failure (a shared segment) goes too
         for tier in tiers:
             tier.close()
         raise

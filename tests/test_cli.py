@@ -1,10 +1,14 @@
 import argparse
+import os
+import signal
+import socket
 import subprocess
 import sys
 
 import pytest
 
-from cluster.cli import parse_bytes, share
+from cluster.cli import SHM_PREFIX, build_parser, parse_bytes, seconds, share
+from kv_store.tiers import SHM_DIR
 
 
 def test_parse_bytes():
@@ -21,6 +25,82 @@ def test_share():
     for bad in ("", "a tenth", "-0.1", "1", "1.5"):
         with pytest.raises(argparse.ArgumentTypeError):
             share(bad)
+
+
+def test_seconds():
+    assert seconds("0.5") == 0.5 and seconds("30") == 30.0
+    for bad in ("", "soon", "0", "-1", "nan", "inf"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            seconds(bad)
+
+
+@pytest.mark.parametrize("flag", ["--heartbeat", "--heartbeat-timeout", "--peer-timeout"])
+@pytest.mark.parametrize("bad", ["0", "-1", "nan", "inf"])
+def test_store_durations_must_be_finite_and_positive(flag, bad, capsys):
+    with pytest.raises(SystemExit) as exit:
+        build_parser().parse_args(["store", f"{flag}={bad}"])
+    assert exit.value.code != 0 and "finite number of seconds above 0" in capsys.readouterr().err
+
+
+def test_the_heartbeat_timeout_must_outlast_the_heartbeat():
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "store", "--port", "0", "--host-bytes",
+                           "8MiB", "--heartbeat", "5", "--heartbeat-timeout", "5"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--heartbeat-timeout (5.0 s) must be longer than --heartbeat (5.0 s)" in proc.stderr
+
+
+def _run_store(*args: str) -> tuple[int, str, list[str]]:
+    """Run ``kvmesh store ARGS`` with a small shared-memory host tier to its end; its exit
+    status, its stderr and what it left in /dev/shm under its own name."""
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "store", "--host-bytes", "8MiB",
+                             "--transfer", "shm", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    left = [n for n in os.listdir(SHM_DIR) if n.startswith(f"{SHM_PREFIX}{proc.pid}-")]
+    for name in left:  # not to leave it to the next test run
+        os.unlink(os.path.join(SHM_DIR, name))
+    return proc.returncode, err, left
+
+
+@pytest.mark.parametrize("busy_one, error", [("--port", "cannot serve on"),
+                                              ("--metrics-port", "cannot serve metrics on")])
+def test_a_busy_port_is_a_clear_error_and_the_store_is_closed(busy_one, error):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = str(busy.getsockname()[1])
+        ports = ["--port", taken] if busy_one == "--port" else ["--port", "0", "--metrics-port", taken]
+        rc, err, left = _run_store("--host", "127.0.0.1", *ports)
+    assert rc != 0 and "Traceback" not in err
+    assert f"kvmesh store: {error} 127.0.0.1:{taken}" in err
+    assert left == []
+
+
+def test_a_tier_that_fails_to_open_closes_those_made_before_it(tmp_path):
+    (tmp_path / "file").write_text("")
+    rc, err, left = _run_store("--port", "0", "--disk-bytes", "8MiB",
+                               "--disk-dir", str(tmp_path / "file" / "slabs"))
+    assert rc != 0 and "Traceback" not in err and "kvmesh store:" in err
+    assert left == []
+
+
+def test_a_store_with_no_host_tier_serves(tmp_path):
+    """``--host-bytes 0``: no host tier, as its help says; the disk tier alone serves."""
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "store", "--port", "0",
+                             "--host-bytes", "0", "--disk-bytes", "8MiB", "--disk-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        serving = next((line for line in proc.stdout if "serving on" in line), "")
+        assert "(disk 8388608 bytes; lru eviction)" in serving
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.communicate()
 
 
 def test_help_names_every_command():
