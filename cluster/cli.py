@@ -438,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sizes", default="256KiB,4MiB,64MiB", help="transfer sizes, comma-separated")
     b.add_argument("--arena-bytes", type=parse_bytes, default=parse_bytes("256MiB"),
                    help="size of the store's arena the reads come from")
-    b.add_argument("--case-seconds", type=float, default=0.8, help="time spent on each case")
+    b.add_argument("--case-seconds", type=seconds, default=0.8, help="time spent on each case")
     b.add_argument("--backends", default="shm,nixl,grpc", help="backends, comma-separated")
     b.set_defaults(func=cmd_bench_transfer)
     b = bsub.add_parser("layerwise", help="share of decode-side KV loads hidden behind compute")
@@ -510,14 +510,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Redis block index: find the store there and announce this worker")
         sp.add_argument("--advertise", default=None, metavar="HOST:PORT",
                         help="address the router uses to reach this worker (default: --host:--port)")
-        sp.add_argument("--discovery-timeout", type=float, default=120.0,
+        sp.add_argument("--discovery-timeout", type=seconds, default=120.0,
                         help="seconds to wait for a store to appear in the index")
         sp.add_argument("--model-id", default=None,
                         help="name that keys the model's blocks (default: the model path)")
         sp.add_argument("--block-size", type=int, default=32)
         sp.add_argument("--max-model-len", type=int, default=None)
         sp.add_argument("--kv-cache-gib", type=int, default=1, help="CPU KV cache size in GiB")
-        sp.add_argument("--store-timeout", type=float, default=5.0,
+        sp.add_argument("--store-timeout", type=seconds, default=5.0,
                         help="deadline of each store call in seconds")
         sp.add_argument("--tensor-parallel-size", type=int,
                         default=int(os.environ.get("KVMESH_TENSOR_PARALLEL_SIZE", "1")),
@@ -555,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-inflight", type=int, default=256, help="requests served at once")
     sp.add_argument("--max-queue", type=int, default=1024,
                     help="requests waiting for a slot; more are refused with 429/RESOURCE_EXHAUSTED")
-    sp.add_argument("--queue-timeout", type=float, default=30.0,
+    sp.add_argument("--queue-timeout", type=seconds, default=30.0,
                     help="seconds a request may wait for a slot")
     sp.set_defaults(func=cmd_router)
 

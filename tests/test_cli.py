@@ -34,11 +34,14 @@ def test_seconds():
             seconds(bad)
 
 
-@pytest.mark.parametrize("flag", ["--heartbeat", "--heartbeat-timeout", "--peer-timeout"])
+@pytest.mark.parametrize("command, flag", [
+    ("store", "--heartbeat"), ("store", "--heartbeat-timeout"), ("store", "--peer-timeout"),
+    ("prefill", "--store-timeout"), ("decode", "--discovery-timeout"), ("router", "--queue-timeout"),
+    ("bench transfer", "--case-seconds")])
 @pytest.mark.parametrize("bad", ["0", "-1", "nan", "inf"])
-def test_store_durations_must_be_finite_and_positive(flag, bad, capsys):
+def test_durations_must_be_finite_and_positive(command, flag, bad, capsys):
     with pytest.raises(SystemExit) as exit:
-        build_parser().parse_args(["store", f"{flag}={bad}"])
+        build_parser().parse_args([*command.split(), f"{flag}={bad}"])
     assert exit.value.code != 0 and "finite number of seconds above 0" in capsys.readouterr().err
 
 
