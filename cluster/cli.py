@@ -129,7 +129,8 @@ def cmd_store(args) -> None:
                 index = RedisBlockIndex.from_url(args.index, heartbeat_timeout_s=args.heartbeat_timeout)
                 started.callback(index.close)
                 publisher = IndexPublisher(index, node_id, address, heartbeat_s=args.heartbeat)
-                peers = PeerBlocks(index, node_id, timeout_s=args.peer_timeout)
+                peers = PeerBlocks(index, node_id, timeout_s=args.peer_timeout,
+                                   max_block_bytes=args.page_bytes)
                 started.callback(peers.close)
             except Exception as e:
                 raise SystemExit(f"kvmesh store: cannot use the block index at {args.index}: {e}")
@@ -168,7 +169,7 @@ def cmd_store(args) -> None:
         print(f"kvmesh store serving on {args.host}:{bound} ({tiers}; {args.policy} eviction)", flush=True)
         if publisher is not None:
             try:
-                publisher.start()
+                publisher.start(store.holdings)
             except Exception as e:
                 raise SystemExit(f"kvmesh store: cannot register with the block index: {e}")
             started.callback(publisher.stop)  # runs first: peers stop asking for our blocks

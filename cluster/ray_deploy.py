@@ -115,7 +115,7 @@ class StoreActor(_Component):
 
             self.index = RedisBlockIndex.from_url(index_url)
             self.publisher = IndexPublisher(self.index, name, self.address)
-            self.peers = PeerBlocks(self.index, name)
+            self.peers = PeerBlocks(self.index, name, max_block_bytes=spec["page_bytes"])
         disk_dir = spec["disk_dir"]
         if spec["disk_bytes"]:
             disk_dir = _disk_dir(disk_dir, name)
@@ -128,7 +128,7 @@ class StoreActor(_Component):
         self.server, _ = start_store_server(self.node_ip, spec["port"], self.store,
                                             peers=self.peers, publisher=self.publisher)
         if self.publisher is not None:
-            self.publisher.start()
+            self.publisher.start(self.store.holdings)
         if spec.get("metrics_port"):
             from prometheus_client import CollectorRegistry, start_http_server
 

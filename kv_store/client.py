@@ -3,12 +3,14 @@
 Every call has a deadline. Every failure of the transport (peer down, refused, deadline
 exceeded) raises ``StoreError``; callers on the data path turn that into "these blocks are
 missing", never into a hang or a wrong token. ``get`` verifies each block's checksum and
-leaves out (and counts) blocks whose bytes do not match it.
+leaves out (and counts) blocks whose bytes do not match it, and splits a get whose reply
+could pass the message limit into several calls.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+import time
+from typing import Iterator, NamedTuple, Sequence
 
 import grpc
 
@@ -16,6 +18,11 @@ from kvmesh_proto.options import DEFAULT_MAX_MESSAGE_BYTES, message_options
 from kv_store.block_store import StoredBlock
 from kv_store.integrity import checksum, verify
 from kvmesh_proto import store_pb2, store_pb2_grpc
+
+
+# Bytes a block adds to a GetReply besides its key and data: the field tags and lengths
+# (varints of up to 5 bytes) and the fixed64 checksum.
+BLOCK_OVERHEAD_BYTES = 32
 
 
 class StoreError(RuntimeError):
@@ -38,12 +45,13 @@ class StoreClient:
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         self.address = address
         self.timeout_s = timeout_s
+        self.max_message_bytes = max_message_bytes
         self._channel = grpc.insecure_channel(address, options=message_options(max_message_bytes))
         self._stub = store_pb2_grpc.KVStoreStub(self._channel)
 
-    def _call(self, method, request):
+    def _call(self, method, request, timeout_s: float | None = None):
         try:
-            return method(request, timeout=self.timeout_s)
+            return method(request, timeout=self.timeout_s if timeout_s is None else timeout_s)
         except grpc.RpcError as e:
             raise StoreError(f"store {self.address}: {e.code().name}: {e.details()}") from e
 
@@ -60,21 +68,52 @@ class StoreClient:
         msg = store_pb2.LookupRequest(groups=[store_pb2.KeyGroup(keys=g) for g in groups])
         return self._call(self._stub.Lookup, msg).prefix_groups
 
-    def get(self, keys: Sequence[bytes]) -> GetResult:
-        """The verified blocks among ``keys``; a block that fails its checksum is counted
-        in ``corrupt``, and one the reply carries that was not asked for is ignored."""
-        reply = self._call(self._stub.Get, store_pb2.GetRequest(keys=keys))
+    def get(self, keys: Sequence[bytes], block_bytes: int | Sequence[int] = 0,
+            deadline: float | None = None) -> GetResult:
+        """The verified blocks held among ``keys``.
+
+        ``block_bytes`` is the size of each key's block, or one bound for every key (0:
+        unknown, counted as empty). The keys go in as many Get calls, in order, as keep
+        each reply within ``max_message_bytes`` (a block bigger than that goes alone, and
+        fails). All calls share one deadline: ``deadline`` (a ``time.monotonic()``
+        instant), by default ``timeout_s`` from now. Raises ``StoreError`` if any call
+        fails or the deadline passes before the last one. A block the reply carries that
+        was not asked for is ignored."""
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout_s
+        sizes = [block_bytes] * len(keys) if isinstance(block_bytes, int) else block_bytes
+        if len(sizes) != len(keys):
+            raise ValueError(f"{len(keys)} keys but {len(sizes)} block sizes")
         asked = set(keys)
         good: dict[bytes, StoredBlock] = {}
         corrupt = 0
-        for block in reply.blocks:
-            if block.key not in asked:
-                continue
-            if verify(block.data, block.checksum):
-                good[block.key] = StoredBlock(block.data, block.checksum)
-            else:
-                corrupt += 1
+        for batch in self._batches(keys, sizes):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StoreError(f"store {self.address}: DEADLINE_EXCEEDED before the last Get")
+            reply = self._call(self._stub.Get, store_pb2.GetRequest(keys=batch), left)
+            for block in reply.blocks:
+                if block.key not in asked:
+                    continue
+                if verify(block.data, block.checksum):
+                    good[block.key] = StoredBlock(block.data, block.checksum)
+                else:
+                    corrupt += 1
         return GetResult(good, corrupt)
+
+    def _batches(self, keys: Sequence[bytes], sizes: Sequence[int]) -> Iterator[list[bytes]]:
+        """``keys`` cut into runs whose blocks of ``sizes`` fit in one reply."""
+        batch: list[bytes] = []
+        total = 0
+        for key, size in zip(keys, sizes):
+            cost = size + len(key) + BLOCK_OVERHEAD_BYTES
+            if batch and total + cost > self.max_message_bytes:
+                yield batch
+                batch, total = [], 0
+            batch.append(key)
+            total += cost
+        if batch:
+            yield batch
 
     def locate(self, keys: Sequence[bytes], lease_s: float) -> Located:
         """Lease the held ``keys`` for a zero-copy read (empty offers: use ``get``)."""

@@ -3,9 +3,10 @@
 ``LayerLoad.start`` leases every block the step loads (one ``Locate`` call), then reads
 each layer's blocks in layer order on a background thread, with the transfer backend the
 worker and the store share (shared memory, NIXL or gRPC streaming; plain ``Get`` when the
-store offers none). ``write_layer`` waits for one layer's bytes (until the step's
-deadline), verifies each block's checksum and copies the good ones into the paged cache,
-so the forward pass computes layer *l* while layer *l+1* is still in flight.
+store offers none, in as many calls as keep each reply within the message limit).
+``write_layer`` waits for one layer's bytes (until the step's deadline), verifies each
+block's checksum and copies the good ones into the paged cache, so the forward pass
+computes layer *l* while layer *l+1* is still in flight.
 ``finish`` waits out the rest, releases the lease and says which blocks failed: a block
 fails if any of its layers did, and every block after it in its request fails too (vLLM
 recomputes from the first failed block). Nothing here raises on a transfer failure.
@@ -24,7 +25,7 @@ import torch
 from kv_store.client import StoreClient, StoreError
 from kv_store.integrity import verify
 from kv_store.keys import KeySpace
-from kv_store.paged_layout import write_blocks
+from kv_store.paged_layout import block_nbytes, write_blocks
 
 log = logging.getLogger("kvmesh.connector")
 
@@ -136,9 +137,11 @@ class LayerLoad:
             return
         self._lease = located.lease_id or None
         chosen = self.readers.reader_for(located.offers) if located.offers else None
-        if chosen is None:  # no shared backend: the plain Get API, one call for all layers
+        if chosen is None:  # no shared backend: the plain Get API, all layers at once
             self._backend = "get"
-            everything = self.executor.submit(self._get, keys)
+            nbytes = {n: block_nbytes(self.caches[n], self.block_dims[n]) for n in names}
+            sizes = [nbytes[n] for r in self.requests for _ in r.hashes for n in names]
+            everything = self.executor.submit(self._get, keys, sizes)
             self._futures = {n: everything for n in names}
             return
         self._backend, reader = chosen
@@ -150,8 +153,11 @@ class LayerLoad:
     def _remaining(self) -> float:
         return max(0.0, self._deadline - time.monotonic())
 
-    def _get(self, keys: list[bytes]) -> dict[bytes, bytes]:
-        result = self.store.get(keys)
+    def _get(self, keys: list[bytes], sizes: list[int]) -> dict[bytes, bytes]:
+        """Every layer's blocks through Get: as many calls as the message limit needs
+        (blocks first, then layers, so that each call brings whole leading blocks), all
+        within the step's deadline."""
+        result = self.store.get(keys, sizes, deadline=self._deadline)
         self._nbytes += sum(len(b.data) for b in result.blocks.values())
         self._done_at = time.monotonic()
         return {k: b.data for k, b in result.blocks.items()}

@@ -54,11 +54,8 @@ class StoreService(store_pb2_grpc.KVStoreServicer):
                 stored += 1
             with self._lock:
                 self._vanished.discard(block.key)
-        if self.publisher is not None:
-            try:
-                self.publisher.flush()
-            except Exception as e:  # the index is down: the blocks are stored all the same
-                log.warning("block index update failed: %s", e)
+        if self.publisher is not None:  # if the index is down, it publishes them later
+            self.publisher.flush()
         return store_pb2.PutReply(stored=stored, rejected=len(request.blocks) - stored)
 
     def Lookup(self, request, context):

@@ -773,6 +773,11 @@ class TieredStore(BlockStore):
         with self._lock:
             return list(self._entries)
 
+    def holdings(self) -> dict[bytes, str]:
+        """Every key held now, with the name of its tier (one consistent snapshot)."""
+        with self._lock:
+            return {key: self.tiers[e.tier].name for key, e in self._entries.items()}
+
     @property
     def leases(self) -> int:
         """Leases held now (for tests and metrics)."""

@@ -37,27 +37,70 @@ def _wait_ready(proc: subprocess.Popen, port: int, timeout_s: float) -> bool:
     return False
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory):
+def start_redis(log_path, port: int | None = None, *args: str) -> tuple[subprocess.Popen, int]:
+    """A redis-server on loopback, on ``port`` or a free one, with extra ``args``; fails
+    the test when it does not start."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server is not on PATH; install it (Debian/Ubuntu: "
                     "apt-get install -y redis-server)", pytrace=False)
-    log_path = tmp_path_factory.mktemp("redis") / "redis.log"
-    for _ in range(3):  # the free port may be taken before the server binds it
-        port = free_port()
+    for _ in range(3 if port is None else 1):  # a free port may be taken before the server binds it
+        bind = port or free_port()
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                 "--appendonly", "no"],
-                stdout=log, stderr=subprocess.STDOUT,
-            )
-        if _wait_ready(proc, port, timeout_s=10.0):
-            break
+            proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(bind), *args],
+                                    stdout=log, stderr=subprocess.STDOUT)
+        if _wait_ready(proc, bind, timeout_s=10.0):
+            return proc, bind
         proc.kill()
         proc.wait(timeout=10)
-    else:
-        pytest.fail(f"redis-server did not start; its log:\n{log_path.read_text()}", pytrace=False)
+    pytest.fail(f"redis-server did not start; its log:\n{log_path.read_text()}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("redis") / "redis.log"
+    proc, port = start_redis(log_path, None, "--save", "", "--appendonly", "no")
     yield f"redis://127.0.0.1:{port}/0"
     proc.kill()
     proc.wait(timeout=10)
+
+
+class OwnRedis:
+    """A redis-server of one test's own, which the test may stop and start again on the
+    same port. Its data lives in ``directory``: a ``stop(save=True)`` keeps it for the
+    next start, a ``stop(save=False)`` (a kill) loses what was not saved."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.port: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc, self.port = start_redis(self.directory / "redis.log", self.port,
+                                           "--dir", str(self.directory), "--save", "",
+                                           "--appendonly", "no")
+
+    def stop(self, save: bool) -> None:
+        if save:
+            client = redis.Redis(port=self.port, socket_timeout=10)
+            client.save()
+            client.close()
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    server = OwnRedis(tmp_path)
+    yield server
+    server.close()

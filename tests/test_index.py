@@ -23,6 +23,7 @@ import redis
 from kv_store.index import EmbeddedBlockIndex, IndexEvent, RedisBlockIndex
 from kv_store.index.base import MAX_GROUP_KEYS, MAX_GROUPS
 from kv_store.index.redis_index import CHUNK_KEYS, REAP_KEYS
+from kv_store.store_node import IndexPublisher
 
 TIMEOUT = 10.0
 T0 = 1_700_000_000.25
@@ -518,3 +519,93 @@ def test_redis_matches_embedded_on_a_random_workload(redis_client, clock):
         assert real.live_nodes() == model.live_nodes()
     real_events, model_events = (drain(sub, 0.2) for sub in subs)
     assert Counter(real_events) == Counter(model_events) and len(model_events) > 50
+
+
+# A store node's publisher, over a Redis that goes down and comes back: a real outage (the
+# server shut down, connections refused), not a mock. The background thread is left idle
+# (a flush every hour) so that the test decides when each flush happens.
+
+
+def publisher_over(redis_url: str, **kwargs) -> tuple[RedisBlockIndex, IndexPublisher]:
+    index = RedisBlockIndex.from_url(redis_url, socket_timeout_s=2.0)
+    return index, IndexPublisher(index, "n1", "addr-1", flush_s=3600, **kwargs)
+
+
+def outage_logs(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "kvmesh.store"]
+
+
+def test_changes_a_failed_flush_kept_reach_the_index_once_it_is_back(own_redis, caplog):
+    k1, k2, k3, k4 = (key("kept", i) for i in range(4))
+    index, publisher = publisher_over(own_redis.url)
+    publisher.start()
+    try:
+        for k in (k1, k2):
+            publisher.on_change("stored", k, "host")
+        assert publisher.flush()
+        own_redis.stop(save=True)
+        publisher.on_change("removed", k1, None)  # evicted: must leave the index
+        publisher.on_change("stored", k3, "disk")
+        publisher.on_change("stored", k4, "host")
+        assert not publisher.flush()
+        publisher.on_change("removed", k4, None)  # stored, then removed: never listed
+        publisher.on_change("stored", k2, "disk")  # moved
+        assert not publisher.flush()
+        own_redis.start()  # with the data it saved: n1 is still registered
+        assert publisher.flush()
+        assert index.locate([k1, k2, k3, k4]) == {k2: {"n1": "disk"}, k3: {"n1": "disk"}}
+        assert publisher.flush()  # nothing left over
+        logs = outage_logs(caplog)
+        assert len(logs) == 2  # two failed flushes, one outage
+        assert logs[0].startswith("block index unavailable") and "available again" in logs[1]
+    finally:
+        publisher.stop()
+        index.close()
+
+
+def test_past_max_pending_the_node_reannounces_what_it_holds(own_redis, caplog):
+    k1, k2, k3, k4 = (key("over", i) for i in range(4))
+    held = {}
+    index, publisher = publisher_over(own_redis.url, max_pending=2)
+    publisher.start(lambda: dict(held))
+    try:
+        for k in (k1, k2):
+            held[k] = "host"
+            publisher.on_change("stored", k, "host")
+        assert publisher.flush()
+        own_redis.stop(save=True)
+        del held[k1]
+        publisher.on_change("removed", k1, None)
+        for k, tier in ((k3, "host"), (k4, "disk")):
+            held[k] = tier
+            publisher.on_change("stored", k, tier)
+        assert not publisher.flush()  # three changes: over the bound, so dropped
+        own_redis.start()  # n1 is still registered there, still listing k1
+        assert publisher.flush()
+        assert index.locate([k1, k2, k3, k4]) == {k2: {"n1": "host"}, k3: {"n1": "host"},
+                                                  k4: {"n1": "disk"}}
+        assert sum("more than 2 block changes" in m for m in outage_logs(caplog)) == 1
+    finally:
+        publisher.stop()
+        index.close()
+
+
+def test_a_node_the_index_forgot_comes_back_with_what_it_holds(own_redis):
+    k1, k2 = key("forgot", 1), key("forgot", 2)
+    held = {k1: "host"}
+    index, publisher = publisher_over(own_redis.url)
+    publisher.start(lambda: dict(held))
+    try:
+        publisher.on_change("stored", k1, "host")
+        assert publisher.flush()
+        own_redis.stop(save=False)  # killed: it comes back empty
+        held[k2] = "host"
+        publisher.on_change("stored", k2, "host")
+        assert not publisher.flush()
+        own_redis.start()
+        assert publisher.flush()  # the add is refused (n1 unknown): register, announce all
+        assert set(index.live_nodes()) == {"n1"}
+        assert index.locate([k1, k2]) == {k1: {"n1": "host"}, k2: {"n1": "host"}}
+    finally:
+        publisher.stop()
+        index.close()

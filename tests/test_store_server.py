@@ -1,12 +1,19 @@
 """The store server and client over real gRPC on loopback."""
 
+import concurrent.futures as cf
 import time
+from typing import NamedTuple
 
 import pytest
+import torch
 
 from kv_store.client import StoreClient, StoreError
+from kv_store.index import EmbeddedBlockIndex
 from kv_store.integrity import checksum
+from kv_store.keys import KeySpace, chain_hashes, namespace
+from kv_store.layer_loader import LayerLoad, ReaderCache
 from kv_store.server import start_store_server
+from kv_store.store_node import PeerBlocks
 from kv_store.tiered_store import TieredStore
 from kv_store.tiers import HostTier
 
@@ -98,4 +105,85 @@ def test_blocks_a_reply_carries_unasked_are_ignored():
             got = c.get([b"a", b"b"])
             assert set(got.blocks) == {b"a"} and got.corrupt == 0
     finally:
+        srv.stop(0)
+
+
+# Loads larger than one message: the message limit is lowered on both ends, so that a few
+# 16 KiB blocks pass it.
+
+LIMIT = 64 << 10
+BLOCK = 16 << 10
+SPACE = KeySpace(namespace("tiny", "test"), (0, 1))
+
+
+def counting_gets(client: StoreClient) -> list[int]:
+    """Record the number of keys of every Get call ``client`` makes."""
+    calls: list[int] = []
+    real = client._stub.Get
+
+    def get(request, timeout):
+        calls.append(len(request.keys))
+        return real(request, timeout=timeout)
+
+    client._stub.Get = get
+    return calls
+
+
+def block_bytes(h: bytes, layer: int) -> bytes:
+    return (h + bytes([layer])) * (BLOCK // (len(h) + 1)) + bytes(BLOCK % (len(h) + 1))
+
+
+class Transfer(NamedTuple):
+    req_id: str
+    block_ids: list[int]
+    hashes: list[bytes]
+
+
+def test_a_get_load_larger_than_one_message_goes_in_several_calls():
+    store = TieredStore([HostTier(4 << 20, page_bytes=1 << 20)])
+    srv, port = start_store_server("127.0.0.1", 0, store, max_message_bytes=LIMIT)
+    hashes = chain_hashes(list(range(6 * 4)), 4)  # 6 blocks x 2 layers x 16 KiB = 192 KiB
+    names = {"model.layers.0.attn": 0, "model.layers.1.attn": 1}
+    for h in hashes:
+        for layer in names.values():
+            data = block_bytes(h, layer)
+            assert store.put(SPACE.key(h, layer), data, checksum(data))
+    caches = {name: torch.zeros(8, 8, BLOCK // 8, dtype=torch.uint8) for name in names}
+    executor = cf.ThreadPoolExecutor(1)
+    try:
+        with StoreClient(f"127.0.0.1:{port}", max_message_bytes=LIMIT) as client:
+            calls = counting_gets(client)
+            load = LayerLoad(client, ReaderCache(["shm"]), SPACE, names, caches,
+                             {name: 0 for name in names}, executor, timeout_s=5.0)
+            load.start([Transfer("r", [2, 3, 4, 5, 6, 7], hashes)])
+            failed = []
+            stats = load.finish(lambda req_id, ids: failed.append((req_id, ids)))
+        assert failed == [] and stats["r"].backend == "get"
+        assert len(calls) == 4 and sum(calls) == 12  # three blocks of 16 KiB fit in 64 KiB
+        for name, layer in names.items():
+            for block_id, h in zip(range(2, 8), hashes):
+                assert caches[name][block_id].numpy().tobytes() == block_bytes(h, layer)
+    finally:
+        executor.shutdown()
+        srv.stop(0)
+
+
+def test_a_peer_fetch_larger_than_one_message_goes_in_several_calls():
+    index = EmbeddedBlockIndex()
+    holder = TieredStore([HostTier(4 << 20, page_bytes=1 << 20)])
+    srv, port = start_store_server("127.0.0.1", 0, holder, max_message_bytes=LIMIT)
+    keys = [SPACE.key(h, 0) for h in chain_hashes(list(range(10 * 4)), 4)]  # 160 KiB
+    for k in keys:
+        assert holder.put(k, block_bytes(k[:16], 0), checksum(block_bytes(k[:16], 0)))
+    index.register_node("holder", f"127.0.0.1:{port}")
+    index.register_node("asker", "elsewhere")
+    index.add("holder", "host", keys)
+    peers = PeerBlocks(index, "asker", max_block_bytes=BLOCK, max_message_bytes=LIMIT)
+    try:
+        calls = counting_gets(peers._client(f"127.0.0.1:{port}"))
+        found = peers.fetch(keys)
+        assert {k: b.data for k, b in found.items()} == {k: block_bytes(k[:16], 0) for k in keys}
+        assert calls == [3, 3, 3, 1]
+    finally:
+        peers.close()
         srv.stop(0)

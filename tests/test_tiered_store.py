@@ -52,6 +52,7 @@ def test_pressure_demotes_to_disk_and_hits_promote(two_tier):
     for i in range(24):  # 16 fit in host, the rest pushes the oldest to disk
         assert put(two_tier, i)
     assert two_tier.tier_of(b"k0") == "disk" and two_tier.tier_of(b"k23") == "host"
+    assert two_tier.holdings() == {k: two_tier.tier_of(k) for k in two_tier.keys()}
     assert two_tier.get(b"k0").data == block(0)
     assert two_tier.tier_of(b"k0") == "host"
     stats = two_tier.stats()
