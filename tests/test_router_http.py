@@ -30,6 +30,7 @@ from bench.stub_worker import StubWorker, start_stub
 from cluster.local import free_port
 from router.app import create_app
 from router.core import ApiError, Prepared, RouterCore, RouterSettings, Sampling, Trace
+from tests.waiting import wait_until
 
 
 @dataclass
@@ -84,15 +85,6 @@ def serving(model: str, stubs: int = 1, token_delay_s: float = 0.0, discover: bo
             call(grpc_server.stop(None))
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
-
-
-def wait_until(predicate, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def raw_request(url: str, path: str, body: bytes, headers: str = "") -> socket.socket:

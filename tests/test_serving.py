@@ -19,6 +19,7 @@ import kvmesh_client
 from cluster.local import LocalCluster
 from kvmesh_proto import worker_pb2, worker_pb2_grpc
 from tests.colocated import reference_table
+from tests.waiting import wait_until
 
 BLOCK = 32
 MAX_TOKENS = 10
@@ -77,15 +78,6 @@ def decode_running(cluster) -> int:
         with grpc.insecure_channel(address) as ch:
             total += worker_pb2_grpc.WorkerStub(ch).Health(worker_pb2.HealthRequest(), timeout=5).running
     return total
-
-
-def wait_until(predicate, timeout_s: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
 
 
 def test_openai_client_completions_and_chat(cluster, prompts, reference, tokenizer):

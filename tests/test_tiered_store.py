@@ -12,6 +12,7 @@ from kv_store.integrity import checksum
 from kv_store.tiered_store import TieredStore
 from kv_store.slab import adjacent_runs
 from kv_store.tiers import DiskTier, GpuTier, HostTier
+from tests.waiting import wait_until
 
 PAGE = 64 * 1024
 
@@ -222,15 +223,6 @@ def test_all_pinned_means_rejected_not_overfilled():
     assert store.stats().rejected == 1 and store.stats().used_bytes == 8 * 8192
 
 
-def eventually(condition, timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def free_share(store, tier: int) -> float:
     a = store.tiers[tier].allocator
     return 1 - a.slot_bytes / a.capacity_bytes
@@ -247,7 +239,7 @@ def test_the_demoter_keeps_room_free_ahead_of_puts(tmp_path):
             for i in range(16):  # exactly fills host RAM (16 blocks of 8 KiB)
                 assert put(store, i)
             if share:
-                assert eventually(lambda: free_share(store, 0) >= share)
+                assert wait_until(lambda: free_share(store, 0) >= share)
                 assert store.stats().tiers[0].demotions == store.stats().tiers[0].demotions_ahead == 4  # no more
                 assert all(store.tier_of(b"k%d" % i) == "disk" for i in range(4))  # the LRU ones
             else:
@@ -268,9 +260,9 @@ def test_the_demoter_never_drops_a_block_it_cannot_move(tmp_path):
     try:
         for i in range(3):
             assert put(store, i)
-        assert eventually(lambda: store.tier_of(b"k0") == "disk")
+        assert wait_until(lambda: store.tier_of(b"k0") == "disk")
         assert put(store, 3)
-        assert eventually(lambda: store.tier_of(b"k1") == "disk")  # the disk is full now
+        assert wait_until(lambda: store.tier_of(b"k1") == "disk")  # the disk is full now
         with store.pinned([b"k0", b"k1"]):
             assert put(store, 4)  # host short of room again; nothing below may go
             time.sleep(0.5)
@@ -340,7 +332,7 @@ def test_long_random_run_returns_to_baseline(tmp_path, policy, write_behind, dem
         behind = store.tiers[1]._behind
         assert behind.staged_bytes == 0 and behind.requests > 0 and behind.failed_writes == 0
     store.drop()  # the demoter may be finishing a move: its slots go when it ends
-    assert eventually(lambda: all(t.used_bytes == 0 for t in store.stats().tiers))
+    assert wait_until(lambda: all(t.used_bytes == 0 for t in store.stats().tiers))
     assert_empty_after_drop(store)
     store.close()
 
@@ -482,7 +474,7 @@ def test_the_demoter_writes_adjacent_victims_to_disk_in_one_request(tmp_path, mo
         for i in range(16):  # fills host RAM; then the demoter frees half, eight blocks at once
             assert put(store, i)
         store.demote_ahead = 0.5
-        assert eventually(lambda: store.stats().tiers[0].demotions_ahead == 8)
+        assert wait_until(lambda: store.stats().tiers[0].demotions_ahead == 8)
         assert counted.buffers == [8]
         assert all(store.get(b"k%d" % i).data == block(i) for i in range(16))
     finally:
@@ -546,7 +538,7 @@ def test_the_demoter_backs_off_from_a_disk_that_fails_and_resumes_once_it_heals(
         for i in range(16):  # fills host RAM
             assert put(store, i)
         store.demote_ahead = 0.5
-        assert eventually(lambda: len(tries()) == 1)
+        assert wait_until(lambda: len(tries()) == 1)
         end = time.monotonic() + 2.5
         i = 16
         while time.monotonic() < end:  # each put finds host RAM short and wakes the demoter
@@ -558,7 +550,7 @@ def test_the_demoter_backs_off_from_a_disk_that_fails_and_resumes_once_it_heals(
         assert 2 <= len(spans) <= 4 and all(span < 0.2 for _, span in spans), \
             f"the demoter's tries at (start s, lasting s): {spans}"
         healed.set()
-        assert eventually(lambda: store.stats().tiers[0].demotions_ahead > 0, timeout_s=10)
+        assert wait_until(lambda: store.stats().tiers[0].demotions_ahead > 0, timeout_s=10)
         assert all(store.get(key).data == block(int(key[1:])) for key in store.keys())
     finally:
         store.close()
