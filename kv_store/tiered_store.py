@@ -444,9 +444,11 @@ class TieredStore(BlockStore):
         """Run ``jobs`` (block copies that touch only their own slots, never the store's
         state) and return their results in order: on the I/O pool when ``parallel`` and
         there is more than one, else one after the other on this thread."""
+        if not parallel or len(jobs) < 2 or self.io_threads == 1:
+            return [job() for job in jobs]
         with self._lock:
-            if not parallel or len(jobs) < 2 or self.io_threads == 1 or self._closing:
-                pool = None  # (once closing, no new pool: close has shut it down)
+            if self._closing:  # no new pool: close has shut it down
+                pool = None
             else:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="kvmesh-io")
