@@ -312,7 +312,10 @@ def addresses(text: str) -> list[str]:
 def cmd_model_make(args) -> None:
     from cluster.models import make_model
 
-    path = make_model(args.dir, args.size, args.seed)
+    try:
+        path = make_model(args.dir, args.size, args.seed)
+    except ValueError as e:
+        raise SystemExit(f"kvmesh model make: {e}") from None
     print(f"kvmesh: wrote the {args.size} model to {path}")
 
 

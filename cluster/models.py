@@ -98,16 +98,39 @@ def make_model(out_dir: str | os.PathLike, size: str = "tiny", seed: int = 0) ->
     """Write a complete Hugging Face model directory to ``out_dir`` and return it.
 
     Writes into a temporary sibling first and renames, so a crash never leaves a
-    half-written directory that looks complete.
+    half-written directory that looks complete (the sibling is removed when writing
+    fails). Replaces only an empty directory or one this function made earlier (it holds
+    ``kvmesh_model.json``); any other existing path is a ``ValueError``, and left as it was.
     """
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
+    out = Path(out_dir)
+    if out.exists() and not _replaceable(out):
+        raise ValueError(f"{out} exists and is not a kvmesh model directory; give a new or empty one")
+    import shutil
+
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    try:
+        _write_model(tmp, size, seed)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replaceable(path: Path) -> bool:
+    """An empty directory, or one ``make_model`` wrote."""
+    return path.is_dir() and (not any(path.iterdir()) or (path / "kvmesh_model.json").is_file())
+
+
+def _write_model(tmp: Path, size: str, seed: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     spec = SIZES[size]
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tokenizer = make_tokenizer(spec.vocab_size, seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -130,11 +153,6 @@ def make_model(out_dir: str | os.PathLike, size: str = "tiny", seed: int = 0) ->
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "kvmesh_model.json").write_text(json.dumps({"size": size, "seed": seed}))
-    if out.exists():
-        import shutil
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
 
 
 def is_model_dir(path: str | os.PathLike) -> bool:
