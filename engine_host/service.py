@@ -97,7 +97,11 @@ async def serve_worker(settings: EngineSettings, host: str, port: int,
         service = WorkerService(engine, settings, engine.model_config.max_model_len)
         server = grpc.aio.server(options=message_options())
         worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
-        if server.add_insecure_port(f"{host}:{port}") == 0:
+        try:  # grpcio raises RuntimeError for a port in use; older releases returned 0
+            bound = server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError:
+            bound = 0
+        if bound == 0:
             raise RuntimeError(f"cannot bind the {settings.role} worker to {host}:{port}")
         await server.start()
         print(f"kvmesh {settings.role} worker serving on {host}:{port}", flush=True)

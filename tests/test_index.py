@@ -609,3 +609,20 @@ def test_a_node_the_index_forgot_comes_back_with_what_it_holds(own_redis):
     finally:
         publisher.stop()
         index.close()
+
+
+def test_announcer_stop_without_a_start_does_nothing(redis_client, redis_url):
+    """A worker whose startup failed before it announced (a port in use, Redis down)
+    stops its announcer on the way out: that must neither raise nor withdraw."""
+    from kv_store.index.services import Announcer, ServiceRegistry
+
+    registry = ServiceRegistry(redis_url)
+    try:
+        other = Announcer(registry, "prefill", "10.0.0.1:1")
+        other.start()
+        Announcer(registry, "prefill", "10.0.0.2:2").stop()
+        assert registry.members("prefill") == ["10.0.0.1:1"]
+        other.stop()
+        assert registry.members("prefill") == []
+    finally:
+        registry.close()

@@ -56,7 +56,11 @@ class ServiceRegistry:
 
 
 class Announcer:
-    """Announces ``address`` under ``role`` every ``ttl_s / 3`` until ``stop``."""
+    """Announces ``address`` under ``role`` every ``ttl_s / 3`` until ``stop``.
+
+    ``start`` announces once and raises ``redis.RedisError`` if that fails; ``stop`` may be
+    called whether or not ``start`` ran or succeeded (then it does nothing) and never
+    raises: a withdraw that fails is logged, and the entry expires after ``ttl_s``."""
 
     def __init__(self, registry: ServiceRegistry, role: str, address: str):
         self.registry, self.role, self.address = registry, role, address
@@ -76,6 +80,8 @@ class Announcer:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._thread.ident is None:  # never started: nothing was announced
+            return
         self._thread.join(timeout=5)
         try:
             self.registry.withdraw(self.role, self.address)
