@@ -14,6 +14,7 @@ import asyncio
 import grpc
 
 from kvmesh_proto import worker_pb2, worker_pb2_grpc
+from kvmesh_proto.options import bind_port, host_port
 
 
 class StubWorker(worker_pb2_grpc.WorkerServicer):
@@ -51,6 +52,6 @@ async def start_stub(role: str, host: str = "127.0.0.1", port: int = 0,
     port); returns the started server and its address."""
     server = grpc.aio.server()
     worker_pb2_grpc.add_WorkerServicer_to_server(stub or StubWorker(role), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = bind_port(server, host, port, f"the {role} stub worker")
     await server.start()
-    return server, f"{host}:{bound}"
+    return server, host_port(host, bound)

@@ -17,7 +17,10 @@ import logging
 import math
 import os
 import re
+import socket
 import sys
+
+from kvmesh_proto.options import WILDCARD_HOSTS, host_port, split_host_port
 
 DEFAULT_HOST = "127.0.0.1"
 SHM_PREFIX = "kvmesh-"  # the store's host arena in /dev/shm: kvmesh-<pid>-<random>
@@ -123,7 +126,7 @@ def cmd_store(args) -> None:
 
             if args.port == 0 and not args.advertise:
                 raise SystemExit("kvmesh store: with --index, give a fixed --port or --advertise")
-            address = args.advertise or f"{args.host}:{args.port}"
+            address = args.advertise or host_port(args.host, args.port)
             node_id = args.node_id or address
             try:
                 index = RedisBlockIndex.from_url(args.index, heartbeat_timeout_s=args.heartbeat_timeout)
@@ -149,7 +152,8 @@ def cmd_store(args) -> None:
                                 io_threads=args.io_threads, disk_write_behind_bytes=args.disk_write_behind,
                                 demote_ahead=args.demote_ahead)
             started.callback(store.close)
-            sources = open_transfer_sources(store, backends, args.host)
+            sources = open_transfer_sources(store, backends, args.host, args.transfer_port,
+                                            advertised_host(args.advertise, args.host))
         except (ValueError, RuntimeError, OSError) as e:
             raise SystemExit(f"kvmesh store: {e}")
         for source in sources.values():
@@ -186,14 +190,30 @@ def cmd_store(args) -> None:
             except OSError as e:
                 raise SystemExit(f"kvmesh store: cannot serve metrics on {args.host}:{args.metrics_port}: "
                                  f"{e.strerror or e}") from None
-            print(f"kvmesh store metrics on http://{args.host}:{args.metrics_port}/metrics", flush=True)
+            print(f"kvmesh store metrics on http://{host_port(args.host, args.metrics_port)}/metrics", flush=True)
         freeze_startup_objects()
         stop.wait()
 
 
-def open_transfer_sources(store, backends: list[str], host: str) -> dict:
-    """Expose the store's host arena through each usable transfer backend. If one fails
-    to open, those already open are closed before the error propagates."""
+def advertised_host(advertise: str | None, host: str) -> str:
+    """The host other machines reach this one by: ``advertise``'s, else ``host`` unless it
+    is a wildcard (``0.0.0.0``, ``::``), else this machine's first address."""
+    if advertise:
+        return split_host_port(advertise)[0]
+    if host not in WILDCARD_HOSTS:
+        return host
+    name = socket.gethostname()
+    try:
+        return socket.getaddrinfo(name, None)[0][4][0]
+    except OSError:
+        return name
+
+
+def open_transfer_sources(store, backends: list[str], host: str, port: int = 0,
+                          advertise_host: str | None = None) -> dict:
+    """Expose the store's host arena through each usable transfer backend (gRPC on
+    ``host:port``, its descriptor naming ``advertise_host``). If one fails to open, those
+    already open are closed before the error propagates."""
     from kv_store.transfer import BACKENDS, available_backends, open_source
 
     unknown = set(backends) - set(BACKENDS)
@@ -209,7 +229,8 @@ def open_transfer_sources(store, backends: list[str], host: str) -> dict:
             if backend not in usable:
                 print(f"kvmesh store: transfer backend {backend} is not usable here; skipped", flush=True)
                 continue
-            options = {"address": f"{host}:0"} if backend == "grpc" else {}
+            options = {"address": host_port(host, port), "advertise_host": advertise_host} \
+                if backend == "grpc" else {}
             sources[backend] = open_source(backend, arena, **options)
     except BaseException:
         for source in sources.values():
@@ -224,13 +245,13 @@ def cmd_worker(args) -> None:
 
     module = prefill_workers if args.command == "prefill" else decode_workers
     model, _ = resolve_model(args.model)
-    address = args.advertise or f"{args.host}:{args.port}"
+    address = args.advertise or host_port(args.host, args.port)
     store, announcer = args.store, None
     if args.index:
         from kv_store.index.services import Announcer, ServiceRegistry
 
         if store is None:
-            store = discover_store(args.index, address.rsplit(":", 1)[0], args.discovery_timeout)
+            store = discover_store(args.index, split_host_port(address)[0], args.discovery_timeout)
         announcer = Announcer(ServiceRegistry(args.index), args.command, address)
     if store is None:
         raise SystemExit(f"kvmesh {args.command}: give --store HOST:PORT, or --index to find one")
@@ -263,7 +284,7 @@ def discover_store(index_url: str, my_host: str, timeout_s: float) -> str:
         while True:
             nodes = [n.address for n in index.live_nodes().values()]
             if nodes:
-                local = [a for a in nodes if a.rsplit(":", 1)[0] == my_host]
+                local = [a for a in nodes if _host_of(a) == my_host]
                 return sorted(local or nodes)[0]
             if time.monotonic() > deadline:
                 raise SystemExit(f"kvmesh: no store node in the index at {index_url} "
@@ -295,18 +316,35 @@ def cmd_router(args) -> None:
         raise SystemExit(f"kvmesh router: {e}")
     if not args.index and not (settings.prefill_addresses and settings.decode_addresses):
         raise SystemExit("kvmesh router: give --prefill and --decode addresses, or --index to discover them")
-    print(f"kvmesh router serving on http://{args.host}:{args.port}", flush=True)
+    print(f"kvmesh router serving on http://{host_port(args.host, args.port)}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 def addresses(text: str) -> list[str]:
-    """``"h1:1,h2:2"`` -> a list of HOST:PORT addresses."""
+    """``"h1:1,h2:2,[::1]:3"`` -> a list of HOST:PORT addresses."""
     out = [a.strip() for a in text.split(",") if a.strip()]
-    for a in out:
-        host, _, p = a.rpartition(":")
-        if not host or not p.isdigit():
-            raise SystemExit(f"kvmesh: not a HOST:PORT address: {a!r}")
+    try:
+        for a in out:
+            split_host_port(a)
+    except ValueError as e:
+        raise SystemExit(f"kvmesh: {e}") from None
     return out
+
+
+def address(text: str) -> str:
+    """An argparse type: ``HOST:PORT`` or ``[V6]:PORT``."""
+    try:
+        split_host_port(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _host_of(text: str) -> str | None:
+    try:
+        return split_host_port(text)[0]
+    except ValueError:
+        return None
 
 
 def cmd_model_make(args) -> None:
@@ -487,11 +525,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--transfer", default="shm,nixl,grpc",
                     help="backends offered for zero-copy reads of the host arena, comma-separated "
                          "(shm: same host; nixl: UCX/RDMA; grpc: streaming; empty: none)")
+    sp.add_argument("--transfer-port", type=port, default=0,
+                    help="port of the grpc transfer backend, on --host (default 0: any free port); "
+                         "readers are told the host of --advertise, or --host unless it is a "
+                         "wildcard, or else this machine's first address")
     sp.add_argument("--index", default=None, metavar="URL",
                     help="shared block index, e.g. redis://127.0.0.1:6379/0: this node publishes "
                          "its blocks there and fetches blocks it lacks from peers")
     sp.add_argument("--node-id", default=None, help="this node's id in the index (default: its address)")
-    sp.add_argument("--advertise", default=None, metavar="HOST:PORT",
+    sp.add_argument("--advertise", type=address, default=None, metavar="HOST:PORT",
                     help="address peers use to reach this node (default: --host:--port)")
     sp.add_argument("--heartbeat", type=seconds, default=1.0, help="seconds between heartbeats")
     sp.add_argument("--heartbeat-timeout", type=seconds, default=5.0,
@@ -508,11 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
         model_arg(sp)
         sp.add_argument("--host", default=DEFAULT_HOST)
         sp.add_argument("--port", type=port, default=default_port)
-        sp.add_argument("--store", default=None,
+        sp.add_argument("--store", type=address, default=None,
                         help="store address HOST:PORT (default with --index: a store on this host)")
         sp.add_argument("--index", default=None, metavar="URL",
                         help="Redis block index: find the store there and announce this worker")
-        sp.add_argument("--advertise", default=None, metavar="HOST:PORT",
+        sp.add_argument("--advertise", type=address, default=None, metavar="HOST:PORT",
                         help="address the router uses to reach this worker (default: --host:--port)")
         sp.add_argument("--discovery-timeout", type=seconds, default=120.0,
                         help="seconds to wait for a store to appear in the index")

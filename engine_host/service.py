@@ -15,7 +15,7 @@ import grpc
 
 from engine_host.engine import EngineSettings, build_engine
 from kv_store.gc_tuning import freeze_startup_objects
-from kvmesh_proto.options import message_options
+from kvmesh_proto.options import bind_port, host_port, message_options
 from kvmesh_proto import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("kvmesh.worker")
@@ -97,14 +97,9 @@ async def serve_worker(settings: EngineSettings, host: str, port: int,
         service = WorkerService(engine, settings, engine.model_config.max_model_len)
         server = grpc.aio.server(options=message_options())
         worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
-        try:  # grpcio raises RuntimeError for a port in use; older releases returned 0
-            bound = server.add_insecure_port(f"{host}:{port}")
-        except RuntimeError:
-            bound = 0
-        if bound == 0:
-            raise RuntimeError(f"cannot bind the {settings.role} worker to {host}:{port}")
+        bind_port(server, host, port, f"the {settings.role} worker")
         await server.start()
-        print(f"kvmesh {settings.role} worker serving on {host}:{port}", flush=True)
+        print(f"kvmesh {settings.role} worker serving on {host_port(host, port)}", flush=True)
         freeze_startup_objects()
         if announcer is not None:
             announcer.start()

@@ -15,7 +15,7 @@ import grpc
 
 from kv_store.block_store import BlockStore, StoredBlock
 from kv_store.store_node import IndexPublisher, PeerBlocks
-from kvmesh_proto.options import DEFAULT_MAX_MESSAGE_BYTES, message_options
+from kvmesh_proto.options import DEFAULT_MAX_MESSAGE_BYTES, bind_port, host_port, message_options
 from kv_store.integrity import checksum
 from kvmesh_proto import store_pb2, store_pb2_grpc
 
@@ -181,9 +181,7 @@ def start_store_server(
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          options=message_options(max_message_bytes))
     store_pb2_grpc.add_KVStoreServicer_to_server(StoreService(store, allow_fault_injection, peers, publisher, offers), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise RuntimeError(f"cannot bind the store server to {host}:{port}")
+    bound = bind_port(server, host, port, "the store server")
     server.start()
-    log.info("store serving on %s:%d", host, bound)
+    log.info("store serving on %s", host_port(host, bound))
     return server, bound

@@ -84,11 +84,10 @@ class ServingService(serving_pb2_grpc.KVMeshServicer):
 
 async def start_grpc_server(core: RouterCore, host: str, port: int) -> grpc.aio.Server:
     """Serve the gRPC API on ``host:port`` (started; the caller stops it)."""
-    from kvmesh_proto.options import message_options
+    from kvmesh_proto.options import bind_port, message_options
 
     server = grpc.aio.server(options=message_options(core.settings.max_request_bytes))
     serving_pb2_grpc.add_KVMeshServicer_to_server(ServingService(core), server)
-    if server.add_insecure_port(f"{host}:{port}") == 0:
-        raise RuntimeError(f"cannot bind the router's gRPC API to {host}:{port}")
+    bind_port(server, host, port, "the router's gRPC API")
     await server.start()
     return server

@@ -170,3 +170,54 @@ def test_free_ports_avoid_the_ephemeral_range():
     low, high = _ephemeral_ports()
     ports = {free_port() for _ in range(50)}
     assert all(p < low or p > high for p in ports) and len(ports) > 40
+
+
+def test_the_grpc_transfer_offer_names_a_host_readers_can_reach():
+    """A store bound to a wildcard (as in a pod: ``--host 0.0.0.0``) tells readers the host
+    of ``--advertise``, never the wildcard, and the gRPC transfer serves IPv6 binds too."""
+    from cluster.cli import advertised_host, open_transfer_sources
+    from kv_store.tiered_store import TieredStore
+    from kv_store.tiers import HostTier
+    from kv_store.transfer import open_reader
+    from kv_store.transfer.base import decode_descriptor
+    from kvmesh_proto.options import WILDCARD_HOSTS, split_host_port
+
+    assert advertised_host("10.1.2.3:50051", "0.0.0.0") == "10.1.2.3"
+    assert advertised_host("[fd00::7]:50051", "::") == "fd00::7"
+    assert advertised_host(None, "10.0.0.9") == "10.0.0.9"
+    assert advertised_host(None, "0.0.0.0") not in WILDCARD_HOSTS
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    store = TieredStore([HostTier(8 << 20, 1 << 20, populate=False)])
+    try:
+        store.tiers[0].buffer()[:5] = b"hello"
+        sources = open_transfer_sources(store, ["grpc"], "0.0.0.0", free, advertised_host("10.1.2.3:1", "0.0.0.0"))
+        try:
+            assert decode_descriptor(sources["grpc"].descriptor())["address"] == f"10.1.2.3:{free}"
+        finally:
+            sources["grpc"].close()
+        sources = open_transfer_sources(store, ["grpc"], "::", 0, "::1")
+        try:
+            address = decode_descriptor(sources["grpc"].descriptor())["address"]
+            assert address.startswith("[::1]:") and split_host_port(address)[0] == "::1"
+            reader = open_reader(sources["grpc"].descriptor())
+            try:
+                got = bytearray(5)
+                reader.read([(0, 5)], got, deadline_s=10)
+                assert got == b"hello"
+            finally:
+                reader.close()
+        finally:
+            sources["grpc"].close()
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("good, bad", [("[::1]:50051", "::1:50051"), ("host:1", "host"),
+                                       ("10.0.0.1:65535", "10.0.0.1:65536")])
+def test_addresses_are_checked_and_ipv6_ones_bracketed(good, bad, capsys):
+    assert build_parser().parse_args(["store", "--advertise", good]).advertise == good
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["store", "--advertise", bad])
+    assert "not a HOST:PORT address" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The store server and client over real gRPC on loopback."""
 
 import concurrent.futures as cf
+import socket
 import time
 from typing import NamedTuple
 
@@ -69,6 +70,21 @@ def test_fault_injection_is_refused_by_default():
                 c.inject_fault("flip")
     finally:
         srv.stop(0)
+
+
+def test_the_store_serves_on_ipv6_and_a_busy_port_is_a_clear_error():
+    srv, port = start_store_server("::", 0, one_mib_store())
+    try:
+        with StoreClient(f"[::1]:{port}") as c:
+            assert c.lookup([[b"k"]]) == 0
+    finally:
+        srv.stop(0)
+    with socket.socket(socket.AF_INET6) as busy:  # no SO_REUSEPORT: gRPC cannot share it
+        busy.bind(("::", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        with pytest.raises(RuntimeError, match=rf"cannot bind the store server to \[::\]:{taken}"):
+            start_store_server("::", taken, one_mib_store())
 
 
 def test_unreachable_store_fails_within_the_deadline():

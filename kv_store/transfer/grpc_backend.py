@@ -42,7 +42,7 @@ import grpc.experimental  # noqa: F401  (ChannelOptions)
 import msgpack
 import numpy as np
 
-from kvmesh_proto.options import message_options
+from kvmesh_proto.options import bind_port, host_port, message_options, split_host_port
 from kv_store.transfer.base import (
     Deadline, Extent, Reader, ReaderBroken, SourceRegion, TransferError, check_dest, check_extents,
     decode_descriptor, encode_descriptor, split_pieces,
@@ -85,7 +85,9 @@ def _unpack_extents(request: bytes) -> list[tuple[int, int]]:
 
 class GrpcSource(SourceRegion):
     """Serves ``region`` (a ``HostTier`` or any buffer) on ``address``
-    (``host:port``; port 0 picks a free one; ``unix:/path`` works too).
+    (``host:port`` or ``[v6]:port``; port 0 picks a free one; ``unix:/path`` works too).
+    Its descriptor names ``advertise_host`` (with the bound port) where given: the host
+    readers reach it by, which a wildcard bind address such as ``0.0.0.0`` is not.
 
     ``frame_delay_s`` sleeps before each frame: fault injection for tests of stalled
     sources, 0 in service."""
@@ -93,7 +95,8 @@ class GrpcSource(SourceRegion):
     name = NAME
 
     def __init__(self, region, address: str = "127.0.0.1:0", chunk_bytes: int = CHUNK_BYTES,
-                 max_workers: int = 4, frame_delay_s: float = 0.0, max_stream_s: float = 60.0):
+                 max_workers: int = 4, frame_delay_s: float = 0.0, max_stream_s: float = 60.0,
+                 advertise_host: str | None = None):
         buffer = region.buffer() if hasattr(region, "buffer") else region
         view = memoryview(buffer)  # our own view: released by close, before the tier's
         self._view = view if view.format == "B" and view.ndim == 1 else view.cast("B")
@@ -110,11 +113,17 @@ class GrpcSource(SourceRegion):
         handler = grpc.method_handlers_generic_handler(SERVICE, {
             "Read": grpc.unary_stream_rpc_method_handler(self._read)})
         self._server.add_generic_rpc_handlers((handler,))
-        port = self._server.add_insecure_port(address)
-        if port == 0 and not address.startswith("unix:"):
-            raise OSError(f"gRPC transfer source could not bind {address}")
-        self.address = address if address.startswith("unix:") else \
-            f"{address.rsplit(':', 1)[0]}:{port}"
+        if address.startswith("unix:"):
+            if self._server.add_insecure_port(address) == 0:
+                raise OSError(f"gRPC transfer source could not bind {address}")
+            self.address = address
+        else:
+            host, port = split_host_port(address)
+            try:
+                port = bind_port(self._server, host, port, "the gRPC transfer source")
+            except RuntimeError as e:
+                raise OSError(str(e)) from None
+            self.address = host_port(advertise_host or host, port)
         self._server.start()
         self._descriptor = encode_descriptor(NAME, address=self.address, size=self.region_bytes)
         self._lock = threading.Lock()
