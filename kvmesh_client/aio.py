@@ -5,6 +5,9 @@
         completion = await client.generate("Hello", max_tokens=16, temperature=0)
         async for chunk in client.stream("Hello", max_tokens=16):
             ...
+
+Deadlines, retries and the errors raised are those of ``Client``
+(``kvmesh_client.client``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import AsyncIterator, Sequence
 
 import grpc
 
-from kvmesh_client.channel import RETRYABLE, ClientOptions
+from kvmesh_client.calls import Attempts
+from kvmesh_client.channel import ClientOptions
 from kvmesh_client.errors import from_rpc_error
 from kvmesh_client.types import Chunk, Completion, Model, build_request, join, to_chunk
 from kvmesh_proto import serving_pb2, serving_pb2_grpc
@@ -30,20 +34,26 @@ class AsyncClient:
         self._stub = serving_pb2_grpc.KVMeshStub(self._channel)
 
     async def _unary(self, method, request, timeout_s):
-        for attempt in range(self.options.retries + 1):
+        attempts = Attempts(self.options, timeout_s)
+        while True:
             try:
-                return await method(request, timeout=timeout_s or self.options.timeout_s,
+                return await method(request, timeout=attempts.time_left(),
                                     metadata=self.options.metadata())
             except grpc.aio.AioRpcError as e:
-                if e.code() not in RETRYABLE or attempt == self.options.retries:
-                    raise from_rpc_error(e) from None
-                await asyncio.sleep(self.options.retry_backoff_s * (2 ** attempt))
+                await asyncio.sleep(attempts.backoff(from_rpc_error(e)))
 
-    async def stream(self, prompt: str | Sequence[int], *, timeout_s: float | None = None,
-                     **params) -> AsyncIterator[Chunk]:
+    def stream(self, prompt: str | Sequence[int], *, timeout_s: float | None = None,
+               **params) -> AsyncIterator[Chunk]:
+        """Stream an answer (``async for``); the same parameters and contract as
+        ``Client.stream``: ValueError for a bad ``timeout_s`` is raised here, before
+        iterating."""
         request = build_request(prompt, **params)
-        for attempt in range(self.options.retries + 1):
-            call = self._stub.Generate(request, timeout=timeout_s or self.options.timeout_s,
+        attempts = Attempts(self.options, timeout_s)
+        return self._stream(request, attempts)
+
+    async def _stream(self, request, attempts: Attempts) -> AsyncIterator[Chunk]:
+        while True:
+            call = self._stub.Generate(request, timeout=attempts.time_left(),
                                        metadata=self.options.metadata())
             received = False
             try:
@@ -52,11 +62,10 @@ class AsyncClient:
                     yield to_chunk(msg)
                 return
             except grpc.aio.AioRpcError as e:
-                if received or e.code() not in RETRYABLE or attempt == self.options.retries:
-                    raise from_rpc_error(e) from None
-                await asyncio.sleep(self.options.retry_backoff_s * (2 ** attempt))
+                delay = attempts.backoff(from_rpc_error(e), retry=not received)
             finally:
                 call.cancel()
+            await asyncio.sleep(delay)
 
     async def generate(self, prompt: str | Sequence[int], *, timeout_s: float | None = None,
                        **params) -> Completion:

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import grpc
 
+from kvmesh_client.calls import check_timeout
 from kvmesh_proto.options import message_options
-
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 
 
 @dataclass(frozen=True)
 class ClientOptions:
     """``token``: bearer token sent on every call. ``tls``: use TLS (with
-    ``root_certificates`` PEM bytes, or the system's roots when None). ``timeout_s``: the
-    default deadline of a call. ``retries``: extra attempts after UNAVAILABLE — for
-    ``generate``/``stream`` only before the first response arrived, so nothing is ever
-    generated twice for the caller. ``max_message_bytes`` bounds messages both ways."""
+    ``root_certificates`` PEM bytes, or the system's roots when None).
+
+    ``timeout_s``: the default deadline of a call (finite, above 0), counted from its first
+    attempt and covering all of them, backoff sleeps included, and for ``stream`` the
+    whole stream; past it the call raises ``DeadlineExceeded``. ``retries``: extra
+    attempts after UNAVAILABLE, each after a backoff of ``retry_backoff_s`` doubled per
+    retry, and only where it ends before the deadline — for ``generate``/``stream`` only
+    before the first response arrived, so nothing is ever generated twice for the caller.
+
+    ``max_message_bytes`` bounds messages both ways. ValueError for a bad value of any of
+    these."""
 
     token: str | None = None
     tls: bool = False
@@ -26,6 +33,18 @@ class ClientOptions:
     retries: int = 2
     retry_backoff_s: float = 0.2
     max_message_bytes: int = 16 * 1024 * 1024
+
+    def __post_init__(self):
+        check_timeout(self.timeout_s)
+        for name, low in (("retries", 0), ("max_message_bytes", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer of at least {low}, not {value!r}")
+        backoff = self.retry_backoff_s
+        if (isinstance(backoff, bool) or not isinstance(backoff, (int, float))
+                or not math.isfinite(backoff) or backoff < 0):
+            raise ValueError(f"retry_backoff_s must be a finite number of seconds of at least 0, "
+                             f"not {backoff!r}")
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()

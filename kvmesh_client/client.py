@@ -6,9 +6,12 @@
         for chunk in client.stream("Hello", max_tokens=16):
             print(chunk.text, end="", flush=True)
 
-Every call has a deadline (``timeout_s``, per call or from the options); failures raise
-the typed errors of ``kvmesh_client.errors``. Closing a stream early cancels the request
-on the server.
+Every call has one deadline (``timeout_s``: per call, or the options' when None; a
+finite number of seconds above 0, else ValueError) covering all its attempts and, for a
+stream, the whole stream; past it the call raises ``DeadlineExceeded``. UNAVAILABLE is
+retried (``ClientOptions.retries``) only where the retry can start before the deadline,
+and a stream only before its first response. Other failures raise the typed errors of
+``kvmesh_client.errors``. Closing a stream early cancels the request on the server.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from typing import Iterator, Sequence
 
 import grpc
 
-from kvmesh_client.channel import RETRYABLE, ClientOptions
+from kvmesh_client.calls import Attempts
+from kvmesh_client.channel import ClientOptions
 from kvmesh_client.errors import from_rpc_error
 from kvmesh_client.types import Chunk, Completion, Model, build_request, join, to_chunk
 from kvmesh_proto import serving_pb2, serving_pb2_grpc
@@ -34,22 +38,27 @@ class Client:
         self._stub = serving_pb2_grpc.KVMeshStub(self._channel)
 
     def _unary(self, method, request, timeout_s):
-        for attempt in range(self.options.retries + 1):
+        attempts = Attempts(self.options, timeout_s)
+        while True:
             try:
-                return method(request, timeout=timeout_s or self.options.timeout_s,
+                return method(request, timeout=attempts.time_left(),
                               metadata=self.options.metadata())
             except grpc.RpcError as e:
-                if e.code() not in RETRYABLE or attempt == self.options.retries:
-                    raise from_rpc_error(e) from None
-                time.sleep(self.options.retry_backoff_s * (2 ** attempt))
+                time.sleep(attempts.backoff(from_rpc_error(e)))
 
     def stream(self, prompt: str | Sequence[int], *, timeout_s: float | None = None,
                **params) -> Iterator[Chunk]:
         """Stream an answer. ``params``: max_tokens, temperature, top_p, top_k, seed, stop,
-        ignore_eos, model, cache_salt, request_id."""
+        ignore_eos, model, cache_salt, request_id. ``timeout_s`` bounds the whole stream,
+        from the first attempt (made on the first ``next``) to the last chunk. ValueError
+        for a bad ``timeout_s`` is raised here, before iterating."""
         request = build_request(prompt, **params)
-        for attempt in range(self.options.retries + 1):
-            call = self._stub.Generate(request, timeout=timeout_s or self.options.timeout_s,
+        attempts = Attempts(self.options, timeout_s)
+        return self._stream(request, attempts)
+
+    def _stream(self, request, attempts: Attempts) -> Iterator[Chunk]:
+        while True:
+            call = self._stub.Generate(request, timeout=attempts.time_left(),
                                        metadata=self.options.metadata())
             received = False
             try:
@@ -58,11 +67,10 @@ class Client:
                     yield to_chunk(msg)
                 return
             except grpc.RpcError as e:
-                if received or e.code() not in RETRYABLE or attempt == self.options.retries:
-                    raise from_rpc_error(e) from None
-                time.sleep(self.options.retry_backoff_s * (2 ** attempt))
+                delay = attempts.backoff(from_rpc_error(e), retry=not received)
             finally:
                 call.cancel()
+            time.sleep(delay)
 
     def generate(self, prompt: str | Sequence[int], *, timeout_s: float | None = None,
                  **params) -> Completion:
