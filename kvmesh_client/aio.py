@@ -6,7 +6,7 @@
         async for chunk in client.stream("Hello", max_tokens=16):
             ...
 
-Deadlines, retries and the errors raised are those of ``Client``
+Deadlines, retries, the message limit and the errors raised are those of ``Client``
 (``kvmesh_client.client``).
 """
 
@@ -17,7 +17,7 @@ from typing import AsyncIterator, Sequence
 
 import grpc
 
-from kvmesh_client.calls import Attempts
+from kvmesh_client.calls import Attempts, check_size
 from kvmesh_client.channel import ClientOptions
 from kvmesh_client.errors import from_rpc_error
 from kvmesh_client.types import Chunk, Completion, Model, build_request, join, to_chunk
@@ -35,6 +35,7 @@ class AsyncClient:
 
     async def _unary(self, method, request, timeout_s):
         attempts = Attempts(self.options, timeout_s)
+        check_size(request, self.options.max_message_bytes)
         while True:
             try:
                 return await method(request, timeout=attempts.time_left(),
@@ -45,10 +46,11 @@ class AsyncClient:
     def stream(self, prompt: str | Sequence[int], *, timeout_s: float | None = None,
                **params) -> AsyncIterator[Chunk]:
         """Stream an answer (``async for``); the same parameters and contract as
-        ``Client.stream``: ValueError for a bad ``timeout_s`` is raised here, before
-        iterating."""
+        ``Client.stream``: ValueError and ``InvalidArgument`` for a request that cannot be
+        sent are raised here, before iterating."""
         request = build_request(prompt, **params)
         attempts = Attempts(self.options, timeout_s)
+        check_size(request, self.options.max_message_bytes)
         return self._stream(request, attempts)
 
     async def _stream(self, request, attempts: Attempts) -> AsyncIterator[Chunk]:

@@ -1,5 +1,5 @@
-"""What the synchronous and the asyncio client share about one call: its deadline, and
-when and after how long it is retried.
+"""What the synchronous and the asyncio client share about one call: its deadline, the
+size check of its request, and when and after how long it is retried.
 
 A call has one deadline, ``timeout_s`` seconds after its first attempt starts (the
 options' ``timeout_s`` when the call gives none). Every attempt gets only the time left
@@ -15,7 +15,7 @@ import time
 
 import grpc
 
-from kvmesh_client.errors import DeadlineExceeded, KvmeshError, Unavailable
+from kvmesh_client.errors import DeadlineExceeded, InvalidArgument, KvmeshError, Unavailable
 
 # The only failure retried: the server or its workers could not be reached.
 RETRYABLE = (Unavailable,)
@@ -27,6 +27,17 @@ def check_timeout(timeout_s: float, name: str = "timeout_s") -> float:
             or not math.isfinite(timeout_s) or timeout_s <= 0):
         raise ValueError(f"{name} must be a finite number of seconds above 0, not {timeout_s!r}")
     return float(timeout_s)
+
+
+def check_size(request, max_message_bytes: int) -> None:
+    """Raise ``InvalidArgument`` when ``request`` serializes to more than
+    ``max_message_bytes``: such a request can never be sent (nor accepted by the server),
+    so it is refused before any attempt and never retried."""
+    size = request.ByteSize()
+    if size > max_message_bytes:
+        raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"the request is {size} bytes, over the {max_message_bytes}-byte "
+                              f"message limit")
 
 
 class Attempts:

@@ -10,6 +10,10 @@ import grpc
 from kvmesh_client.calls import check_timeout
 from kvmesh_proto.options import message_options
 
+# The router's default message limit (its ``max_request_bytes``): a bigger request would
+# only be refused by the server, so the client refuses it before sending.
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class ClientOptions:
@@ -23,8 +27,9 @@ class ClientOptions:
     retry, and only where it ends before the deadline — for ``generate``/``stream`` only
     before the first response arrived, so nothing is ever generated twice for the caller.
 
-    ``max_message_bytes`` bounds messages both ways. ValueError for a bad value of any of
-    these."""
+    ``max_message_bytes`` bounds messages both ways; the default is the router's (4 MiB).
+    A request serializing to more raises ``InvalidArgument`` before anything is sent, and
+    is never retried. ValueError for a bad value of any of these."""
 
     token: str | None = None
     tls: bool = False
@@ -32,7 +37,7 @@ class ClientOptions:
     timeout_s: float = 120.0
     retries: int = 2
     retry_backoff_s: float = 0.2
-    max_message_bytes: int = 16 * 1024 * 1024
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
     def __post_init__(self):
         check_timeout(self.timeout_s)

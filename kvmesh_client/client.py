@@ -10,7 +10,8 @@ Every call has one deadline (``timeout_s``: per call, or the options' when None;
 finite number of seconds above 0, else ValueError) covering all its attempts and, for a
 stream, the whole stream; past it the call raises ``DeadlineExceeded``. UNAVAILABLE is
 retried (``ClientOptions.retries``) only where the retry can start before the deadline,
-and a stream only before its first response. Other failures raise the typed errors of
+and a stream only before its first response. A request over ``max_message_bytes`` raises
+``InvalidArgument`` before anything is sent. Other failures raise the typed errors of
 ``kvmesh_client.errors``. Closing a stream early cancels the request on the server.
 """
 
@@ -21,7 +22,7 @@ from typing import Iterator, Sequence
 
 import grpc
 
-from kvmesh_client.calls import Attempts
+from kvmesh_client.calls import Attempts, check_size
 from kvmesh_client.channel import ClientOptions
 from kvmesh_client.errors import from_rpc_error
 from kvmesh_client.types import Chunk, Completion, Model, build_request, join, to_chunk
@@ -39,6 +40,7 @@ class Client:
 
     def _unary(self, method, request, timeout_s):
         attempts = Attempts(self.options, timeout_s)
+        check_size(request, self.options.max_message_bytes)
         while True:
             try:
                 return method(request, timeout=attempts.time_left(),
@@ -51,9 +53,11 @@ class Client:
         """Stream an answer. ``params``: max_tokens, temperature, top_p, top_k, seed, stop,
         ignore_eos, model, cache_salt, request_id. ``timeout_s`` bounds the whole stream,
         from the first attempt (made on the first ``next``) to the last chunk. ValueError
-        for a bad ``timeout_s`` is raised here, before iterating."""
+        for a bad ``timeout_s`` and ``InvalidArgument`` for a request over the message
+        limit are raised here, before iterating."""
         request = build_request(prompt, **params)
         attempts = Attempts(self.options, timeout_s)
+        check_size(request, self.options.max_message_bytes)
         return self._stream(request, attempts)
 
     def _stream(self, request, attempts: Attempts) -> Iterator[Chunk]:

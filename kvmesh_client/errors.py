@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 
@@ -14,7 +16,9 @@ class KvmeshError(Exception):
 
 
 class InvalidArgument(KvmeshError):
-    """The request was refused as malformed; fix it, don't retry."""
+    """The request was refused as malformed, or is larger than the message limit (refused
+    before sending, or by gRPC as ``RESOURCE_EXHAUSTED`` "message larger than max"); fix
+    it, don't retry."""
 
 
 class NotFound(KvmeshError):
@@ -26,7 +30,8 @@ class Unauthenticated(KvmeshError):
 
 
 class Overloaded(KvmeshError):
-    """The server's admission limit was reached; retry later."""
+    """The server's admission limit was reached (``RESOURCE_EXHAUSTED``, other than a
+    message over the size limit); retry later."""
 
 
 class Unavailable(KvmeshError):
@@ -52,6 +57,15 @@ _BY_CODE = {
 }
 
 
+# gRPC's own RESOURCE_EXHAUSTED for a message over a channel's or server's limit ("Sent
+# message larger than max (N vs. M)", "Received message larger than max ..."): the same
+# message can never get through, so it is no overload.
+_TOO_LARGE = re.compile(r"message larger than max", re.IGNORECASE)
+
+
 def from_rpc_error(error: grpc.RpcError) -> KvmeshError:
-    code = error.code()
-    return _BY_CODE.get(code, KvmeshError)(code, error.details() or "")
+    """The typed error of a failed call (``code`` and ``details`` kept as gRPC gave them)."""
+    code, details = error.code(), error.details() or ""
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE.search(details):
+        return InvalidArgument(code, details)
+    return _BY_CODE.get(code, KvmeshError)(code, details)

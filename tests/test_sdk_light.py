@@ -12,7 +12,7 @@ def test_client_sdk_imports_without_the_serving_stack():
     assert out == "[]"
 
 
-# The SDK against stub servers (real gRPC, in-process): deadlines and retries.
+# The SDK against stub servers (real gRPC, in-process): deadlines, retries, message limit.
 
 import asyncio
 import dataclasses
@@ -153,3 +153,34 @@ def test_timeouts_must_be_finite_and_positive(stub_server, kind):
 
     asyncio.run(check())
     assert counter.calls == 0
+
+
+def test_the_default_message_limit_is_the_routers():
+    from router.core import RouterSettings
+
+    default = {f.name: f.default for f in dataclasses.fields(RouterSettings)}["max_request_bytes"]
+    assert kvmesh_client.ClientOptions().max_message_bytes == default == ROUTER_MAX_REQUEST_BYTES
+
+
+BIG_PROMPT = "x" * (5 * 1024 * 1024)
+
+
+@pytest.mark.parametrize("kind", ["sync", "aio"])
+def test_an_oversized_request_is_refused_before_sending(stub_server, kind):
+    address, counter = stub_server()
+    error, _ = _outcome(kind, address, lambda client: client.generate(BIG_PROMPT))
+    assert isinstance(error, kvmesh_client.InvalidArgument), error
+    assert "message limit" in error.details
+    assert counter.calls == 0  # nothing sent, so nothing retried
+
+
+@pytest.mark.parametrize("kind", ["sync", "aio"])
+def test_a_message_over_the_servers_limit_is_invalid_not_overloaded(stub_server, kind):
+    address, counter = stub_server()
+    # A client allowing more than the server: gRPC's RESOURCE_EXHAUSTED "message larger
+    # than max" is a request that can never succeed, not an overload to retry.
+    error, _ = _outcome(kind, address, lambda client: client.generate(BIG_PROMPT),
+                        max_message_bytes=16 * 1024 * 1024, retries=2, retry_backoff_s=0.0)
+    assert isinstance(error, kvmesh_client.InvalidArgument), error
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert counter.calls == 1
