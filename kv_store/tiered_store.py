@@ -58,6 +58,7 @@ log = logging.getLogger("kvmesh.store")
 
 MAX_RUN_BYTES = 4 << 20  # blocks in adjacent slots are read in requests of up to this
 MAX_ROOM_ATTEMPTS = 256  # victims one call tries to move or evict before it gives up
+SLAB_PREFIX = "kvmesh-slab-"  # a disk tier's file: kvmesh-slab-<pid>-<random>.bin
 DEMOTER_PAUSE_S = (1.0, 30.0)  # the demoter's first and longest rest after a pass that moved nothing
 
 # What became of a block asked to move (``TieredStore._move_many``).
@@ -851,7 +852,8 @@ def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = Non
     """A store with the tiers whose capacity is positive, fastest first.
 
     The disk tier's slab file is created in ``disk_dir`` (a new temporary directory when
-    None) and removed by ``close``. With ``shm_name`` the host tier lives in named shared
+    None), under a name no other store uses, and removed by ``close``; slab files there
+    that no live store holds (left by a store that died) are removed first. With ``shm_name`` the host tier lives in named shared
     memory, readable by other processes on this host. With ``disk_write_behind_bytes``
     disk writes return once staged in that much RAM (``kv_store.write_behind``). With
     ``demote_ahead`` a thread keeps that share of each faster tier free (``TieredStore``).
@@ -862,7 +864,9 @@ def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = Non
     import os
     import tempfile
 
-    from kv_store.tiers import DiskTier, GpuTier
+    import secrets
+
+    from kv_store.tiers import DiskTier, GpuTier, reap_orphaned_files
 
     tiers: list[Tier] = []
     try:
@@ -873,7 +877,10 @@ def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = Non
         if disk_bytes > 0:
             directory = disk_dir or tempfile.mkdtemp(prefix="kvmesh-disk-")
             os.makedirs(directory, exist_ok=True)
-            path = os.path.join(directory, f"kvmesh-slab-{os.getpid()}.bin")
+            for name in reap_orphaned_files(directory, SLAB_PREFIX):
+                log.warning("removed %s, the disk tier of a store that died", os.path.join(directory, name))
+            # a name of its own: stores in containers of one host may share the directory and a pid
+            path = os.path.join(directory, f"{SLAB_PREFIX}{os.getpid()}-{secrets.token_hex(4)}.bin")
             tiers.append(DiskTier(path, disk_bytes, page_bytes, direct_io=direct_io,
                                   write_behind_bytes=disk_write_behind_bytes))
         if not tiers:

@@ -280,16 +280,24 @@ def _create_shared_map(name: str, size: int, populate: bool) -> tuple[int, mmap.
 
 def reap_orphaned_segments(prefix: str, min_age_s: float = 60.0) -> list[str]:
     """Unlink the shared-memory segments named ``prefix...`` whose owner is gone (a host
-    tier killed before it could unlink its own: its lock went with it) and that are at
-    least ``min_age_s`` old (a segment being created takes its lock at once; the age
-    leaves a margin). Returns the names unlinked. Segments of live owners are untouched."""
+    tier killed before it could unlink its own: its lock went with it); see
+    ``reap_orphaned_files``."""
+    return reap_orphaned_files(SHM_DIR, prefix, min_age_s)
+
+
+def reap_orphaned_files(directory: str, prefix: str, min_age_s: float = 60.0) -> list[str]:
+    """Unlink the files in ``directory`` named ``prefix...`` that no process holds a
+    ``flock`` on (their owner, a host tier's segment or a disk tier's slab file, died
+    before it could unlink its own: its lock went with it) and that are at least
+    ``min_age_s`` old (a file being created is locked at once; the age leaves a margin).
+    Returns the names unlinked. Files of live owners are untouched."""
     reaped = []
     try:
-        names = [n for n in os.listdir(SHM_DIR) if n.startswith(prefix)]
+        names = [n for n in os.listdir(directory) if n.startswith(prefix)]
     except OSError:
         return reaped
     for name in names:
-        path = os.path.join(SHM_DIR, name)
+        path = os.path.join(directory, name)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError:
@@ -301,7 +309,7 @@ def reap_orphaned_segments(prefix: str, min_age_s: float = 60.0) -> list[str]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:  # an owner holds it (or a reader is checking): alive
                 continue
-            if unlink_shm_if_same(name, fd):
+            if unlink_if_same(path, fd):
                 reaped.append(name)
         finally:
             os.close(fd)
@@ -309,9 +317,13 @@ def reap_orphaned_segments(prefix: str, min_age_s: float = 60.0) -> list[str]:
 
 
 def unlink_shm_if_same(name: str, fd: int) -> bool:
-    """Unlink ``name`` if it is still the segment open as ``fd`` (not a newer one that
-    took the name after an earlier unlink); True if it was unlinked."""
-    path = shm_path(name)
+    """Unlink the segment ``name`` if it is still the one open as ``fd``; see ``unlink_if_same``."""
+    return unlink_if_same(shm_path(name), fd)
+
+
+def unlink_if_same(path: str, fd: int) -> bool:
+    """Unlink ``path`` if it is still the file open as ``fd`` (not a newer one that took
+    the name after an earlier unlink); True if it was unlinked."""
     try:
         mine, there = os.fstat(fd), os.stat(path)
     except FileNotFoundError:
@@ -349,6 +361,10 @@ class DiskTier(Tier):
     without room for the capacity fails here, with ``OSError``, and never a block write
     later.
 
+    The tier holds a shared ``flock`` on its file while it is open, so that
+    ``reap_orphaned_files`` can tell the file of a store that died (and left its
+    reserved space behind) from a live one.
+
     Slots are 4 KiB-aligned. With ``direct_io`` the file is opened ``O_DIRECT`` (no page
     cache) and every transfer goes through an aligned bounce buffer, padded to the slot
     size; without it, plain ``pread``/``pwrite``. The file is removed on ``close``, and
@@ -372,7 +388,8 @@ class DiskTier(Tier):
         if direct_io:
             flags |= getattr(os, "O_DIRECT", 0)
         self.direct_io = direct_io
-        self._fd = os.open(self.path, flags, 0o600)
+        self._fd = os.open(self.path, flags | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_SH)  # "the owner is alive", for reap_orphaned_files
         try:
             os.posix_fallocate(self._fd, 0, max(self.capacity_bytes, 1))
         except OSError as e:

@@ -107,6 +107,32 @@ def test_disk_tier_larger_than_the_disk_fails_to_open_and_leaves_no_file(tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_stores_sharing_a_disk_directory_keep_apart_and_clean_up_after_dead_ones(tmp_path):
+    """Two stores in one directory (containers of one host share a path and a pid) get
+    files of their own; a slab file left by a store that died is removed when the next
+    store opens there, a live store's file never."""
+    from kv_store.tiered_store import SLAB_PREFIX, build_store
+
+    orphan = tmp_path / f"{SLAB_PREFIX}1-dead.bin"
+    orphan.write_bytes(b"\0" * 4096)
+    os.utime(orphan, (time.time() - 120, time.time() - 120))  # older than the reaper's margin
+    first = build_store(0, 4 * PAGE, str(tmp_path), page_bytes=PAGE)
+    try:
+        assert not orphan.exists()
+        os.utime(first.tiers[0].path, (time.time() - 120, time.time() - 120))
+        second = build_store(0, 4 * PAGE, str(tmp_path), page_bytes=PAGE)
+        try:
+            assert first.tiers[0].path != second.tiers[0].path
+            assert os.path.exists(first.tiers[0].path)  # alive: kept
+            assert put(first, 1) and put(second, 2)
+            assert first.get_many([b"k1"]) and second.get_many([b"k2"])
+        finally:
+            second.close()
+    finally:
+        first.close()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_parents_outlive_their_children():
     store = TieredStore([HostTier(PAGE, page_bytes=PAGE)])  # 8 blocks of 8 KiB
     parent = None
