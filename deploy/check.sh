@@ -4,8 +4,10 @@
 #     deploy/helm/kvmesh/ci/: `helm lint --strict`, `helm template`, then every rendered
 #     object against the Kubernetes schemas (strict) and consistency checks (selectors,
 #     ports, $(VAR) references, probes, non-root, resources, GPUs = TP x PP, kvmesh
-#     arguments parsed by kvmesh's own CLI), for KUBE_VERSION and for the oldest version
-#     the chart supports; and settings the chart must refuse;
+#     arguments parsed by kvmesh's own CLI, their ports declared, exposed and admitted by
+#     the NetworkPolicies, one block size, bracketed IPv6 addresses), for KUBE_VERSION and
+#     for the oldest version the chart supports; settings the chart must refuse; and that
+#     two releases write no node directory in common;
 #   - deploy/kuberay/raycluster.yaml the same way (its pod templates as PodTemplates);
 #   - deploy/ray/cluster.yaml against the Ray cluster launcher's own schema;
 #   - the Dockerfiles (non-root USER, ENTRYPOINT ["kvmesh"]) and that every value in
@@ -203,9 +205,23 @@ bad_settings() {
         refuses "an in-chart Redis plus an external URL" --set redis.externalUrl=redis://r:6379/0 &&
         refuses "an API token without a Secret" --set router.apiToken.enabled=true &&
         refuses "an unknown store.disk.type" --set store.disk.type=nfs &&
-        refuses "tensorParallelSize 0" --set prefill.tensorParallelSize=0
+        refuses "tensorParallelSize 0" --set prefill.tensorParallelSize=0 &&
+        refuses "NetworkPolicies with any free transfer port" --set networkPolicy.enabled=true \
+            --set store.transferPort=0
 }
 check "helm chart refuses invalid settings" bad_settings
+
+# Two releases on the same nodes must not share a node directory (the store's disk tier):
+# two releases in one namespace, and one release name in two namespaces.
+separate_releases() {
+    local out=$TOOLS/rendered/release
+    "$HELM" template a "$CHART" --namespace x --kube-version "$KUBE_VERSION" >"$out-a-x.yaml" &&
+        "$HELM" template b "$CHART" --namespace x --kube-version "$KUBE_VERSION" >"$out-b-x.yaml" &&
+        "$HELM" template a "$CHART" --namespace y --kube-version "$KUBE_VERSION" >"$out-a-y.yaml" &&
+        "$VPY" validate.py separate-releases "$out-a-x.yaml" "$out-b-x.yaml" &&
+        "$VPY" validate.py separate-releases "$out-a-x.yaml" "$out-a-y.yaml"
+}
+check "helm chart: two releases on one node write separate directories" separate_releases
 
 check "kuberay/raycluster.yaml: validate (Kubernetes $KUBE_VERSION)" \
     "$VPY" validate.py k8s --kube-version "$KUBE_VERSION" kuberay/raycluster.yaml

@@ -6,6 +6,8 @@
                                                 --cli-root, `kvmesh` containers' arguments
                                                 must parse with the kvmesh CLI in DIR
     validate.py ray-config --schema S FILE      a Ray cluster launcher YAML against Ray's schema
+    validate.py separate-releases A B           two rendered releases write no node directory
+                                                (hostPath) in common
     validate.py values-comments FILE            every key of a Helm values file has a comment
     validate.py dockerfile FILE...              a non-root USER and ENTRYPOINT ["kvmesh"]
     validate.py selftest --kube-version V       negative controls: the checks reject bad input
@@ -123,7 +125,8 @@ def matches(selector: dict, labels: dict) -> bool:
 
 
 def check_container(c: dict, pod: dict, where: str, config_maps: dict, secrets: dict,
-                    main: bool, need_probes: bool, report: Report) -> None:
+                    main: bool, need_probes: bool, report: Report):
+    """Checks one container; returns its kvmesh arguments as parsed (None: not kvmesh)."""
     label = f"{where} container {c.get('name')}"
     image = c.get("image", "")
     tag = image.rsplit("/", 1)[-1].partition(":")[2]
@@ -171,8 +174,9 @@ def check_container(c: dict, pod: dict, where: str, config_maps: dict, secrets: 
             ref = e.get("valueFrom", {}).get(kind)
             if ref and ref["name"] in table and ref["key"] not in table[ref["name"]]:
                 report.error(f"{label}: env {e['name']}: {ref['name']} has no key {ref['key']!r}")
+    parsed = None
     if KVMESH_PARSER is not None and c.get("command", [None])[0] == "kvmesh":
-        check_kvmesh_args(c, config_maps, label, report)
+        parsed = check_kvmesh_args(c, config_maps, label, report)
     volumes = {v["name"] for v in pod.get("volumes", [])}
     for m in c.get("volumeMounts", []):
         if m["name"] not in volumes:
@@ -185,45 +189,134 @@ def check_container(c: dict, pod: dict, where: str, config_maps: dict, secrets: 
         for k, v in gpus.items():
             if int(v) != want:
                 report.error(f"{label}: {k}={v} but TP x PP = {want}")
+    return parsed
 
 
 # The kvmesh command line parser (cluster.cli.build_parser), when --cli-root is given.
 KVMESH_PARSER = None
-# Stand-ins for values only the cluster knows.
+# Stand-ins for values only the cluster knows. Where kvmesh binds an IPv6 address
+# (KVMESH_LISTEN_HOST "::"), the cluster is IPv6-only and so are the pod IPs.
 FIELD_VALUES = {"status.podIP": "10.1.2.3", "metadata.name": "pod-0", "status.hostIP": "10.0.0.1"}
+FIELD_VALUES_IPV6 = {**FIELD_VALUES, "status.podIP": "fd00::a01:203", "status.hostIP": "fd00::a00:1"}
+# kvmesh flags (as argparse attributes) of ports a process listens on; 0 or None: none.
+LISTEN_PORTS = ("port", "grpc_port", "metrics_port", "transfer_port")
+# Per subcommand, the ports others reach through the component's Service.
+SERVICE_PORTS = {"router": ("port", "grpc_port"), "prefill": ("port",), "decode": ("port",),
+                 "store": ("port", "metrics_port")}
+# kvmesh flags that take HOST:PORT addresses (comma-separated lists for some).
+ADDRESS_FLAGS = ("advertise", "store", "prefill", "decode")
+HOST_PORT = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[^\[\]:]+):\d+$")
 
 
-def check_kvmesh_args(c: dict, config_maps: dict, label: str, report: Report) -> None:
+class Parsed:
+    """A kvmesh container's arguments: as given ($(VAR)s filled in) and as parsed."""
+
+    def __init__(self, args: list[str], ns: argparse.Namespace) -> None:
+        self.args, self.ns = args, ns
+
+    def given(self, flag: str) -> bool:
+        return any(a == flag or a.startswith(flag + "=") for a in self.args)
+
+
+def check_kvmesh_args(c: dict, config_maps: dict, label: str, report: Report) -> Parsed | None:
     """The container's arguments, $(VAR)s filled in, must parse with kvmesh's own CLI."""
     env = {}
     for src in c.get("envFrom", []):
         env.update(config_maps.get(src.get("configMapRef", {}).get("name"), {}))
+    fields = FIELD_VALUES_IPV6 if ":" in str(env.get("KVMESH_LISTEN_HOST", "")) else FIELD_VALUES
     for e in c.get("env", []):
         field = e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
-        env[e["name"]] = e.get("value", FIELD_VALUES.get(field, "from-a-secret"))
+        env[e["name"]] = e.get("value", fields.get(field, "from-a-secret"))
     args = [VAR_REF.sub(lambda m: str(env.get(m.group(1), m.group(0))), str(a))
             for a in c.get("command", [])[1:] + c.get("args", [])]
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
-            KVMESH_PARSER.parse_args(args)
+            ns = KVMESH_PARSER.parse_args(args)
     except SystemExit:
         message = stderr.getvalue().strip().splitlines()[-1:] or ["?"]
         report.error(f"{label}: `kvmesh {' '.join(args)}` does not parse: {message[0]}")
+        return None
+    # Every port it listens on is declared (NetworkPolicies and Services name them).
+    declared = {p.get("containerPort") for p in c.get("ports", [])}
+    for attr in LISTEN_PORTS:
+        port = getattr(ns, attr, None)
+        if port and port not in declared:
+            report.error(f"{label}: listens on {port} (--{attr.replace('_', '-')}), "
+                         f"which is no containerPort")
+    # HOST:PORT with an IPv6 host needs brackets: fd00::1:50051 is ambiguous.
+    for attr in ADDRESS_FLAGS:
+        value = getattr(ns, attr, None)
+        for address in (value.split(",") if isinstance(value, str) else []):
+            if not HOST_PORT.match(address):
+                report.error(f"{label}: --{attr} {address!r} is not HOST:PORT "
+                             f"(an IPv6 host goes in brackets: [fd00::1]:50051)")
+    return Parsed(args, ns)
+
+
+def check_kvmesh_cluster(kvmesh: list[tuple[str, dict, Parsed]], services: dict, report: Report) -> None:
+    """Across the kvmesh containers (label, pod template, parsed arguments): one block
+    size, and the Service ports of each component."""
+    sizes = {}
+    for label, _, parsed in kvmesh:
+        if not hasattr(parsed.ns, "block_size"):
+            continue
+        if not parsed.given("--block-size"):
+            report.error(f"{label}: no --block-size (its default, {parsed.ns.block_size}, "
+                         f"need not be the cluster's)")
+        sizes[label] = parsed.ns.block_size
+    if len(set(sizes.values())) > 1:
+        report.error("kvmesh components disagree on --block-size: "
+                     + ", ".join(f"{label} {size}" for label, size in sizes.items()))
+    for label, template, parsed in kvmesh:
+        labels = template.get("metadata", {}).get("labels", {})
+        ports = {p.get("name"): p.get("containerPort") for c in template["spec"]["containers"]
+                 for p in c.get("ports", [])}
+        exposed = set()
+        for s in services.values():
+            if matches(s["spec"]["selector"], labels):
+                for p in s["spec"].get("ports", []):
+                    target = p.get("targetPort", p.get("port"))
+                    exposed.add(ports.get(target) if isinstance(target, str) else target)
+        for attr in SERVICE_PORTS.get(parsed.ns.command, ()):
+            port = getattr(parsed.ns, attr, None)
+            if port and port not in exposed:
+                report.error(f"{label}: no Service exposes its port {port} "
+                             f"(--{attr.replace('_', '-')})")
+
+
+def allowed_ports(rule: dict, container_ports: dict) -> set | None:
+    """Container port numbers one NetworkPolicy ingress rule admits (None: all)."""
+    if not rule.get("ports"):
+        return None
+    allowed = set()
+    for p in rule["ports"]:
+        port = p.get("port")
+        if port is None:
+            return None
+        allowed.add(container_ports.get(port) if isinstance(port, str) else port)
+    return allowed
 
 
 def check_pod(obj: dict, template: dict, where: str, config_maps: dict, secrets: dict,
-              need_probes: bool, report: Report) -> None:
+              need_probes: bool, report: Report) -> list[tuple[str, dict, Parsed]]:
+    """Checks a pod template; returns its kvmesh containers (label, template, parsed args)."""
     pod = template.get("spec", {})
+    kvmesh = []
     for c in pod.get("initContainers", []):
-        check_container(c, pod, where, config_maps, secrets, False, False, report)
+        parsed = check_container(c, pod, where, config_maps, secrets, False, False, report)
+        if parsed:
+            kvmesh.append((f"{where} init container {c.get('name')}", template, parsed))
     for c in pod.get("containers", []):
-        check_container(c, pod, where, config_maps, secrets, True, need_probes, report)
+        parsed = check_container(c, pod, where, config_maps, secrets, True, need_probes, report)
+        if parsed:
+            kvmesh.append((f"{where} container {c.get('name')}", template, parsed))
     annotations = template.get("metadata", {}).get("annotations") or {}
     if annotations.get("prometheus.io/scrape") == "true":
         port = int(annotations.get("prometheus.io/port", 0))
         if port not in {p.get("containerPort") for c in pod.get("containers", []) for p in c.get("ports", [])}:
             report.error(f"{where}: prometheus.io/port {port} is no container port")
+    return kvmesh
 
 
 def check_consistency(docs: list[dict], report: Report) -> None:
@@ -231,18 +324,24 @@ def check_consistency(docs: list[dict], report: Report) -> None:
     secrets = {d["metadata"]["name"]: {**d.get("data", {}), **d.get("stringData", {})}
                for d in docs if d.get("kind") == "Secret"}
     pods = []  # (owner, template)
+    kvmesh = []  # (label, template, parsed arguments) of every kvmesh container
     for d in docs:
         template = pod_template(d)
         if template:
             pods.append((name_of(d), template))
-            check_pod(d, template, name_of(d), config_maps, secrets, True, report)
+            kvmesh += check_pod(d, template, name_of(d), config_maps, secrets, True, report)
+            strategy = d["spec"].get("strategy", {}) if d["kind"] == "Deployment" else {}
+            if "rollingUpdate" in strategy and strategy.get("type", "RollingUpdate") != "RollingUpdate":
+                # The API server refuses it ("may not be specified when strategy type is ...").
+                report.error(f"{name_of(d)}: strategy type {strategy['type']} with rollingUpdate")
             selector = d["spec"].get("selector", {}).get("matchLabels", {})
             if not matches(selector, template.get("metadata", {}).get("labels", {})):
                 report.error(f"{name_of(d)}: selector does not match its pod template's labels")
         elif d.get("kind") in CUSTOM_KINDS and d.get("apiVersion", "").startswith("ray.io/"):
             for group, template in ray_pod_templates(d):
                 # KubeRay adds the Ray probes itself.
-                check_pod(d, template, f"{name_of(d)} group {group}", config_maps, secrets, False, report)
+                kvmesh += check_pod(d, template, f"{name_of(d)} group {group}", config_maps, secrets, False,
+                                    report)
                 pods.append((f"{name_of(d)} group {group}", template))
     services = {}
     for d in docs:
@@ -259,6 +358,7 @@ def check_consistency(docs: list[dict], report: Report) -> None:
                         for t in selected for c in t["spec"]["containers"] for p in c.get("ports", []))
             if not found:
                 report.error(f"{name_of(d)}: targetPort {target!r} is no port of the selected pods")
+    check_kvmesh_cluster(kvmesh, services, report)
     for d in docs:
         if d.get("kind") == "ServiceMonitor":
             selector = d["spec"].get("selector", {}).get("matchLabels", {})
@@ -276,6 +376,19 @@ def check_consistency(docs: list[dict], report: Report) -> None:
             for sel in selectors:
                 if not any(matches(sel, lab) for lab in labels):
                     report.error(f"{name_of(d)}: pod selector {sel} matches no pod template")
+            # The selected pods take only what a rule admits: every port they listen on
+            # needs one.
+            for owner, t in pods if "Ingress" in d["spec"].get("policyTypes", ["Ingress"]) else []:
+                if not matches(selectors[0], t.get("metadata", {}).get("labels", {})):
+                    continue
+                ports = {p.get("name"): p.get("containerPort") for c in t["spec"]["containers"]
+                         for p in c.get("ports", [])}
+                admitted = [allowed_ports(rule, ports) for rule in d["spec"].get("ingress", [])]
+                if any(a is None for a in admitted):
+                    continue
+                for name, number in ports.items():
+                    if not any(number in a for a in admitted):
+                        report.error(f"{name_of(d)}: no ingress rule admits port {name} ({number}) of {owner}")
 
 
 def cmd_k8s(args) -> int:
@@ -297,6 +410,43 @@ def cmd_k8s(args) -> int:
     print(f"  {report.checked} objects valid against Kubernetes {args.kube_version}, "
           f"{report.skipped} custom resources skipped, {report.errors} errors")
     return 1 if report.errors else 0
+
+
+def writable_host_dirs(docs: list[dict]) -> dict[str, str]:
+    """Node directories the pods mount writable (hostPath path plus subPath) -> where."""
+    dirs = {}
+    for d in docs:
+        template = pod_template(d)
+        if not template:
+            continue
+        pod = template.get("spec", {})
+        host = {v["name"]: v["hostPath"]["path"] for v in pod.get("volumes", []) if "hostPath" in v}
+        for c in pod.get("initContainers", []) + pod.get("containers", []):
+            for m in c.get("volumeMounts", []):
+                if m["name"] in host and not m.get("readOnly"):
+                    path = host[m["name"]].rstrip("/")
+                    if m.get("subPath"):
+                        path += "/" + m["subPath"].strip("/")
+                    dirs[path] = f"{name_of(d)} container {c.get('name')}"
+    return dirs
+
+
+def overlapping_dirs(a: dict[str, str], b: dict[str, str]) -> list[str]:
+    def inside(x: str, y: str) -> bool:
+        return x == y or x.startswith(y + "/")
+
+    return [f"{a[x]} writes {x}, {b[y]} writes {y}" for x in a for y in b if inside(x, y) or inside(y, x)]
+
+
+def cmd_separate_releases(args) -> int:
+    """Two releases rendered into one cluster must not write the same node directory."""
+    print(f"{args.files[0]} and {args.files[1]}: no node directory written by both")
+    clashes = overlapping_dirs(*(writable_host_dirs(load_docs(f)) for f in args.files))
+    for clash in clashes:
+        print(f"  ERROR {clash}")
+    if not clashes:
+        print("  ok")
+    return 1 if clashes else 0
 
 
 # ---------------------------------------------------------------- other files
@@ -430,6 +580,12 @@ def cmd_selftest(args) -> int:
         "a container running as root": broken(lambda d, s: d["spec"]["template"]["spec"].update(securityContext={})),
         "a container without a readiness probe": broken(lambda d, s: container(d).pop("readinessProbe")),
         "an image without a tag": broken(lambda d, s: container(d).update(image="kvmesh")),
+        "a Recreate strategy with rollingUpdate": broken(lambda d, s: d["spec"].update(
+            strategy={"type": "Recreate", "rollingUpdate": {"maxSurge": 0}})),
+        "a NetworkPolicy that leaves a container port unreachable": broken(lambda d, s: None) + [{
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "x"},
+            "spec": {"podSelector": {"matchLabels": {"app": "x"}}, "policyTypes": ["Ingress"],
+                     "ingress": [{"ports": [{"port": 2}]}]}}],
     }
     if args.cli_root:
         global KVMESH_PARSER
@@ -439,6 +595,19 @@ def cmd_selftest(args) -> int:
         KVMESH_PARSER = build_parser()
         cases["kvmesh arguments its CLI refuses"] = broken(
             lambda d, s: container(d).update(command=["kvmesh"], args=["store", "--host-bytes=$(A)GiB", "--bogus"]))
+        kvmesh = lambda *args: lambda d, s: container(d).update(command=["kvmesh"], args=list(args))  # noqa: E731
+        cases["a kvmesh port that is no containerPort"] = broken(kvmesh("router", "--port=1", "--grpc-port=2",
+                                                                        "--block-size=32"))
+        cases["a kvmesh port no Service exposes"] = broken(lambda d, s: (
+            kvmesh("store", "--port=1", "--metrics-port=2")(d, s),
+            container(d)["ports"].append({"name": "metrics", "containerPort": 2})))
+        cases["an unbracketed IPv6 HOST:PORT"] = broken(kvmesh("store", "--port=1", "--metrics-port=0",
+                                                               "--advertise=fd00::1:1"))
+        cases["a kvmesh component without --block-size"] = broken(kvmesh("router", "--port=1", "--grpc-port=0"))
+        cases["kvmesh components with different block sizes"] = broken(lambda d, s: (
+            kvmesh("prefill", "--port=1", "--block-size=32")(d, s),
+            d["spec"]["template"]["spec"]["containers"].append(
+                {**copy.deepcopy(container(d)), "name": "y", "args": ["decode", "--port=1", "--block-size=64"]})))
     print("self-test: the validator accepts a good Deployment and rejects broken ones")
     with contextlib.redirect_stdout(io.StringIO()):
         good_errors = run([good, service])
@@ -448,6 +617,20 @@ def cmd_selftest(args) -> int:
     for name, was_rejected in rejected.items():
         print(f"  {'ok   ' if was_rejected else 'ERROR'} rejects {name}")
         failures += not was_rejected
+
+    def on_node(path: str, sub_path: str = "") -> dict:  # the good Deployment, writing a node directory
+        d = copy.deepcopy(good)
+        d["spec"]["template"]["spec"]["volumes"] = [{"name": "disk", "hostPath": {"path": path}}]
+        mount = {"name": "disk", "mountPath": "/d", **({"subPath": sub_path} if sub_path else {})}
+        container(d)["volumeMounts"] = [mount]
+        return d
+
+    separate = not overlapping_dirs(writable_host_dirs([on_node("/mnt/x", "a")]),
+                                    writable_host_dirs([on_node("/mnt/x", "b")]))
+    shared = overlapping_dirs(writable_host_dirs([on_node("/mnt/x/")]), writable_host_dirs([on_node("/mnt/x", "b")]))
+    print(f"  {'ok   ' if separate and shared else 'ERROR'} tells releases with separate node directories "
+          f"from releases sharing one")
+    failures += not (separate and shared)
     return 1 if failures else 0
 
 
@@ -459,6 +642,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--cli-root", help="repository root: check kvmesh containers' args with its CLI parser")
     s.add_argument("files", nargs="+")
     s.set_defaults(func=cmd_k8s)
+    s = sub.add_parser("separate-releases")
+    s.add_argument("files", nargs=2, help="two releases rendered for the same cluster")
+    s.set_defaults(func=cmd_separate_releases)
     s = sub.add_parser("ray-config")
     s.add_argument("--schema", required=True)
     s.add_argument("file")

@@ -28,6 +28,17 @@
 {{- printf "%s.%s.svc.%s:%v" (include "kvmesh.componentName" .) .root.Release.Namespace .root.Values.clusterDomain .port }}
 {{- end }}
 
+{{/* HOST:PORT of the pod's own IP ($(POD_IP), from status.podIP), for peers to reach it.
+     An IPv6 host goes in brackets: where kvmesh binds an IPv6 address (listenHost "::")
+     the pod IPs are IPv6. Call with (dict "root" $ "port" N). */}}
+{{- define "kvmesh.podAddress" -}}
+{{- if contains ":" (toString .root.Values.listenHost) }}
+{{- printf "[$(POD_IP)]:%v" .port }}
+{{- else }}
+{{- printf "$(POD_IP):%v" .port }}
+{{- end }}
+{{- end }}
+
 {{- define "kvmesh.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "kvmesh.fullname" .) .Values.serviceAccount.name }}
@@ -90,6 +101,20 @@ app.kubernetes.io/part-of: kvmesh
 {{- end }}
 
 {{/* Pod pieces ------------------------------------------------------------- */}}
+
+{{/* A Deployment's strategy or a DaemonSet's updateStrategy from its values: the
+     rollingUpdate settings only with type RollingUpdate. Values given at install merge
+     into the defaults, so type=Recreate still finds the default rollingUpdate, and
+     Kubernetes refuses a Recreate Deployment that has one. Call with the values
+     (.Values.prefill.strategy). */}}
+{{- define "kvmesh.updateStrategy" -}}
+{{- $type := .type | default "RollingUpdate" -}}
+type: {{ $type }}
+{{- if and (eq $type "RollingUpdate") .rollingUpdate }}
+rollingUpdate:
+  {{- toYaml .rollingUpdate | nindent 2 }}
+{{- end }}
+{{- end }}
 
 {{/* Annotations every kvmesh pod template carries: a checksum of the ConfigMap, so
      that a configuration change rolls the pods. */}}
@@ -245,7 +270,7 @@ metadata:
 spec:
   replicas: {{ $v.replicas }}
   strategy:
-    {{- toYaml $v.strategy | nindent 4 }}
+    {{- include "kvmesh.updateStrategy" $v.strategy | nindent 4 }}
   selector:
     matchLabels:
       {{- include "kvmesh.selectorLabels" $ctx | nindent 6 }}
