@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -41,27 +42,45 @@ def _ephemeral_ports() -> tuple[int, int]:
         return 32768, 60999  # Linux's default
 
 
+_HANDED_OUT: set[tuple[str, int]] = set()  # ports free_port gave this process
+_HANDED_OUT_LOCK = threading.Lock()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` now, for a component started later.
+    """A TCP port free on ``host`` now, for a component started later, and never one this
+    process was given before (components drawn together bind only later, so a port
+    free for each draw could be drawn twice).
 
     It is drawn from below the kernel's ephemeral range: a port from inside it (what
     ``bind(0)`` gives) can be taken by any outgoing connection in the seconds before the
     component binds it, which made workers fail to start. Falls back to ``bind(0)`` where
     no room is left below that range."""
+    with _HANDED_OUT_LOCK:
+        port = _draw_port(host)
+        _HANDED_OUT.add((host, port))
+        return port
+
+
+def _draw_port(host: str) -> int:
     low, _ = _ephemeral_ports()
     if low - 10000 >= 1024:
         rng = random.SystemRandom()
         for _ in range(200):
             port = rng.randrange(low - 10000, low)
+            if (host, port) in _HANDED_OUT:
+                continue
             with socket.socket() as s:
                 try:
                     s.bind((host, port))
                 except OSError:
                     continue
                 return port
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    while True:  # the kernel hands out ephemeral ports in turn: a repeat is rare
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if (host, port) not in _HANDED_OUT:
+            return port
 
 
 def _grpc_ready(address: str, check: Callable[[grpc.Channel], bool]) -> Callable[[], bool]:

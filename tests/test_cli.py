@@ -172,6 +172,19 @@ def test_free_ports_avoid_the_ephemeral_range():
     assert all(p < low or p > high for p in ports) and len(ports) > 40
 
 
+def test_free_ports_are_never_handed_out_twice(monkeypatch):
+    """Components of one cluster draw their ports before any binds one: a draw that
+    repeats an earlier one must be drawn again."""
+    import random
+
+    from cluster.local import _ephemeral_ports, free_port
+
+    low, _ = _ephemeral_ports()
+    draws = iter([low - 5000, low - 5000, low - 5000, low - 4999])
+    monkeypatch.setattr(random.SystemRandom, "randrange", lambda self, a, b: next(draws))
+    assert [free_port(), free_port()] == [low - 5000, low - 4999]
+
+
 def test_the_grpc_transfer_offer_names_a_host_readers_can_reach():
     """A store bound to a wildcard (as in a pod: ``--host 0.0.0.0``) tells readers the host
     of ``--advertise``, never the wildcard, and the gRPC transfer serves IPv6 binds too."""
