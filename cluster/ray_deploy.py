@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from cluster.config import ClusterConfig, ConfigError
+from kvmesh_proto.options import WILDCARD_HOSTS, host_port
 
 NAMESPACE = "kvmesh"
 PG_PREFIX = "kvmesh:"
@@ -320,8 +321,9 @@ class RouterActor(_Component):
 
         os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
         bind = host or self.node_ip
-        self.address = f"{self.node_ip}:{http_port}"
-        self.grpc_address = f"{self.node_ip}:{grpc_port}" if grpc_port else ""
+        reach = reachable_host(bind, self.node_ip)
+        self.address = host_port(reach, http_port)
+        self.grpc_address = host_port(reach, grpc_port) if grpc_port else ""
         app = create_app(RouterSettings(**settings), grpc_bind=(bind, grpc_port) if grpc_port else None)
         self.server = uvicorn.Server(uvicorn.Config(app, host=bind, port=http_port, log_level="warning"))
         self._thread = threading.Thread(target=self._serve, name=f"kvmesh-{name}", daemon=True)
@@ -350,6 +352,13 @@ class RouterActor(_Component):
     def stop(self, timeout_s: float = 10.0) -> None:
         self.server.should_exit = True
         self._thread.join(timeout_s)
+
+
+def reachable_host(bind: str, node_ip: str) -> str:
+    """The host clients (and the health check) reach a server bound to ``bind`` by: the
+    node's IP for a wildcard bind, else the bound host itself (a router bound to
+    127.0.0.1 answers only there)."""
+    return node_ip if bind in WILDCARD_HOSTS else bind
 
 
 class DeploymentRecord:
@@ -428,7 +437,9 @@ def _ray_command() -> str:
 def _start_local_ray(resources: dict[str, float], say: Callable[[str], None],
                      timeout_s: float = 120.0) -> str:
     """Start a Ray head on this machine (``ray start --head``) with ``resources``; returns
-    its address. It outlives this process: ``down`` stops it again."""
+    its address (this node's IP and the port it was started on, whatever ``RAY_ADDRESS``
+    says). It outlives this process: ``down`` stops it again. A start that fails, times
+    out or is interrupted stops what it had started (``ray stop``)."""
     recorded = _recorded_address()
     if recorded and _reachable(recorded):
         raise DeployError(f"a Ray cluster already runs at {recorded}: deploy onto it with "
@@ -441,15 +452,16 @@ def _start_local_ray(resources: dict[str, float], say: Callable[[str], None],
     cmd = [ray_cli, "start", "--head", f"--port={port}", "--disable-usage-stats",
            f"--resources={json.dumps(resources)}"]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise DeployError(f"could not start a local Ray cluster: {e}") from None
-    if proc.returncode != 0:
-        raise DeployError(f"`ray start --head` failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
-    address = _recorded_address()
-    if not address:
-        raise DeployError("started a local Ray cluster but cannot find its address")
-    return address
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise DeployError(f"could not start a local Ray cluster: {e}") from None
+        if proc.returncode != 0:
+            raise DeployError(f"`ray start --head` failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    except BaseException:  # its daemons may have started: nothing of it is left running
+        subprocess.run([ray_cli, "stop"], capture_output=True, timeout=120)
+        raise
+    return host_port(_ray().util.get_node_ip_address(), port)
 
 
 def _stop_local_ray() -> None:

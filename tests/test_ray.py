@@ -365,3 +365,46 @@ def test_auto_cpu_bind_gives_each_role_and_rank_its_own_cores(monkeypatch):
     assert auto_cpu_bind("decode", 16) is None              # too few cores: vLLM decides
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "3")
     assert auto_cpu_bind("decode", 1) is None               # the user's binding is kept
+
+
+def test_a_router_bound_to_one_address_is_reached_there():
+    from cluster.ray_deploy import reachable_host
+
+    assert reachable_host("127.0.0.1", "10.0.0.5") == "127.0.0.1"  # health-checked where it listens
+    assert reachable_host("0.0.0.0", "10.0.0.5") == "10.0.0.5"
+    assert reachable_host("::", "10.0.0.5") == "10.0.0.5"
+
+
+def test_a_local_ray_start_names_its_own_address_and_leaves_nothing_when_it_fails(monkeypatch):
+    """``up`` without ``--address`` starts a head: it connects to that head even with a
+    stale ``RAY_ADDRESS`` set, and a start that times out stops what it began (a later
+    ``up`` would otherwise find "a Ray cluster already runs")."""
+    import subprocess
+
+    from cluster import ray_deploy
+    from cluster.ray_deploy import DeployError, _start_local_ray
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # nothing answers there
+    calls, ports = [], []
+
+    def started(cmd, **kw):
+        calls.append(cmd[1])
+        ports.extend(a.split("=")[1] for a in cmd if a.startswith("--port="))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(ray_deploy.subprocess, "run", started)
+    address = _start_local_ray({}, say=lambda m: None)
+    assert calls == ["start"] and address.rsplit(":", 1)[1] == ports[0]
+
+    calls.clear()
+
+    def times_out(cmd, **kw):
+        calls.append(cmd[1])
+        if cmd[1] == "start":
+            raise subprocess.TimeoutExpired(cmd, 120)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(ray_deploy.subprocess, "run", times_out)
+    with pytest.raises(DeployError, match="could not start"):
+        _start_local_ray({}, say=lambda m: None)
+    assert calls == ["start", "stop"]
