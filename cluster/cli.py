@@ -17,8 +17,10 @@ import logging
 import math
 import os
 import re
+import signal
 import socket
 import sys
+from typing import Callable
 
 from kvmesh_proto.options import WILDCARD_HOSTS, host_port, split_host_port
 
@@ -368,35 +370,71 @@ def _cluster(args, **extra):
                         block_size=args.block_size, **extra)
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def _until_interrupted(run: Callable[[], None]) -> None:
+    """``run()`` with SIGTERM acting as Ctrl-C does (a ``KeyboardInterrupt`` wherever the
+    main thread is, starting a cluster included, so ``with cluster`` stops what started).
+    An interrupt ``run`` lets through ends the command with status 130."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        run()
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+def _stop_quietly() -> None:
+    """Once interrupted: further signals are ignored while the cluster stops in order."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    print("kvmesh: stopping", flush=True)
+
+
 def cmd_serve(args) -> None:
-    import signal
-    import threading
+    import time
 
     cluster = _cluster(args, router_port=args.port, api_token=args.api_token)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    with cluster:
-        print(f"\nkvmesh is serving {cluster.served_model_name}:\n"
-              f"  OpenAI API   {cluster.router_url}/v1  (completions, chat/completions, models)\n"
-              f"  gRPC API     {cluster.grpc_address}  (kvmesh_client)\n"
-              f"  health       {cluster.router_url}/health\n"
-              f"  metrics      {cluster.router_url}/metrics\n"
-              f"  store        {cluster.store_address}\n"
-              f"  prefill      {cluster.prefill_address}\n"
-              f"  decode       {cluster.decode_address}\n"
-              f"  logs         {cluster.run_dir}\n"
-              "Press Ctrl-C to stop.", flush=True)
-        stop.wait()
-        print("kvmesh: stopping", flush=True)
+
+    def serve() -> None:
+        with cluster:
+            try:
+                _print_endpoints(cluster)
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                _stop_quietly()
+
+    _until_interrupted(serve)
+
+
+def _print_endpoints(cluster) -> None:
+    print(f"\nkvmesh is serving {cluster.served_model_name}:\n"
+          f"  OpenAI API   {cluster.router_url}/v1  (completions, chat/completions, models)\n"
+          f"  gRPC API     {cluster.grpc_address}  (kvmesh_client)\n"
+          f"  health       {cluster.router_url}/health\n"
+          f"  metrics      {cluster.router_url}/metrics\n"
+          f"  store        {cluster.store_address}\n"
+          f"  prefill      {cluster.prefill_address}\n"
+          f"  decode       {cluster.decode_address}\n"
+          f"  logs         {cluster.run_dir}\n"
+          "Press Ctrl-C to stop.", flush=True)
 
 
 def cmd_demo(args) -> None:
     from cluster.demo import run_demo
 
-    with _cluster(args) as cluster:
-        run_demo(cluster)
-    print("kvmesh: demo finished; cluster stopped.", flush=True)
+    def demo() -> None:
+        with _cluster(args) as cluster:
+            try:
+                run_demo(cluster)
+            except KeyboardInterrupt:
+                _stop_quietly()
+                raise
+        print("kvmesh: demo finished; cluster stopped.", flush=True)
+
+    _until_interrupted(demo)
 
 
 def cmd_bench_router(args) -> None:
@@ -615,6 +653,10 @@ def main(argv: list[str] | None = None) -> None:
     from kv_store.malloc_tuning import tune_malloc
 
     args = build_parser().parse_args(argv)
+    if args.command in ("store", "prefill", "decode", "router"):
+        from cluster.local import exit_with_parent
+
+        exit_with_parent()
     tune_malloc()  # what launched components get from MALLOC_ENV, for hand-started ones too
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)

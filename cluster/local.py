@@ -46,6 +46,29 @@ _HANDED_OUT: set[tuple[str, int]] = set()  # ports free_port gave this process
 _HANDED_OUT_LOCK = threading.Lock()
 
 
+EXIT_WITH_PARENT_ENV = "KVMESH_EXIT_WITH_PARENT"
+
+
+def exit_with_parent() -> bool:
+    """In a component a ``LocalCluster`` started (``EXIT_WITH_PARENT_ENV`` is set; it is
+    taken out of the environment, so the component's own children do not act on it): a
+    thread that sends this process SIGTERM, its orderly stop, once its stdin reaches EOF,
+    which happens when the cluster's process has ended, even killed. True if started."""
+    if os.environ.pop(EXIT_WITH_PARENT_ENV, None) != "1":
+        return False
+
+    def watch() -> None:
+        try:
+            while os.read(0, 4096):
+                pass
+        except OSError:
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="kvmesh-parent-watch", daemon=True).start()
+    return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` now, for a component started later, and never one this
     process was given before (components drawn together bind only later, so a port
@@ -212,16 +235,19 @@ class LocalCluster:
         """Start ``kvmesh <command or name> ARGS`` logging to ``<name>.log``."""
         log_path = self.run_dir / f"{name}.log"
         full_env = dict(MALLOC_ENV, **os.environ)
-        full_env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+        full_env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+                        **{EXIT_WITH_PARENT_ENV: "1"})
         full_env.update(env or {})
         # A process group of its own (stopping it reaches its engine processes; a terminal's
         # Ctrl-C reaches only us), but not a session of its own: Linux schedules each
         # session as one group (autogroup), and with every component in its own, a busy
         # decode engine starved the others for seconds on two cores (streams stalled).
+        # Its stdin is a pipe only this process writes: when this process ends, however it
+        # ends (SIGKILL included), the component reads EOF and stops (``exit_with_parent``).
         with open(log_path, "ab") as log:
             popen = subprocess.Popen([sys.executable, "-m", "cluster.cli", command or name, *args],
-                                     stdout=log, stderr=subprocess.STDOUT, env=full_env,
-                                     process_group=0)
+                                     stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                                     env=full_env, process_group=0)
         proc = Process(name, popen, log_path)
         self.processes.append(proc)
         return proc
@@ -327,6 +353,7 @@ class LocalCluster:
             except (ProcessLookupError, PermissionError):
                 pass
             proc.popen.wait()
+            proc.popen.stdin.close()
         self.processes.clear()
 
     def __enter__(self) -> "LocalCluster":

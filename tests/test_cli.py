@@ -234,3 +234,40 @@ def test_addresses_are_checked_and_ipv6_ones_bracketed(good, bad, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["store", "--advertise", bad])
     assert "not a HOST:PORT address" in capsys.readouterr().err
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return True
+
+
+def test_a_component_stops_when_the_cluster_process_is_killed(tmp_path):
+    """A local cluster's components end with the process that started them, even when it
+    is killed without a chance to stop them (SIGKILL, a closed terminal, a CI timeout)."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import sys, time\n"
+        "from cluster.local import LocalCluster\n"
+        f"c = LocalCluster(model='unused', run_dir={str(tmp_path)!r}, verbose=False)\n"
+        "p = c._spawn('store', '--port', '0', '--host-bytes', '8MiB', '--transfer', '')\n"
+        "print(p.popen.pid, flush=True)\n"
+        "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    store = None
+    try:
+        store = int(parent.stdout.readline())
+        log = tmp_path / "store.log"
+        from tests.waiting import wait_until
+        assert wait_until(lambda: "serving on" in log.read_text(errors="replace"), 60)
+        parent.kill()
+        parent.wait()
+        assert wait_until(lambda: _gone(store), 30), "the store outlived the process that started it"
+    finally:
+        parent.kill()
+        parent.wait()
+        if store is not None and not _gone(store):
+            os.kill(store, signal.SIGKILL)
