@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Callable
 
 from fastapi import FastAPI, Request
@@ -26,6 +26,20 @@ from router.openai_api import (ChatCompletionRequest, CompletionRequest, chat_ch
                                chat_completion, completion_chunk, error_body, usage)
 
 __all__ = ["create_app", "RouterSettings"]
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A ``StreamingResponse`` that closes its body (an async generator) however the
+    response ends: finished, the client gone, a send that failed or was cancelled while
+    blocked on a client that stopped reading. Starlette leaves a body it stopped
+    iterating to the garbage collector, and with it the request below (its admission
+    slot, the worker's call and the KV it holds) until a collection ran."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 class LimitsAndAuth:
@@ -125,7 +139,8 @@ def create_app(settings: RouterSettings, core: RouterCore | None = None,
     async def run_to_end(request: Request, p: Prepared, trace: Trace) -> list[str]:
         """Collect a non-streaming answer; cancel it if the client goes away first."""
         async def collect() -> list[str]:
-            return [chunk.text async for chunk in core.generate(p, trace)]
+            async with aclosing(core.generate(p, trace)) as chunks:
+                return [chunk.text async for chunk in chunks]
 
         task = asyncio.ensure_future(collect())
         while True:
@@ -149,24 +164,27 @@ def create_app(settings: RouterSettings, core: RouterCore | None = None,
         return response
 
     def stream(p: Prepared, trace: Trace, event: Callable, with_ids: bool) -> StreamingResponse:
+        """Server-sent events of the request's chunks, an error event if it fails, then
+        ``[DONE]``."""
         async def events():
             created = int(time.time())
             first = True
             try:
-                async for chunk in core.generate(p, trace):
-                    data = event(chunk, created, first)
-                    first = False
-                    if with_ids:
-                        data["choices"][0]["token_ids"] = list(chunk.token_ids)
-                    if chunk.finish_reason:
-                        data["usage"] = usage(len(p.token_ids), len(trace.token_ids))
-                        data["kvmesh"] = trace.info()
-                    yield f"data: {json.dumps(data)}\n\n"
+                async with aclosing(core.generate(p, trace)) as chunks:
+                    async for chunk in chunks:
+                        data = event(chunk, created, first)
+                        first = False
+                        if with_ids:
+                            data["choices"][0]["token_ids"] = list(chunk.token_ids)
+                        if chunk.finish_reason:
+                            data["usage"] = usage(len(p.token_ids), len(trace.token_ids))
+                            data["kvmesh"] = trace.info()
+                        yield f"data: {json.dumps(data)}\n\n"
             except ApiError as e:
                 yield f"data: {json.dumps(error_body(e.message, e.status, e.kind))}\n\n"
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return ClosingStreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -207,9 +225,11 @@ def create_app(settings: RouterSettings, core: RouterCore | None = None,
 
     @app.get("/health")
     async def health():
-        ok, workers = await core.health()
-        return JSONResponse({"status": "ok" if ok else "degraded", "workers": workers},
-                            status_code=200 if ok else 503)
+        """Readiness, from what the health poller last found: 200 while a decode worker
+        is healthy ("ok", or "degraded" when some worker is down), 503 when none is."""
+        state, workers = core.readiness()
+        return JSONResponse({"status": state, "workers": workers},
+                            status_code=503 if state == "unavailable" else 200)
 
     @app.get("/metrics")
     async def prometheus_metrics():

@@ -21,6 +21,7 @@ import hmac
 import logging
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
@@ -151,6 +152,7 @@ class Trace:
     kv_bytes: int = 0
     kv_transfer_s: float = 0.0
     kv_wait_s: float = 0.0
+    decode_address: str = ""  # the decode worker that served it (a retry may move it)
 
     def info(self) -> dict:
         return {"ttft_s": self.ttft_s, "queue_s": self.queue_s, "prefill_s": self.prefill_s,
@@ -173,6 +175,7 @@ class RouterCore:
         self.metrics.inflight.set_function(lambda: self.admission.inflight)
         self.metrics.queued.set_function(lambda: self.admission.queued)
         self._max_model_len: int | None = None
+        self._last_status: dict[str, str] = {}  # per worker, what the last health poll found
         self._tasks: dict[str, asyncio.Task] = {}
         self._cancel_requested: set[str] = set()
         self._leaving: dict[tuple[str, str], tuple[Worker, asyncio.Task]] = {}  # (role, address) -> (worker, closer)
@@ -368,10 +371,11 @@ class RouterCore:
                     await self._prefill(route.prefill, request, trace)
                     if p.request_id in self._cancel_requested:  # cancelled while prefilling
                         raise asyncio.CancelledError
-                async for chunk in self._decode(route, request, trace, start):
-                    yield chunk
+                async with aclosing(self._decode(route, request, trace, start)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
                 if trace.prefill_ok or trace.prefill_skipped:
-                    self.routing.record(route)
+                    self.routing.record(route, trace.decode_address)
             outcome = "ok"
         except Overloaded as e:
             outcome = "overloaded"
@@ -408,8 +412,9 @@ class RouterCore:
             if worker not in self.routing.decode and self.routing.decode:  # it left while we prefilled
                 worker = self._least_loaded_decode()
             try:
-                async for chunk in self._decode_on(worker, request, trace, start):
-                    yield chunk
+                async with aclosing(self._decode_on(worker, request, trace, start)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
                 return
             except grpc.aio.AioRpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE or trace.token_ids or time.monotonic() > give_up:
@@ -430,28 +435,36 @@ class RouterCore:
 
     async def _decode_on(self, worker: Worker, request, trace: Trace, start: float):
         self.metrics.decode_requests.labels(worker.address).inc()
+        trace.decode_address = worker.address
         remaining = max(1.0, self.settings.request_timeout_s - (time.monotonic() - start))
         worker.inflight += 1
-        last = None
         try:
-            async for chunk in worker.client.generate(request, remaining):
-                now = time.monotonic()
-                if chunk.token_ids:
-                    if trace.ttft_s is None:
-                        trace.ttft_s = now - start
-                    elif last is not None:
-                        self.metrics.itl.observe((now - last) / len(chunk.token_ids))
-                    last = now
-                trace.token_ids.extend(chunk.token_ids)
-                if chunk.finish_reason:
-                    trace.finish_reason = chunk.finish_reason
-                    trace.decode_tokens_from_store = chunk.tokens_from_store
-                    trace.decode_tokens_load_failed = chunk.tokens_load_failed
-                    trace.kv_backend, trace.kv_bytes = chunk.kv_backend, chunk.kv_bytes
-                    trace.kv_transfer_s, trace.kv_wait_s = chunk.kv_transfer_s, chunk.kv_wait_s
-                yield chunk
+            async with aclosing(worker.client.generate(request, remaining)) as chunks:
+                last = None
+                async for chunk in chunks:
+                    last = self._note(trace, chunk, start, last)
+                    yield chunk
         finally:
             worker.inflight -= 1
+
+    def _note(self, trace: Trace, chunk, start: float, last: float | None) -> float | None:
+        """Fold a decode chunk into the request's trace (and the inter-token metric);
+        returns when the request's latest tokens came (``last`` for a chunk without any)."""
+        now = time.monotonic()
+        if chunk.token_ids:
+            if trace.ttft_s is None:
+                trace.ttft_s = now - start
+            elif last is not None:
+                self.metrics.itl.observe((now - last) / len(chunk.token_ids))
+            last = now
+        trace.token_ids.extend(chunk.token_ids)
+        if chunk.finish_reason:
+            trace.finish_reason = chunk.finish_reason
+            trace.decode_tokens_from_store = chunk.tokens_from_store
+            trace.decode_tokens_load_failed = chunk.tokens_load_failed
+            trace.kv_backend, trace.kv_bytes = chunk.kv_backend, chunk.kv_bytes
+            trace.kv_transfer_s, trace.kv_wait_s = chunk.kv_transfer_s, chunk.kv_wait_s
+        return last
 
     def _record(self, trace: Trace, num_prompt: int, outcome: str, started: float) -> None:
         m = self.metrics
@@ -476,22 +489,43 @@ class RouterCore:
         """Ask every worker for its health and update its ``healthy`` flag: an error status
         or a refused call marks it down at once; timed-out calls only once
         ``health_timeouts_to_fail`` of them come in a row (a busy worker answers late, and
-        requests that fail on it mark it down anyway)."""
-        status = {}
+        requests that fail on it mark it down anyway). All workers are asked at once, so a
+        poll takes at most ``health_timeout_s``. Returns whether every worker is healthy
+        (and there is a decode worker), with each worker's status; ``readiness`` answers
+        from what the last poll found."""
         workers = [("prefill", w) for w in self.routing.prefill] + [("decode", w) for w in self.routing.decode]
-        for role, w in workers:
-            name = f"{role} {w.address}"
-            try:
-                reply = await w.client.health(self.settings.health_timeout_s)
-                status[name] = reply.status
-                w.healthy, w.health_timeouts = reply.status == "ok", 0
-            except grpc.aio.AioRpcError as e:
-                status[name] = f"unavailable ({e.code().name})"
-                late = e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-                w.health_timeouts = w.health_timeouts + 1 if late else 0
-                if late and w.healthy and w.health_timeouts < self.settings.health_timeouts_to_fail:
-                    status[name] = f"ok (a late health reply, {w.health_timeouts} in a row)"
-                else:
-                    w.healthy = False
+        found = await asyncio.gather(*(self._health_of(w) for _, w in workers))
+        status = {f"{role} {w.address}": text for (role, w), text in zip(workers, found)}
+        self._last_status = status
         ok = bool(self.routing.decode) and all(w.healthy for _, w in workers)
         return ok, status
+
+    async def _health_of(self, w: Worker) -> str:
+        try:
+            reply = await w.client.health(self.settings.health_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            late = e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            w.health_timeouts = w.health_timeouts + 1 if late else 0
+            if late and w.healthy and w.health_timeouts < self.settings.health_timeouts_to_fail:
+                return f"ok (a late health reply, {w.health_timeouts} in a row)"
+            w.healthy = False
+            return f"unavailable ({e.code().name})"
+        w.healthy, w.health_timeouts = reply.status == "ok", 0
+        return reply.status
+
+    def readiness(self) -> tuple[str, dict[str, str]]:
+        """The router's state without asking anyone (what the health poller and failed
+        calls last found): "ok" when every worker is healthy, "degraded" when some are
+        not but a decode worker is (requests are served: a missing prefill worker means
+        decode computes the prompt), "unavailable" when no decode worker is healthy.
+        With each worker's last status ("down (a call to it failed)" for one marked down
+        since that poll)."""
+        workers = [("prefill", w) for w in self.routing.prefill] + [("decode", w) for w in self.routing.decode]
+        status = {}
+        for role, w in workers:
+            name = f"{role} {w.address}"
+            text = self._last_status.get(name, "ok" if w.healthy else "down")
+            status[name] = text if w.healthy or not text.startswith("ok") else "down (a call to it failed)"
+        if not any(w.healthy for w in self.routing.decode):
+            return "unavailable", status
+        return ("ok" if all(w.healthy for _, w in workers) else "degraded"), status

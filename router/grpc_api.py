@@ -8,6 +8,8 @@ cancels, or whose deadline passes, cancels the request on the workers.
 
 from __future__ import annotations
 
+from contextlib import aclosing
+
 import grpc
 
 from kvmesh_proto import serving_pb2, serving_pb2_grpc
@@ -50,16 +52,17 @@ class ServingService(serving_pb2_grpc.KVMeshServicer):
             await context.abort(e.grpc_code, e.message)
         trace = Trace()
         try:
-            async for chunk in core.generate(p, trace):
-                response = serving_pb2.GenerateResponse(
-                    request_id=p.request_id, text=chunk.text, token_ids=chunk.token_ids,
-                    finish_reason=chunk.finish_reason)
-                if chunk.finish_reason:
-                    response.usage.CopyFrom(serving_pb2.Usage(
-                        prompt_tokens=len(p.token_ids), completion_tokens=len(trace.token_ids),
-                        prefix_tokens_from_store=trace.decode_tokens_from_store,
-                        time_to_first_token_s=trace.ttft_s or 0.0, route=trace.route))
-                yield response
+            async with aclosing(core.generate(p, trace)) as chunks:
+                async for chunk in chunks:
+                    response = serving_pb2.GenerateResponse(
+                        request_id=p.request_id, text=chunk.text, token_ids=chunk.token_ids,
+                        finish_reason=chunk.finish_reason)
+                    if chunk.finish_reason:
+                        response.usage.CopyFrom(serving_pb2.Usage(
+                            prompt_tokens=len(p.token_ids), completion_tokens=len(trace.token_ids),
+                            prefix_tokens_from_store=trace.decode_tokens_from_store,
+                            time_to_first_token_s=trace.ttft_s or 0.0, route=trace.route))
+                    yield response
         except ApiError as e:
             await context.abort(e.grpc_code, e.message)
 
@@ -69,8 +72,8 @@ class ServingService(serving_pb2_grpc.KVMeshServicer):
 
     async def Health(self, request, context):
         await self._authorize(context)
-        ok, workers = await self.core.health()
-        return serving_pb2.HealthReply(status="ok" if ok else "degraded", workers=workers)
+        state, workers = self.core.readiness()
+        return serving_pb2.HealthReply(status=state, workers=workers)
 
     async def ListModels(self, request, context):
         await self._authorize(context)

@@ -127,13 +127,18 @@ class RoutingPolicy:
         prefill = None if skip else self._least_loaded(self.prefill)
         return Route(prefill, decode, reason, cached, hashes)
 
-    def record(self, route: Route) -> None:
-        """Credit the request's blocks to where they now are (call after it succeeded)."""
+    def record(self, route: Route, decode_address: str | None = None) -> None:
+        """Credit the request's blocks to where they now are (call after it succeeded):
+        the store, when it was prefilled, and with ``decode_local_cache`` the decode worker
+        that served it (``decode_address``; default the route's), while it is still in the
+        pool — one that left meanwhile is credited nothing. Never raises for a worker
+        that left: the request it served has succeeded."""
         if not route.hashes:
             return
         nodes = [STORE_NODE] if route.prefill is not None else []
-        if self.decode_local_cache:
-            nodes.append(route.decode.address)
+        served = decode_address or route.decode.address
+        if self.decode_local_cache and any(w.address == served for w in self.decode):
+            nodes.append(served)
         for node in nodes:
             self._index.add(node, "gpu" if node != STORE_NODE else "host", list(route.hashes))
             for h in route.hashes:

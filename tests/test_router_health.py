@@ -83,3 +83,39 @@ def test_a_refused_call_or_an_error_status_marks_it_down_at_once(failure):
                 assert next(iter(status.values())) == "unavailable (UNAVAILABLE)"
 
     asyncio.run(run())
+
+
+def test_readiness_stays_up_while_a_decode_worker_is_and_answers_from_the_poll():
+    """One decode worker down of two (or the prefill worker down) leaves the router ready
+    ("degraded", HTTP 200): it still serves. No healthy decode worker: "unavailable"."""
+    async def run():
+        up, down = ControlledWorker(), ControlledWorker()
+        down.status = "error"
+        async with router_with_one_worker(up) as (_, core, first), \
+                router_with_one_worker(down) as (_, other, second):
+            core.routing = RoutingPolicy(prefill=[], decode=[first, second])
+            assert core.readiness()[0] == "ok"  # nothing polled yet: every worker counts as up
+            ok, status = await core.health()
+            assert not ok and not second.healthy
+            state, workers = core.readiness()
+            assert state == "degraded" and workers[f"decode {second.address}"] == "error"
+            first.healthy = False  # a failed call marks it down between polls
+            state, workers = core.readiness()
+            assert state == "unavailable" and workers[f"decode {first.address}"].startswith("down")
+
+    asyncio.run(run())
+
+
+def test_a_worker_that_left_is_credited_nothing_and_the_request_stands():
+    """A request finishing on a decode worker that left the pool meanwhile (discovery)
+    must not fail in the routing table's bookkeeping; the worker that served it gets the
+    credit."""
+    a, b = Worker("a:1", None), Worker("b:1", None)
+    routing = RoutingPolicy(prefill=[], decode=[a, b], block_size=4, decode_local_cache=True)
+    route = routing.choose(list(range(16)))
+    served = b if route.decode is a else a  # a retry moved it to the other one
+    routing.record(route, served.address)
+    assert routing.choose(list(range(16))).decode is served  # credited where it ran
+    route = routing.choose(list(range(16, 32)))
+    routing.set_members("decode", [w for w in (a, b) if w is not route.decode])
+    routing.record(route)  # its worker left: no KeyError

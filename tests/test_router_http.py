@@ -41,6 +41,7 @@ class Router:
     stubs: list[StubWorker]
     stub_addresses: list[str]
     call: object  # call(coroutine) runs it on the router's event loop and returns its result
+    app: object = None
 
     def metric(self, name: str, labels: str = "") -> float:
         text = httpx.get(self.url + "/metrics", timeout=10).text
@@ -77,7 +78,7 @@ def serving(model: str, stubs: int = 1, token_delay_s: float = 0.0, discover: bo
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
         yield Router(f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", app.state.core,
-                     workers, addresses, call)
+                     workers, addresses, call, app)
     finally:
         server.should_exit = True
         served.result(30)
@@ -112,6 +113,46 @@ def test_a_client_that_leaves_before_a_non_streaming_answer_cancels_it(tiny_mode
         # and one that stays gets its answer
         ok = httpx.post(r.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_stream_whose_client_stopped_reading_and_left_is_freed_at_once(tiny_model):
+    """A streaming client that stops reading (the router's write blocks) and then goes:
+    the request is closed down to the worker at once, not when a garbage collection runs
+    (the slot, the worker's call and its KV stay held until then)."""
+    with serving(tiny_model, token_delay_s=0.05) as r:
+        body = json.dumps({"prompt": "hello there", "max_tokens": 400, "stream": True}).encode()
+
+        async def client_that_stops_reading():
+            incoming = [{"type": "http.request", "body": body, "more_body": False}]
+            gone, blocked = asyncio.Event(), asyncio.Event()
+
+            async def receive():
+                if incoming:
+                    return incoming.pop()
+                await gone.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(message):
+                if message["type"] == "http.response.body" and message.get("body"):
+                    blocked.set()
+                    await asyncio.Event().wait()  # never drained
+
+            scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+                     "http_version": "1.1", "method": "POST", "scheme": "http",
+                     "path": "/v1/completions", "raw_path": b"/v1/completions", "root_path": "",
+                     "query_string": b"", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+                     "headers": [(b"content-type", b"application/json"),
+                                 (b"content-length", str(len(body)).encode())]}
+            served = asyncio.ensure_future(r.app(scope, receive, send))
+            await asyncio.wait_for(blocked.wait(), 10)
+            gone.set()
+            await asyncio.wait_for(served, 10)
+
+        r.call(client_that_stops_reading())
+        worker = r.core.routing.decode[0]
+        assert wait_until(lambda: r.stubs[0].running == 0 and worker.inflight == 0
+                          and r.core.admission.inflight == 0, 5), "the request still runs"
+        assert r.stubs[0].completed == 0
 
 
 def test_auth_and_the_body_limit(tiny_model):
