@@ -17,6 +17,7 @@ calls before its channel is closed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import time
@@ -98,7 +99,7 @@ class ApiError(Exception):
 
 @dataclass
 class Sampling:
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: what the prompt leaves of the context (``prepare``)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -109,7 +110,7 @@ class Sampling:
     def check(self) -> None:
         """Raise ``ApiError(400)`` for a value out of range (the HTTP models check the same)."""
         problems = []
-        if self.max_tokens < 1:
+        if self.max_tokens is not None and self.max_tokens < 1:
             problems.append("max_tokens must be at least 1")
         if not 0.0 <= self.temperature <= 2.0:
             problems.append("temperature must be within [0, 2]")
@@ -279,7 +280,10 @@ class RouterCore:
     async def prepare(self, prompt: str | Sequence[int], sampling: Sampling, *,
                       model: str | None = None, cache_salt: str | None = None,
                       request_id: str | None = None) -> Prepared:
-        """Validate a request into token ids; raises ``ApiError`` (4xx) and changes nothing."""
+        """Validate a request into token ids; raises ``ApiError`` (4xx) and changes nothing.
+        ``sampling.max_tokens`` None becomes what the prompt leaves of the model's context
+        (in the returned ``Prepared``; ``sampling`` itself is left as it is); a prompt that
+        leaves nothing is a 400, as is one that leaves less than a given ``max_tokens``."""
         self.check_model(model)
         sampling.check()
         if isinstance(prompt, str):
@@ -300,7 +304,12 @@ class RouterCore:
         if request_id is not None and (len(request_id) > 128 or request_id in self._tasks):
             raise ApiError(400, "request_id must be unique among running requests and at most 128 characters")
         limit = await self.max_model_len()
-        if len(token_ids) + sampling.max_tokens > limit:
+        if sampling.max_tokens is None:
+            if len(token_ids) >= limit:
+                raise ApiError(400, f"prompt ({len(token_ids)} tokens) fills the model's context of "
+                                    f"{limit} tokens: no room left to generate")
+            sampling = dataclasses.replace(sampling, max_tokens=limit - len(token_ids))
+        elif len(token_ids) + sampling.max_tokens > limit:
             raise ApiError(400, f"prompt ({len(token_ids)} tokens) plus max_tokens "
                                 f"({sampling.max_tokens}) exceeds the model's context of {limit} tokens")
         return Prepared(request_id or f"cmpl-{uuid.uuid4().hex}", token_ids, sampling, cache_salt or "")

@@ -61,9 +61,12 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Common):
-    """``POST /v1/chat/completions``; ``max_completion_tokens`` is accepted too."""
+    """``POST /v1/chat/completions``; ``max_completion_tokens`` is accepted too (and wins
+    over ``max_tokens``). With neither, the answer may take what the prompt leaves of the
+    model's context, as in OpenAI's and vLLM's chat APIs (completions default to 16)."""
 
     messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
 
     def sampling(self) -> Sampling:

@@ -285,3 +285,29 @@ def test_a_channel_closed_under_a_call_is_retried_not_a_500(tiny_model):
         assert answers[0].json()["usage"]["completion_tokens"] == 3
         assert r.metric("kvmesh_router_decode_retries_total") == 1
         assert sum(s.completed for s in r.stubs) == 1
+
+
+def test_chat_without_max_tokens_may_use_the_rest_of_the_context(tiny_model):
+    """No ``max_tokens`` (nor ``max_completion_tokens``) on a chat request: the worker is
+    asked for what the prompt leaves of the context, as OpenAI and vLLM do, never 16;
+    completions keep OpenAI's default of 16. A prompt that fills the context is a 400."""
+    with serving(tiny_model) as r:
+        chat = {"messages": [{"role": "user", "content": "hello there"}]}
+        answer = httpx.post(r.url + "/v1/chat/completions", json=chat, timeout=60)
+        assert answer.status_code == 200, answer.text
+        used = answer.json()["usage"]
+        assert used["completion_tokens"] == 4096 - used["prompt_tokens"] > 16
+        answer = httpx.post(r.url + "/v1/chat/completions", json={**chat, "max_completion_tokens": 3},
+                            timeout=30)
+        assert answer.json()["usage"]["completion_tokens"] == 3
+        answer = httpx.post(r.url + "/v1/completions", json={"prompt": "hello there"}, timeout=30)
+        assert answer.json()["usage"]["completion_tokens"] == 16
+
+        full = {"messages": [{"role": "user", "content": "hello " * 5000}]}
+        answer = httpx.post(r.url + "/v1/chat/completions", json=full, timeout=30)
+        assert answer.status_code == 400 and "no room left" in answer.json()["error"]["message"]
+        with pytest.raises(ApiError) as refused:
+            r.call(r.core.prepare([7] * 4096, Sampling(max_tokens=None)))
+        assert refused.value.status == 400
+        left = r.call(r.core.prepare([7] * 4000, Sampling(max_tokens=None)))
+        assert left.sampling.max_tokens == 96
