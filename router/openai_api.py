@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic_core import PydanticCustomError
 
 from router.core import INT32_MAX, INT64_MAX, INT64_MIN, Sampling
 
 
 class _Common(BaseModel):
     """Fields completions and chat share. Unknown fields are ignored: clients send extras.
+    A field sent as null takes its default, as OpenAI allows for every optional field.
     Ranges are those of the worker protocol's fields (``top_k`` int32, ``seed`` int64, as
     vLLM takes them), so a value out of range is a 400, never a failure further on."""
 
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data):
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     model: str | None = None
     max_tokens: int = Field(16, ge=1)
@@ -38,10 +45,21 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    """``POST /v1/completions``."""
+    """``POST /v1/completions``. One prompt per request: text or token ids, or a list
+    holding exactly one of those (as OpenAI's batch form, with a batch of one)."""
 
     prompt: str | list[int] = Field(..., description="text, or token ids")
     echo: Literal[False] = False
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, value):
+        if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
+            if len(value) != 1:
+                raise PydanticCustomError("one_prompt", "only one prompt per request ({count} given)",
+                                          {"count": len(value)})
+            return value[0]
+        return value
 
     @field_validator("prompt")
     @classmethod
@@ -54,10 +72,50 @@ class CompletionRequest(_Common):
 
 
 class ChatMessage(BaseModel):
+    """One message of a conversation, validated into what the chat template gets (its
+    ``model_dump()``, fields left out or null omitted). ``content`` is text or a list of
+    text parts (``{"type": "text", "text": ...}``, joined with newlines, as vLLM does);
+    other parts (images, audio) are a 400. An assistant message may have null content
+    (it becomes ""). A ``developer`` message goes to the template as ``system`` (the role
+    OpenAI renamed it from, which templates know); a ``tool`` message goes as it is, with
+    its ``tool_call_id``, and a template that cannot render it makes the request a 400."""
+
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, value):
+        if not isinstance(value, list):
+            return value
+        texts = []
+        for part in value:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise PydanticCustomError(
+                    "text_parts_only", f"only text content parts are supported (type \"text\"), "
+                    f"not {part.get('type')!r}")
+            texts.append(part["text"])
+        return "\n".join(texts)
+
+    @model_validator(mode="after")
+    def _template_form(self):
+        if self.content is None:
+            if self.role != "assistant":
+                raise PydanticCustomError("content_missing", "a {role} message needs content",
+                                          {"role": self.role})
+            self.content = ""
+        if self.role == "developer":
+            self.role = "system"
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_nulls(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatCompletionRequest(_Common):

@@ -311,3 +311,37 @@ def test_chat_without_max_tokens_may_use_the_rest_of_the_context(tiny_model):
         assert refused.value.status == 400
         left = r.call(r.core.prepare([7] * 4000, Sampling(max_tokens=None)))
         assert left.sampling.max_tokens == 96
+
+
+def test_valid_openai_requests_are_served(tiny_model):
+    """What OpenAI clients send: nulls for optional fields (the defaults), text content
+    parts, a ``developer`` message (rendered as ``system``), an assistant message with
+    null content, a ``tool`` message, a prompt in a list of one. Image parts and several
+    prompts in one request are a clear 400."""
+    with serving(tiny_model) as r:
+        nulls = dict.fromkeys(["temperature", "top_p", "n", "seed", "stop", "stream", "user"])
+
+        def prompt_ids(path: str, body: dict) -> list[int]:
+            answer = httpx.post(r.url + path, json={**nulls, "return_token_ids": True, **body}, timeout=30)
+            assert answer.status_code == 200, (body, answer.text)
+            return answer.json()["choices"][0]["prompt_token_ids"]
+
+        plain = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "one\ntwo"},
+                 {"role": "assistant", "content": ""}, {"role": "tool", "content": "42"}]
+        as_sent = [{"role": "developer", "content": [{"type": "text", "text": "be brief"}]},
+                   {"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]},
+                   {"role": "assistant", "content": None}, {"role": "tool", "content": "42", "tool_call_id": "c"}]
+        chat = "/v1/chat/completions"
+        assert prompt_ids(chat, {"messages": as_sent, "max_tokens": None, "max_completion_tokens": 2}) \
+            == prompt_ids(chat, {"messages": plain, "max_tokens": 2})
+        completions = "/v1/completions"
+        assert prompt_ids(completions, {"prompt": ["hello there"], "max_tokens": None}) \
+            == prompt_ids(completions, {"prompt": "hello there"})
+        ids = prompt_ids(completions, {"prompt": "hello there"})
+        assert prompt_ids(completions, {"prompt": [ids]}) == ids
+
+        image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+        answer = httpx.post(r.url + chat, json={"messages": [{"role": "user", "content": [image]}]}, timeout=30)
+        assert answer.status_code == 400 and "only text content parts" in answer.json()["error"]["message"]
+        answer = httpx.post(r.url + completions, json={"prompt": ["a", "b"]}, timeout=30)
+        assert answer.status_code == 400 and "only one prompt per request" in answer.json()["error"]["message"]
