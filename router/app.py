@@ -2,8 +2,9 @@
 
 ``/v1/completions`` and ``/v1/chat/completions`` (streaming as server-sent events, or
 not), ``/v1/models``, ``/health``, ``/metrics``. Errors are OpenAI-shaped
-(``{"error": {"message", "type", "code"}}``). A client that disconnects — mid-stream or
-while waiting for a non-streaming answer — cancels the request everywhere.
+(``{"error": {"message", "type", "param", "code"}}``; ``param`` names the request field a
+400 is about, when one does). A client that disconnects — mid-stream or while waiting
+for a non-streaming answer — cancels the request everywhere.
 """
 
 from __future__ import annotations
@@ -122,11 +123,15 @@ def create_app(settings: RouterSettings, core: RouterCore | None = None,
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         core.metrics.requests.labels("invalid").inc()
-        parts = []
+        parts, params = [], []
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
             parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-        return JSONResponse(error_body("; ".join(parts) or "invalid request", 400), status_code=400)
+            loc = err.get("loc", ())
+            if len(loc) > 1 and loc[0] == "body" and err.get("type") != "json_invalid":
+                params.append(str(loc[1]))
+        return JSONResponse(error_body("; ".join(parts) or "invalid request", 400,
+                                       param=params[0] if params else None), status_code=400)
 
     async def prepared(body, prompt) -> Prepared:
         try:
@@ -163,9 +168,12 @@ def create_app(settings: RouterSettings, core: RouterCore | None = None,
             response["choices"][0]["prompt_token_ids"] = p.token_ids
         return response
 
-    def stream(p: Prepared, trace: Trace, event: Callable, with_ids: bool) -> StreamingResponse:
+    def stream(p: Prepared, trace: Trace, event: Callable, with_ids: bool,
+               usage_chunk: bool = False) -> StreamingResponse:
         """Server-sent events of the request's chunks, an error event if it fails, then
-        ``[DONE]``."""
+        ``[DONE]``; the usage comes with the last token's chunk, or with ``usage_chunk``
+        (``stream_options.include_usage``) in a chunk of its own after it, with no
+        choices, as OpenAI sends it."""
         async def events():
             created = int(time.time())
             first = True
@@ -177,9 +185,14 @@ def create_app(settings: RouterSettings, core: RouterCore | None = None,
                         if with_ids:
                             data["choices"][0]["token_ids"] = list(chunk.token_ids)
                         if chunk.finish_reason:
-                            data["usage"] = usage(len(p.token_ids), len(trace.token_ids))
+                            if not usage_chunk:
+                                data["usage"] = usage(len(p.token_ids), len(trace.token_ids))
                             data["kvmesh"] = trace.info()
                         yield f"data: {json.dumps(data)}\n\n"
+                        if chunk.finish_reason and usage_chunk:
+                            last = {k: data[k] for k in ("id", "object", "created", "model")}
+                            last.update(choices=[], usage=usage(len(p.token_ids), len(trace.token_ids)))
+                            yield f"data: {json.dumps(last)}\n\n"
             except ApiError as e:
                 yield f"data: {json.dumps(error_body(e.message, e.status, e.kind))}\n\n"
             yield "data: [DONE]\n\n"
@@ -193,7 +206,8 @@ def create_app(settings: RouterSettings, core: RouterCore | None = None,
         model = settings.served_model_name
         if body.stream:
             return stream(p, trace, lambda c, created, first: completion_chunk(
-                p.request_id, model, c.text, c.finish_reason or None, created), body.return_token_ids)
+                p.request_id, model, c.text, c.finish_reason or None, created), body.return_token_ids,
+                body.include_usage)
         return await answer(request, p, trace, body.return_token_ids,
                             lambda text, finish: completion_chunk(p.request_id, model, text, finish))
 
@@ -213,7 +227,7 @@ def create_app(settings: RouterSettings, core: RouterCore | None = None,
             return chat_chunk(p.request_id, model, delta, chunk.finish_reason or None, created)
 
         if body.stream:
-            return stream(p, trace, event, body.return_token_ids)
+            return stream(p, trace, event, body.return_token_ids, body.include_usage)
         return await answer(request, p, trace, body.return_token_ids,
                             lambda text, finish: chat_completion(p.request_id, model, text, finish))
 

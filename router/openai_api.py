@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
@@ -11,18 +12,60 @@ from pydantic_core import PydanticCustomError
 from router.core import INT32_MAX, INT64_MAX, INT64_MIN, Sampling
 
 
+class StreamOptions(BaseModel):
+    """``stream_options``: ``include_usage`` sends the usage in a chunk of its own, with no
+    choices, before ``[DONE]`` (as OpenAI does); vLLM's ``continuous_usage_stats`` is not
+    supported."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
+
+    @field_validator("continuous_usage_stats")
+    @classmethod
+    def _not_continuous(cls, value):
+        if value:
+            raise PydanticCustomError("unsupported", "continuous_usage_stats is not supported; "
+                                      "leave it out or send null or false")
+        return value
+
+
 class _Common(BaseModel):
     """Fields completions and chat share. Unknown fields are ignored: clients send extras.
     A field sent as null takes its default, as OpenAI allows for every optional field.
+    Fields of OpenAI's or vLLM's API that kvmesh does not implement (``NEUTRAL``) are
+    accepted only at a value that asks for nothing (their default, or null), else a 400
+    naming the field: never silently ignored.
     Ranges are those of the worker protocol's fields (``top_k`` int32, ``seed`` int64, as
     vLLM takes them), so a value out of range is a 400, never a failure further on."""
 
     model_config = ConfigDict(extra="ignore")
 
+    # Unimplemented field -> the values (besides null) that ask for nothing.
+    NEUTRAL: ClassVar[dict[str, tuple]] = {
+        "logprobs": (), "presence_penalty": (0,), "frequency_penalty": (0,),
+        "repetition_penalty": (1,), "length_penalty": (1,), "min_tokens": (0,), "min_p": (0,),
+        "logit_bias": ({},), "best_of": (1,), "use_beam_search": (False,),
+        "response_format": ({"type": "text"},), "stop_token_ids": ([],), "bad_words": ([],),
+        "allowed_token_ids": (), "prompt_logprobs": (), "include_stop_str_in_output": (False,),
+        "truncate_prompt_tokens": (), "structured_outputs": (), "guided_json": (),
+        "guided_regex": (), "guided_choice": (), "guided_grammar": ()}
+
     @model_validator(mode="before")
     @classmethod
     def _null_is_the_default(cls, data):
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    @field_validator("*")
+    @classmethod
+    def _unimplemented_only_neutral(cls, value, info):
+        neutral = cls.NEUTRAL.get(info.field_name)
+        if neutral is not None and value not in neutral:
+            allowed = " or ".join(json.dumps(v) for v in (None, *neutral))
+            raise PydanticCustomError("unsupported", f"{info.field_name} is not supported; leave "
+                                      f"it out or send {allowed}")
+        return value
 
     model: str | None = None
     max_tokens: int = Field(16, ge=1)
@@ -37,6 +80,35 @@ class _Common(BaseModel):
     return_token_ids: bool = False
     cache_salt: str | None = Field(None, max_length=256)
     user: str | None = None
+    stream_options: StreamOptions | None = None
+    # unimplemented (NEUTRAL)
+    logprobs: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    repetition_penalty: Any = None
+    length_penalty: Any = None
+    min_tokens: Any = None
+    min_p: Any = None
+    logit_bias: Any = None
+    best_of: Any = None
+    use_beam_search: Any = None
+    response_format: Any = None
+    stop_token_ids: Any = None
+    bad_words: Any = None
+    allowed_token_ids: Any = None
+    prompt_logprobs: Any = None
+    include_stop_str_in_output: Any = None
+    truncate_prompt_tokens: Any = None
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a chunk of its own for the usage (``stream_options``)."""
+        return bool(self.stream_options and self.stream_options.include_usage)
 
     def sampling(self) -> Sampling:
         stop = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
@@ -46,10 +118,14 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     """``POST /v1/completions``. One prompt per request: text or token ids, or a list
-    holding exactly one of those (as OpenAI's batch form, with a batch of one)."""
+    holding exactly one of those (as OpenAI's batch form, with a batch of one).
+    ``logprobs`` is refused even at 0 (that asks for the chosen tokens' logprobs)."""
+
+    NEUTRAL: ClassVar[dict[str, tuple]] = {**_Common.NEUTRAL, "echo": (False,), "suffix": ("",)}
 
     prompt: str | list[int] = Field(..., description="text, or token ids")
-    echo: Literal[False] = False
+    echo: Any = None
+    suffix: Any = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -123,9 +199,32 @@ class ChatCompletionRequest(_Common):
     over ``max_tokens``). With neither, the answer may take what the prompt leaves of the
     model's context, as in OpenAI's and vLLM's chat APIs (completions default to 16)."""
 
+    NEUTRAL: ClassVar[dict[str, tuple]] = {
+        **_Common.NEUTRAL, "logprobs": (False,), "top_logprobs": (0,), "tools": ([],),
+        "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
+        "modalities": (["text"],), "audio": (), "prediction": (), "web_search_options": (),
+        "echo": (False,), "chat_template": (), "chat_template_kwargs": ({},),
+        "add_generation_prompt": (True,), "continue_final_message": (False,), "documents": ([],)}
+
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    # unimplemented (NEUTRAL)
+    top_logprobs: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    echo: Any = None
+    chat_template: Any = None
+    chat_template_kwargs: Any = None
+    add_generation_prompt: Any = None
+    continue_final_message: Any = None
+    documents: Any = None
 
     def sampling(self) -> Sampling:
         s = super().sampling()

@@ -67,3 +67,36 @@ def test_chat_messages_kvmesh_cannot_serve_are_refused():
         error = refused(ChatCompletionRequest, {"messages": [{"role": role, "content": None}]})
         assert error["msg"] == f"a {role} message needs content"
     assert refused(ChatCompletionRequest, {"messages": [{"role": "robot", "content": "x"}]})
+
+
+NEUTRAL_CHAT = {"logprobs": False, "top_logprobs": 0, "presence_penalty": 0, "frequency_penalty": 0.0,
+                "repetition_penalty": 1.0, "min_tokens": 0, "min_p": 0, "logit_bias": {},
+                "response_format": {"type": "text"}, "tools": [], "tool_choice": "none",
+                "stop_token_ids": [], "stream_options": {"include_usage": False},
+                "parallel_tool_calls": True, "not_a_field_anywhere": 1}
+
+
+def test_unimplemented_fields_are_accepted_only_when_they_ask_for_nothing():
+    """Neutral values (and null) are served as if left out, unknown fields are ignored;
+    any other value of a field kvmesh knows but does not implement is refused, naming it."""
+    plain = ChatCompletionRequest.model_validate({"messages": [USER]}).sampling()
+    assert ChatCompletionRequest.model_validate({"messages": [USER], **NEUTRAL_CHAT}).sampling() == plain
+    assert ChatCompletionRequest.model_validate(
+        {"messages": [USER], **dict.fromkeys(ChatCompletionRequest.NEUTRAL)}).sampling() == plain
+    CompletionRequest.model_validate({"prompt": "hi", "logprobs": None, "best_of": 1, "suffix": "",
+                                      "echo": False, "presence_penalty": 0})
+    for field, value in (("logprobs", True), ("top_logprobs", 2), ("presence_penalty", 0.5),
+                         ("frequency_penalty", -1), ("repetition_penalty", 1.1), ("min_tokens", 3),
+                         ("min_p", 0.1), ("logit_bias", {"5": 100}), ("tools", [{"type": "function"}]),
+                         ("tool_choice", "required"), ("response_format", {"type": "json_object"}),
+                         ("stop_token_ids", [2]), ("chat_template_kwargs", {"enable_thinking": False})):
+        error = refused(ChatCompletionRequest, {"messages": [USER], field: value})
+        assert error["loc"] == (field,) and error["msg"].startswith(f"{field} is not supported"), error
+    # logprobs=0 asks for the chosen tokens' logprobs in OpenAI's (and vLLM's) completions
+    for field, value in (("logprobs", 0), ("logprobs", 1), ("best_of", 2), ("suffix", "end"),
+                         ("echo", True)):
+        assert refused(CompletionRequest, {"prompt": "hi", field: value})["loc"] == (field,)
+    error = refused(CompletionRequest, {"prompt": "hi", "stream_options": {"continuous_usage_stats": True}})
+    assert error["loc"] == ("stream_options", "continuous_usage_stats")
+    usage = {"prompt": "hi", "stream_options": {"include_usage": True}}
+    assert CompletionRequest.model_validate(usage).include_usage

@@ -7,7 +7,10 @@ and it tells what the router asked of it (calls running, calls completed).
 Covered: a client that leaves a non-streaming request cancels it; auth and the body limit
 (on the bytes received, never read past); out-of-range sampling values; a worker that
 leaves the service registry finishes its calls before its channel closes; a channel
-closed under a call is a worker failure that is retried, never a 500.
+closed under a call is a worker failure that is retried, never a 500; chat's default
+``max_tokens`` (the rest of the context); OpenAI requests as clients send them (nulls,
+content parts, roles, a prompt list of one); unimplemented fields refused, naming them;
+``stream_options.include_usage``.
 """
 
 from __future__ import annotations
@@ -329,8 +332,10 @@ def test_valid_openai_requests_are_served(tiny_model):
         plain = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "one\ntwo"},
                  {"role": "assistant", "content": ""}, {"role": "tool", "content": "42"}]
         as_sent = [{"role": "developer", "content": [{"type": "text", "text": "be brief"}]},
-                   {"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]},
-                   {"role": "assistant", "content": None}, {"role": "tool", "content": "42", "tool_call_id": "c"}]
+                   {"role": "user", "content": [{"type": "text", "text": "one"},
+                                                {"type": "text", "text": "two"}]},
+                   {"role": "assistant", "content": None},
+                   {"role": "tool", "content": "42", "tool_call_id": "c"}]
         chat = "/v1/chat/completions"
         assert prompt_ids(chat, {"messages": as_sent, "max_tokens": None, "max_completion_tokens": 2}) \
             == prompt_ids(chat, {"messages": plain, "max_tokens": 2})
@@ -341,7 +346,54 @@ def test_valid_openai_requests_are_served(tiny_model):
         assert prompt_ids(completions, {"prompt": [ids]}) == ids
 
         image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
-        answer = httpx.post(r.url + chat, json={"messages": [{"role": "user", "content": [image]}]}, timeout=30)
+        answer = httpx.post(r.url + chat, json={"messages": [{"role": "user", "content": [image]}]},
+                            timeout=30)
         assert answer.status_code == 400 and "only text content parts" in answer.json()["error"]["message"]
         answer = httpx.post(r.url + completions, json={"prompt": ["a", "b"]}, timeout=30)
-        assert answer.status_code == 400 and "only one prompt per request" in answer.json()["error"]["message"]
+        assert answer.status_code == 400
+        assert "only one prompt per request" in answer.json()["error"]["message"]
+
+
+def test_unimplemented_fields_are_a_400_naming_them_unless_neutral(tiny_model):
+    """A field kvmesh does not implement is a 400 in OpenAI's shape with ``param`` set
+    (other validation errors name their field too), never silently ignored; at a value
+    that asks for nothing it is served. ``stream_options.include_usage`` streams the usage
+    in a last chunk of its own with no choices; without it the usage stays on the last
+    token's chunk."""
+    with serving(tiny_model) as r:
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        refused = [("chat", "logprobs", True), ("chat", "presence_penalty", 0.5),
+                   ("chat", "tools", [{"type": "function"}]), ("completions", "logprobs", 1),
+                   ("completions", "temperature", 3)]
+        for endpoint, param, value in refused:
+            path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+            body = {**(chat if endpoint == "chat" else {"prompt": "hi"}), param: value}
+            answer = httpx.post(r.url + path, json=body, timeout=30)
+            assert answer.status_code == 400, (body, answer.text)
+            error = answer.json()["error"]
+            assert error["param"] == param and error["type"] == "invalid_request_error", error
+            assert param in error["message"] and error["code"] == 400
+        answer = httpx.post(r.url + "/v1/completions", content=b"{not json", timeout=30,
+                            headers={"content-type": "application/json"})
+        assert answer.status_code == 400 and answer.json()["error"]["param"] is None
+        neutral = {"logprobs": False, "presence_penalty": 0, "response_format": {"type": "text"},
+                   "tools": [], "tool_choice": None, "frequency_penalty": None}
+        answer = httpx.post(r.url + "/v1/chat/completions", json={**chat, **neutral}, timeout=30)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 2
+
+        def events(path: str, body: dict) -> list[dict]:
+            with httpx.stream("POST", r.url + path, json={**body, "stream": True}, timeout=30) as answer:
+                assert answer.status_code == 200
+                lines = [line.removeprefix("data: ") for line in answer.iter_lines() if line]
+            assert lines[-1] == "[DONE]"
+            return [json.loads(line) for line in lines[:-1]]
+
+        for path, body in (("/v1/chat/completions", chat),
+                           ("/v1/completions", {"prompt": "hi", "max_tokens": 2})):
+            chunks = events(path, {**body, "stream_options": {"include_usage": True}})
+            *tokens, last = chunks
+            assert last["choices"] == [] and last["usage"]["completion_tokens"] == 2
+            assert last["id"] == tokens[0]["id"] and last["object"] == tokens[0]["object"]
+            assert all("usage" not in c for c in tokens) and tokens[-1]["choices"][0]["finish_reason"]
+            chunks = events(path, {**body, "stream_options": {"include_usage": False}})
+            assert chunks[-1]["usage"]["completion_tokens"] == 2 and chunks[-1]["choices"]
