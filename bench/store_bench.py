@@ -2,16 +2,21 @@
 
 The ceilings are measured in the same run, with the cases they bound: for the host
 tier, ``memcpy`` of the same block sizes over the same memory as each case (copies from
-the puts' payloads into a region of the case's size, and out of it into a get's result
-buffers), just before the case; for the disk tier, raw sequential file I/O (``O_DIRECT``
-when the file system allows it, 4 MiB requests) on the same disk, the tier then also
-running with ``O_DIRECT``, in bursts between the tier's own calls (16 MiB each time the
-case has moved another 16 MiB), so that both see the same disk: a shared disk's
+the very payloads the case puts into a region of the case's size, and out of it into a
+get's result buffers), just before the case; for the disk tier, raw sequential file I/O
+(``O_DIRECT`` when the file system allows it, 4 MiB requests) on the same disk, the tier
+then also running with ``O_DIRECT``, in bursts between the tier's own calls (16 MiB each
+time the case has moved another 16 MiB), so that both see the same disk: a shared disk's
 bandwidth drifts by 2x from one second to the next (``RawDisk``); and, where CUDA is
-usable, copies of the same block sizes between page-locked host memory and the device
-(host to device for puts, device to host for gets) for the GPU tier, just before the
-case. Each case runs five rounds with its ceiling; the round with the median ratio is
-reported. A case's GB/s is its bytes over the time spent in its calls. Every result row
+usable, copies of the same block sizes between the host and the device for the GPU
+tier, just before the case: host to device from the payloads the case puts (pageable
+``bytes``, as callers hand them to the tier), device to host into page-locked memory (as
+the tier's gets go through its page-locked staging buffer). The ceiling also names the
+file system of the directory (``disk_filesystem``): on a RAM file system (tmpfs, which
+accepts ``O_DIRECT`` since Linux 6.6) the disk figures are memory figures
+(``disk_is_memory``, and a warning on stderr); without ``O_DIRECT``, reads of blocks just
+written are page-cache hits (``disk_direct_io`` false, ``disk_measures``). Each case runs
+five rounds with its ceiling; the round with the median ratio is reported. A case's GB/s is its bytes over the time spent in its calls. Every result row
 names its ``ceiling_GBps`` and its ratio to it; disk rows also name
 ``raw_same_requests_GBps``, raw I/O in requests the size of the case's calls, in the
 same bursts: what the disk itself gives that pattern (a 64 KiB request at a time reads
@@ -34,12 +39,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from typing import Callable, NamedTuple
 
+from bench.stats import percentile
 from kv_store.gc_tuning import freeze_startup_objects
 from kv_store.integrity import checksum
 from kv_store.tiered_store import TieredStore
@@ -51,67 +59,113 @@ GET_BATCH = 8  # keys per call in the batched gets (a request asks for many bloc
 PAYLOADS = 8  # distinct blocks the puts cycle through
 WRITE_BEHIND = 32 << 20  # staging RAM of the disk tier's write-behind variant
 ROUNDS = 5  # each case and its ceiling are measured this many times; the median round is kept
+MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")  # a "disk" on these is RAM
 
 
 def _gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9 if seconds > 0 else float("inf")
 
 
-def memcpy_gbps(block_bytes: int, total_bytes: int, sources: int, destinations: int) -> float:
-    """Copies of ``block_bytes`` (``memcpy``, as a memoryview assignment does it, like the
-    host tier's), block by block, ``total_bytes`` in all, cycling through ``sources``
-    source blocks and ``destinations`` destination blocks (each at most the number of
-    copies), in resident maps of the kind the host tier's arena is (huge pages where the
-    kernel gives them): the memory a tier's case touches, without the tier."""
+def payloads_for(block_bytes: int, total_bytes: int) -> list[bytes]:
+    """The few distinct blocks (``os.urandom`` bytes, as a caller hands them over) a case's
+    puts cycle through; its ceiling copies from the same objects."""
     count = max(GET_BATCH, total_bytes // block_bytes)
-    n_src, n_dst = min(sources, count), min(destinations, count)
-    src_map, dst_map = anonymous_arena(n_src * block_bytes), anonymous_arena(n_dst * block_bytes)
-    src, dst = memoryview(src_map), memoryview(dst_map)
+    return [os.urandom(block_bytes) for _ in range(min(count, PAYLOADS))]
+
+
+def memcpy_gbps(block_bytes: int, total_bytes: int, sources: int | list[bytes],
+                destinations: int) -> float:
+    """Copies of ``block_bytes`` (``memcpy``, as a memoryview assignment does it, like the
+    host tier's), block by block, ``total_bytes`` in all, cycling through the sources and
+    ``destinations`` destination blocks (at most the number of copies), in resident maps
+    of the kind the host tier's arena is (huge pages where the kernel gives them): the
+    memory a tier's case touches, without the tier. ``sources`` is a number of source
+    blocks in such a map, or the ``bytes`` objects to copy from (a put case's payloads)."""
+    count = max(GET_BATCH, total_bytes // block_bytes)
+    n_dst = min(destinations, count)
+    dst_map = anonymous_arena(n_dst * block_bytes)
+    dst = memoryview(dst_map)
+    src_map = None
+    views: list[memoryview] = []
     try:
-        block = os.urandom(block_bytes)
-        for i in range(n_src):
-            src[i * block_bytes:(i + 1) * block_bytes] = block
+        if isinstance(sources, int):
+            n_src = min(sources, count)
+            src_map = anonymous_arena(n_src * block_bytes)
+            block = os.urandom(block_bytes)
+            with memoryview(src_map) as src:
+                for i in range(n_src):
+                    src[i * block_bytes:(i + 1) * block_bytes] = block
+            views = [memoryview(src_map)[i * block_bytes:(i + 1) * block_bytes]
+                     for i in range(n_src)]
+        else:
+            if any(len(p) != block_bytes for p in sources):
+                raise ValueError(f"the sources are not all {block_bytes} bytes")
+            views = [memoryview(p) for p in sources]
+        n_src = len(views)
         start = time.perf_counter()
         for i in range(count):
-            d, s = (i % n_dst) * block_bytes, (i % n_src) * block_bytes
-            dst[d:d + block_bytes] = src[s:s + block_bytes]
+            d = (i % n_dst) * block_bytes
+            dst[d:d + block_bytes] = views[i % n_src]
         return _gbps(count * block_bytes, time.perf_counter() - start)
     finally:
-        src.release()
+        for v in views:
+            v.release()
         dst.release()
-        src_map.close()
         dst_map.close()
+        if src_map is not None:
+            src_map.close()
 
 
-def memcpy_cases(block_bytes: int, total_bytes: int) -> dict[tuple[str, int], float]:
+def memcpy_cases(block_bytes: int, total_bytes: int,
+                 payloads: list[bytes]) -> dict[tuple[str, int], float]:
     """The memcpy ceiling of each host-tier case, keyed ``(op, keys_per_call)``: puts
-    copy the bench's few payloads into a region of the case's size; gets copy out of
-    that region into as many result buffers as a call returns (the allocator hands the
-    same ones out again, so they may stay in cache)."""
+    copy the case's own ``payloads`` (the same ``bytes`` objects) into a region of the
+    case's size; gets copy out of that region into as many result buffers as a call
+    returns (the allocator hands the same ones out again, so they may stay in cache)."""
     count = max(GET_BATCH, total_bytes // block_bytes)
-    shapes = {("put", 1): (PAYLOADS, count), ("get", 1): (count, 1), ("get", GET_BATCH): (count, GET_BATCH)}
+    shapes = {("put", 1): (payloads, count), ("get", 1): (count, 1), ("get", GET_BATCH): (count, GET_BATCH)}
     return {case: memcpy_gbps(block_bytes, total_bytes, *shape) for case, shape in shapes.items()}
 
 
-def gpu_copy_gbps(block_bytes: int, total_bytes: int) -> tuple[float, float]:
-    """Host-to-device and device-to-host copies of ``block_bytes`` between page-locked
-    host memory and the device, back to back over ``total_bytes``: (h2d, d2h) GB/s."""
+def gpu_copy_gbps(block_bytes: int, total_bytes: int, payloads: list[bytes],
+                  device: str = "cuda") -> tuple[float, float]:
+    """Copies of ``block_bytes`` between the host and ``device``, back to back over
+    ``total_bytes``: (h2d, d2h) GB/s. Host to device copies from ``payloads``, the
+    ``bytes`` objects the GPU tier's put case puts (pageable memory: callers hand the
+    tier bytes, and ``GpuTier._write`` copies straight from them), so the put ceiling is
+    what CUDA's own staging of pageable memory gives; device to host copies into
+    page-locked memory, as the tier's gets do (through its page-locked staging buffer).
+    ``device="cpu"`` runs the same code without a GPU (nothing page-locked then)."""
+    import warnings
+
     import torch
 
-    count = max(8, total_bytes // block_bytes)
-    host = torch.empty(block_bytes, dtype=torch.uint8, pin_memory=True)
-    device = torch.empty((count, block_bytes), dtype=torch.uint8, device="cuda")
-    device[0].copy_(host)  # warm up the copy engine
-    torch.cuda.synchronize()
+    count = max(GET_BATCH, total_bytes // block_bytes)
+    cuda = torch.device(device).type == "cuda"
+    with warnings.catch_warnings():  # read-only bytes: torch warns, but only reads them
+        warnings.simplefilter("ignore", UserWarning)
+        sources = [torch.frombuffer(p, dtype=torch.uint8) for p in payloads]
+    if any(src.numel() != block_bytes for src in sources):
+        raise ValueError(f"the payloads are not all {block_bytes} bytes")
+    pinned = torch.empty(block_bytes, dtype=torch.uint8, pin_memory=cuda)
+    rows = torch.empty((count, block_bytes), dtype=torch.uint8, device=device)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    rows[0].copy_(sources[0])  # warm up the copy engine, both ways
+    pinned.copy_(rows[0])
+    sync()
     out = []
     for direction in ("h2d", "d2h"):
         start = time.perf_counter()
         for i in range(count):
             if direction == "h2d":
-                device[i].copy_(host)
+                rows[i].copy_(sources[i % len(sources)])
             else:
-                host.copy_(device[i])
-        torch.cuda.synchronize()
+                pinned.copy_(rows[i])
+        sync()
         out.append(_gbps(count * block_bytes, time.perf_counter() - start))
     return out[0], out[1]
 
@@ -154,7 +208,9 @@ class RawDisk:
     Each kind goes through its own half of the file in order (not the same bytes twice in
     a row, which the cache would absorb). The file is written through once up front, so
     reads hit written blocks and writes overwrite them, as the tier's do once it has
-    filled; ``close`` removes it."""
+    filled; that fill is then synced to the disk (``fsync``) and followed by one untimed
+    burst of writes, so that the first stretch of a case pays for a burst before it, as
+    every later one does, and not for the whole fill's backlog. ``close`` removes it."""
 
     KINDS = ("sequential", "same")
 
@@ -175,11 +231,15 @@ class RawDisk:
         try:
             for offset in range(0, len(self.KINDS) * self.size, chunk):
                 os.pwrite(self.fd, self._view, offset)
+            os.fsync(self.fd)
+            for kind in self.KINDS:  # untimed: the state every later stretch of a case starts from
+                for _ in range(0, burst, chunk):
+                    self._request(("put", 0), kind, chunk, timed=False)
         except BaseException:
             self.close()
             raise
 
-    def _request(self, case: tuple, kind: str, nbytes: int) -> None:
+    def _request(self, case: tuple, kind: str, nbytes: int, timed: bool = True) -> None:
         nbytes = -(-nbytes // 4096) * 4096
         offset = self._pos.get(kind, 0)
         if offset + nbytes > self.size:
@@ -193,6 +253,8 @@ class RawDisk:
             else:
                 os.preadv(self.fd, [view], offset)
             seconds = time.perf_counter() - start
+        if not timed:
+            return
         done = self._done.setdefault((case, kind), [0, 0.0])
         done[0] += nbytes
         done[1] += seconds
@@ -225,16 +287,17 @@ class RawDisk:
 
 
 def _run_ops(store: TieredStore, tier: str, block_bytes: int, total_bytes: int,
-             raw: RawDisk | None = None) -> list[dict]:
+             raw: RawDisk | None = None, payloads: list[bytes] | None = None) -> list[dict]:
     """Puts one block a call, then gets one block a call, then gets ``GET_BATCH`` a call
     (each pass of gets after one untimed call, as in a process that has served gets
     before). The puts' time includes waiting, before each raw burst and at the end, for
     writes a tier finishes behind them (``flush``). With ``raw``, raw I/O of as many
     bytes runs between the calls (untimed here), and each row gets its ``ceiling_GBps``
-    (sequential) and ``raw_same_requests_GBps`` from it."""
+    (sequential) and ``raw_same_requests_GBps`` from it. The puts cycle through
+    ``payloads`` (``payloads_for``; new ones when None)."""
     owe = (lambda case, nbytes, before_burst=None: None) if raw is None else raw.owe
     count = max(GET_BATCH, total_bytes // block_bytes)
-    payloads = [os.urandom(block_bytes) for _ in range(min(count, PAYLOADS))]
+    payloads = payloads or payloads_for(block_bytes, total_bytes)
     sums = [checksum(p) for p in payloads]
     keys = [b"bench-%d" % i for i in range(count)]
     results = []
@@ -273,7 +336,7 @@ def _run_ops(store: TieredStore, tier: str, block_bytes: int, total_bytes: int,
         row = {"tier": tier, "op": op, "block_bytes": block_bytes, "keys_per_call": per_call,
                "GBps": round(_gbps(n * block_bytes, seconds), 3),
                "p50_us": round(statistics.median(lat_us), 1),
-               "p99_us": round(lat_us[min(len(lat_us) - 1, int(len(lat_us) * 0.99))], 1)}
+               "p99_us": round(percentile(lat_us, 0.99), 1)}
         if raw is not None:
             figures = raw.settle((op, per_call))
             row["ceiling_GBps"] = round(figures.sequential_GBps, 3)
@@ -307,8 +370,9 @@ def demoting_puts(directory: str, direct: bool, total_bytes: int, block_bytes: i
         store = TieredStore([HostTier(host_blocks * block_bytes, PAGE),
                              DiskTier(os.path.join(directory, "kvmesh-demote-bench.bin"),
                                       count * block_bytes, PAGE, direct_io=direct)])
-        raw = RawDisk(directory, total_bytes)
+        raw = None
         try:
+            raw = RawDisk(directory, total_bytes)  # in here: if it fails, the store's file goes too
             payloads = [os.urandom(block_bytes) for _ in range(PAYLOADS)]
             sums = [checksum(p) for p in payloads]
             for i in range(host_blocks):  # fill host RAM (untimed)
@@ -325,7 +389,8 @@ def demoting_puts(directory: str, direct: bool, total_bytes: int, block_bytes: i
                            "GBps": round(gbps, 3), "ceiling_GBps": round(ceiling, 3),
                            "ratio_to_ceiling": round(gbps / ceiling, 3)})
         finally:
-            raw.close()
+            if raw is not None:
+                raw.close()
             store.close()
     return _median_ratio(rounds)
 
@@ -360,7 +425,7 @@ def bursty_puts(directory: str, direct: bool, block_bytes: int = 1 << 20, bursts
                 time.sleep(pause_s)
             lat.sort()
             out[f"{label}_p50_us"] = round(statistics.median(lat), 1)
-            out[f"{label}_p99_us"] = round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 1)
+            out[f"{label}_p99_us"] = round(percentile(lat, 0.99), 1)
             out[f"{label}_demotions_ahead"] = store.stats().tiers[0].demotions_ahead
         finally:
             store.close()
@@ -387,8 +452,10 @@ def demoter_to_disk(directory: str, direct: bool, total_bytes: int,
             store = TieredStore([HostTier(host_bytes, PAGE),
                                  DiskTier(os.path.join(directory, "kvmesh-demoter-bench.bin"),
                                           host_bytes, PAGE, direct_io=direct)])
-            raw = RawDisk(directory, host_bytes // 2)
+            raw = None
             try:
+                # a burst is a quarter of host RAM: half the raw writes run before, half after
+                raw = RawDisk(directory, host_bytes // 2, burst=host_bytes // 4)
                 for i in range(count):
                     store.put(b"k%d" % i, payload, crc)
                 raw.owe(("put", 0), host_bytes // 4)
@@ -404,7 +471,8 @@ def demoter_to_disk(directory: str, direct: bool, total_bytes: int,
                 rounds.append({"block_bytes": block_bytes, "GBps": round(gbps, 3),
                                "ceiling_GBps": round(ceiling, 3), "ratio_to_ceiling": round(gbps / ceiling, 3)})
             finally:
-                raw.close()
+                if raw is not None:
+                    raw.close()
                 store.close()
         rows.append(_median_ratio(rounds))
     return rows
@@ -419,9 +487,10 @@ def contention(directory: str, direct: bool, block_bytes: int = 1 << 20,
     import threading
 
     host_blocks, cold_blocks = 32, 96
+    disk_file = os.path.join(directory, "kvmesh-contention-bench.bin")
     store = TieredStore([HostTier(host_blocks * block_bytes, PAGE),
-                         DiskTier(os.path.join(directory, "kvmesh-contention-bench.bin"),
-                                  (host_blocks + cold_blocks) * block_bytes, PAGE, direct_io=direct)])
+                         DiskTier(disk_file, (host_blocks + cold_blocks) * block_bytes, PAGE,
+                                  direct_io=direct)])
     try:
         payload = os.urandom(block_bytes)
         crc = checksum(payload)
@@ -429,6 +498,7 @@ def contention(directory: str, direct: bool, block_bytes: int = 1 << 20,
         hot = b"hot"
         for key in [*cold, hot]:
             store.put(key, payload, crc)
+        _fsync_path(disk_file)  # the fill's demotions reach the disk before the hits alone are timed
         alone = _latencies_us(lambda: store.get(hot), seconds)
         stop = threading.Event()
 
@@ -450,7 +520,9 @@ def contention(directory: str, direct: bool, block_bytes: int = 1 << 20,
         promoted_s = time.perf_counter() - start
         if store.tier_of(hot) != "host":
             raise RuntimeError("the hot block left host RAM during the contention run")
-        pct = lambda lat, q: round(lat[min(len(lat) - 1, int(len(lat) * q))], 1)  # noqa: E731
+        def pct(lat: list[float], q: float) -> float:
+            return round(statistics.median(lat) if q == 0.5 else percentile(lat, q), 1)
+
         promotions = store.stats().tiers[0].promotions
         return {"block_bytes": block_bytes, "promotions": promotions,
                 "promoted_GBps": round(_gbps(promotions * block_bytes, promoted_s), 3),
@@ -476,6 +548,8 @@ def run(total_bytes: int = 128 << 20, directory: str | None = None,
 
 
 def _direct_io_works(directory: str) -> bool:
+    """Whether files in ``directory`` open with ``O_DIRECT`` (which says nothing of where
+    the bytes go: tmpfs accepts it too; see ``filesystem_of``)."""
     path = os.path.join(directory, "kvmesh-direct-probe.bin")
     fd, direct = _open_direct(path, os.O_RDWR | os.O_CREAT)
     os.close(fd)
@@ -483,12 +557,61 @@ def _direct_io_works(directory: str) -> bool:
     return direct
 
 
-def _ceilings(tier: str, block_bytes: int, total_bytes: int) -> dict[tuple[str, int], float]:
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _mount_field(field: str) -> str:
+    """A path field of mountinfo with its octal escapes (``\\040`` for a space) undone."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def filesystem_of(path: str, mountinfo: str | None = None) -> str | None:
+    """The type of the file system ``path`` is on (``ext4``, ``xfs``, ``tmpfs``...): that
+    of the mount whose mount point is the longest one containing the path's real path,
+    the last such line where mounts are stacked on one point, from ``mountinfo`` (the
+    text of ``/proc/self/mountinfo`` when None). None where that cannot be read (not
+    Linux) or no mount matches. (``os.statvfs`` does not give the type.)"""
+    if mountinfo is None:
+        try:
+            with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+                mountinfo = f.read()
+        except OSError:
+            return None
+    target = os.path.realpath(path)
+    best_len, fstype = -1, None
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        try:  # ID parent major:minor root mount-point options [optional...] - type source super
+            point, kind = _mount_field(fields[4]), fields[fields.index("-", 6) + 1]
+        except (IndexError, ValueError):
+            continue
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= best_len:
+            best_len, fstype = len(point), kind
+    return fstype
+
+
+def _disk_measures(direct: bool, filesystem: str | None) -> str:
+    """What the disk figures are figures of: ``memory`` (a RAM file system), ``page_cache``
+    (no ``O_DIRECT``: reads of blocks just written hit the page cache) or ``device``."""
+    if filesystem in MEMORY_FILESYSTEMS:
+        return "memory"
+    return "device" if direct else "page_cache"
+
+
+def _ceilings(tier: str, block_bytes: int, total_bytes: int,
+              payloads: list[bytes]) -> dict[tuple[str, int], float]:
     """The ceiling of each case of ``tier`` (host or GPU) at ``block_bytes``, keyed
-    ``(op, keys_per_call)``: one measurement, taken just before the cases run."""
+    ``(op, keys_per_call)``: one measurement, taken just before the cases run, the puts'
+    from the ``payloads`` the case then puts."""
     if tier == "host":
-        return memcpy_cases(block_bytes, total_bytes)
-    write, read = gpu_copy_gbps(block_bytes, total_bytes)
+        return memcpy_cases(block_bytes, total_bytes, payloads)
+    write, read = gpu_copy_gbps(block_bytes, total_bytes, payloads)
     return {("put", 1): write, ("get", 1): read, ("get", GET_BATCH): read}
 
 
@@ -496,15 +619,16 @@ def _one_round(store: TieredStore, tier: str, block_bytes: int, total_bytes: int
                directory: str) -> list[dict]:
     """Every case of ``tier`` at ``block_bytes`` once, each row with its ceiling: for the
     disk tier, raw I/O run between the tier's calls; otherwise measured just before."""
+    payloads = payloads_for(block_bytes, total_bytes)
     if tier != "disk":
-        ceilings = _ceilings(tier, block_bytes, total_bytes)
-        rows = _run_ops(store, tier, block_bytes, total_bytes)
+        ceilings = _ceilings(tier, block_bytes, total_bytes, payloads)
+        rows = _run_ops(store, tier, block_bytes, total_bytes, payloads=payloads)
         for r in rows:
             r["ceiling_GBps"] = round(ceilings[r["op"], r["keys_per_call"]], 3)
         return rows
     raw = RawDisk(directory, total_bytes)
     try:
-        return _run_ops(store, tier, block_bytes, total_bytes, raw)
+        return _run_ops(store, tier, block_bytes, total_bytes, raw, payloads)
     finally:
         raw.close()
 
@@ -529,6 +653,12 @@ def _median_ratio(rounds: list[dict]) -> dict:
 
 def _run(total_bytes: int, directory: str, sizes: list[int], say) -> dict:
     direct = _direct_io_works(directory)
+    filesystem = filesystem_of(directory)
+    measures = _disk_measures(direct, filesystem)
+    if measures == "memory":  # on stderr whatever the output: the JSON on stdout stays clean
+        print(f"kvmesh bench: WARNING: {directory} is on {filesystem}, which is RAM: the disk tier's "
+              "figures and ceilings will be memory figures, not a disk's (pass --dir on a disk)",
+              file=sys.stderr, flush=True)
     capacity = total_bytes + 2 * PAGE * len(sizes)
     disk_file = os.path.join(directory, "kvmesh-tier-bench.bin")
     tiers = [("host", 0, lambda: HostTier(capacity, PAGE)),
@@ -569,7 +699,9 @@ def _run(total_bytes: int, directory: str, sizes: list[int], say) -> dict:
     memcpy = best("host", "any")
     ceilings = {"memcpy_GBps": max(memcpy.values()), "memcpy_GBps_by_block": memcpy,
                 "disk_read_GBps": max(best("disk", "get").values()),
-                "disk_write_GBps": max(best("disk", "put").values()), "disk_direct_io": direct}
+                "disk_write_GBps": max(best("disk", "put").values()), "disk_direct_io": direct,
+                "disk_filesystem": filesystem, "disk_is_memory": measures == "memory",
+                "disk_measures": measures}
     if any(r["tier"] == "gpu" for r in results):
         ceilings["gpu_h2d_GBps_by_block"] = best("gpu", "put")
         ceilings["gpu_d2h_GBps_by_block"] = best("gpu", "get")
@@ -587,10 +719,17 @@ def _run(total_bytes: int, directory: str, sizes: list[int], say) -> dict:
 def print_table(report: dict) -> None:
     c = report["ceiling"]
     print(f"ceilings: memcpy up to {c['memcpy_GBps']} GB/s, disk read {c['disk_read_GBps']} GB/s, "
-          f"disk write {c['disk_write_GBps']} GB/s (O_DIRECT: {c['disk_direct_io']})")
+          f"disk write {c['disk_write_GBps']} GB/s (O_DIRECT: {c['disk_direct_io']}, "
+          f"file system: {c['disk_filesystem']})")
+    if c["disk_measures"] == "memory":
+        print(f"          the disk figures are MEMORY figures: the directory is on {c['disk_filesystem']}")
+    elif c["disk_measures"] == "page_cache":
+        print("          the disk figures are PAGE-CACHE figures: without O_DIRECT, reads of blocks "
+              "just written come from RAM")
     if "gpu_h2d_GBps_by_block" in c:
-        print(f"          host->device up to {max(c['gpu_h2d_GBps_by_block'].values())} GB/s, "
-              f"device->host up to {max(c['gpu_d2h_GBps_by_block'].values())} GB/s (page-locked)")
+        print(f"          host->device up to {max(c['gpu_h2d_GBps_by_block'].values())} GB/s "
+              f"(from pageable bytes, as puts hand them), device->host up to "
+              f"{max(c['gpu_d2h_GBps_by_block'].values())} GB/s (into page-locked memory)")
     print(f"{'tier':8} {'op':6} {'block':>8} {'GB/s':>8} {'ratio':>6} {'p50 us':>9} {'p99 us':>9} "
           f"{'raw as the calls GB/s':>22}")
     for r in report["results"]:
