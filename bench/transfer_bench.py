@@ -13,22 +13,28 @@ arena into a preallocated destination, and measures
 * a layer-wise pattern: 32 layers x 16 blocks of 16 KiB scattered over the arena, read
   as one call per layer (16 extents), as a decode worker loads a prompt's KV.
 
-The ceiling is measured in the same run: ``memcpy`` (numpy copies) of exactly the same
-ranges of a local arena of the same size into the same destination. The ceiling and the
-backends run in alternating batches of ~10 ms, so that on a shared machine they all see
-the same load. Every case reports GB/s over all its calls (``GBps``) and at the median
-call (``GBps_at_p50``, which a few preempted calls do not move), p50 and p99 of the
-per-call latency and both ratios to the ceiling; after the timing, one read of every
+The ceilings are measured in the same run: ``memcpy`` (numpy copies) of exactly the same
+ranges into the same destination, out of a local arena of the same size and of the same
+kind of memory as the source the case reads: a mapping of a ``/dev/shm`` segment (4 KiB
+pages, ``shm-4k``) for the rows on the shared-memory tier, and an anonymous map on
+transparent huge pages (``anon-hugepage``, ``kv_store.tiers.anonymous_arena``) for NIXL's
+huge-page arena. Both ceilings are reported (``memcpy_by_case``, one entry per case and
+arena kind); each row's ratios are to the ceiling of its own ``arena``. The ceilings and
+the backends run in alternating batches of ~10 ms, so that on a shared machine they all
+see the same load. Every case reports GB/s over all its calls (``GBps``) and at the
+median call (``GBps_at_p50``, which a few preempted calls do not move), p50 and p99 of
+the per-call latency and both ratios to its ceiling; after the timing, one read of every
 backend is checked against the pattern (``verified``).
 
 NIXL is measured twice: on the shared-memory tier (4 KiB pages, ``arena: shm-4k``, what
 ``HostTier(shm_name=...)`` gives) and on an anonymous arena on transparent huge pages
-(``arena: anon-hugepage``, see ``kv_store.transfer.arena``).
+(``arena: anon-hugepage``, see ``kv_store.tiers.anonymous_arena``).
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import multiprocessing
 import os
 import statistics
@@ -38,10 +44,13 @@ import uuid
 
 import numpy as np
 
+from bench.stats import percentile
+
 SIZES = [256 << 10, 4 << 20, 64 << 20]
 LAYERS, BLOCKS_PER_LAYER, LAYER_BLOCK_BYTES = 32, 16, 16 << 10
 ARENA_BYTES = 256 << 20
 CASE_SECONDS = 0.8
+ARENA_KINDS = ("shm-4k", "anon-hugepage")  # the memory a case reads: its ceiling reads the same kind
 _MULT = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -133,13 +142,16 @@ class SourceProcess:
             child, arena_bytes, list(backends), self.shm_name, grpc_options or {}))
         self.process.start()
         child.close()
-        if not self._conn.poll(start_timeout_s):
+        try:
+            if not self._conn.poll(start_timeout_s):
+                raise RuntimeError(f"the source process did not start in {start_timeout_s} s")
+            hello = self._conn.recv()  # EOFError: the child died (its segment may be there)
+            self.pid = hello["pid"]
+            self.descriptors: dict[str, bytes] = hello["descriptors"]
+            self.errors: dict[str, str] = hello["errors"]
+        except BaseException:  # no with-block will stop it: stop it here, segment included
             self.kill()
-            raise RuntimeError(f"the source process did not start in {start_timeout_s} s")
-        hello = self._conn.recv()
-        self.pid = hello["pid"]
-        self.descriptors: dict[str, bytes] = hello["descriptors"]
-        self.errors: dict[str, str] = hello["errors"]
+            raise
 
     def request(self, command: str, timeout_s: float = 30.0):
         self._conn.send(command)
@@ -210,8 +222,40 @@ def _stats(latencies: list[float], call_bytes: int) -> dict:
             # robust to the calls a busy machine preempts (the mean is not)
             "GBps_at_p50": round(call_bytes / p50 / 1e6, 3),
             "p50_ms": round(p50, 4),
-            "p99_ms": round(lat_ms[min(len(lat_ms) - 1, int(len(lat_ms) * 0.99))], 4),
+            "p99_ms": round(percentile(lat_ms, 0.99), 4),
             "calls": len(lat_ms)}
+
+
+def shm_arena(nbytes: int) -> mmap.mmap:
+    """A resident read-write mapping of a new ``/dev/shm`` segment of ``nbytes``: the
+    memory kind of the shared-memory host tier and of its readers' mappings (shmem, 4 KiB
+    pages, page tables populated). The name is unlinked at once: nothing stays behind."""
+    path = os.path.join("/dev/shm", f"kvmesh-xfer-ceiling-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.unlink(path)
+        os.posix_fallocate(fd, 0, nbytes)
+        return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                         prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+
+
+def _ceiling_arenas(arena_bytes: int) -> dict[str, mmap.mmap]:
+    """Per arena kind (``ARENA_KINDS``), a local map of ``arena_bytes`` filled with
+    ``pattern``: what the ceilings copy out of."""
+    from kv_store.tiers import anonymous_arena
+
+    maps = {"shm-4k": shm_arena(arena_bytes), "anon-hugepage": anonymous_arena(arena_bytes)}
+    for region in maps.values():
+        with memoryview(region) as view:
+            _fill(view)
+    return maps
+
+
+def _arena_of(label: str) -> str:
+    """The kind of memory the source of backend ``label`` reads."""
+    return "anon-hugepage" if label.partition("@")[2] == "hugepage" else "shm-4k"
 
 
 def _measure_interleaved(methods: dict, calls_by_method: dict, call_bytes: int,
@@ -268,8 +312,8 @@ def run(sizes=None, arena_bytes: int = ARENA_BYTES, layers: int = LAYERS,
     with SourceProcess(arena_bytes, labels) as source:
         setup_s = time.perf_counter() - started
         errors = dict(source.errors)
-        local = np.empty(arena_bytes, dtype=np.uint8)
-        _fill(memoryview(local))
+        locals_ = {kind: np.frombuffer(region, dtype=np.uint8)
+                   for kind, region in _ceiling_arenas(arena_bytes).items()}
         readers = {}
         for label in labels:
             if label in source.descriptors:
@@ -279,28 +323,36 @@ def run(sizes=None, arena_bytes: int = ARENA_BYTES, layers: int = LAYERS,
                     errors[label] = f"{type(e).__name__}: {e}"
         try:
             for pattern_name, block_bytes, call_bytes, calls in cases:
-                say(f"{pattern_name} {block_bytes >> 10} KiB: memcpy, {', '.join(readers)}")
+                say(f"{pattern_name} {block_bytes >> 10} KiB: memcpy ({', '.join(ARENA_KINDS)}), "
+                    f"{', '.join(readers)}")
                 dest = np.zeros(call_bytes, dtype=np.uint8)  # touched: resident like a KV cache
                 out = memoryview(dest)
                 extent_calls = [[Extent(o, s) for o, s in call] for call in calls]
 
-                def memcpy(call, dest=dest):
-                    pos = 0
-                    for o, s in call:
-                        np.copyto(dest[pos:pos + s], local[o:o + s])
-                        pos += s
+                def memcpy(local, dest=dest):
+                    def copy(call):
+                        pos = 0
+                        for o, s in call:
+                            np.copyto(dest[pos:pos + s], local[o:o + s])
+                            pos += s
+                    return copy
 
                 def reads(reader):
                     return lambda call: reader.read(call, out, deadline_s)
 
-                methods = {"memcpy": memcpy, **{label: reads(r) for label, r in readers.items()}}
+                copies = {f"memcpy@{kind}": memcpy(local) for kind, local in locals_.items()}
+                methods = {**copies, **{label: reads(r) for label, r in readers.items()}}
                 measured = _measure_interleaved(
-                    methods, {"memcpy": calls, **{label: extent_calls for label in readers}},
+                    methods, {**{name: calls for name in copies}, **{label: extent_calls for label in readers}},
                     call_bytes, case_seconds, min_calls, max_calls)
-                m = measured.pop("memcpy")
-                ceilings.append({"pattern": pattern_name, "block_bytes": block_bytes,
-                                 "call_bytes": call_bytes, **m})
+                ceiling_of = {}
+                for name in copies:
+                    kind = name.partition("@")[2]
+                    ceiling_of[kind] = measured.pop(name)
+                    ceilings.append({"pattern": pattern_name, "block_bytes": block_bytes,
+                                     "call_bytes": call_bytes, "arena": kind, **ceiling_of[kind]})
                 for label, r in measured.items():
+                    m = ceiling_of[_arena_of(label)]
                     check = extent_calls[len(extent_calls) // 2]  # the bytes, after the timing
                     dest[:] = 0
                     readers[label].read(check, out, deadline_s)
@@ -308,15 +360,17 @@ def run(sizes=None, arena_bytes: int = ARENA_BYTES, layers: int = LAYERS,
                     r["verified"] = bool(np.array_equal(dest, expected))
                     r["ratio_to_ceiling"] = round(r["GBps"] / m["GBps"], 3)
                     r["ratio_at_p50"] = round(r["GBps_at_p50"] / m["GBps_at_p50"], 3)
-                    backend, _, arena = label.partition("@")
-                    results.append({"backend": backend, "arena": "anon-hugepage" if arena else "shm-4k",
+                    results.append({"backend": label.partition("@")[0], "arena": _arena_of(label),
                                     "pattern": pattern_name, "block_bytes": block_bytes,
                                     "call_bytes": call_bytes, "extents_per_call": len(calls[0]), **r})
         finally:
             for reader in readers.values():
                 reader.close()
+            locals_.clear()  # the maps go with their last array
+    by_arena = {kind: max(c["GBps"] for c in ceilings if c["arena"] == kind) for kind in ARENA_KINDS}
     return {
-        "ceiling": {"memcpy_GBps": max(c["GBps"] for c in ceilings), "memcpy_by_case": ceilings},
+        "ceiling": {"memcpy_GBps": max(by_arena.values()), "memcpy_GBps_by_arena": by_arena,
+                    "memcpy_by_case": ceilings},
         "results": results,
         "errors": errors,
         "config": {"arena_bytes": arena_bytes, "sizes": sizes, "layers": layers,
@@ -327,11 +381,11 @@ def run(sizes=None, arena_bytes: int = ARENA_BYTES, layers: int = LAYERS,
 
 
 def print_table(report: dict) -> None:
-    ceil = {(c["pattern"], c["block_bytes"]): c for c in report["ceiling"]["memcpy_by_case"]}
+    ceil = {(c["pattern"], c["block_bytes"], c["arena"]): c for c in report["ceiling"]["memcpy_by_case"]}
     print(f"{'backend':8} {'arena':13} {'pattern':16} {'block':>8} {'GB/s':>8} {'memcpy':>8} {'ratio':>6} "
           f"{'p50 ms':>9} {'p99 ms':>9} {'ratio@p50':>9}")
     for r in report["results"]:
-        c = ceil[(r["pattern"], r["block_bytes"])]
+        c = ceil[(r["pattern"], r["block_bytes"], r["arena"])]
         print(f"{r['backend']:8} {r['arena']:13} {r['pattern']:16} {r['block_bytes'] >> 10:>6}Ki "
               f"{r['GBps']:>8.2f} {c['GBps']:>8.2f} {r['ratio_to_ceiling']:>6.2f} {r['p50_ms']:>9.3f} "
               f"{r['p99_ms']:>9.3f} {r['ratio_at_p50']:>9.2f}")
