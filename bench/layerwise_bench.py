@@ -4,7 +4,10 @@ A cluster on this machine serves long prompts (prefill, then decode with every p
 block loaded from the store, layer by layer); for each request the decode worker reports
 how long the transfer took (lease to last layer's bytes) and how long its forward pass
 waited for bytes. The hidden share is ``1 - waited / transfer`` — the transfer's own
-duration, measured in the same request, is the reference.
+duration, measured in the same request, is the reference. Before timing, untimed
+requests go round until every decode worker has served one, so that no backend's
+figures carry a worker's first-request costs (connections, registrations, the engine's
+first steps).
 """
 
 from __future__ import annotations
@@ -31,14 +34,25 @@ def run(size: str = "bench", prompts: int = 6, prompt_tokens: int = 2000,
                       decode_worker_args=tuple(("--transfer-preference", b) for b in backends),
                       router_args=("--routing", "round_robin"),
                       verbose=progress is not None) as cluster:
+        def complete(prompt: list[int]) -> dict:
+            r = httpx.post(cluster.router_url + "/v1/completions", timeout=600, json={
+                "prompt": prompt, "max_tokens": 4, "temperature": 0}).json()
+            return r["kvmesh"]["kv_transfer"]
+
+        say(f"warm-up: untimed requests until every decode worker ({', '.join(backends)}) "
+            "has served one")
+        warm_rng = random.Random(1)  # prompts of their own: the timed ones stay as they were
+        warmed: set = set()
+        for _ in range(3 * len(backends)):  # round robin: one round is enough unless a load failed
+            prompt = [warm_rng.randrange(10, vocab) for _ in range(prompt_tokens)]
+            warmed.add(complete(prompt).get("backend"))
+            if warmed >= set(backends):
+                break
         for backend in backends:
             say(f"{backend}: {prompts} prompts of {prompt_tokens} tokens")
             rows = []
             for _ in range(prompts * len(backends)):  # round robin: every worker gets some
-                prompt = [rng.randrange(10, vocab) for _ in range(prompt_tokens)]
-                r = httpx.post(cluster.router_url + "/v1/completions", timeout=600, json={
-                    "prompt": prompt, "max_tokens": 4, "temperature": 0}).json()
-                info = r["kvmesh"]["kv_transfer"]
+                info = complete([rng.randrange(10, vocab) for _ in range(prompt_tokens)])
                 if info["backend"] == backend and info["seconds"] > 0:
                     rows.append(info)
                 if len(rows) >= prompts:
@@ -50,7 +64,8 @@ def run(size: str = "bench", prompts: int = 6, prompt_tokens: int = 2000,
                 "transfer_ms_p50": round(statistics.median(x["seconds"] for x in rows) * 1e3, 2) if rows else None,
                 "waited_ms_p50": round(statistics.median(x["waited_s"] for x in rows) * 1e3, 2) if rows else None,
                 "hidden_share_p50": round(statistics.median(hidden), 3) if rows else None})
-    return {"results": results, "config": {"model": size, "prompt_tokens": prompt_tokens}}
+    return {"results": results, "config": {"model": size, "prompt_tokens": prompt_tokens,
+                                           "warmed_up": sorted(b for b in warmed if b)}}
 
 
 def main(as_json: bool, size: str) -> None:

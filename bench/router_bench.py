@@ -19,6 +19,8 @@ import tempfile
 import time
 import urllib.request
 
+from bench.stats import percentile
+
 
 def _serve_stubs(queue) -> None:
     from bench.stub_worker import start_stub
@@ -33,7 +35,8 @@ def _serve_stubs(queue) -> None:
 
 def _percentiles(samples: list[float]) -> dict:
     ms = sorted(x * 1000 for x in samples)
-    return {"p50_ms": round(statistics.median(ms), 3), "p99_ms": round(ms[int(len(ms) * 0.99) - 1], 3)}
+    return {"samples": len(ms), "p50_ms": round(statistics.median(ms), 3),
+            "p99_ms": round(percentile(ms, 0.99), 3)}
 
 
 async def _direct(prefill: str, decode: str, prompt: list[int], n: int) -> list[float]:
@@ -68,15 +71,16 @@ def run(requests: int = 300, progress=None) -> dict:
     queue = ctx.Queue()
     stubs = ctx.Process(target=_serve_stubs, args=(queue,), daemon=True)
     stubs.start()
-    prefill, decode = queue.get(timeout=60)
-    http_port, grpc_port = free_port(), free_port()
-    log = tempfile.TemporaryFile()
-    # Prompts long enough (100 tokens) that the router always runs prefill.
-    router = subprocess.Popen([sys.executable, "-m", "cluster.cli", "router", "--model", model,
-                               "--port", str(http_port), "--grpc-port", str(grpc_port),
-                               "--prefill", prefill, "--decode", decode],
-                              stdout=log, stderr=subprocess.STDOUT)
+    router = None
     try:
+        prefill, decode = queue.get(timeout=60)
+        http_port, grpc_port = free_port(), free_port()
+        log = tempfile.TemporaryFile()
+        # Prompts long enough (100 tokens) that the router always runs prefill.
+        router = subprocess.Popen([sys.executable, "-m", "cluster.cli", "router", "--model", model,
+                                   "--port", str(http_port), "--grpc-port", str(grpc_port),
+                                   "--prefill", prefill, "--decode", decode],
+                                  stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{http_port}"
         deadline = time.monotonic() + 120
         while not http_ready(url + "/health")():
@@ -107,11 +111,19 @@ def run(requests: int = 300, progress=None) -> dict:
                 r.read()
             if i >= 20:
                 http_samples.append(time.perf_counter() - start)
-    finally:
-        router.terminate()
-        router.wait(10)
+    finally:  # whatever failed, the router and the stubs stop
+        if router is not None:
+            router.terminate()
+            try:
+                router.wait(10)
+            except subprocess.TimeoutExpired:
+                router.kill()
+                router.wait()
         stubs.terminate()
         stubs.join(10)
+        if stubs.is_alive():
+            stubs.kill()
+            stubs.join()
     base = _percentiles(direct)
     results = []
     for api, samples in (("grpc", grpc_samples), ("http", http_samples)):
