@@ -158,28 +158,13 @@ class StoreActor(_Component):
 
 def _disk_dir(configured: str | None, name: str) -> str:
     """The disk tier's directory: the configured one or a fixed one per store, so that a
-    restarted store finds the slab file its killed predecessor left and removes it (the
-    file is named after the process that made it)."""
-    import re
+    restarted store finds the slab file its killed predecessor left and removes it
+    (``build_store`` removes the slab files no live store holds)."""
     import tempfile
 
     directory = configured or os.path.join(tempfile.gettempdir(), f"kvmesh-{name}")
     os.makedirs(directory, exist_ok=True)
-    for entry in os.listdir(directory):
-        m = re.fullmatch(r"kvmesh-slab-(\d+)\.bin", entry)
-        if m and not _alive(int(m.group(1))):
-            os.unlink(os.path.join(directory, entry))
     return directory
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def auto_cpu_bind(role: str, world_size: int) -> str | None:

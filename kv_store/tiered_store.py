@@ -877,7 +877,7 @@ def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = Non
         if disk_bytes > 0:
             directory = disk_dir or tempfile.mkdtemp(prefix="kvmesh-disk-")
             os.makedirs(directory, exist_ok=True)
-            for name in reap_orphaned_files(directory, SLAB_PREFIX):
+            for name in reap_orphaned_files(directory, SLAB_PREFIX, min_age_s=0):  # locked from birth
                 log.warning("removed %s, the disk tier of a store that died", os.path.join(directory, name))
             # a name of its own: stores in containers of one host may share the directory and a pid
             path = os.path.join(directory, f"{SLAB_PREFIX}{os.getpid()}-{secrets.token_hex(4)}.bin")

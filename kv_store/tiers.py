@@ -361,9 +361,9 @@ class DiskTier(Tier):
     without room for the capacity fails here, with ``OSError``, and never a block write
     later.
 
-    The tier holds a shared ``flock`` on its file while it is open, so that
-    ``reap_orphaned_files`` can tell the file of a store that died (and left its
-    reserved space behind) from a live one.
+    The tier holds a shared ``flock`` on its file while it is open (from before the file
+    has its name), so that ``reap_orphaned_files`` tells the file of a store that died,
+    and left its reserved space behind, from a live one at once.
 
     Slots are 4 KiB-aligned. With ``direct_io`` the file is opened ``O_DIRECT`` (no page
     cache) and every transfer goes through an aligned bounce buffer, padded to the slot
@@ -388,8 +388,17 @@ class DiskTier(Tier):
         if direct_io:
             flags |= getattr(os, "O_DIRECT", 0)
         self.direct_io = direct_io
-        self._fd = os.open(self.path, flags | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_SH)  # "the owner is alive", for reap_orphaned_files
+        # Made under a name of its own and locked ("the owner is alive") before it takes
+        # its name, so that reap_orphaned_files never sees it unlocked.
+        making = os.path.join(os.path.dirname(self.path) or ".", f".{os.path.basename(self.path)}.new")
+        self._fd = os.open(making, flags | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_SH)
+            os.rename(making, self.path)
+        except BaseException:
+            os.close(self._fd)
+            os.unlink(making)
+            raise
         try:
             os.posix_fallocate(self._fd, 0, max(self.capacity_bytes, 1))
         except OSError as e:
