@@ -14,7 +14,7 @@ import asyncio
 import grpc
 
 from kvmesh_proto import worker_pb2, worker_pb2_grpc
-from kvmesh_proto.options import bind_port, host_port
+from kvmesh_proto.options import bind_port, host_port, message_options
 
 
 class StubWorker(worker_pb2_grpc.WorkerServicer):
@@ -50,7 +50,7 @@ async def start_stub(role: str, host: str = "127.0.0.1", port: int = 0,
                      stub: StubWorker | None = None) -> tuple[grpc.aio.Server, str]:
     """Serve ``stub`` (a new ``StubWorker(role)`` when None) on ``host:port`` (0: any free
     port); returns the started server and its address."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=message_options())
     worker_pb2_grpc.add_WorkerServicer_to_server(stub or StubWorker(role), server)
     bound = bind_port(server, host, port, f"the {role} stub worker")
     await server.start()

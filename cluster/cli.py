@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import math
 import os
@@ -154,8 +155,9 @@ def cmd_store(args) -> None:
                                 io_threads=args.io_threads, disk_write_behind_bytes=args.disk_write_behind,
                                 demote_ahead=args.demote_ahead)
             started.callback(store.close)
-            sources = open_transfer_sources(store, backends, args.host, args.transfer_port,
-                                            advertised_host(args.advertise, args.host))
+            sources = open_transfer_sources(
+                store, backends, args.host, args.transfer_port,
+                advertised_host(args.advertise, args.host) if "grpc" in backends else None)
         except (ValueError, RuntimeError, OSError) as e:
             raise SystemExit(f"kvmesh store: {e}")
         for source in sources.values():
@@ -199,16 +201,25 @@ def cmd_store(args) -> None:
 
 def advertised_host(advertise: str | None, host: str) -> str:
     """The host other machines reach this one by: ``advertise``'s, else ``host`` unless it
-    is a wildcard (``0.0.0.0``, ``::``), else this machine's first address."""
+    is a wildcard (``0.0.0.0``, ``::``), else the address this machine sends from on its
+    default route (never a loopback one). ``ValueError`` when there is none: then only
+    ``--advertise`` can say it."""
     if advertise:
         return split_host_port(advertise)[0]
     if host not in WILDCARD_HOSTS:
         return host
-    name = socket.gethostname()
-    try:
-        return socket.getaddrinfo(name, None)[0][4][0]
-    except OSError:
-        return name
+    families = (socket.AF_INET6, socket.AF_INET) if host == "::" else (socket.AF_INET,)
+    for family, probe in ((f, "2001:db8::1" if f == socket.AF_INET6 else "192.0.2.1") for f in families):
+        try:  # a UDP "connect" sends nothing: it only picks the route, and with it our address
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.connect((probe, 9))
+                address = s.getsockname()[0]
+        except OSError:
+            continue
+        if not ipaddress.ip_address(address).is_loopback:
+            return address
+    raise ValueError(f"cannot tell which address of this machine others reach it by (bound to "
+                     f"{host!r}, no default route); give --advertise HOST:PORT")
 
 
 def open_transfer_sources(store, backends: list[str], host: str, port: int = 0,

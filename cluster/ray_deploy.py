@@ -424,7 +424,8 @@ def _start_local_ray(resources: dict[str, float], say: Callable[[str], None],
     """Start a Ray head on this machine (``ray start --head``) with ``resources``; returns
     its address (this node's IP and the port it was started on, whatever ``RAY_ADDRESS``
     says). It outlives this process: ``down`` stops it again. A start that fails, times
-    out or is interrupted stops what it had started (``ray stop``)."""
+    out or is interrupted runs ``ray stop``, which stops this user's Ray processes on
+    this machine (none other runs: a reachable cluster was refused above)."""
     recorded = _recorded_address()
     if recorded and _reachable(recorded):
         raise DeployError(f"a Ray cluster already runs at {recorded}: deploy onto it with "
@@ -443,8 +444,11 @@ def _start_local_ray(resources: dict[str, float], say: Callable[[str], None],
             raise DeployError(f"could not start a local Ray cluster: {e}") from None
         if proc.returncode != 0:
             raise DeployError(f"`ray start --head` failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
-    except BaseException:  # its daemons may have started: nothing of it is left running
-        subprocess.run([ray_cli, "stop"], capture_output=True, timeout=120)
+    except BaseException:  # its daemons may have started: none is left running
+        try:
+            subprocess.run([ray_cli, "stop"], capture_output=True, timeout=120)
+        except (OSError, subprocess.SubprocessError) as e:  # the start's own error is what to report
+            log.warning("could not stop the Ray processes of the failed start (ray stop): %s", e)
         raise
     return host_port(_ray().util.get_node_ip_address(), port)
 

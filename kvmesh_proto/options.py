@@ -4,8 +4,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
 def message_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """Raise gRPC's 4 MiB default message limit to a bound both ends agree on, and keep
-    reconnects to a restarted peer quick."""
+    """Raise gRPC's 4 MiB default message limit to a bound both ends agree on, keep
+    reconnects to a restarted peer quick, and (servers) own the port bound."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -13,6 +13,10 @@ def message_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
         # exponential backoff (which reached 7-24 s after a worker restart).
         ("grpc.initial_reconnect_backoff_ms", 500),
         ("grpc.max_reconnect_backoff_ms", 1000),
+        # A server must not share its port with another process's: gRPC's default
+        # SO_REUSEPORT let a second store on a live one's port start, and the kernel
+        # split connections between the two.
+        ("grpc.so_reuseport", 0),
     ]
 
 

@@ -70,13 +70,16 @@ def _run_store(*args: str) -> tuple[int, str, list[str]]:
 
 
 @pytest.mark.parametrize("busy_one, error", [("--port", "cannot serve on"),
-                                              ("--metrics-port", "cannot serve metrics on")])
+                                              ("--metrics-port", "cannot serve metrics on"),
+                                              ("--transfer-port", "cannot bind the gRPC transfer source to")])
 def test_a_busy_port_is_a_clear_error_and_the_store_is_closed(busy_one, error):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         taken = str(busy.getsockname()[1])
-        ports = ["--port", taken] if busy_one == "--port" else ["--port", "0", "--metrics-port", taken]
+        ports = ["--port", taken] if busy_one == "--port" else ["--port", "0", busy_one, taken]
+        if busy_one == "--transfer-port":
+            ports += ["--transfer", "shm,grpc"]
         rc, err, left = _run_store("--host", "127.0.0.1", *ports)
     assert rc != 0 and "Traceback" not in err
     assert f"kvmesh store: {error} 127.0.0.1:{taken}" in err
@@ -193,12 +196,16 @@ def test_the_grpc_transfer_offer_names_a_host_readers_can_reach():
     from kv_store.tiers import HostTier
     from kv_store.transfer import open_reader
     from kv_store.transfer.base import decode_descriptor
-    from kvmesh_proto.options import WILDCARD_HOSTS, split_host_port
+    from kvmesh_proto.options import split_host_port
 
     assert advertised_host("10.1.2.3:50051", "0.0.0.0") == "10.1.2.3"
     assert advertised_host("[fd00::7]:50051", "::") == "fd00::7"
     assert advertised_host(None, "10.0.0.9") == "10.0.0.9"
-    assert advertised_host(None, "0.0.0.0") not in WILDCARD_HOSTS
+    try:  # the machine's address on its default route, never a loopback one
+        import ipaddress
+        assert not ipaddress.ip_address(advertised_host(None, "0.0.0.0")).is_loopback
+    except ValueError as e:  # a machine without a default route: only --advertise can say
+        assert "give --advertise" in str(e)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]
@@ -210,6 +217,11 @@ def test_the_grpc_transfer_offer_names_a_host_readers_can_reach():
             assert decode_descriptor(sources["grpc"].descriptor())["address"] == f"10.1.2.3:{free}"
         finally:
             sources["grpc"].close()
+        with socket.socket() as busy:  # a failed bind leaves nothing that keeps the arena open
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            with pytest.raises(OSError, match="cannot bind the gRPC transfer source"):
+                open_transfer_sources(store, ["grpc"], "127.0.0.1", busy.getsockname()[1])
         sources = open_transfer_sources(store, ["grpc"], "::", 0, "::1")
         try:
             address = decode_descriptor(sources["grpc"].descriptor())["address"]

@@ -77,6 +77,8 @@ def test_the_store_serves_on_ipv6_and_a_busy_port_is_a_clear_error():
     try:
         with StoreClient(f"[::1]:{port}") as c:
             assert c.lookup([[b"k"]]) == 0
+        with pytest.raises(RuntimeError, match="cannot bind the store server"):
+            start_store_server("::", port, one_mib_store())  # a live store's port is not shared
     finally:
         srv.stop(0)
     with socket.socket(socket.AF_INET6) as busy:  # no SO_REUSEPORT: gRPC cannot share it

@@ -97,10 +97,6 @@ class GrpcSource(SourceRegion):
     def __init__(self, region, address: str = "127.0.0.1:0", chunk_bytes: int = CHUNK_BYTES,
                  max_workers: int = 4, frame_delay_s: float = 0.0, max_stream_s: float = 60.0,
                  advertise_host: str | None = None):
-        buffer = region.buffer() if hasattr(region, "buffer") else region
-        view = memoryview(buffer)  # our own view: released by close, before the tier's
-        self._view = view if view.format == "B" and view.ndim == 1 else view.cast("B")
-        self.region_bytes = self._view.nbytes
         self.chunk_bytes = int(chunk_bytes)
         self.frame_delay_s = frame_delay_s
         self.max_stream_s = max_stream_s
@@ -113,17 +109,25 @@ class GrpcSource(SourceRegion):
         handler = grpc.method_handlers_generic_handler(SERVICE, {
             "Read": grpc.unary_stream_rpc_method_handler(self._read)})
         self._server.add_generic_rpc_handlers((handler,))
-        if address.startswith("unix:"):
-            if self._server.add_insecure_port(address) == 0:
-                raise OSError(f"gRPC transfer source could not bind {address}")
-            self.address = address
-        else:
-            host, port = split_host_port(address)
-            try:
-                port = bind_port(self._server, host, port, "the gRPC transfer source")
-            except RuntimeError as e:
-                raise OSError(str(e)) from None
-            self.address = host_port(advertise_host or host, port)
+        try:  # bound before the region is viewed: a failure leaves no view of it behind
+            if address.startswith("unix:"):
+                if self._server.add_insecure_port(address) == 0:
+                    raise OSError(f"gRPC transfer source could not bind {address}")
+                self.address = address
+            else:
+                host, port = split_host_port(address)
+                try:
+                    port = bind_port(self._server, host, port, "the gRPC transfer source")
+                except RuntimeError as e:
+                    raise OSError(str(e)) from None
+                self.address = host_port(advertise_host or host, port)
+        except BaseException:
+            self._server.stop(None)
+            raise
+        buffer = region.buffer() if hasattr(region, "buffer") else region
+        view = memoryview(buffer)  # our own view: released by close, before the tier's
+        self._view = view if view.format == "B" and view.ndim == 1 else view.cast("B")
+        self.region_bytes = self._view.nbytes
         self._server.start()
         self._descriptor = encode_descriptor(NAME, address=self.address, size=self.region_bytes)
         self._lock = threading.Lock()
