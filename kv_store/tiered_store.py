@@ -837,6 +837,8 @@ class TieredStore(BlockStore):
 def _adjacent_by_tier(items: list, where: Callable[[object], tuple[int, Slot]]) -> list[list]:
     """``items`` grouped by the tier ``where`` says they are in, each group cut into runs
     of adjacent slots of at most ``MAX_RUN_BYTES`` (one read request each)."""
+    if len(items) < 2:  # the common single-block call: one run, without the grouping
+        return [list(items)] if items else []
     by_tier: dict[int, list] = {}
     for item in items:
         by_tier.setdefault(where(item)[0], []).append(item)
