@@ -494,6 +494,10 @@ class RouterCore:
                 m.kv_hidden.observe(max(0.0, 1.0 - trace.kv_wait_s / trace.kv_transfer_s))
         m.e2e.observe(time.monotonic() - started)
 
+    def _workers(self) -> list[tuple[str, Worker]]:
+        """Every worker in the pools, with its role."""
+        return [("prefill", w) for w in self.routing.prefill] + [("decode", w) for w in self.routing.decode]
+
     async def health(self) -> tuple[bool, dict[str, str]]:
         """Ask every worker for its health and update its ``healthy`` flag: an error status
         or a refused call marks it down at once; timed-out calls only once
@@ -502,7 +506,7 @@ class RouterCore:
         poll takes at most ``health_timeout_s``. Returns whether every worker is healthy
         (and there is a decode worker), with each worker's status; ``readiness`` answers
         from what the last poll found."""
-        workers = [("prefill", w) for w in self.routing.prefill] + [("decode", w) for w in self.routing.decode]
+        workers = self._workers()
         found = await asyncio.gather(*(self._health_of(w) for _, w in workers))
         status = {f"{role} {w.address}": text for (role, w), text in zip(workers, found)}
         self._last_status = status
@@ -529,7 +533,7 @@ class RouterCore:
         decode computes the prompt), "unavailable" when no decode worker is healthy.
         With each worker's last status ("down (a call to it failed)" for one marked down
         since that poll)."""
-        workers = [("prefill", w) for w in self.routing.prefill] + [("decode", w) for w in self.routing.decode]
+        workers = self._workers()
         status = {}
         for role, w in workers:
             name = f"{role} {w.address}"
