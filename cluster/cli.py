@@ -208,8 +208,10 @@ def advertised_host(advertise: str | None, host: str) -> str:
         return split_host_port(advertise)[0]
     if host not in WILDCARD_HOSTS:
         return host
-    families = (socket.AF_INET6, socket.AF_INET) if host == "::" else (socket.AF_INET,)
-    for family, probe in ((f, "2001:db8::1" if f == socket.AF_INET6 else "192.0.2.1") for f in families):
+    probes = [(socket.AF_INET, "192.0.2.1")]  # documentation addresses: never answered
+    if host == "::":
+        probes.insert(0, (socket.AF_INET6, "2001:db8::1"))
+    for family, probe in probes:
         try:  # a UDP "connect" sends nothing: it only picks the route, and with it our address
             with socket.socket(family, socket.SOCK_DGRAM) as s:
                 s.connect((probe, 9))
