@@ -709,13 +709,19 @@ class TieredStore(BlockStore):
             entries = {k: self._entries[k] for k in keys if k in self._entries}
             reads = [self._pin(e) for e in entries.values()]
         found: dict[bytes, StoredBlock] = {}
+        pinned = True
         try:
             runs = _adjacent_by_tier(reads, lambda r: (r.tier, r.slot))
-            datas = self._run_io([lambda r=r: self._read_verified(r) for r in runs],
-                                 parallel=any(self.tiers[r[0].tier].name != "host" for r in runs))
+            if len(runs) == 1:  # the common call: one run (in slot order), read on this thread
+                reads, datas = runs[0], self._read_verified(runs[0])
+            else:
+                reads = [r for run in runs for r in run]
+                datas = [d for ds in self._run_io(
+                    [lambda r=r: self._read_verified(r) for r in runs],
+                    parallel=any(self.tiers[r[0].tier].name != "host" for r in runs)) for d in ds]
             slower: list[tuple[_Read, bytes]] = []
             with self._lock:
-                for read, data in zip([r for run in runs for r in run], [d for ds in datas for d in ds]):
+                for read, data in zip(reads, datas):
                     if data is None:
                         self._corrupt += 1
                         self._forget(read.entry)
@@ -726,11 +732,15 @@ class TieredStore(BlockStore):
                     self._stats[read.tier].hits += 1
                     self._policies[read.entry.tier].access(read.entry.key)
                 self._misses += len(set(keys)) - len(found)
+                if not slower:  # nothing to promote: the pins go under this same lock
+                    self._unpin(entries.values())
+                    pinned = False
             if slower:
                 self._move_many([r for r, _ in slower], 0, [d for _, d in slower])
         finally:
-            with self._lock:
-                self._unpin(entries.values())
+            if pinned:
+                with self._lock:
+                    self._unpin(entries.values())
         return found
 
     def _read_verified(self, run: list[_Read]) -> list[bytes | None]:

@@ -580,6 +580,23 @@ def test_the_demoter_backs_off_from_a_disk_that_fails_and_resumes_once_it_heals(
         store.close()
 
 
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_batched_get_pairs_each_key_with_its_own_bytes_in_any_order(tmp_path, on_disk):
+    """Adjacent slots are read as one run in slot order; the keys may be asked in another."""
+    tier = DiskTier(tmp_path / "slab", 4 * PAGE, page_bytes=PAGE) if on_disk else HostTier(PAGE, page_bytes=PAGE)
+    store = TieredStore([tier])
+    try:
+        for i in range(6):
+            assert put(store, i)
+        keys = [b"k%d" % i for i in (5, 3, 4, 0, 2, 1)]
+        assert len(adjacent_runs([store._entries[k].slot for k in keys], 4 << 20)) == 1
+        got = store.get_many(keys)
+        assert sorted(got) == sorted(keys)
+        assert all(got[b"k%d" % i].data == block(i) for i in range(6))
+    finally:
+        store.close()
+
+
 def test_batched_get_and_lease_of_adjacent_disk_blocks(tmp_path):
     """Blocks demoted one after another sit in adjacent disk slots and come back in runs:
     a damaged one among them is dropped alone, the others are served (and promoted)."""
