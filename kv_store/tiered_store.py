@@ -732,9 +732,9 @@ class TieredStore(BlockStore):
                     self._stats[read.tier].hits += 1
                     self._policies[read.entry.tier].access(read.entry.key)
                 self._misses += len(set(keys)) - len(found)
-                if not slower:  # nothing to promote: the pins go under this same lock
-                    self._unpin(entries.values())
+                if not slower:  # nothing to promote: the pins go under this same lock, once
                     pinned = False
+                    self._unpin(entries.values())
             if slower:
                 self._move_many([r for r, _ in slower], 0, [d for _, d in slower])
         finally:
