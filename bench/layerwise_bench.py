@@ -22,8 +22,8 @@ import httpx
 
 def run(size: str = "bench", prompts: int = 6, prompt_tokens: int = 2000,
         backends: tuple[str, ...] = ("shm", "nixl", "grpc"), progress=None) -> dict:
-    from cluster.local import LocalCluster
-    from cluster.models import ensure_model
+    from kvmesh.cluster.local import LocalCluster
+    from kvmesh.cluster.models import ensure_model
 
     say = progress or (lambda m: None)
     model_dir = ensure_model(size)

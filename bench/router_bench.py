@@ -19,11 +19,11 @@ import tempfile
 import time
 import urllib.request
 
-from bench.stats import percentile
+from kvmesh.bench.stats import percentile
 
 
 def _serve_stubs(queue) -> None:
-    from bench.stub_worker import start_stub
+    from kvmesh.bench.stub_worker import start_stub
 
     async def main():
         servers = [await start_stub(role) for role in ("prefill", "decode")]
@@ -41,7 +41,7 @@ def _percentiles(samples: list[float]) -> dict:
 
 async def _direct(prefill: str, decode: str, prompt: list[int], n: int) -> list[float]:
     from kvmesh_proto import worker_pb2
-    from router.workers import WorkerClient
+    from kvmesh.router.workers import WorkerClient
 
     pre, dec = WorkerClient(prefill), WorkerClient(decode)
     samples = []
@@ -61,8 +61,8 @@ async def _direct(prefill: str, decode: str, prompt: list[int], n: int) -> list[
 
 
 def run(requests: int = 300, progress=None) -> dict:
-    from cluster.local import free_port, http_ready
-    from cluster.models import ensure_model
+    from kvmesh.cluster.local import free_port, http_ready
+    from kvmesh.cluster.models import ensure_model
     from kvmesh_client import Client
 
     say = progress or (lambda m: None)
@@ -77,7 +77,7 @@ def run(requests: int = 300, progress=None) -> dict:
         http_port, grpc_port = free_port(), free_port()
         log = tempfile.TemporaryFile()
         # Prompts long enough (100 tokens) that the router always runs prefill.
-        router = subprocess.Popen([sys.executable, "-m", "cluster.cli", "router", "--model", model,
+        router = subprocess.Popen([sys.executable, "-m", "kvmesh.cluster.cli", "router", "--model", model,
                                    "--port", str(http_port), "--grpc-port", str(grpc_port),
                                    "--prefill", prefill, "--decode", decode],
                                   stdout=log, stderr=subprocess.STDOUT)

@@ -22,7 +22,7 @@ import time
 
 import httpx
 
-from bench.stats import percentile
+from kvmesh.bench.stats import percentile
 
 WARMUP_SEED = 1000  # warm-up prompts: seeds the timed workload (1, 2, ...) never uses
 
@@ -49,8 +49,8 @@ def _ttft(url: str, prompt: list[int]) -> float:
 
 def run(size: str = "tiny", prefixes: int = 4, per_prefix: int = 4, prefix_tokens: int = 480,
         warmup: int = 4, progress=None) -> dict:
-    from cluster.local import LocalCluster
-    from cluster.models import ensure_model
+    from kvmesh.cluster.local import LocalCluster
+    from kvmesh.cluster.models import ensure_model
 
     say = progress or (lambda m: None)
     model = str(ensure_model(size))

@@ -47,11 +47,11 @@ import tempfile
 import time
 from typing import Callable, NamedTuple
 
-from bench.stats import percentile
-from kv_store.gc_tuning import freeze_startup_objects
-from kv_store.integrity import checksum
-from kv_store.tiered_store import TieredStore
-from kv_store.tiers import DiskTier, GpuTier, HostTier, anonymous_arena
+from kvmesh.bench.stats import percentile
+from kvmesh.kv_store.gc_tuning import freeze_startup_objects
+from kvmesh.kv_store.integrity import checksum
+from kvmesh.kv_store.tiered_store import TieredStore
+from kvmesh.kv_store.tiers import DiskTier, GpuTier, HostTier, anonymous_arena
 
 BLOCK_SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20]
 PAGE = 4 << 20

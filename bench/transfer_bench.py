@@ -1,6 +1,6 @@
 """``kvmesh bench transfer``: KV bytes between two processes, per transfer backend.
 
-(Also ``python -m bench.transfer_bench [--json]``.)
+(Also ``python -m kvmesh.bench.transfer_bench [--json]``.)
 
 A child process (started with ``spawn``) plays the store: a shared-memory host tier
 filled with a known pattern, exposed through every backend (``shm``, ``nixl``,
@@ -44,7 +44,7 @@ import uuid
 
 import numpy as np
 
-from bench.stats import percentile
+from kvmesh.bench.stats import percentile
 
 SIZES = [256 << 10, 4 << 20, 64 << 20]
 LAYERS, BLOCKS_PER_LAYER, LAYER_BLOCK_BYTES = 32, 16, 16 << 10
@@ -76,9 +76,9 @@ def _fill(buffer: memoryview) -> None:
 
 def _source_main(conn, arena_bytes: int, backends: list[str], shm_name: str,
                  grpc_options: dict) -> None:
-    from kv_store.tiers import HostTier
-    from kv_store.transfer import open_source
-    from kv_store.tiers import anonymous_arena
+    from kvmesh.kv_store.tiers import HostTier
+    from kvmesh.kv_store.transfer import open_source
+    from kvmesh.kv_store.tiers import anonymous_arena
 
     tier = HostTier(arena_bytes, page_bytes=min(arena_bytes, 4 << 20), shm_name=shm_name)
     _fill(tier.buffer())
@@ -244,7 +244,7 @@ def shm_arena(nbytes: int) -> mmap.mmap:
 def _ceiling_arenas(arena_bytes: int) -> dict[str, mmap.mmap]:
     """Per arena kind (``ARENA_KINDS``), a local map of ``arena_bytes`` filled with
     ``pattern``: what the ceilings copy out of."""
-    from kv_store.tiers import anonymous_arena
+    from kvmesh.kv_store.tiers import anonymous_arena
 
     maps = {"shm-4k": shm_arena(arena_bytes), "anon-hugepage": anonymous_arena(arena_bytes)}
     for region in maps.values():
@@ -295,7 +295,7 @@ def run(sizes=None, arena_bytes: int = ARENA_BYTES, layers: int = LAYERS,
         backends=("shm", "nixl", "grpc"), case_seconds: float = CASE_SECONDS,
         min_calls: int = 5, max_calls: int = 100_000, deadline_s: float = 30.0,
         nixl_arenas=("hugepage", "shm"), progress=None) -> dict:
-    from kv_store.transfer import Extent, open_reader
+    from kvmesh.kv_store.transfer import Extent, open_reader
 
     sizes = list(SIZES if sizes is None else sizes)
     say = progress or (lambda msg: None)
@@ -421,7 +421,7 @@ def _parse_bytes(text: str) -> int:
 if __name__ == "__main__":
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m bench.transfer_bench",
+    p = argparse.ArgumentParser(prog="python -m kvmesh.bench.transfer_bench",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--sizes", default="256KiB,4MiB,64MiB", help="single-read sizes")

@@ -88,7 +88,7 @@ def resolve_model(model: str | None) -> tuple[str, str]:
     """(model directory, served name): the given directory, or the generated tiny model."""
     from pathlib import Path
 
-    from cluster.models import ensure_model, is_model_dir
+    from kvmesh.cluster.models import ensure_model, is_model_dir
 
     if model is None:
         return str(ensure_model("tiny")), "kvmesh-tiny"
@@ -111,9 +111,9 @@ def cmd_store(args) -> None:
     import signal
     import threading
 
-    from kv_store.gc_tuning import freeze_startup_objects
-    from kv_store.server import start_store_server
-    from kv_store.tiered_store import build_store
+    from kvmesh.kv_store.gc_tuning import freeze_startup_objects
+    from kvmesh.kv_store.server import start_store_server
+    from kvmesh.kv_store.tiered_store import build_store
 
     if args.heartbeat_timeout <= args.heartbeat:  # a node would drop out between heartbeats
         raise SystemExit(f"kvmesh store: --heartbeat-timeout ({args.heartbeat_timeout} s) must be "
@@ -124,8 +124,8 @@ def cmd_store(args) -> None:
     with contextlib.ExitStack() as started:
         publisher = peers = None
         if args.index:
-            from kv_store.index import RedisBlockIndex
-            from kv_store.store_node import IndexPublisher, PeerBlocks
+            from kvmesh.kv_store.index import RedisBlockIndex
+            from kvmesh.kv_store.store_node import IndexPublisher, PeerBlocks
 
             if args.port == 0 and not args.advertise:
                 raise SystemExit("kvmesh store: with --index, give a fixed --port or --advertise")
@@ -143,7 +143,7 @@ def cmd_store(args) -> None:
 
         backends = [b for b in args.transfer.split(",") if b]
         if "shm" in backends:
-            from kv_store.tiers import reap_orphaned_segments
+            from kvmesh.kv_store.tiers import reap_orphaned_segments
 
             for name in reap_orphaned_segments(SHM_PREFIX):
                 print(f"kvmesh store: removed {name}, the shared memory of a store that died", flush=True)
@@ -185,7 +185,7 @@ def cmd_store(args) -> None:
         if args.metrics_port is not None:
             from prometheus_client import CollectorRegistry, start_http_server
 
-            from kv_store.store_metrics import StoreCollector
+            from kvmesh.kv_store.store_metrics import StoreCollector
 
             registry = CollectorRegistry()
             registry.register(StoreCollector(store))
@@ -229,7 +229,7 @@ def open_transfer_sources(store, backends: list[str], host: str, port: int = 0,
     """Expose the store's host arena through each usable transfer backend (gRPC on
     ``host:port``, its descriptor naming ``advertise_host``). If one fails to open, those
     already open are closed before the error propagates."""
-    from kv_store.transfer import BACKENDS, available_backends, open_source
+    from kvmesh.kv_store.transfer import BACKENDS, available_backends, open_source
 
     unknown = set(backends) - set(BACKENDS)
     if unknown:
@@ -255,15 +255,14 @@ def open_transfer_sources(store, backends: list[str], host: str, port: int = 0,
 
 
 def cmd_worker(args) -> None:
-    import decode_workers
-    import prefill_workers
-
+    import kvmesh.decode_workers as decode_workers
+    import kvmesh.prefill_workers as prefill_workers
     module = prefill_workers if args.command == "prefill" else decode_workers
     model, _ = resolve_model(args.model)
     address = args.advertise or host_port(args.host, args.port)
     store, announcer = args.store, None
     if args.index:
-        from kv_store.index.services import Announcer, ServiceRegistry
+        from kvmesh.kv_store.index.services import Announcer, ServiceRegistry
 
         if store is None:
             store = discover_store(args.index, split_host_port(address)[0], args.discovery_timeout)
@@ -271,7 +270,7 @@ def cmd_worker(args) -> None:
     if store is None:
         raise SystemExit(f"kvmesh {args.command}: give --store HOST:PORT, or --index to find one")
     try:  # the settings' own checks, as a clear error before the engine loads
-        from engine_host.engine import EngineSettings
+        from kvmesh.engine_host.engine import EngineSettings
 
         EngineSettings(model=model, role=args.command, store_address=store, block_size=args.block_size,
                        tensor_parallel_size=args.tensor_parallel_size,
@@ -291,7 +290,7 @@ def discover_store(index_url: str, my_host: str, timeout_s: float) -> str:
     """A live store node from the block index: one on this host if there is one."""
     import time
 
-    from kv_store.index import RedisBlockIndex
+    from kvmesh.kv_store.index import RedisBlockIndex
 
     index = RedisBlockIndex.from_url(index_url)
     deadline = time.monotonic() + timeout_s
@@ -312,7 +311,7 @@ def discover_store(index_url: str, my_host: str, timeout_s: float) -> str:
 def cmd_router(args) -> None:
     import uvicorn
 
-    from router.app import RouterSettings, create_app
+    from kvmesh.router.app import RouterSettings, create_app
 
     model, name = resolve_model(args.model)
     try:
@@ -363,7 +362,7 @@ def _host_of(text: str) -> str | None:
 
 
 def cmd_model_make(args) -> None:
-    from cluster.models import make_model
+    from kvmesh.cluster.models import make_model
 
     try:
         path = make_model(args.dir, args.size, args.seed)
@@ -376,7 +375,7 @@ def cmd_model_make(args) -> None:
 
 
 def _cluster(args, **extra):
-    from cluster.local import LocalCluster
+    from kvmesh.cluster.local import LocalCluster
 
     model, name = resolve_model(args.model)
     return LocalCluster(model=model, served_model_name=name, host=args.host,
@@ -436,7 +435,7 @@ def _print_endpoints(cluster) -> None:
 
 
 def cmd_demo(args) -> None:
-    from cluster.demo import run_demo
+    from kvmesh.cluster.demo import run_demo
 
     def demo() -> None:
         with _cluster(args) as cluster:
@@ -451,32 +450,32 @@ def cmd_demo(args) -> None:
 
 
 def cmd_bench_router(args) -> None:
-    from bench.router_bench import main
+    from kvmesh.bench.router_bench import main
 
     main(args.json, args.requests)
 
 
 def cmd_bench_routing(args) -> None:
-    from bench.routing_bench import main
+    from kvmesh.bench.routing_bench import main
 
     main(args.json, args.size)
 
 
 def cmd_bench_transfer(args) -> None:
-    from bench.transfer_bench import main
+    from kvmesh.bench.transfer_bench import main
 
     main(args.json, [parse_bytes(s) for s in args.sizes.split(",")], args.arena_bytes,
          args.case_seconds, args.backends.split(","))
 
 
 def cmd_bench_layerwise(args) -> None:
-    from bench.layerwise_bench import main
+    from kvmesh.bench.layerwise_bench import main
 
     main(args.json, args.size)
 
 
 def cmd_bench_store(args) -> None:
-    from bench.store_bench import main
+    from kvmesh.bench.store_bench import main
 
     main(args.json, args.total_bytes, args.dir)
 
@@ -656,18 +655,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds a request may wait for a slot")
     sp.set_defaults(func=cmd_router)
 
-    from cluster.ray_cli import register as register_ray_commands
+    from kvmesh.cluster.ray_cli import register as register_ray_commands
 
     register_ray_commands(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    from kv_store.malloc_tuning import tune_malloc
+    from kvmesh.kv_store.malloc_tuning import tune_malloc
 
     args = build_parser().parse_args(argv)
     if args.command in ("store", "prefill", "decode", "router"):
-        from cluster.local import exit_with_parent
+        from kvmesh.cluster.local import exit_with_parent
 
         exit_with_parent()
     tune_malloc()  # what launched components get from MALLOC_ENV, for hand-started ones too

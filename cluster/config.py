@@ -33,7 +33,7 @@ import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
                       field_validator, model_validator)
 
-from cluster.cli import parse_bytes
+from kvmesh.cluster.cli import parse_bytes
 
 
 class ConfigError(ValueError):
@@ -252,7 +252,7 @@ class ClusterConfig(_Strict):
     def resolved_model(self) -> tuple[str, str]:
         """(model directory, served name); generates the tiny model when ``path`` is null."""
         if self.model.path is None:
-            from cluster.models import ensure_model
+            from kvmesh.cluster.models import ensure_model
 
             return str(ensure_model("tiny")), self.model.served_name or "kvmesh-tiny"
         return self.model.path, self.model.served_name or Path(self.model.path).name

@@ -1,6 +1,6 @@
 """Running a whole kvmesh cluster on one machine: store, prefill, decode, router.
 
-Each component is its own process (``python -m cluster.cli <component>``) in its own
+Each component is its own process (``python -m kvmesh.cluster.cli <component>``) in its own
 process group, logging to a file in ``run_dir``. ``LocalCluster`` starts them in
 dependency order, waits (with a deadline) until each answers its health check, and
 stops them all on exit, killing whatever does not stop in time. A component that dies
@@ -26,7 +26,7 @@ from typing import Callable
 
 import grpc
 
-from kv_store.malloc_tuning import MALLOC_ENV
+from kvmesh.kv_store.malloc_tuning import MALLOC_ENV
 
 
 class ClusterError(RuntimeError):
@@ -245,7 +245,7 @@ class LocalCluster:
         # Its stdin is a pipe only this process writes: when this process ends, however it
         # ends (SIGKILL included), the component reads EOF and stops (``exit_with_parent``).
         with open(log_path, "ab") as log:
-            popen = subprocess.Popen([sys.executable, "-m", "cluster.cli", command or name, *args],
+            popen = subprocess.Popen([sys.executable, "-m", "kvmesh.cluster.cli", command or name, *args],
                                      stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                                      env=full_env, process_group=0)
         proc = Process(name, popen, log_path)

@@ -14,8 +14,8 @@ def _fail(e: Exception) -> SystemExit:
 
 
 def cmd_up(args) -> None:
-    from cluster.config import ConfigError, load_config
-    from cluster.ray_deploy import DeployError, up
+    from kvmesh.cluster.config import ConfigError, load_config
+    from kvmesh.cluster.ray_deploy import DeployError, up
 
     try:
         config = load_config(args.config)
@@ -31,7 +31,7 @@ def cmd_up(args) -> None:
 
 
 def cmd_status(args) -> None:
-    from cluster.ray_deploy import DeployError, status
+    from kvmesh.cluster.ray_deploy import DeployError, status
 
     try:
         rows = status(args.address)
@@ -46,7 +46,7 @@ def cmd_status(args) -> None:
 
 
 def cmd_down(args) -> None:
-    from cluster.ray_deploy import DeployError, down
+    from kvmesh.cluster.ray_deploy import DeployError, down
 
     try:
         down(args.address, timeout_s=args.timeout, stop_local_ray=not args.keep_ray)

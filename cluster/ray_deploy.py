@@ -41,7 +41,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from cluster.config import ClusterConfig, ConfigError
+from kvmesh.cluster.config import ClusterConfig, ConfigError
 from kvmesh_proto.options import WILDCARD_HOSTS, host_port
 
 NAMESPACE = "kvmesh"
@@ -104,15 +104,15 @@ class StoreActor(_Component):
 
     def __init__(self, name: str, spec: dict, index_url: str | None):
         super().__init__(name)
-        from kv_store.gc_tuning import freeze_startup_objects
-        from kv_store.server import start_store_server
-        from kv_store.tiered_store import build_store
+        from kvmesh.kv_store.gc_tuning import freeze_startup_objects
+        from kvmesh.kv_store.server import start_store_server
+        from kvmesh.kv_store.tiered_store import build_store
 
         self.address = f"{self.node_ip}:{spec['port']}"
         self.publisher = self.peers = self.index = None
         if index_url:
-            from kv_store.index import RedisBlockIndex
-            from kv_store.store_node import IndexPublisher, PeerBlocks
+            from kvmesh.kv_store.index import RedisBlockIndex
+            from kvmesh.kv_store.store_node import IndexPublisher, PeerBlocks
 
             self.index = RedisBlockIndex.from_url(index_url)
             self.publisher = IndexPublisher(self.index, name, self.address)
@@ -133,7 +133,7 @@ class StoreActor(_Component):
         if spec.get("metrics_port"):
             from prometheus_client import CollectorRegistry, start_http_server
 
-            from kv_store.store_metrics import StoreCollector
+            from kvmesh.kv_store.store_metrics import StoreCollector
 
             registry = CollectorRegistry()
             registry.register(StoreCollector(self.store))
@@ -141,7 +141,7 @@ class StoreActor(_Component):
         freeze_startup_objects()
 
     def health(self) -> bool:
-        from cluster.local import store_ready
+        from kvmesh.cluster.local import store_ready
 
         self._check()
         return store_ready(self.address)()
@@ -172,7 +172,7 @@ def auto_cpu_bind(role: str, world_size: int) -> str | None:
     machine's cores (as ``cluster.local.worker_cpu_env``), one group per rank
     (``"0,1|2,3"``), all cores when the half has fewer than ``world_size``; None where
     there are too few cores (vLLM then binds by itself) or the variable is set already."""
-    from cluster.local import worker_cpu_env
+    from kvmesh.cluster.local import worker_cpu_env
 
     if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
         return None
@@ -194,7 +194,7 @@ class WorkerActor(_Component):
     def __init__(self, name: str, role: str, settings: dict, port: int, env: dict[str, str],
                  cpu_cores: str | None, visible_devices: list[str] | None):
         super().__init__(name)
-        from engine_host.engine import EngineSettings
+        from kvmesh.engine_host.engine import EngineSettings
 
         self.kind = role
         self.address = f"{self.node_ip}:{port}"
@@ -220,7 +220,7 @@ class WorkerActor(_Component):
         threading.Thread(target=self._watch, name=f"kvmesh-{name}-watch", daemon=True).start()
 
     def _serve(self) -> None:
-        from engine_host.service import serve_worker
+        from kvmesh.engine_host.service import serve_worker
 
         # Signals belong to the actor's main thread (Ray's): ``stop()`` cancels the task.
         loop = self._loop = asyncio.new_event_loop()
@@ -276,7 +276,7 @@ class WorkerActor(_Component):
         os._exit(1)
 
     def health(self) -> bool:
-        from cluster.local import worker_ready
+        from kvmesh.cluster.local import worker_ready
 
         self._check()
         return worker_ready(self.address)()
@@ -302,7 +302,7 @@ class RouterActor(_Component):
         super().__init__(name)
         import uvicorn
 
-        from router.app import RouterSettings, create_app
+        from kvmesh.router.app import RouterSettings, create_app
 
         os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
         bind = host or self.node_ip
@@ -329,7 +329,7 @@ class RouterActor(_Component):
         return {**super().info(), "url": f"http://{self.address}", "grpc_address": self.grpc_address}
 
     def health(self) -> bool:
-        from cluster.local import http_ready
+        from kvmesh.cluster.local import http_ready
 
         self._check()
         return http_ready(f"http://{self.address}/health")()

@@ -3,7 +3,7 @@
 Blocks the store cannot supply (missing, corrupt, late) are recomputed by the engine.
 """
 
-from engine_host.service import run_worker
+from kvmesh.engine_host.service import run_worker
 
 ROLE = "decode"
 

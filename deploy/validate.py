@@ -26,6 +26,7 @@ import contextlib
 import copy
 import io
 import json
+import os
 import re
 import sys
 
@@ -194,6 +195,22 @@ def check_container(c: dict, pod: dict, where: str, config_maps: dict, secrets: 
 
 # The kvmesh command line parser (cluster.cli.build_parser), when --cli-root is given.
 KVMESH_PARSER = None
+
+
+def kvmesh_parser(root: str) -> argparse.ArgumentParser:
+    """The CLI parser of the kvmesh source tree at ``root``, without installing it: the
+    tree's folders install as ``kvmesh.*``, so ``kvmesh`` is made a package whose path is
+    the tree (and the tree's own top-level modules, the protocol, importable)."""
+    import types
+
+    root = os.path.abspath(root)
+    sys.path.insert(0, root)
+    package = types.ModuleType("kvmesh")
+    package.__path__ = [root]
+    sys.modules.setdefault("kvmesh", package)
+    from kvmesh.cluster.cli import build_parser
+
+    return build_parser()
 # Stand-ins for values only the cluster knows. Where kvmesh binds an IPv6 address
 # (KVMESH_LISTEN_HOST "::"), the cluster is IPv6-only and so are the pod IPs.
 FIELD_VALUES = {"status.podIP": "10.1.2.3", "metadata.name": "pod-0", "status.hostIP": "10.0.0.1"}
@@ -394,10 +411,7 @@ def check_consistency(docs: list[dict], report: Report) -> None:
 def cmd_k8s(args) -> int:
     global KVMESH_PARSER
     if args.cli_root:
-        sys.path.insert(0, args.cli_root)
-        from cluster.cli import build_parser
-
-        KVMESH_PARSER = build_parser()
+        KVMESH_PARSER = kvmesh_parser(args.cli_root)
     report = Report()
     for path in args.files:
         print(f"validate {path}")
@@ -589,10 +603,7 @@ def cmd_selftest(args) -> int:
     }
     if args.cli_root:
         global KVMESH_PARSER
-        sys.path.insert(0, args.cli_root)
-        from cluster.cli import build_parser
-
-        KVMESH_PARSER = build_parser()
+        KVMESH_PARSER = kvmesh_parser(args.cli_root)
         cases["kvmesh arguments its CLI refuses"] = broken(
             lambda d, s: container(d).update(command=["kvmesh"], args=["store", "--host-bytes=$(A)GiB", "--bogus"]))
         kvmesh = lambda *args: lambda d, s: container(d).update(command=["kvmesh"], args=list(args))  # noqa: E731

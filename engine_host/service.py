@@ -13,8 +13,8 @@ import signal
 
 import grpc
 
-from engine_host.engine import EngineSettings, build_engine
-from kv_store.gc_tuning import freeze_startup_objects
+from kvmesh.engine_host.engine import EngineSettings, build_engine
+from kvmesh.kv_store.gc_tuning import freeze_startup_objects
 from kvmesh_proto.options import bind_port, host_port, message_options
 from kvmesh_proto import worker_pb2, worker_pb2_grpc
 

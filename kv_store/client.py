@@ -15,8 +15,8 @@ from typing import Iterator, NamedTuple, Sequence
 import grpc
 
 from kvmesh_proto.options import DEFAULT_MAX_MESSAGE_BYTES, message_options
-from kv_store.block_store import StoredBlock
-from kv_store.integrity import checksum, verify
+from kvmesh.kv_store.block_store import StoredBlock
+from kvmesh.kv_store.integrity import checksum, verify
 from kvmesh_proto import store_pb2, store_pb2_grpc
 
 

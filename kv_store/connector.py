@@ -44,11 +44,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.model_executor.models.utils import extract_layer_index
 
-from kv_store.client import StoreClient, StoreError
-from kv_store.keys import KeySpace, chain_hashes, namespace
-from kv_store.layer_loader import LayerLoad, LoadStats, ReaderCache
-from kv_store.paged_layout import block_dim, read_blocks
-from kv_store.step_saves import StepSaves
+from kvmesh.kv_store.client import StoreClient, StoreError
+from kvmesh.kv_store.keys import KeySpace, chain_hashes, namespace
+from kvmesh.kv_store.layer_loader import LayerLoad, LoadStats, ReaderCache
+from kvmesh.kv_store.paged_layout import block_dim, read_blocks
+from kvmesh.kv_store.step_saves import StepSaves
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

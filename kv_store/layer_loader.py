@@ -22,10 +22,10 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from kv_store.client import StoreClient, StoreError
-from kv_store.integrity import verify
-from kv_store.keys import KeySpace
-from kv_store.paged_layout import block_nbytes, write_blocks
+from kvmesh.kv_store.client import StoreClient, StoreError
+from kvmesh.kv_store.integrity import verify
+from kvmesh.kv_store.keys import KeySpace
+from kvmesh.kv_store.paged_layout import block_nbytes, write_blocks
 
 log = logging.getLogger("kvmesh.connector")
 
@@ -70,7 +70,7 @@ class ReaderCache:
         return memoryview(self._scratch)[:nbytes]
 
     def reader_for(self, offers: dict[str, bytes]) -> tuple[str, object] | None:
-        from kv_store.transfer import TransferError, choose_backend, open_reader, usable_backends
+        from kvmesh.kv_store.transfer import TransferError, choose_backend, open_reader, usable_backends
 
         try:
             backend, _ = choose_backend(usable_backends(offers), offers, self.preference)
@@ -163,7 +163,7 @@ class LayerLoad:
         return {k: b.data for k, b in result.blocks.items()}
 
     def _read(self, reader, wanted: list[tuple[bytes, tuple[int, int, int]]]) -> dict[bytes, bytes]:
-        from kv_store.transfer import Extent, ReaderBroken, TransferError
+        from kvmesh.kv_store.transfer import Extent, ReaderBroken, TransferError
 
         total = sum(size for _, (_, size, _) in wanted)
         dest = self.readers.scratch(total)

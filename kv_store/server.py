@@ -13,10 +13,10 @@ from concurrent import futures
 
 import grpc
 
-from kv_store.block_store import BlockStore, StoredBlock
-from kv_store.store_node import IndexPublisher, PeerBlocks
+from kvmesh.kv_store.block_store import BlockStore, StoredBlock
+from kvmesh.kv_store.store_node import IndexPublisher, PeerBlocks
 from kvmesh_proto.options import DEFAULT_MAX_MESSAGE_BYTES, bind_port, host_port, message_options
-from kv_store.integrity import checksum
+from kvmesh.kv_store.integrity import checksum
 from kvmesh_proto import store_pb2, store_pb2_grpc
 
 log = logging.getLogger("kvmesh.store")

@@ -22,7 +22,7 @@ import logging
 import time
 from typing import Callable, Collection, Sequence
 
-from kv_store.client import StoreError
+from kvmesh.kv_store.client import StoreError
 
 log = logging.getLogger("kvmesh.connector")
 

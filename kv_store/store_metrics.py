@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kv_store.tiered_store import TieredStore
+from kvmesh.kv_store.tiered_store import TieredStore
 
 
 class StoreCollector(Collector):

@@ -19,9 +19,9 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from kv_store.block_store import StoredBlock
-from kv_store.client import StoreClient, StoreError
-from kv_store.index import BlockIndex
+from kvmesh.kv_store.block_store import StoredBlock
+from kvmesh.kv_store.client import StoreClient, StoreError
+from kvmesh.kv_store.index import BlockIndex
 from kvmesh_proto.options import DEFAULT_MAX_MESSAGE_BYTES
 
 log = logging.getLogger("kvmesh.store")

@@ -48,11 +48,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
-from kv_store.block_store import BlockStore, StoredBlock
-from kv_store.eviction import EvictionPolicy, make_policy
-from kv_store.integrity import verify
-from kv_store.slab import Slot, adjacent_runs
-from kv_store.tiers import HostTier, Tier
+from kvmesh.kv_store.block_store import BlockStore, StoredBlock
+from kvmesh.kv_store.eviction import EvictionPolicy, make_policy
+from kvmesh.kv_store.integrity import verify
+from kvmesh.kv_store.slab import Slot, adjacent_runs
+from kvmesh.kv_store.tiers import HostTier, Tier
 
 log = logging.getLogger("kvmesh.store")
 
@@ -878,7 +878,7 @@ def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = Non
 
     import secrets
 
-    from kv_store.tiers import DiskTier, GpuTier, reap_orphaned_files
+    from kvmesh.kv_store.tiers import DiskTier, GpuTier, reap_orphaned_files
 
     tiers: list[Tier] = []
     try:

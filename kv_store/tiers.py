@@ -26,8 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from kv_store.slab import SlabAllocator, Slot
-from kv_store.write_behind import WriteBehind
+from kvmesh.kv_store.slab import SlabAllocator, Slot
+from kvmesh.kv_store.write_behind import WriteBehind
 
 
 @dataclass

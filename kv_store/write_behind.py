@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from kv_store.slab import SlabAllocator, Slot, adjacent_runs
+from kvmesh.kv_store.slab import SlabAllocator, Slot, adjacent_runs
 
 log = logging.getLogger(__name__)
 

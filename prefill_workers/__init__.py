@@ -3,7 +3,7 @@
 It also loads prefixes the store already holds, so a shared prefix is computed once.
 """
 
-from engine_host.service import run_worker
+from kvmesh.engine_host.service import run_worker
 
 ROLE = "prefill"
 

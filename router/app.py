@@ -21,9 +21,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers
 
-from kv_store.gc_tuning import freeze_startup_objects
-from router.core import ApiError, Prepared, RouterCore, RouterSettings, Trace, bearer_ok
-from router.openai_api import (ChatCompletionRequest, CompletionRequest, chat_chunk,
+from kvmesh.kv_store.gc_tuning import freeze_startup_objects
+from kvmesh.router.core import ApiError, Prepared, RouterCore, RouterSettings, Trace, bearer_ok
+from kvmesh.router.openai_api import (ChatCompletionRequest, CompletionRequest, chat_chunk,
                                chat_completion, completion_chunk, error_body, usage)
 
 __all__ = ["create_app", "RouterSettings"]
@@ -101,7 +101,7 @@ def create_app(settings: RouterSettings, core: RouterCore | None = None,
             await core.start()
         grpc_server = None
         if grpc_bind is not None:
-            from router.grpc_api import start_grpc_server
+            from kvmesh.router.grpc_api import start_grpc_server
 
             grpc_server = await start_grpc_server(core, *grpc_bind)
             print(f"kvmesh router gRPC API on {grpc_bind[0]}:{grpc_bind[1]}", flush=True)

@@ -29,10 +29,10 @@ from typing import AsyncIterator, Sequence
 import grpc
 
 from kvmesh_proto import worker_pb2
-from router.admission import Admission, Overloaded
-from router.metrics import RouterMetrics
-from router.routing import Route, RoutingPolicy, Worker
-from router.workers import WorkerClient
+from kvmesh.router.admission import Admission, Overloaded
+from kvmesh.router.metrics import RouterMetrics
+from kvmesh.router.routing import Route, RoutingPolicy, Worker
+from kvmesh.router.workers import WorkerClient
 
 log = logging.getLogger("kvmesh.router")
 
@@ -193,7 +193,7 @@ class RouterCore:
             max_local_prefill_tokens=s.max_local_prefill_tokens)
         self._registry = None
         if s.index_url:
-            from kv_store.index.services import ServiceRegistry
+            from kvmesh.kv_store.index.services import ServiceRegistry
 
             self._registry = ServiceRegistry(s.index_url)
             await self._discover()

@@ -13,7 +13,7 @@ from contextlib import aclosing
 import grpc
 
 from kvmesh_proto import serving_pb2, serving_pb2_grpc
-from router.core import ApiError, RouterCore, Sampling, Trace, bearer_ok
+from kvmesh.router.core import ApiError, RouterCore, Sampling, Trace, bearer_ok
 
 
 class ServingService(serving_pb2_grpc.KVMeshServicer):

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
-from router.core import INT32_MAX, INT64_MAX, INT64_MIN, Sampling
+from kvmesh.router.core import INT32_MAX, INT64_MAX, INT64_MIN, Sampling
 
 
 class StreamOptions(BaseModel):

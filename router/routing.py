@@ -26,8 +26,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
-from kv_store.index import EmbeddedBlockIndex
-from kv_store.keys import chain_hashes
+from kvmesh.kv_store.index import EmbeddedBlockIndex
+from kvmesh.kv_store.keys import chain_hashes
 
 STORE_NODE = "store"
 

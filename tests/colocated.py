@@ -93,7 +93,7 @@ async def prefill_then_decode(prefill_address: str, decode_address: str, prompt:
     import random
 
     from kvmesh_proto import worker_pb2
-    from router.workers import WorkerClient
+    from kvmesh.router.workers import WorkerClient
 
     prefill, decode = WorkerClient(prefill_address), WorkerClient(decode_address)
     try:
@@ -117,7 +117,7 @@ async def prefill_then_decode(prefill_address: str, decode_address: str, prompt:
 def main(inp: str, out: str) -> None:
     from vllm import LLM, SamplingParams
 
-    from engine_host.engine import EngineSettings, base_engine_kwargs
+    from kvmesh.engine_host.engine import EngineSettings, base_engine_kwargs
 
     spec = json.loads(Path(inp).read_text())
     settings = EngineSettings(model=spec["model"], role="decode", store_address="",

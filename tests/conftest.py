@@ -10,7 +10,7 @@ import time
 import pytest
 import redis
 
-from cluster.local import free_port
+from kvmesh.cluster.local import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -18,7 +18,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    from cluster.models import make_model
+    from kvmesh.cluster.models import make_model
 
     return str(make_model(tmp_path_factory.mktemp("models") / "tiny", "tiny", seed=0))
 

@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from bench import store_bench
+from kvmesh.bench import store_bench
 
 SIZES = (64 << 10, 256 << 10, 1 << 20, 4 << 20)
 
 
 def test_bench_store_prints_one_json_object(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "store", "--json",
+    out = subprocess.run([sys.executable, "-m", "kvmesh.cluster.cli", "bench", "store", "--json",
                           "--total-bytes", "8MiB", "--dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=300, check=True).stdout
     report = json.loads(out)

@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from bench.stats import percentile
+from kvmesh.bench.stats import percentile
 
 
 def test_bench_router_prints_one_json_object(tmp_path):
     # An empty model cache, as on a fresh machine: generating the model must not
     # write its progress into the JSON on stdout.
     env = dict(os.environ, KVMESH_CACHE_DIR=str(tmp_path))
-    out = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "router", "--json",
+    out = subprocess.run([sys.executable, "-m", "kvmesh.cluster.cli", "bench", "router", "--json",
                           "--requests", "20"], capture_output=True, text=True, timeout=300,
                          check=True, env=env).stdout
     report = json.loads(out)

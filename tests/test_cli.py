@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from cluster.cli import SHM_PREFIX, build_parser, parse_bytes, seconds, share
-from kv_store.tiers import SHM_DIR
+from kvmesh.cluster.cli import SHM_PREFIX, build_parser, parse_bytes, seconds, share
+from kvmesh.kv_store.tiers import SHM_DIR
 
 
 def test_parse_bytes():
@@ -46,7 +46,7 @@ def test_durations_must_be_finite_and_positive(command, flag, bad, capsys):
 
 
 def test_the_heartbeat_timeout_must_outlast_the_heartbeat():
-    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "store", "--port", "0", "--host-bytes",
+    proc = subprocess.run([sys.executable, "-m", "kvmesh.cluster.cli", "store", "--port", "0", "--host-bytes",
                            "8MiB", "--heartbeat", "5", "--heartbeat-timeout", "5"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
@@ -56,7 +56,7 @@ def test_the_heartbeat_timeout_must_outlast_the_heartbeat():
 def _run_store(*args: str) -> tuple[int, str, list[str]]:
     """Run ``kvmesh store ARGS`` with a small shared-memory host tier to its end; its exit
     status, its stderr and what it left in /dev/shm under its own name."""
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "store", "--host-bytes", "8MiB",
+    proc = subprocess.Popen([sys.executable, "-m", "kvmesh.cluster.cli", "store", "--host-bytes", "8MiB",
                              "--transfer", "shm", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -96,7 +96,7 @@ def test_a_tier_that_fails_to_open_closes_those_made_before_it(tmp_path):
 
 def test_a_store_with_no_host_tier_serves(tmp_path):
     """``--host-bytes 0``: no host tier, as its help says; the disk tier alone serves."""
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "store", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "kvmesh.cluster.cli", "store", "--port", "0",
                              "--host-bytes", "0", "--disk-bytes", "8MiB", "--disk-dir", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -110,27 +110,27 @@ def test_a_store_with_no_host_tier_serves(tmp_path):
 
 
 def test_help_names_every_command():
-    out = subprocess.run([sys.executable, "-m", "cluster.cli", "--help"],
+    out = subprocess.run([sys.executable, "-m", "kvmesh.cluster.cli", "--help"],
                          capture_output=True, text=True, timeout=60).stdout
     for command in ("demo", "serve", "model", "store", "prefill", "decode", "router"):
         assert command in out
 
 
 def test_workers_need_a_store_address_or_an_index(tiny_model):
-    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "prefill", "--model", tiny_model],
+    proc = subprocess.run([sys.executable, "-m", "kvmesh.cluster.cli", "prefill", "--model", tiny_model],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "give --store" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "router", "--model", tiny_model,
+    proc = subprocess.run([sys.executable, "-m", "kvmesh.cluster.cli", "router", "--model", tiny_model,
                            "--prefill", "nohostport", "--decode", "127.0.0.1:1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "not a HOST:PORT address" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "router", "--model", tiny_model],
+    proc = subprocess.run([sys.executable, "-m", "kvmesh.cluster.cli", "router", "--model", tiny_model],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--index to discover" in proc.stderr
 
 
 def test_a_missing_model_directory_is_a_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "router", "--model", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "kvmesh.cluster.cli", "router", "--model", str(tmp_path),
                            "--prefill", "127.0.0.1:1", "--decode", "127.0.0.1:2"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
@@ -138,7 +138,7 @@ def test_a_missing_model_directory_is_a_clear_error(tmp_path):
 
 
 def test_bad_block_size_is_refused():
-    from engine_host.engine import EngineSettings
+    from kvmesh.engine_host.engine import EngineSettings
 
     with pytest.raises(ValueError, match="multiple of 32"):
         EngineSettings(model="m", role="decode", store_address="a:1", block_size=48)
@@ -147,7 +147,7 @@ def test_bad_block_size_is_refused():
 
 
 def test_parallel_sizes_reach_the_engine_arguments(monkeypatch):
-    from engine_host.engine import EngineSettings, base_engine_kwargs
+    from kvmesh.engine_host.engine import EngineSettings, base_engine_kwargs
 
     kwargs = base_engine_kwargs(EngineSettings(model="m", role="decode", store_address="a:1",
                                                tensor_parallel_size=2, pipeline_parallel_size=2))
@@ -160,15 +160,15 @@ def test_parallel_sizes_reach_the_engine_arguments(monkeypatch):
     monkeypatch.setenv("KVMESH_TENSOR_PARALLEL_SIZE", "4")  # the chart's way of passing TP
     import importlib
 
-    import cluster.cli
-    args = importlib.reload(cluster.cli).build_parser().parse_args(["decode", "--store", "a:1"])
+    import kvmesh.cluster.cli as cluster_cli
+    args = importlib.reload(cluster_cli).build_parser().parse_args(["decode", "--store", "a:1"])
     assert args.tensor_parallel_size == 4 and args.pipeline_parallel_size == 1
 
 
 def test_free_ports_avoid_the_ephemeral_range():
     """Ports picked for components started later come from below the range outgoing
     connections draw from, so no client socket takes one first."""
-    from cluster.local import _ephemeral_ports, free_port
+    from kvmesh.cluster.local import _ephemeral_ports, free_port
 
     low, high = _ephemeral_ports()
     ports = {free_port() for _ in range(50)}
@@ -180,7 +180,7 @@ def test_free_ports_are_never_handed_out_twice(monkeypatch):
     repeats an earlier one must be drawn again."""
     import random
 
-    from cluster.local import _ephemeral_ports, free_port
+    from kvmesh.cluster.local import _ephemeral_ports, free_port
 
     low, _ = _ephemeral_ports()
     draws = iter([low - 5000, low - 5000, low - 5000, low - 4999])
@@ -191,11 +191,11 @@ def test_free_ports_are_never_handed_out_twice(monkeypatch):
 def test_the_grpc_transfer_offer_names_a_host_readers_can_reach():
     """A store bound to a wildcard (as in a pod: ``--host 0.0.0.0``) tells readers the host
     of ``--advertise``, never the wildcard, and the gRPC transfer serves IPv6 binds too."""
-    from cluster.cli import advertised_host, open_transfer_sources
-    from kv_store.tiered_store import TieredStore
-    from kv_store.tiers import HostTier
-    from kv_store.transfer import open_reader
-    from kv_store.transfer.base import decode_descriptor
+    from kvmesh.cluster.cli import advertised_host, open_transfer_sources
+    from kvmesh.kv_store.tiered_store import TieredStore
+    from kvmesh.kv_store.tiers import HostTier
+    from kvmesh.kv_store.transfer import open_reader
+    from kvmesh.kv_store.transfer.base import decode_descriptor
     from kvmesh_proto.options import split_host_port
 
     assert advertised_host("10.1.2.3:50051", "0.0.0.0") == "10.1.2.3"
@@ -262,7 +262,7 @@ def test_a_component_stops_when_the_cluster_process_is_killed(tmp_path):
     script = tmp_path / "parent.py"
     script.write_text(
         "import sys, time\n"
-        "from cluster.local import LocalCluster\n"
+        "from kvmesh.cluster.local import LocalCluster\n"
         f"c = LocalCluster(model='unused', run_dir={str(tmp_path)!r}, verbose=False)\n"
         "p = c._spawn('store', '--port', '0', '--host-bytes', '8MiB', '--transfer', '')\n"
         "print(p.popen.pid, flush=True)\n"

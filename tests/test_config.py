@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.config import ConfigError, load_config, parse_config
-from cluster.ray_deploy import local_resources
+from kvmesh.cluster.config import ConfigError, load_config, parse_config
+from kvmesh.cluster.ray_deploy import local_resources
 
 CONFIGS = Path(__file__).resolve().parent.parent / "deploy" / "configs"
 MINIMAL = {"model": {"path": "/models/m"}}
@@ -53,7 +53,7 @@ def test_worker_ports_and_placement_groups():
                                                  "resources_per_rank": {"GPU": 1}}})
     assert config.decode.ports == [50100, 50101, 50102]
     assert config.decode.world_size == 4
-    from cluster.ray_deploy import _bundles
+    from kvmesh.cluster.ray_deploy import _bundles
 
     assert _bundles(config.decode) == [{"GPU": 1, "decode": 1}, {"GPU": 1}, {"GPU": 1}, {"GPU": 1}]
     assert local_resources(config) == {"decode": 3}

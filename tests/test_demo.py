@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def test_demo_runs_its_prompts_and_stops_cleanly():
-    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "demo"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "kvmesh.cluster.cli", "demo"], capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = re.findall(r"^\[(.+?)\] prompt (\d+) tokens, .*from store: prefill (\w+).*, decode (\d+) tokens$",

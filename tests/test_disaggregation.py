@@ -15,8 +15,8 @@ import re
 import httpx
 import pytest
 
-from cluster.local import LocalCluster
-from kv_store.client import StoreClient
+from kvmesh.cluster.local import LocalCluster
+from kvmesh.kv_store.client import StoreClient
 from tests.colocated import prefill_then_decode, reference_table
 
 BLOCK = 32

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from kv_store.eviction import LRUPolicy, S3FIFOPolicy, make_policy
+from kvmesh.kv_store.eviction import LRUPolicy, S3FIFOPolicy, make_policy
 
 
 @pytest.fixture(params=["lru", "s3fifo"])

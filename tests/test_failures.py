@@ -12,8 +12,8 @@ import grpc
 import httpx
 import pytest
 
-from cluster.local import LocalCluster
-from kv_store.client import StoreClient
+from kvmesh.cluster.local import LocalCluster
+from kvmesh.kv_store.client import StoreClient
 from kvmesh_proto import worker_pb2, worker_pb2_grpc
 from tests.colocated import reference_table
 

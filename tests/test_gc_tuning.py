@@ -8,7 +8,7 @@ import sys
 PROGRAM = """
 import gc, json
 import numpy  # noqa: F401  (start-up objects, as a server has)
-from kv_store.gc_tuning import freeze_startup_objects
+from kvmesh.kv_store.gc_tuning import freeze_startup_objects
 before = len(gc.get_objects())
 frozen = freeze_startup_objects()
 walked = len(gc.get_objects())  # what a full collection still walks

@@ -20,10 +20,10 @@ import msgpack
 import pytest
 import redis
 
-from kv_store.index import EmbeddedBlockIndex, IndexEvent, RedisBlockIndex
-from kv_store.index.base import MAX_GROUP_KEYS, MAX_GROUPS
-from kv_store.index.redis_index import CHUNK_KEYS, REAP_KEYS
-from kv_store.store_node import IndexPublisher
+from kvmesh.kv_store.index import EmbeddedBlockIndex, IndexEvent, RedisBlockIndex
+from kvmesh.kv_store.index.base import MAX_GROUP_KEYS, MAX_GROUPS
+from kvmesh.kv_store.index.redis_index import CHUNK_KEYS, REAP_KEYS
+from kvmesh.kv_store.store_node import IndexPublisher
 
 TIMEOUT = 10.0
 T0 = 1_700_000_000.25
@@ -441,7 +441,7 @@ def test_events_on_the_wire_are_documented_msgpack(redis_client, clock):
 def test_liveness_is_shared_across_processes(redis_client, redis_url):
     program = (
         "import sys\n"
-        "from kv_store.index.redis_index import RedisBlockIndex\n"
+        "from kvmesh.kv_store.index.redis_index import RedisBlockIndex\n"
         "index = RedisBlockIndex.from_url(sys.argv[1], prefix='shared', heartbeat_timeout_s=5)\n"
         "index.register_node('remote', '10.0.0.9:7000')\n"
         "index.add('remote', 'disk', [b'\\x00:remote'])\n"
@@ -614,7 +614,7 @@ def test_a_node_the_index_forgot_comes_back_with_what_it_holds(own_redis):
 def test_announcer_stop_without_a_start_does_nothing(redis_client, redis_url):
     """A worker whose startup failed before it announced (a port in use, Redis down)
     stops its announcer on the way out: that must neither raise nor withdraw."""
-    from kv_store.index.services import Announcer, ServiceRegistry
+    from kvmesh.kv_store.index.services import Announcer, ServiceRegistry
 
     registry = ServiceRegistry(redis_url)
     try:

@@ -1,4 +1,4 @@
-from kv_store.keys import BlockKey, KeySpace, chain_hashes, namespace
+from kvmesh.kv_store.keys import BlockKey, KeySpace, chain_hashes, namespace
 
 
 def test_chain_hash_covers_full_blocks_only():

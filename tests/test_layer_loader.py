@@ -12,14 +12,14 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from kv_store.client import StoreClient
-from kv_store.keys import KeySpace, namespace
-from kv_store.layer_loader import LayerLoad, ReaderCache
-from kv_store.paged_layout import read_blocks
-from kv_store.server import start_store_server
-from kv_store.tiered_store import TieredStore
-from kv_store.tiers import HostTier
-from kv_store.transfer import TransferError, open_source
+from kvmesh.kv_store.client import StoreClient
+from kvmesh.kv_store.keys import KeySpace, namespace
+from kvmesh.kv_store.layer_loader import LayerLoad, ReaderCache
+from kvmesh.kv_store.paged_layout import read_blocks
+from kvmesh.kv_store.server import start_store_server
+from kvmesh.kv_store.tiered_store import TieredStore
+from kvmesh.kv_store.tiers import HostTier
+from kvmesh.kv_store.transfer import TransferError, open_source
 
 LAYERS, NUM_BLOCKS, BLOCK_SHAPE = 2, 64, (2, 4, 16)  # per block: K/V x tokens x head dims
 

@@ -7,7 +7,7 @@ import sys
 
 PROGRAM = """
 import resource, sys
-from kv_store.malloc_tuning import tune_malloc
+from kvmesh.kv_store.malloc_tuning import tune_malloc
 if sys.argv[1] == "tuned":
     assert tune_malloc()
 buf = bytearray(1 << 20)

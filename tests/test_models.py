@@ -1,6 +1,6 @@
 import hashlib
 
-from cluster.models import is_model_dir, make_model
+from kvmesh.cluster.models import is_model_dir, make_model
 
 
 def test_generated_model_is_deterministic_and_complete(tmp_path, tiny_model):
@@ -23,7 +23,7 @@ def test_tokenizer_round_trips_text(tiny_model):
 def test_make_model_replaces_only_its_own_or_an_empty_directory(tmp_path, monkeypatch):
     import pytest
 
-    from cluster import cli, models
+    from kvmesh.cluster import cli, models
 
     work = tmp_path / "work"
     work.mkdir()

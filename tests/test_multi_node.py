@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from cluster.local import LocalCluster
-from kv_store.index import RedisBlockIndex
+from kvmesh.cluster.local import LocalCluster
+from kvmesh.kv_store.index import RedisBlockIndex
 from tests.colocated import reference_table
 from tests.test_disaggregation import BLOCK, MAX_TOKENS, complete
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from router.openai_api import ChatCompletionRequest, CompletionRequest
+from kvmesh.router.openai_api import ChatCompletionRequest, CompletionRequest
 
 USER = {"role": "user", "content": "hi"}
 

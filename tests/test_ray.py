@@ -32,8 +32,8 @@ import httpx
 import pytest
 import yaml
 
-from cluster.config import parse_config
-from cluster.local import free_port
+from kvmesh.cluster.config import parse_config
+from kvmesh.cluster.local import free_port
 from tests.colocated import reference_table
 
 HEAD_IP, NODE_IP = "127.0.0.2", "127.0.0.3"
@@ -136,7 +136,7 @@ def config(tiny_model, disk_dir):
 
 @pytest.fixture(scope="module")
 def deployed(ray_cluster, config, reference):
-    from cluster import ray_deploy
+    from kvmesh.cluster import ray_deploy
 
     ray_deploy.connect(ray_cluster)
     started = time.monotonic()
@@ -157,7 +157,7 @@ def complete(url: str, prompt: list[int], timeout_s: float = 60) -> dict:
 
 
 def _rows() -> dict[str, dict]:
-    from cluster import ray_deploy
+    from kvmesh.cluster import ray_deploy
 
     return {row["name"]: row for row in ray_deploy.status()}
 
@@ -189,7 +189,7 @@ def test_up_places_each_component_and_serves_the_colocated_tokens(deployed, conf
         # Whole blocks of the prompt (but its last token) came from the other node's store.
         assert r["kvmesh"]["prefix_tokens_from_store"]["decode"] == (len(prompt) - 1) // BLOCK * BLOCK
 
-    from cluster.ray_cli import register
+    from kvmesh.cluster.ray_cli import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
@@ -342,7 +342,7 @@ def test_a_killed_store_comes_back_on_its_address_and_serves_again(deployed, dis
 def test_down_removes_every_actor_and_placement_group(deployed):
     import ray
 
-    from cluster import ray_deploy
+    from kvmesh.cluster import ray_deploy
     from ray.util.placement_group import placement_group_table
 
     pids = [row["pid"] for row in _rows().values()]
@@ -360,7 +360,7 @@ def test_down_removes_every_actor_and_placement_group(deployed):
 
 
 def test_auto_cpu_bind_gives_each_role_and_rank_its_own_cores(monkeypatch):
-    from cluster.ray_deploy import auto_cpu_bind
+    from kvmesh.cluster.ray_deploy import auto_cpu_bind
 
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
@@ -373,7 +373,7 @@ def test_auto_cpu_bind_gives_each_role_and_rank_its_own_cores(monkeypatch):
 
 
 def test_a_router_bound_to_one_address_is_reached_there():
-    from cluster.ray_deploy import reachable_host
+    from kvmesh.cluster.ray_deploy import reachable_host
 
     assert reachable_host("127.0.0.1", "10.0.0.5") == "127.0.0.1"  # health-checked where it listens
     assert reachable_host("0.0.0.0", "10.0.0.5") == "10.0.0.5"
@@ -386,8 +386,8 @@ def test_a_local_ray_start_names_its_own_address_and_leaves_nothing_when_it_fail
     ``up`` would otherwise find "a Ray cluster already runs")."""
     import subprocess
 
-    from cluster import ray_deploy
-    from cluster.ray_deploy import DeployError, _start_local_ray
+    from kvmesh.cluster import ray_deploy
+    from kvmesh.cluster.ray_deploy import DeployError, _start_local_ray
 
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # nothing answers there
     calls, ports = [], []

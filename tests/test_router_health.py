@@ -11,9 +11,9 @@ import grpc
 import pytest
 
 from kvmesh_proto import worker_pb2, worker_pb2_grpc
-from router.core import RouterCore, RouterSettings
-from router.routing import RoutingPolicy, Worker
-from router.workers import WorkerClient
+from kvmesh.router.core import RouterCore, RouterSettings
+from kvmesh.router.routing import RoutingPolicy, Worker
+from kvmesh.router.workers import WorkerClient
 
 TIMEOUT_S = 0.2
 

@@ -29,10 +29,10 @@ import pytest
 import uvicorn
 
 import kvmesh_client
-from bench.stub_worker import StubWorker, start_stub
-from cluster.local import free_port
-from router.app import create_app
-from router.core import ApiError, Prepared, RouterCore, RouterSettings, Sampling, Trace
+from kvmesh.bench.stub_worker import StubWorker, start_stub
+from kvmesh.cluster.local import free_port
+from kvmesh.router.app import create_app
+from kvmesh.router.core import ApiError, Prepared, RouterCore, RouterSettings, Sampling, Trace
 from tests.waiting import wait_until
 
 
@@ -239,7 +239,7 @@ def test_sampling_values_out_of_range_are_refused_and_a_bug_is_an_error(tiny_mod
 def test_a_worker_that_leaves_the_registry_finishes_its_requests(tiny_model, redis_url):
     """Dropped from the pool, the worker gets no new request, but the one it runs ends
     normally; its channel is closed once it is idle. Back in the registry, it serves."""
-    from kv_store.index.services import Announcer, ServiceRegistry
+    from kvmesh.kv_store.index.services import Announcer, ServiceRegistry
 
     with serving(tiny_model, token_delay_s=0.05, discover=True, index_url=redis_url,
                  health_interval_s=0.1) as r:

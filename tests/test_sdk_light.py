@@ -158,7 +158,7 @@ def test_timeouts_must_be_finite_and_positive(stub_server, kind):
 
 
 def test_the_default_message_limit_is_the_routers():
-    from router.core import RouterSettings
+    from kvmesh.router.core import RouterSettings
 
     default = {f.name: f.default for f in dataclasses.fields(RouterSettings)}["max_request_bytes"]
     assert kvmesh_client.ClientOptions().max_message_bytes == default == ROUTER_MAX_REQUEST_BYTES

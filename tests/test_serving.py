@@ -16,7 +16,7 @@ import openai
 import pytest
 
 import kvmesh_client
-from cluster.local import LocalCluster
+from kvmesh.cluster.local import LocalCluster
 from kvmesh_proto import worker_pb2, worker_pb2_grpc
 from tests.colocated import reference_table
 from tests.waiting import wait_until

@@ -1,6 +1,6 @@
 import pytest
 
-from kv_store.slab import SlabAllocator, Slot, adjacent_runs
+from kvmesh.kv_store.slab import SlabAllocator, Slot, adjacent_runs
 
 
 def test_slots_are_aligned_and_pages_come_back():

@@ -6,11 +6,11 @@ import time
 
 import pytest
 
-from kv_store.client import StoreClient
-from kv_store.server import start_store_server
-from kv_store.step_saves import StepSaves
-from kv_store.tiered_store import TieredStore
-from kv_store.tiers import HostTier
+from kvmesh.kv_store.client import StoreClient
+from kvmesh.kv_store.server import start_store_server
+from kvmesh.kv_store.step_saves import StepSaves
+from kvmesh.kv_store.tiered_store import TieredStore
+from kvmesh.kv_store.tiers import HostTier
 
 
 @pytest.fixture

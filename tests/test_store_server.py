@@ -8,15 +8,15 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from kv_store.client import StoreClient, StoreError
-from kv_store.index import EmbeddedBlockIndex
-from kv_store.integrity import checksum
-from kv_store.keys import KeySpace, chain_hashes, namespace
-from kv_store.layer_loader import LayerLoad, ReaderCache
-from kv_store.server import start_store_server
-from kv_store.store_node import PeerBlocks
-from kv_store.tiered_store import TieredStore
-from kv_store.tiers import HostTier
+from kvmesh.kv_store.client import StoreClient, StoreError
+from kvmesh.kv_store.index import EmbeddedBlockIndex
+from kvmesh.kv_store.integrity import checksum
+from kvmesh.kv_store.keys import KeySpace, chain_hashes, namespace
+from kvmesh.kv_store.layer_loader import LayerLoad, ReaderCache
+from kvmesh.kv_store.server import start_store_server
+from kvmesh.kv_store.store_node import PeerBlocks
+from kvmesh.kv_store.tiered_store import TieredStore
+from kvmesh.kv_store.tiers import HostTier
 
 
 def one_mib_store():
@@ -105,7 +105,7 @@ def test_blocks_a_reply_carries_unasked_are_ignored():
     import grpc
 
     from kvmesh_proto import store_pb2, store_pb2_grpc
-    from kv_store.server import StoreService
+    from kvmesh.kv_store.server import StoreService
 
     class Chatty(StoreService):
         def Get(self, request, context):

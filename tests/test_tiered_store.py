@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from kv_store.integrity import checksum
-from kv_store.tiered_store import TieredStore
-from kv_store.slab import adjacent_runs
-from kv_store.tiers import DiskTier, GpuTier, HostTier
+from kvmesh.kv_store.integrity import checksum
+from kvmesh.kv_store.tiered_store import TieredStore
+from kvmesh.kv_store.slab import adjacent_runs
+from kvmesh.kv_store.tiers import DiskTier, GpuTier, HostTier
 from tests.waiting import wait_until
 
 PAGE = 64 * 1024
@@ -111,7 +111,7 @@ def test_stores_sharing_a_disk_directory_keep_apart_and_clean_up_after_dead_ones
     """Two stores in one directory (containers of one host share a path and a pid) get
     files of their own; a slab file left by a store that died is removed when the next
     store opens there, a live store's file never."""
-    from kv_store.tiered_store import SLAB_PREFIX, build_store
+    from kvmesh.kv_store.tiered_store import SLAB_PREFIX, build_store
 
     orphan = tmp_path / f"{SLAB_PREFIX}1-dead.bin"
     orphan.write_bytes(b"\0" * 4096)  # just written: a store killed mid-write, restarted at once
@@ -452,8 +452,7 @@ class CountedWrites:
     """Records the number of buffers of each gathered write the disk tier makes."""
 
     def __init__(self, monkeypatch):
-        import kv_store.tiers
-
+        import kvmesh.kv_store.tiers as kv_store_tiers
         self.buffers: list[int] = []
         real = os.pwritev
 
@@ -461,7 +460,7 @@ class CountedWrites:
             self.buffers.append(len(buffers))
             return real(fd, buffers, offset)
 
-        monkeypatch.setattr(kv_store.tiers.os, "pwritev", pwritev)
+        monkeypatch.setattr(kv_store_tiers.os, "pwritev", pwritev)
 
 
 @pytest.mark.parametrize("direct_io", [False, True])
@@ -506,12 +505,11 @@ def test_the_demoter_writes_adjacent_victims_to_disk_in_one_request(tmp_path, mo
 
 
 def test_a_failed_run_write_leaves_the_demoters_victims_in_host_ram(tmp_path, monkeypatch):
-    import kv_store.tiers
-
+    import kvmesh.kv_store.tiers as kv_store_tiers
     def failing(fd, buffers, offset):
         raise OSError(errno.EIO, "injected write failure")
 
-    monkeypatch.setattr(kv_store.tiers.os, "pwritev", failing)
+    monkeypatch.setattr(kv_store_tiers.os, "pwritev", failing)
     store = TieredStore([HostTier(2 * PAGE, page_bytes=PAGE),
                          DiskTier(tmp_path / "slab", 8 * PAGE, page_bytes=PAGE)])
     try:
@@ -531,8 +529,7 @@ def test_the_demoter_backs_off_from_a_disk_that_fails_and_resumes_once_it_heals(
     """A disk that fails every write: however many puts wake the demoter meanwhile, it
     tries again only after resting 1 s, then 2 s, ... (the puts themselves evict what
     they cannot move); once the disk writes again, so does the demoter."""
-    import kv_store.tiers
-
+    import kvmesh.kv_store.tiers as kv_store_tiers
     healed = threading.Event()
     demoter_writes: list[float] = []  # when the demoter's thread tried the disk
 
@@ -554,8 +551,8 @@ def test_the_demoter_backs_off_from_a_disk_that_fails_and_resumes_once_it_heals(
                 out.append([t])
         return out
 
-    monkeypatch.setattr(kv_store.tiers.os, "pwritev", failing(os.pwritev))
-    monkeypatch.setattr(kv_store.tiers.os, "pwrite", failing(os.pwrite))
+    monkeypatch.setattr(kv_store_tiers.os, "pwritev", failing(os.pwritev))
+    monkeypatch.setattr(kv_store_tiers.os, "pwrite", failing(os.pwrite))
     store = TieredStore([HostTier(2 * PAGE, page_bytes=PAGE),  # one I/O thread: moves run on the mover's
                          DiskTier(tmp_path / "slab", 8 * PAGE, page_bytes=PAGE)], io_threads=1)
     try:

@@ -16,13 +16,13 @@ import time
 import numpy as np
 import pytest
 
-from bench.transfer_bench import SourceProcess, pattern
-from kv_store.tiers import HostTier
-from kv_store.transfer import (
+from kvmesh.bench.transfer_bench import SourceProcess, pattern
+from kvmesh.kv_store.tiers import HostTier
+from kvmesh.kv_store.transfer import (
     BackendChoice, Extent, ReaderBroken, TransferError, choose_backend, open_reader, open_source,
     usable_backends,
 )
-from kv_store.transfer.base import decode_descriptor, encode_descriptor
+from kvmesh.kv_store.transfer.base import decode_descriptor, encode_descriptor
 
 BACKENDS = ["shm", "nixl", "grpc"]
 ARENA = 32 << 20
@@ -178,7 +178,7 @@ def test_grpc_source_bounds_what_one_reader_can_make_it_do():
     refused, and cut, so that an honest read finds a free server thread."""
     import grpc
 
-    from kv_store.transfer.grpc_backend import _pack_extents
+    from kvmesh.kv_store.transfer.grpc_backend import _pack_extents
 
     region = bytearray(32 << 20)
     with open_source("grpc", memoryview(region), max_workers=1, max_stream_s=0.5) as src:
@@ -362,7 +362,7 @@ def test_grpc_server_checks_extents_itself(source):
     import grpc
     import msgpack
 
-    from kv_store.transfer.grpc_backend import _pack_extents
+    from kvmesh.kv_store.transfer.grpc_backend import _pack_extents
 
     with open_reader(_require(source, "grpc")) as reader:
         call = reader._call(_pack_extents([(ARENA - 4, 8)]), timeout=5)
@@ -415,7 +415,7 @@ def test_choose_backend_prefers_and_explains():
 
 
 def test_pieces_are_bounded_and_back_to_back():
-    from kv_store.transfer.base import check_extents, split_pieces
+    from kvmesh.kv_store.transfer.base import check_extents, split_pieces
 
     pairs, total = check_extents([Extent(0, 10), Extent(10, 5), Extent(40, 0), Extent(100, 37),
                                   Extent(3, 20)], 1000)
@@ -431,7 +431,7 @@ def test_pieces_are_bounded_and_back_to_back():
 def test_segments_of_dead_stores_are_reaped_and_live_ones_kept():
     """A store killed before it could unlink its arena leaves it in /dev/shm; the next store
     removes it (its owner's lock is gone) but never a live store's, nor a new one's."""
-    from kv_store.tiers import reap_orphaned_segments
+    from kvmesh.kv_store.tiers import reap_orphaned_segments
 
     prefix = f"kvmesh-reap-{os.getpid()}-"
     live = HostTier(1 << 20, page_bytes=1 << 20, shm_name=prefix + "live")

@@ -13,12 +13,12 @@ import time
 
 import pytest
 
-from bench.transfer_bench import SourceProcess
+from kvmesh.bench.transfer_bench import SourceProcess
 
 
 def test_bench_transfer_prints_one_json_object_with_every_backend():
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.transfer_bench", "--json", "--sizes", "64KiB,256KiB",
+        [sys.executable, "-m", "kvmesh.bench.transfer_bench", "--json", "--sizes", "64KiB,256KiB",
          "--arena-bytes", "2MiB", "--case-seconds", "0.02", "--layers", "2",
          "--blocks-per-layer", "4", "--layer-block-bytes", "4KiB"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

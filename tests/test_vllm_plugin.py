@@ -22,7 +22,7 @@ def _has_amx() -> bool:
 
 def test_plugin_is_registered_with_vllm():
     plugins = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
-    assert plugins.get("kvmesh") == "engine_host.vllm_plugin:register"
+    assert plugins.get("kvmesh") == "kvmesh.engine_host.vllm_plugin:register"
 
 
 def test_a_fresh_engine_serves_a_short_first_prompt(tiny_model, tmp_path):

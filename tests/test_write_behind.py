@@ -8,11 +8,11 @@ import threading
 
 import pytest
 
-from kv_store import write_behind
-from kv_store.integrity import checksum
-from kv_store.tiered_store import TieredStore
-from kv_store.slab import Slot
-from kv_store.tiers import DiskTier, HostTier
+from kvmesh.kv_store import write_behind
+from kvmesh.kv_store.integrity import checksum
+from kvmesh.kv_store.tiered_store import TieredStore
+from kvmesh.kv_store.slab import Slot
+from kvmesh.kv_store.tiers import DiskTier, HostTier
 
 PAGE = 64 * 1024
 

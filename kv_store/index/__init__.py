@@ -5,7 +5,7 @@ The latter needs the ``redis`` package, so it is imported on first use: importin
 package never does.
 """
 
-from kv_store.index.base import (
+from kvmesh.kv_store.index.base import (
     MAX_GROUP_KEYS,
     MAX_GROUPS,
     TIERS,
@@ -14,7 +14,7 @@ from kv_store.index.base import (
     NodeInfo,
     Subscription,
 )
-from kv_store.index.embedded import EmbeddedBlockIndex
+from kvmesh.kv_store.index.embedded import EmbeddedBlockIndex
 
 __all__ = [
     "MAX_GROUP_KEYS",
@@ -31,7 +31,7 @@ __all__ = [
 
 def __getattr__(name: str):
     if name == "RedisBlockIndex":
-        from kv_store.index.redis_index import RedisBlockIndex
+        from kvmesh.kv_store.index.redis_index import RedisBlockIndex
 
         return RedisBlockIndex
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from kv_store.index.base import (
+from kvmesh.kv_store.index.base import (
     DEFAULT_HEARTBEAT_TIMEOUT_S,
     BlockIndex,
     IndexEvent,

@@ -48,7 +48,7 @@ import msgpack
 import redis
 from redis.commands.core import Script
 
-from kv_store.index.base import (
+from kvmesh.kv_store.index.base import (
     DEFAULT_HEARTBEAT_TIMEOUT_S,
     BlockIndex,
     IndexEvent,

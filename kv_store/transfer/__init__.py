@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import Iterable, Mapping, NamedTuple
 
-from kv_store.transfer.base import (
+from kvmesh.kv_store.transfer.base import (
     Extent, Reader, ReaderBroken, SourceRegion, TransferError, decode_descriptor,
 )
 
@@ -45,13 +45,13 @@ def open_reader(descriptor: bytes, **options) -> Reader:
     fields = decode_descriptor(descriptor)
     backend = fields["backend"]
     if backend == "shm":
-        from kv_store.transfer.shm_backend import ShmReader
+        from kvmesh.kv_store.transfer.shm_backend import ShmReader
         return ShmReader(fields, **options)
     if backend == "nixl":
-        from kv_store.transfer.nixl_backend import NixlReader
+        from kvmesh.kv_store.transfer.nixl_backend import NixlReader
         return NixlReader(fields, **options)
     if backend == "grpc":
-        from kv_store.transfer.grpc_backend import GrpcReader
+        from kvmesh.kv_store.transfer.grpc_backend import GrpcReader
         return GrpcReader(fields, **options)
     raise ValueError(f"unknown transfer backend {backend!r} (known: {', '.join(BACKENDS)})")
 
@@ -60,13 +60,13 @@ def open_source(backend: str, region, **options) -> SourceRegion:
     """Expose ``region`` (a ``HostTier``; for ``shm`` one created with ``shm_name``;
     ``nixl`` and ``grpc`` take any buffer too) through ``backend``."""
     if backend == "shm":
-        from kv_store.transfer.shm_backend import ShmSource
+        from kvmesh.kv_store.transfer.shm_backend import ShmSource
         return ShmSource(region, **options)
     if backend == "nixl":
-        from kv_store.transfer.nixl_backend import NixlSource
+        from kvmesh.kv_store.transfer.nixl_backend import NixlSource
         return NixlSource(region, **options)
     if backend == "grpc":
-        from kv_store.transfer.grpc_backend import GrpcSource
+        from kvmesh.kv_store.transfer.grpc_backend import GrpcSource
         return GrpcSource(region, **options)
     raise ValueError(f"unknown transfer backend {backend!r} (known: {', '.join(BACKENDS)})")
 
@@ -74,7 +74,7 @@ def open_source(backend: str, region, **options) -> SourceRegion:
 def available_backends() -> set[str]:
     """The backends this process can use at all: ``grpc`` always, ``shm`` where POSIX
     shared memory exists, ``nixl`` where the package is installed."""
-    from kv_store.transfer.nixl_backend import nixl_available
+    from kvmesh.kv_store.transfer.nixl_backend import nixl_available
 
     found = {"grpc"}
     if os.path.isdir("/dev/shm"):
@@ -93,8 +93,8 @@ def usable_backends(offers: Mapping[str, bytes]) -> set[str]:
         if backend not in local:
             continue
         if backend == "shm":
-            from kv_store.tiers import shm_path
-            from kv_store.transfer.shm_backend import boot_id
+            from kvmesh.kv_store.tiers import shm_path
+            from kvmesh.kv_store.transfer.shm_backend import boot_id
 
             try:
                 fields = decode_descriptor(descriptor)

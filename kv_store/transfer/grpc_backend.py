@@ -43,7 +43,7 @@ import msgpack
 import numpy as np
 
 from kvmesh_proto.options import bind_port, host_port, message_options, split_host_port
-from kv_store.transfer.base import (
+from kvmesh.kv_store.transfer.base import (
     Deadline, Extent, Reader, ReaderBroken, SourceRegion, TransferError, check_dest, check_extents,
     decode_descriptor, encode_descriptor, split_pieces,
 )

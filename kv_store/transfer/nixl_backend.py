@@ -47,7 +47,7 @@ from typing import Sequence
 
 import numpy as np
 
-from kv_store.transfer.base import (
+from kvmesh.kv_store.transfer.base import (
     Deadline, Extent, Reader, ReaderBroken, SourceRegion, TransferError, check_dest, check_extents,
     decode_descriptor, encode_descriptor, split_pieces,
 )

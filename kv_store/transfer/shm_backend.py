@@ -25,8 +25,8 @@ import os
 import threading
 from typing import Sequence
 
-from kv_store.tiers import HostTier, shm_path, unlink_shm_if_same
-from kv_store.transfer.base import (
+from kvmesh.kv_store.tiers import HostTier, shm_path, unlink_shm_if_same
+from kvmesh.kv_store.transfer.base import (
     Deadline, Extent, Reader, ReaderBroken, SourceRegion, TransferError, check_dest, check_extents,
     decode_descriptor, encode_descriptor,
 )
