@@ -1,76 +1,80 @@
-"""The cluster config file: one YAML document describing a whole kvmesh deployment.
+"""The cluster config file: one YAML document describing a whole kvmesh deployment, for
+``kvmesh up CONFIG`` (Ray) and ``kvmesh serve --config CONFIG`` (this machine) alike.
 
-``load_config(path)`` reads and validates it into a ``ClusterConfig``; any problem
-raises ``ConfigError`` whose message names the file and the field's YAML path
-(``decode.tensor_parallel_size: ...``). Unknown keys are refused, sizes are strings
-such as ``"2GiB"`` (or integers, in bytes) and ports are checked for range and clashes.
+Its sections are the components' own settings types, extended with where and how many
+(``WorkerGroup`` is a ``PrefillSettings``/``DecodeSettings``, ``StoreGroup`` a
+``StoreSettings``, ``RouterGroup`` a ``RouterSettings``), so every setting has one
+definition and a field added to a component appears here without an edit. Settings the
+launcher decides (where a component binds, which store a worker uses, the index, the
+model's path per component) are refused in a section with a message saying so.
+
+``load_config(path)`` reads and validates it into a ``ClusterConfig``; any problem raises
+``ConfigError`` whose message names the file and the field's YAML path
+(``decode.kv_cache_gib: ...``). Unknown keys are refused, sizes are strings such as
+``"2GiB"`` (or integers, in bytes) and ports are checked for range and clashes.
 
 Layout (every key but ``model`` has a default; ``deploy/configs/`` holds examples)::
 
     model:    {path, served_name, model_id, block_size, max_model_len}
-    prefill:  {replicas, port, tensor_parallel_size, pipeline_parallel_size,
-               resources, resources_per_rank, engine: {...}, env}
-    decode:   (as prefill)
-    stores:   [{node_resource, port, host_bytes, disk_bytes, disk_dir, gpu_bytes,
-                policy, page_bytes, direct_io, disk_write_behind_bytes, demote_ahead,
-                metrics_port}]
+    prefill:  {replicas, port, tensor_parallel_size, pipeline_parallel_size, resources,
+               resources_per_rank, env, cpu_cores, engine: {vLLM engine args by name},
+               ... every other PrefillSettings field (store_timeout, kv_cache_gib, ...)}
+    decode:   (as prefill, DecodeSettings)
+    stores:   [{node_resource, ... every StoreSettings field but host, index, node_id, advertise}]
     index:    redis://HOST:PORT/DB or null
-    router:   {replicas, node_resource, host, http_port, grpc_port, api_token,
-               api_token_env, routing, max_local_prefill_tokens, max_inflight,
-               max_queue, queue_timeout_s, prefill_timeout_s, request_timeout_s}
+    router:   {replicas, node_resource, api_token_env, ... every RouterSettings field but
+               model, served_model_name, prefill, decode, index, block_size, decode_local_cache}
 
+``plan.py`` turns a config into each component's settings; both launchers use it.
 Ports are fixed by the config, so a component that Ray restarts comes back on the same
 address: worker replica ``i`` of a group listens on ``port + i``.
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, ClassVar, Optional
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
-                      field_validator, model_validator)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kvmesh.cluster.cli import parse_bytes
+from kvmesh.engine_host.settings import DecodeSettings, PrefillSettings
+from kvmesh.kv_store.settings import StoreSettings
+from kvmesh.kv_store.settings_base import Port
+from kvmesh.router.settings import RouterSettings
+
+ResourceMap = dict[str, Annotated[float, Field(gt=0)]]
 
 
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file and the field."""
 
 
-def _size(value: Any, *, zero_ok: bool) -> int:
-    if isinstance(value, bool):
-        raise ValueError("expected a size such as 512MiB or 2GiB")
-    if isinstance(value, int):
-        if value < 0 or (value == 0 and not zero_ok):
-            raise ValueError("size must be positive" if not zero_ok else "size must not be negative")
-        return value
-    if isinstance(value, str):
-        if zero_ok and value.strip() == "0":
-            return 0
-        try:
-            return parse_bytes(value)
-        except argparse.ArgumentTypeError as e:
-            raise ValueError(str(e)) from None
-    raise ValueError("expected a size such as 512MiB or 2GiB")
-
-
-Bytes = Annotated[int, BeforeValidator(lambda v: _size(v, zero_ok=False))]
-BytesOrZero = Annotated[int, BeforeValidator(lambda v: _size(v, zero_ok=True))]
-Port = Annotated[int, Field(ge=1, le=65535)]
-ResourceMap = dict[str, Annotated[float, Field(gt=0)]]
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Section(BaseModel):
+    """A component's settings as a config section: the fields its launcher decides
+    (``launcher_owned``) are refused, naming who sets them."""
+
+    launcher_owned: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_launcher_owned(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, why in cls.launcher_owned.items():
+                if key in data:
+                    raise ValueError(f"{key} cannot be set here: {why}")
+        return data
 
 
 class ModelConfig(_Strict):
     path: Optional[str] = Field(None, description=(
         "Hugging Face model directory, present at this path on every node; "
-        "null: a tiny model generated locally (single-machine tries only)"))
+        "null: the default model (prepared locally; single-machine tries only)"))
     served_name: Optional[str] = Field(None, description="name clients ask for (default: the directory's name)")
     model_id: Optional[str] = Field(None, description="name that keys the model's blocks (default: served_name)")
     block_size: int = Field(32, description="tokens per KV block, a positive multiple of 32")
@@ -84,26 +88,40 @@ class ModelConfig(_Strict):
         return v
 
 
-class EngineConfig(_Strict):
-    kv_cache_gib: int = Field(1, ge=1, description="CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
-    local_prefix_cache: bool = Field(False, description="also keep vLLM's own prefix cache")
-    store_timeout_s: float = Field(5.0, gt=0, description="deadline of each store call")
-    cpu_cores: Optional[str] = Field("auto", description=(
-        "VLLM_CPU_OMP_THREADS_BIND for the engine: 'auto' gives prefill the first half of "
-        "the node's cores and decode the rest, null leaves it to vLLM, or a value such as '0-3'"))
+_WORKER_OWNED = {
+    "host": "each worker binds its node's address",
+    "store": "each worker uses the store on its node",
+    "index": "set the top-level index",
+    "advertise": "each worker is reached at its node's address",
+    "model_id": "set model.model_id",
+    "engine_args": "give vLLM's engine arguments in engine: {name: value}",
+}
+_IN_GROUP = {"model": "set model.path", "block_size": "set model.block_size",
+             "max_model_len": "set model.max_model_len",
+             "tensor_parallel_size": "set the group's tensor_parallel_size",
+             "pipeline_parallel_size": "set the group's pipeline_parallel_size"}
 
 
-class WorkerGroupConfig(_Strict):
-    replicas: int = Field(1, ge=0)
-    port: Port = Field(..., description="gRPC port of replica 0; replica i listens on port + i")
-    tensor_parallel_size: int = Field(1, ge=1)
-    pipeline_parallel_size: int = Field(1, ge=1)
+class _Group(_Section):
+    """Where and how many workers of a role run."""
+
+    launcher_owned: ClassVar[dict[str, str]] = _WORKER_OWNED
+
+    replicas: int = Field(1, ge=0, description="workers of this role")
+    tensor_parallel_size: int = Field(1, ge=1, description=(
+        "tensor-parallel ranks of each engine (vLLM's --tensor-parallel-size; placement bundles)"))
+    pipeline_parallel_size: int = Field(1, ge=1, description=(
+        "pipeline-parallel stages of each engine (vLLM's --pipeline-parallel-size)"))
     resources: ResourceMap = Field(default_factory=dict, description=(
         "custom Ray resources one replica needs, e.g. {prefill: 1}: they pick its node"))
     resources_per_rank: ResourceMap = Field(default_factory=lambda: {"CPU": 1.0}, description=(
         "Ray resources of each of the TP x PP placement-group bundles, e.g. {GPU: 1}"))
-    engine: EngineConfig = Field(default_factory=EngineConfig)
     env: dict[str, str] = Field(default_factory=dict, description="extra environment of the engine")
+    cpu_cores: Optional[str] = Field("auto", description=(
+        "VLLM_CPU_OMP_THREADS_BIND for the engine: 'auto' gives prefill the first half of "
+        "the node's cores and decode the rest, null leaves it to vLLM, or a value such as '0-3'"))
+    engine: dict[str, Any] = Field(default_factory=dict, description=(
+        "vLLM engine arguments by their names (max_num_seqs: 8, enable_prefix_caching: true)"))
 
     @property
     def world_size(self) -> int:
@@ -120,67 +138,67 @@ class WorkerGroupConfig(_Strict):
             raise ValueError("must name at least one resource, e.g. {CPU: 1}")
         return v
 
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, v: dict) -> dict:
+        for key in v:
+            name = key.replace("-", "_")
+            if name in _IN_GROUP:
+                raise ValueError(f"{key} cannot be set here: {_IN_GROUP[name]}")
+        return v
+
     @model_validator(mode="after")
-    def _check(self) -> "WorkerGroupConfig":
-        # tensor_parallel_size, pipeline_parallel_size >= 1 each, so TP x PP >= 1.
+    def _check(self):
         if self.port + max(self.replicas - 1, 0) > 65535:
             raise ValueError(f"port + replicas: replicas use ports {self.port}.."
                              f"{self.port + self.replicas - 1}, past 65535")
         return self
 
 
-class StoreConfig(_Strict):
+_REPLICA_PORTS = "port of replica 0; replica i listens on port + i"
+
+
+class PrefillGroup(_Group, PrefillSettings):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    port: Port = Field(50061, description=_REPLICA_PORTS)
+
+
+class DecodeGroup(_Group, DecodeSettings):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    port: Port = Field(50071, description=_REPLICA_PORTS)
+
+
+class StoreGroup(_Section, StoreSettings):
+    """A store on every Ray node offering ``node_resource`` (the head when null)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    launcher_owned: ClassVar[dict[str, str]] = {
+        "host": "each store binds its node's address", "index": "set the top-level index",
+        "node_id": "each store is named by its launcher", "advertise": "each store is reached at its node's address"}
+
+    port: Port = Field(50051, description="gRPC port of the store API")
     node_resource: Optional[str] = Field(None, description=(
         "a store runs on every Ray node offering this resource (null: on the head node)"))
-    port: Port = 50051
-    host_bytes: BytesOrZero = Field(2 << 30, description="host RAM tier (0: none)")
-    disk_bytes: BytesOrZero = Field(0, description="local disk tier (0: none)")
-    disk_dir: Optional[str] = Field(None, description="directory of the disk tier's slab file (default: temporary)")
-    gpu_bytes: BytesOrZero = Field(0, description="GPU tier (needs CUDA; 0: none)")
-    policy: Literal["lru", "s3fifo"] = "lru"
-    page_bytes: Bytes = Field(4 << 20, description="slab page size, a power of two")
-    direct_io: bool = False
-    disk_write_behind_bytes: BytesOrZero = Field(0, description=(
-        "RAM staging disk writes, written behind the put (0: each write reaches disk first)"))
-    demote_ahead: float = Field(0.1, ge=0.0, lt=1.0, description=(
-        "share of each faster tier kept free by moving blocks down in the background "
-        "(0: a put that finds no room moves one itself)"))
-    metrics_port: Optional[Port] = None
-
-    @field_validator("page_bytes")
-    @classmethod
-    def _page(cls, v: int) -> int:
-        if v & (v - 1):
-            raise ValueError("must be a power of two, e.g. 4MiB")
-        return v
-
-    @model_validator(mode="after")
-    def _check(self) -> "StoreConfig":
-        if not (self.host_bytes or self.disk_bytes or self.gpu_bytes):
-            raise ValueError("a store needs at least one tier: host_bytes, disk_bytes or gpu_bytes")
-        return self
 
 
-class RouterConfig(_Strict):
+class RouterGroup(_Section, RouterSettings):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    launcher_owned: ClassVar[dict[str, str]] = {
+        "model": "set model.path", "served_model_name": "set model.served_name",
+        "prefill": "the launcher lists the workers it started", "decode": "the launcher lists the workers it started",
+        "index": "set the top-level index", "block_size": "set model.block_size",
+        "decode_local_cache": "set decode.engine.enable_prefix_caching"}
+
+    host: Optional[str] = Field(None, description="address to bind (default: the node's IP)")
+    port: Port = Field(8000, description="port of the OpenAI-compatible HTTP API")
     replicas: int = Field(1, ge=0, description="one per node (they share the ports)")
     node_resource: Optional[str] = Field(None, description=(
         "routers run on Ray nodes offering this resource (null: the head node)"))
-    host: Optional[str] = Field(None, description="address to bind (default: the node's IP)")
-    http_port: Port = 8000
-    grpc_port: int = Field(50050, ge=0, le=65535, description="gRPC serving API (0: none)")
-    api_token: Optional[str] = None
     api_token_env: Optional[str] = Field(None, description=(
-        "read the API token from this environment variable where `kvmesh up` runs"))
-    routing: Literal["kv_aware", "round_robin"] = "kv_aware"
-    max_local_prefill_tokens: int = Field(64, ge=0)
-    max_inflight: int = Field(256, ge=1)
-    max_queue: int = Field(1024, ge=0)
-    queue_timeout_s: float = Field(30.0, gt=0)
-    prefill_timeout_s: float = Field(120.0, gt=0)
-    request_timeout_s: float = Field(600.0, gt=0)
+        "read the API token from this environment variable where the cluster is started"))
 
     @model_validator(mode="after")
-    def _check(self) -> "RouterConfig":
+    def _check_token(self):
         if self.api_token and self.api_token_env:
             raise ValueError("give api_token or api_token_env, not both")
         return self
@@ -188,11 +206,11 @@ class RouterConfig(_Strict):
 
 class ClusterConfig(_Strict):
     model: ModelConfig
-    prefill: WorkerGroupConfig = Field(default_factory=lambda: WorkerGroupConfig(port=50061))
-    decode: WorkerGroupConfig = Field(default_factory=lambda: WorkerGroupConfig(port=50071))
-    stores: list[StoreConfig] = Field(default_factory=lambda: [StoreConfig()])
+    prefill: PrefillGroup = Field(default_factory=PrefillGroup)
+    decode: DecodeGroup = Field(default_factory=DecodeGroup)
+    stores: list[StoreGroup] = Field(default_factory=lambda: [StoreGroup()])
     index: Optional[str] = Field(None, description="shared block index: redis://HOST:PORT/DB, or null")
-    router: RouterConfig = Field(default_factory=RouterConfig)
+    router: RouterGroup = Field(default_factory=RouterGroup)
 
     @field_validator("index")
     @classmethod
@@ -218,6 +236,27 @@ class ClusterConfig(_Strict):
         if len(self.stores) > 1 and self.index is None:
             out.append(("index", "several stores need a shared block index (redis://HOST:PORT/DB)"))
         out += self._port_problems()
+        out += self._engine_problems()
+        return out
+
+    def _engine_problems(self) -> list[tuple[str, str]]:
+        """vLLM's own parser on each group's engine arguments, where vLLM is installed (a
+        machine that only deploys may not have it: the workers check again at start)."""
+        try:
+            from kvmesh.engine_host.engine_args import EngineArgsError, check_engine_args
+        except ImportError:
+            return []
+        out = []
+        for role in ("prefill", "decode"):
+            group = getattr(self, role)
+            if not group.replicas:
+                continue
+            try:
+                check_engine_args(["--model", "unchecked", *engine_argv(group.engine)], role)
+            except EngineArgsError as e:
+                out.append((f"{role}.engine", str(e)))
+            except ImportError:
+                return []
         return out
 
     def _port_problems(self) -> list[tuple[str, str]]:
@@ -238,23 +277,26 @@ class ClusterConfig(_Strict):
             for i, p in enumerate(getattr(self, role).ports):
                 claim(p, f"{role}.port" if i == 0 else f"{role}.port (+{i}, replica {i})")
         if self.router.replicas:
-            claim(self.router.http_port, "router.http_port")
+            claim(self.router.port, "router.port")
             if self.router.grpc_port:
                 claim(self.router.grpc_port, "router.grpc_port")
         for i, s in enumerate(self.stores):
             claim(s.port, f"stores[{i}].port", i)
             if s.metrics_port is not None:
                 claim(s.metrics_port, f"stores[{i}].metrics_port", i)
+            if s.transfer_port:
+                claim(s.transfer_port, f"stores[{i}].transfer_port", i)
         return out
 
     # ------------------------------------------------------------------ derived
 
     def resolved_model(self) -> tuple[str, str]:
-        """(model directory, served name); generates the tiny model when ``path`` is null."""
+        """(model directory, served name); prepares the default model when ``path`` is null."""
         if self.model.path is None:
-            from kvmesh.cluster.models import ensure_model
+            from kvmesh.cluster.models import resolve_model
 
-            return str(ensure_model("tiny")), self.model.served_name or "kvmesh-tiny"
+            path, name = resolve_model(None)
+            return path, self.model.served_name or name
         return self.model.path, self.model.served_name or Path(self.model.path).name
 
     def api_token(self) -> str | None:
@@ -269,11 +311,31 @@ class ClusterConfig(_Strict):
         return self.router.api_token
 
 
+def engine_argv(engine: dict[str, Any]) -> list[str]:
+    """vLLM flags from a mapping of its engine arguments: ``{max_num_seqs: 8}`` ->
+    ``["--max-num-seqs", "8"]``; true/false -> ``--x``/``--no-x``; lists and mappings as
+    JSON (``speculative_config``); null -> left out."""
+    out: list[str] = []
+    for key, value in engine.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            out.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, (dict, list)):
+            out += [flag, json.dumps(value)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
 def _where(loc: tuple) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif part in ("PrefillGroup", "DecodeGroup", "StoreGroup", "RouterGroup"):
+            continue
         else:
             out += ("." if out else "") + str(part)
     return out or "(top level)"

@@ -1,10 +1,12 @@
-"""Running a whole kvmesh cluster on one machine: store, prefill, decode, router.
+"""Running a whole kvmesh cluster on one machine: stores, prefill and decode workers, a router.
 
 Each component is its own process (``python -m kvmesh.cluster.cli <component>``) in its own
-process group, logging to a file in ``run_dir``. ``LocalCluster`` starts them in
-dependency order, waits (with a deadline) until each answers its health check, and
-stops them all on exit, killing whatever does not stop in time. A component that dies
-while starting raises ``ClusterError`` with the end of its log.
+process group, logging to a file in ``run_dir``, started with the flags that recreate its
+settings object (``settings_cli.to_argv``): ``LocalCluster`` plans each component's
+settings — from a cluster config through ``plan.py``, as ``kvmesh up`` does, or from its
+own fields — then starts them in dependency order, waits (with a deadline) until each
+answers its health check, and stops them all on exit, killing whatever does not stop in
+time. A component that dies while starting raises ``ClusterError`` with the end of its log.
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ from typing import Callable
 
 import grpc
 
+from kvmesh.cluster.settings_cli import to_argv
+from kvmesh.engine_host.engine_args import given_flags
+from kvmesh.engine_host.settings import DecodeSettings, PrefillSettings
 from kvmesh.kv_store.malloc_tuning import MALLOC_ENV
+from kvmesh.kv_store.settings import StoreSettings
+from kvmesh.kv_store.settings_base import Settings
+from kvmesh.router.settings import RouterSettings
+from kvmesh_proto.options import host_port
 
 
 class ClusterError(RuntimeError):
@@ -142,21 +151,30 @@ def http_ready(url: str) -> Callable[[], bool]:
 
 
 
-def worker_cpu_env(role: str) -> dict[str, str]:
-    """Give the prefill and decode engines separate CPU cores on a CPU-only machine.
+def worker_cpu_env(role: str, replica: int = 0, replicas: tuple[int, int] = (1, 1),
+                   cores: str | None = "auto") -> dict[str, str]:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for a worker's engine on a CPU-only machine.
 
     vLLM's CPU engine binds its OpenMP threads to cores, and an engine that has just
     stepped keeps polling for about a second; two engines bound to the same cores slow
-    each other down. The first half of the usable cores goes to prefill, the rest to
-    decode. A binding the user set (``VLLM_CPU_OMP_THREADS_BIND``) is kept.
-    """
-    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+    each other down. With ``cores="auto"`` each of the ``replicas`` (prefill, decode)
+    engines gets cores of its own where there are enough; else the first half of the
+    usable cores goes to prefill and the rest to decode. ``cores`` None leaves the binding
+    to vLLM; any other value is the binding. A binding the user set is kept."""
+    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ or cores is None:
         return {}
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2:
+    if cores != "auto":
+        return {"VLLM_CPU_OMP_THREADS_BIND": cores}
+    usable = sorted(os.sched_getaffinity(0))
+    total = sum(replicas)
+    if len(usable) >= total > 0:
+        per = len(usable) // total
+        index = replica if role == "prefill" else replicas[0] + replica
+        return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, usable[index * per:(index + 1) * per]))}
+    if len(usable) < 2:
         return {}
-    half = len(cores) // 2
-    mine = cores[:half] if role == "prefill" else cores[half:]
+    half = len(usable) // 2
+    mine = usable[:half] if role == "prefill" else usable[half:]
     return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, mine))}
 
 
@@ -173,9 +191,33 @@ class Process:
             return ""
 
 
+@dataclass(frozen=True)
+class Component:
+    """One planned process: ``kvmesh <kind>`` with ``settings``' flags (a worker's vLLM
+    engine arguments after them), then ``extra`` raw flags, in ``env``."""
+
+    name: str
+    kind: str  # "store", "prefill", "decode" or "router"
+    settings: Settings
+    extra: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+
+    def argv(self) -> list[str]:
+        return [*to_argv(self.settings), *getattr(self.settings, "engine_args", ()), *self.extra]
+
+    @property
+    def address(self) -> str:
+        return host_port(self.settings.host, self.settings.port)
+
+
 @dataclass
 class LocalCluster:
-    """A store, a prefill worker, a decode worker and a router on this machine."""
+    """Stores, prefill workers, decode workers and a router on this machine.
+
+    With ``config`` (a ``ClusterConfig``) every component comes from it, on its ports;
+    otherwise from the fields below, on free ports. ``worker_args``, ``store_args``,
+    ``router_args`` and ``decode_worker_args`` are raw flags added to what is planned (a
+    worker's may be vLLM engine flags)."""
 
     model: str
     served_model_name: str = "kvmesh"
@@ -185,6 +227,7 @@ class LocalCluster:
     store_capacity_bytes: int = 512 << 20
     store_args: tuple[str, ...] = ()  # more `kvmesh store` flags, e.g. a disk tier
     num_stores: int = 1               # >1: prefill uses the first, decode the last
+    prefill_workers: int = 1
     decode_workers: int = 1
     decode_local_cache: bool = False  # decode workers keep vLLM's prefix cache too
     router_args: tuple[str, ...] = ()  # more `kvmesh router` flags
@@ -192,12 +235,14 @@ class LocalCluster:
     # "decode": "127.0.0.4"}, so that components talk as separate hosts would; the rest
     # bind ``host``.
     hosts: dict[str, str] = field(default_factory=dict)
-    worker_args: tuple[str, ...] = ()  # more `kvmesh prefill|decode` flags
+    worker_args: tuple[str, ...] = ()  # more `kvmesh prefill|decode` flags (vLLM's too)
     discover: bool = False  # workers and router find each other through index_url
     decode_worker_args: tuple[tuple[str, ...], ...] = ()  # per decode worker, more flags
+    role_args: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per role, more flags
     index_url: str | None = None      # shared block index (needed by several stores)
     api_token: str | None = None
     allow_fault_injection: bool = False
+    config: object | None = None      # a ClusterConfig: plan everything from it
     run_dir: Path | None = None
     start_timeout_s: float = 300.0
     verbose: bool = True
@@ -208,23 +253,95 @@ class LocalCluster:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if (self.num_stores > 1 or self.discover) and not self.index_url:
             raise ValueError("several store nodes, or discovery, need a shared block index (index_url)")
-        store_host = self.hosts.get("store", self.host)
-        self.store_addresses = [f"{store_host}:{free_port(store_host)}" for _ in range(self.num_stores)]
+        self.components = self._plan_config() if self.config is not None else self._plan()
+        by_kind = {kind: [c for c in self.components if c.kind == kind]
+                   for kind in ("store", "prefill", "decode", "router")}
+        self.store_addresses = [c.address for c in by_kind["store"]]
         self.store_address = self.store_addresses[0]
-        self.store_metrics_urls = []
-        prefill_host = self.hosts.get("prefill", self.host)
-        decode_host = self.hosts.get("decode", self.host)
-        self.prefill_address = f"{prefill_host}:{free_port(prefill_host)}"
-        self.decode_addresses = [f"{decode_host}:{free_port(decode_host)}"
-                                 for _ in range(self.decode_workers)]
+        self.store_metrics_urls = [f"http://{host_port(c.settings.host, c.settings.metrics_port)}/metrics"
+                                   for c in by_kind["store"] if c.settings.metrics_port]
+        self.store_metrics_url = (self.store_metrics_urls or [""])[0]
+        self.prefill_addresses = [c.address for c in by_kind["prefill"]]
+        self.prefill_address = self.prefill_addresses[0]
+        self.decode_addresses = [c.address for c in by_kind["decode"]]
         self.decode_address = self.decode_addresses[0]
-        self.grpc_port = free_port(self.host)
-        self.grpc_address = f"{self.host}:{self.grpc_port}"
-        for _ in self.store_addresses:
-            self.store_metrics_urls.append(f"http://{store_host}:{free_port(store_host)}/metrics")
-        self.store_metrics_url = self.store_metrics_urls[0]
-        self.router_port = self.router_port or free_port(self.host)
-        self.router_url = f"http://{self.host}:{self.router_port}"
+        router = by_kind["router"][0].settings
+        self.router_port, self.grpc_port = router.port, router.grpc_port
+        self.grpc_address = host_port(router.host, router.grpc_port)
+        self.router_url = f"http://{host_port(router.host, router.port)}"
+        self.served_model_name = router.name
+
+    # ------------------------------------------------------------------ planning
+
+    def _plan(self) -> list[Component]:
+        """Components from this cluster's own fields, on free ports."""
+        out = []
+        store_host = self.hosts.get("store", self.host)
+        for i in range(self.num_stores):
+            name = "store" if self.num_stores == 1 else f"store{i}"
+            settings = StoreSettings(
+                host=store_host, port=free_port(store_host), host_bytes=self.store_capacity_bytes,
+                metrics_port=free_port(store_host), index=self.index_url,
+                node_id=name if self.index_url else None, allow_fault_injection=self.allow_fault_injection)
+            out.append(Component(name, "store", settings, tuple(self.store_args)))
+        stores = [c.address for c in out]
+        counts = (self.prefill_workers, self.decode_workers)
+        decode_flags = given_flags((*self.worker_args, *self.role_args.get("decode", ())))
+        local_cache = self.decode_local_cache or "--enable-prefix-caching" in decode_flags
+        own = dict(zip((f"decode{i}" for i in range(self.decode_workers)), self.decode_worker_args))
+        for role, cls, count, store in (("prefill", PrefillSettings, self.prefill_workers, stores[0]),
+                                        ("decode", DecodeSettings, self.decode_workers, stores[-1])):
+            host = self.hosts.get(role, self.host)
+            engine = ["--model", self.model, "--block-size", str(self.block_size)]
+            if role == "decode" and self.decode_local_cache:
+                engine.append("--enable-prefix-caching")  # vLLM's own flag: a local prefix cache
+            for i in range(count):
+                name = role if count == 1 else f"{role}{i}"
+                where = {"index": self.index_url} if self.discover else {"store": store}
+                settings = cls(host=host, port=free_port(host), model_id=self.served_model_name,
+                               engine_args=tuple(engine), **where)
+                extra = (*self.worker_args, *self.role_args.get(role, ()), *own.get(name, ()))
+                out.append(Component(name, role, settings, extra,
+                                     tuple(worker_cpu_env(role, i, counts).items())))
+        workers = {role: [c.address for c in out if c.kind == role] for role in ("prefill", "decode")}
+        where = {"index": self.index_url} if self.discover else workers
+        router = RouterSettings(
+            model=self.model, served_model_name=self.served_model_name, host=self.host,
+            port=self.router_port or free_port(self.host), grpc_port=free_port(self.host),
+            block_size=self.block_size, decode_local_cache=local_cache,
+            api_token=self.api_token, **where)
+        out.append(Component("router", "router", router, tuple(self.router_args)))
+        return out
+
+    def _plan_config(self) -> list[Component]:
+        """Components from ``config`` through ``plan.py`` (what ``kvmesh up`` deploys), all
+        bound to ``host``, on the config's ports."""
+        from kvmesh.cluster.plan import router_settings, store_settings, worker_settings
+
+        config = self.config
+        model, served = config.resolved_model()
+        out = []
+        for i in range(len(config.stores)):
+            name = "store" if len(config.stores) == 1 else f"store{i}"
+            out.append(Component(name, "store", store_settings(config, i, self.host, name)))
+        store = out[0].address
+        counts = (config.prefill.replicas, config.decode.replicas)
+        for role in ("prefill", "decode"):
+            group = getattr(config, role)
+            for i in range(group.replicas):
+                name = role if group.replicas == 1 else f"{role}{i}"
+                settings = worker_settings(config, role, i, self.host, store, model, served)
+                env = {**worker_cpu_env(role, i, counts, group.cpu_cores), **group.env}
+                out.append(Component(name, role, settings, tuple(self.worker_args), tuple(env.items())))
+        workers = {role: [c.address for c in out if c.kind == role] for role in ("prefill", "decode")}
+        router = router_settings(config, config.router.host or self.host, workers["prefill"],
+                                 workers["decode"], model, served, self.api_token or config.api_token())
+        if self.router_port:
+            router = router.model_copy(update={"port": self.router_port})
+        out.append(Component("router", "router", router, tuple(self.router_args)))
+        return out
+
+    # ------------------------------------------------------------------ running
 
     def _say(self, message: str) -> None:
         if self.verbose:
@@ -252,6 +369,9 @@ class LocalCluster:
         self.processes.append(proc)
         return proc
 
+    def _start(self, component: Component) -> Process:
+        return self._spawn(component.name, *component.argv(), env=dict(component.env), command=component.kind)
+
     def _wait(self, pending: dict[str, tuple[Process, Callable[[], bool]]], deadline: float) -> None:
         while pending:
             for name, (proc, ready) in list(pending.items()):
@@ -269,50 +389,16 @@ class LocalCluster:
 
     def start(self) -> "LocalCluster":
         deadline = time.monotonic() + self.start_timeout_s
-        self._say(f"starting store, prefill and decode workers (logs in {self.run_dir})")
+        ready = {"store": store_ready, "prefill": worker_ready, "decode": worker_ready,
+                 "router": lambda address: http_ready(self.router_url + "/health")}
+        self._say(f"starting stores, prefill and decode workers (logs in {self.run_dir})")
         try:
-            pending = {}
-            for i, (address, metrics) in enumerate(zip(self.store_addresses, self.store_metrics_urls)):
-                name = "store" if self.num_stores == 1 else f"store{i}"
-                args = ["--host", address.rsplit(":", 1)[0], "--port", address.rsplit(":", 1)[1],
-                        "--host-bytes", str(self.store_capacity_bytes),
-                        "--metrics-port", metrics.rsplit(":", 1)[1].split("/")[0], *self.store_args]
-                if self.index_url:
-                    args += ["--index", self.index_url, "--node-id", name]
-                if self.allow_fault_injection:
-                    args.append("--allow-fault-injection")
-                pending[name] = (self._spawn(name, *args, command="store"), store_ready(address))
-            self._wait(pending, deadline)
-            pending = {}
-            workers = [("prefill", "prefill", self.prefill_address, self.store_addresses[0])]
-            for i, address in enumerate(self.decode_addresses):
-                name = "decode" if self.decode_workers == 1 else f"decode{i}"
-                workers.append((name, "decode", address, self.store_addresses[-1]))
-            own = dict(zip((f"decode{i}" for i in range(self.decode_workers)), self.decode_worker_args))
-            for name, role, address, store in workers:
-                extra = ["--local-prefix-cache"] if role == "decode" and self.decode_local_cache else []
-                where = ["--index", self.index_url] if self.discover else ["--store", store]
-                proc = self._spawn(name, "--model", self.model, "--host", address.rsplit(":", 1)[0],
-                                   "--port", address.rsplit(":", 1)[1], *where,
-                                   "--block-size", str(self.block_size),
-                                   "--model-id", self.served_model_name, *extra, *self.worker_args,
-                                   *own.get(name, ()),
-                                   env=worker_cpu_env(role), command=role)
-                pending[name] = (proc, worker_ready(address))
-            self._say("loading the model in both workers (this takes a little while)")
-            self._wait(pending, deadline)
-            router_args = ["--model", self.model, "--served-model-name", self.served_model_name,
-                           "--host", self.host, "--port", str(self.router_port),
-                           "--grpc-port", str(self.grpc_port), "--block-size", str(self.block_size),
-                           *(["--index", self.index_url] if self.discover else
-                             ["--prefill", self.prefill_address, "--decode", ",".join(self.decode_addresses)]),
-                           *self.router_args]
-            if self.decode_local_cache:
-                router_args.append("--decode-local-cache")
-            if self.api_token:
-                router_args += ["--api-token", self.api_token]
-            router = self._spawn("router", *router_args)
-            self._wait({"router": (router, http_ready(self.router_url + "/health"))}, deadline)
+            for kinds in (("store",), ("prefill", "decode"), ("router",)):
+                if kinds == ("prefill", "decode"):
+                    self._say("loading the model in the workers (this takes a little while)")
+                pending = {c.name: (self._start(c), ready[c.kind](c.address))
+                           for c in self.components if c.kind in kinds}
+                self._wait(pending, deadline)
         except BaseException:
             self.stop()
             raise
@@ -321,14 +407,13 @@ class LocalCluster:
     def add_router(self, name: str, *args: str) -> tuple[str, str]:
         """Start one more router over the same workers (e.g. with other limits or routing);
         returns its HTTP URL and gRPC address. It stops with the cluster."""
-        http_port, grpc_port = free_port(self.host), free_port(self.host)
-        proc = self._spawn(name, "--model", self.model, "--served-model-name", self.served_model_name,
-                           "--host", self.host, "--port", str(http_port), "--grpc-port", str(grpc_port),
-                           "--block-size", str(self.block_size), "--prefill", self.prefill_address,
-                           "--decode", ",".join(self.decode_addresses), *args, command="router")
-        url = f"http://{self.host}:{http_port}"
+        base = next(c for c in self.components if c.kind == "router")
+        settings = base.settings.model_copy(update={"port": free_port(self.host),
+                                                    "grpc_port": free_port(self.host)})
+        proc = self._start(Component(name, "router", settings, args))
+        url = f"http://{host_port(settings.host, settings.port)}"
         self._wait({name: (proc, http_ready(url + "/health"))}, time.monotonic() + self.start_timeout_s)
-        return url, f"{self.host}:{grpc_port}"
+        return url, host_port(settings.host, settings.grpc_port)
 
     def kill(self, name: str) -> None:
         """Kill one component at once (SIGKILL to its process group), as a crash would."""

@@ -175,3 +175,14 @@ def ensure_model(size: str = "tiny") -> Path:
         print(f"kvmesh: generating the {size} model in {path} ...", file=sys.stderr, flush=True)
         make_model(path, size)
     return path
+
+
+def resolve_model(model: str | None) -> tuple[str, str]:
+    """(model directory, served name): the given directory, or the default model, prepared
+    on first use. ``SystemExit`` with a clear message for a directory that is no model."""
+    if model is None:
+        return str(ensure_model("tiny")), "kvmesh-tiny"
+    if not is_model_dir(model):
+        raise SystemExit(f"kvmesh: {model} is not a Hugging Face model directory "
+                         "(no config.json and tokenizer.json); make one with `kvmesh model make DIR`")
+    return str(Path(model).resolve()), Path(model).resolve().name

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from kvmesh.cluster.config import ClusterConfig, ConfigError
+from kvmesh.cluster.plan import router_settings, store_settings, worker_settings
 from kvmesh_proto.options import WILDCARD_HOSTS, host_port
 
 NAMESPACE = "kvmesh"
@@ -96,49 +97,27 @@ class _Component:
         if self.error:
             raise RuntimeError(f"{self.name} failed:\n{self.error}")
 
+    def started_with(self):
+        """The settings this component was started with (``plan.py``'s, as ``kvmesh serve
+        --config`` starts the same component)."""
+        return self.settings
+
 
 class StoreActor(_Component):
-    """A store node: the tiered block store behind its gRPC server, in this process."""
+    """A store node (``StoreNode``: tiers, transfer sources, gRPC server, index), in this
+    process, from the settings ``plan.store_settings`` made: as ``kvmesh store`` runs it."""
 
     kind = "store"
 
-    def __init__(self, name: str, spec: dict, index_url: str | None):
+    def __init__(self, name: str, settings):
         super().__init__(name)
-        from kvmesh.kv_store.gc_tuning import freeze_startup_objects
-        from kvmesh.kv_store.server import start_store_server
-        from kvmesh.kv_store.tiered_store import build_store
+        from kvmesh.kv_store.node import StoreNode
 
-        self.address = f"{self.node_ip}:{spec['port']}"
-        self.publisher = self.peers = self.index = None
-        if index_url:
-            from kvmesh.kv_store.index import RedisBlockIndex
-            from kvmesh.kv_store.store_node import IndexPublisher, PeerBlocks
-
-            self.index = RedisBlockIndex.from_url(index_url)
-            self.publisher = IndexPublisher(self.index, name, self.address)
-            self.peers = PeerBlocks(self.index, name, max_block_bytes=spec["page_bytes"])
-        disk_dir = spec["disk_dir"]
-        if spec["disk_bytes"]:
-            disk_dir = _disk_dir(disk_dir, name)
-        self.store = build_store(spec["host_bytes"], spec["disk_bytes"], disk_dir,
-                                 spec["gpu_bytes"], spec["policy"], spec["direct_io"],
-                                 spec["page_bytes"],
-                                 listener=self.publisher.on_change if self.publisher else None,
-                                 disk_write_behind_bytes=spec.get("disk_write_behind_bytes", 0),
-                                 demote_ahead=spec.get("demote_ahead", 0.1))
-        self.server, _ = start_store_server(self.node_ip, spec["port"], self.store,
-                                            peers=self.peers, publisher=self.publisher)
-        if self.publisher is not None:
-            self.publisher.start(self.store.holdings)
-        if spec.get("metrics_port"):
-            from prometheus_client import CollectorRegistry, start_http_server
-
-            from kvmesh.kv_store.store_metrics import StoreCollector
-
-            registry = CollectorRegistry()
-            registry.register(StoreCollector(self.store))
-            start_http_server(spec["metrics_port"], addr=self.node_ip, registry=registry)
-        freeze_startup_objects()
+        if settings.disk_bytes and settings.disk_dir:
+            os.makedirs(settings.disk_dir, exist_ok=True)
+        self.settings = settings
+        self.node = StoreNode.start(settings, say=lambda m: print(f"kvmesh {name}: {m}", flush=True))
+        self.address = self.node.address
 
     def health(self) -> bool:
         from kvmesh.cluster.local import store_ready
@@ -147,24 +126,16 @@ class StoreActor(_Component):
         return store_ready(self.address)()
 
     def stop(self) -> None:
-        if self.publisher is not None:
-            self.publisher.stop()
-        self.server.stop(grace=2).wait(5)
-        if self.peers is not None:
-            self.peers.close()
-            self.index.close()
-        self.store.close()
+        self.node.close()
 
 
-def _disk_dir(configured: str | None, name: str) -> str:
-    """The disk tier's directory: the configured one or a fixed one per store, so that a
-    restarted store finds the slab file its killed predecessor left and removes it
+def _disk_dir(name: str) -> str:
+    """A store's disk directory when the config names none: a fixed one per store, so
+    that a restarted store finds the slab file its killed predecessor left and removes it
     (``build_store`` removes the slab files no live store holds)."""
     import tempfile
 
-    directory = configured or os.path.join(tempfile.gettempdir(), f"kvmesh-{name}")
-    os.makedirs(directory, exist_ok=True)
-    return directory
+    return os.path.join(tempfile.gettempdir(), f"kvmesh-{name}")
 
 
 def auto_cpu_bind(role: str, world_size: int) -> str | None:
@@ -176,7 +147,7 @@ def auto_cpu_bind(role: str, world_size: int) -> str | None:
 
     if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
         return None
-    half = worker_cpu_env(role).get("VLLM_CPU_OMP_THREADS_BIND")
+    half = worker_cpu_env(role, 0, (1, 1)).get("VLLM_CPU_OMP_THREADS_BIND")
     if world_size == 1:
         return half
     cores = [int(c) for c in half.split(",")] if half else []
@@ -191,18 +162,16 @@ def auto_cpu_bind(role: str, world_size: int) -> str | None:
 class WorkerActor(_Component):
     """A prefill or decode worker: ``engine_host.service.serve_worker`` on a thread's loop."""
 
-    def __init__(self, name: str, role: str, settings: dict, port: int, env: dict[str, str],
+    def __init__(self, name: str, settings, world_size: int, env: dict[str, str],
                  cpu_cores: str | None, visible_devices: list[str] | None):
         super().__init__(name)
-        from kvmesh.engine_host.engine import EngineSettings
-
+        role = settings.role
         self.kind = role
-        self.address = f"{self.node_ip}:{port}"
+        self.address = host_port(settings.host, settings.port)
         os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                           "VLLM_CPU_KVCACHE_SPACE": str(settings.get("kv_cache_gib", 1))})
+                           "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib)})
         if cpu_cores == "auto":
-            bind = auto_cpu_bind(role, settings.get("tensor_parallel_size", 1)
-                                 * settings.get("pipeline_parallel_size", 1))
+            bind = auto_cpu_bind(role, world_size)
             if bind:
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
         elif cpu_cores:
@@ -210,8 +179,7 @@ class WorkerActor(_Component):
         if visible_devices is not None:  # the GPUs of this replica's bundles
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible_devices)
         os.environ.update(env)
-        self.settings = EngineSettings(role=role, **settings)
-        self.port = port
+        self.settings = settings
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self._stopping = threading.Event()
@@ -226,8 +194,7 @@ class WorkerActor(_Component):
         loop = self._loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         try:
-            self._task = loop.create_task(serve_worker(self.settings, self.node_ip, self.port,
-                                                       stop=asyncio.Event()))
+            self._task = loop.create_task(serve_worker(self.settings, stop=asyncio.Event()))
             loop.run_until_complete(self._task)
             if self.error is None:
                 self.error = "the worker stopped"
@@ -298,19 +265,16 @@ class RouterActor(_Component):
 
     kind = "router"
 
-    def __init__(self, name: str, settings: dict, host: str | None, http_port: int, grpc_port: int):
+    def __init__(self, name: str, settings):
         super().__init__(name)
-        import uvicorn
-
-        from kvmesh.router.app import RouterSettings, create_app
+        from kvmesh.router.app import router_server
 
         os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-        bind = host or self.node_ip
-        reach = reachable_host(bind, self.node_ip)
-        self.address = host_port(reach, http_port)
-        self.grpc_address = host_port(reach, grpc_port) if grpc_port else ""
-        app = create_app(RouterSettings(**settings), grpc_bind=(bind, grpc_port) if grpc_port else None)
-        self.server = uvicorn.Server(uvicorn.Config(app, host=bind, port=http_port, log_level="warning"))
+        self.settings = settings
+        reach = reachable_host(settings.host, self.node_ip)
+        self.address = host_port(reach, settings.port)
+        self.grpc_address = host_port(reach, settings.grpc_port) if settings.grpc_port else ""
+        self.server = router_server(settings)
         self._thread = threading.Thread(target=self._serve, name=f"kvmesh-{name}", daemon=True)
         self._thread.start()
 
@@ -613,33 +577,26 @@ def _up(ray, config, model, served_name, api_token, started_local, deadline, say
 
     say(f"starting {len(store_plan)} store(s)")
     stores, store_on_node = {}, {}
-    for name, node, spec in store_plan:
+    for name, node, i in store_plan:
+        settings = store_settings(config, i, node["NodeManagerAddress"], name, disk_dir=_disk_dir(name))
         stores[name] = ray.remote(StoreActor).options(
             **_options(name, num_cpus=0, scheduling_strategy=_pin(node["NodeID"]))
-        ).remote(name, spec.model_dump(), config.index)
-        store_on_node[node["NodeID"]] = f"{node['NodeManagerAddress']}:{spec.port}"
+        ).remote(name, settings)
+        store_on_node[node["NodeID"]] = host_port(node["NodeManagerAddress"], settings.port)
     _wait_healthy(stores, deadline, say)
 
     addresses = _start_workers(ray, config, model, served_name, nodes, store_on_node,
                                store_on_node.get(store_plan[0][1]["NodeID"], "") if store_plan else "",
                                deadline, say)
 
-    r = config.router
-    settings = dict(model=model, served_model_name=served_name,
-                    prefill_addresses=tuple(addresses["prefill"]),
-                    decode_addresses=tuple(addresses["decode"]), api_token=api_token,
-                    prefill_timeout_s=r.prefill_timeout_s, request_timeout_s=r.request_timeout_s,
-                    routing=r.routing, block_size=config.model.block_size,
-                    decode_local_cache=config.decode.engine.local_prefix_cache,
-                    max_local_prefill_tokens=r.max_local_prefill_tokens,
-                    max_inflight=r.max_inflight, max_queue=r.max_queue,
-                    queue_timeout_s=r.queue_timeout_s)
     routers = {}
-    for i in range(r.replicas):
+    for i in range(config.router.replicas):
         name = f"router-{i}"
+        settings = router_settings(config, config.router.host or router_nodes[i]["NodeManagerAddress"],
+                                   addresses["prefill"], addresses["decode"], model, served_name, api_token)
         routers[name] = ray.remote(RouterActor).options(**_options(
             name, num_cpus=0, scheduling_strategy=_pin(router_nodes[i]["NodeID"]))
-        ).remote(name, settings, r.host, r.http_port, r.grpc_port)
+        ).remote(name, settings)
     if routers:
         say(f"starting {len(routers)} router(s)")
         _wait_healthy(routers, deadline, say)
@@ -651,9 +608,9 @@ def _up(ray, config, model, served_name, api_token, started_local, deadline, say
                       components=rows, started_local_ray=started_local)
 
 
-def _plan_stores(config: ClusterConfig, nodes: list[dict]) -> list[tuple[str, dict, Any]]:
-    """(actor name, node, store config): one store per node offering its resource."""
-    plan: list[tuple[str, dict, Any]] = []
+def _plan_stores(config: ClusterConfig, nodes: list[dict]) -> list[tuple[str, dict, int]]:
+    """(actor name, node, index of its ``stores`` entry): one store per node offering its resource."""
+    plan: list[tuple[str, dict, int]] = []
     taken: dict[str, int] = {}
     for i, spec in enumerate(config.stores):
         where = _nodes_for(spec.node_resource, nodes)
@@ -665,7 +622,7 @@ def _plan_stores(config: ClusterConfig, nodes: list[dict]) -> list[tuple[str, di
                 raise DeployError(f"stores[{i}] and stores[{taken[node['NodeID']]}] both match node "
                                   f"{node['NodeManagerAddress']} (one store per node)")
             taken[node["NodeID"]] = i
-            plan.append((f"store-{len(plan)}", node, spec))
+            plan.append((f"store-{len(plan)}", node, i))
     if len(plan) > 1 and not config.index:
         raise DeployError(f"{len(plan)} stores would run (one per matching node); several "
                           "stores need a shared block index (index: redis://...)")
@@ -706,23 +663,15 @@ def _start_workers(ray, config, model, served_name, nodes, store_on_node, first_
                 num_cpus=0, num_gpus=b["GPU"], scheduling_strategy=PlacementGroupSchedulingStrategy(
                     pg, placement_group_bundle_index=k)).remote() for k, b in enumerate(bundles)],
                 timeout=60), [])
-        engine = group.engine
-        settings = dict(model=model, store_address=store_on_node.get(node_id, first_store),
-                        model_id=config.model.model_id or served_name,
-                        block_size=config.model.block_size, max_model_len=config.model.max_model_len,
-                        kv_cache_gib=engine.kv_cache_gib, store_timeout_s=engine.store_timeout_s,
-                        tensor_parallel_size=group.tensor_parallel_size,
-                        local_prefix_cache=engine.local_prefix_cache)
-        if group.pipeline_parallel_size > 1:
-            settings["pipeline_parallel_size"] = group.pipeline_parallel_size
+        node = by_id.get(node_id) or {n["NodeID"]: n for n in _alive_nodes()}[node_id]
+        settings = worker_settings(config, role, i, node["NodeManagerAddress"],
+                                   store_on_node.get(node_id, first_store), model, served_name)
         custom = {k: v for k, v in bundles[0].items() if k not in _STANDARD_RESOURCES}
-        port = group.port + i
         workers[name] = ray.remote(WorkerActor).options(**_options(
             name, num_cpus=bundles[0].get("CPU", 0), num_gpus=0, resources=custom,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0))
-        ).remote(name, role, settings, port, group.env, engine.cpu_cores, visible)
-        node = by_id.get(node_id) or {n["NodeID"]: n for n in _alive_nodes()}[node_id]
-        addresses[role].append(f"{node['NodeManagerAddress']}:{port}")
+        ).remote(name, settings, group.world_size, group.env, group.cpu_cores, visible)
+        addresses[role].append(host_port(settings.host, settings.port))
     if workers:
         say(f"loading the model in {len(workers)} worker(s) (this takes a little while)")
         _wait_healthy(workers, deadline, say)

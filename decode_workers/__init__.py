@@ -8,5 +8,7 @@ from kvmesh.engine_host.service import run_worker
 ROLE = "decode"
 
 
-def run(host: str, port: int, announcer=None, **settings) -> None:
-    run_worker(ROLE, host, port, announcer=announcer, **settings)
+def run(settings, announcer=None) -> None:
+    """Serve a worker of this role (``settings.role == ROLE``) until SIGINT/SIGTERM."""
+    assert settings.role == ROLE, settings.role
+    run_worker(settings, announcer=announcer)

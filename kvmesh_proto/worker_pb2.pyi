@@ -65,15 +65,19 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("status", "role", "model", "running", "max_model_len")
+    __slots__ = ("status", "role", "model", "running", "max_model_len", "engine_config", "block_size")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     status: str
     role: str
     model: str
     running: int
     max_model_len: int
-    def __init__(self, status: _Optional[str] = ..., role: _Optional[str] = ..., model: _Optional[str] = ..., running: _Optional[int] = ..., max_model_len: _Optional[int] = ...) -> None: ...
+    engine_config: str
+    block_size: int
+    def __init__(self, status: _Optional[str] = ..., role: _Optional[str] = ..., model: _Optional[str] = ..., running: _Optional[int] = ..., max_model_len: _Optional[int] = ..., engine_config: _Optional[str] = ..., block_size: _Optional[int] = ...) -> None: ...

@@ -26,7 +26,7 @@ from kvmesh.router.core import ApiError, Prepared, RouterCore, RouterSettings, T
 from kvmesh.router.openai_api import (ChatCompletionRequest, CompletionRequest, chat_chunk,
                                chat_completion, completion_chunk, error_body, usage)
 
-__all__ = ["create_app", "RouterSettings"]
+__all__ = ["create_app", "router_server", "RouterSettings"]
 
 
 class ClosingStreamingResponse(StreamingResponse):
@@ -89,11 +89,22 @@ async def _refuse(scope, receive, send, status: int, message: str, kind: str = "
     await JSONResponse(error_body(message, status, kind), status_code=status)(scope, receive, send)
 
 
-def create_app(settings: RouterSettings, core: RouterCore | None = None,
-               grpc_bind: tuple[str, int] | None = None) -> FastAPI:
+def router_server(settings: RouterSettings):
+    """The router, assembled from its settings (the one place that does it, for
+    ``kvmesh router``, ``kvmesh serve`` and the Ray router actor alike): a uvicorn server of
+    ``create_app(settings)`` on ``settings.host:settings.port``. ``run()`` serves until
+    ``should_exit`` is set."""
+    import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
+                                         log_level="warning"))
+
+
+def create_app(settings: RouterSettings, core: RouterCore | None = None) -> FastAPI:
     """The HTTP app; it starts and closes ``core`` (made from ``settings`` when None) and,
-    with ``grpc_bind``, the gRPC serving API on that address alongside."""
+    when ``settings.grpc_port`` is not 0, the gRPC serving API on ``settings.host`` alongside."""
     core = core or RouterCore(settings)
+    grpc_bind = (settings.host, settings.grpc_port) if settings.grpc_port else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -203,7 +214,7 @@ def create_app(settings: RouterSettings, core: RouterCore | None = None,
     async def completions(body: CompletionRequest, request: Request):
         p = await prepared(body, body.prompt)
         trace = Trace()
-        model = settings.served_model_name
+        model = settings.name
         if body.stream:
             return stream(p, trace, lambda c, created, first: completion_chunk(
                 p.request_id, model, c.text, c.finish_reason or None, created), body.return_token_ids,
@@ -220,7 +231,7 @@ def create_app(settings: RouterSettings, core: RouterCore | None = None,
             raise
         p = await prepared(body, token_ids)
         trace = Trace()
-        model = settings.served_model_name
+        model = settings.name
 
         def event(chunk, created, first):
             delta = {"role": "assistant", "content": chunk.text} if first else {"content": chunk.text}
@@ -234,7 +245,7 @@ def create_app(settings: RouterSettings, core: RouterCore | None = None,
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{
-            "id": settings.served_model_name, "object": "model", "created": 0, "owned_by": "kvmesh",
+            "id": settings.name, "object": "model", "created": 0, "owned_by": "kvmesh",
             "max_model_len": await core.max_model_len()}]}
 
     @app.get("/health")

@@ -32,33 +32,10 @@ from kvmesh_proto import worker_pb2
 from kvmesh.router.admission import Admission, Overloaded
 from kvmesh.router.metrics import RouterMetrics
 from kvmesh.router.routing import Route, RoutingPolicy, Worker
+from kvmesh.router.settings import RouterSettings
 from kvmesh.router.workers import WorkerClient
 
 log = logging.getLogger("kvmesh.router")
-
-
-@dataclass(frozen=True)
-class RouterSettings:
-    model: str                                  # model directory (tokenizer, chat template)
-    served_model_name: str
-    prefill_addresses: tuple[str, ...]
-    decode_addresses: tuple[str, ...]
-    api_token: str | None = None
-    max_request_bytes: int = 4 * 1024 * 1024
-    prefill_timeout_s: float = 120.0
-    request_timeout_s: float = 600.0
-    routing: str = "kv_aware"
-    block_size: int = 32
-    decode_local_cache: bool = False
-    max_local_prefill_tokens: int = 64
-    max_inflight: int = 256
-    max_queue: int = 1024
-    queue_timeout_s: float = 30.0
-    index_url: str | None = None       # discover workers in this Redis (with no addresses given)
-    health_interval_s: float = 2.0     # how often workers are polled (and discovered)
-    health_timeout_s: float = 2.0      # how long one worker's Health call may take
-    health_timeouts_to_fail: int = 3   # Health calls timing out in a row that mark a worker down
-    unavailable_retry_s: float = 120.0  # how long a request may wait for a decode worker to come back
 
 
 GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
@@ -172,7 +149,7 @@ class RouterCore:
         self.metrics = RouterMetrics()
         self.tokenizer = None
         self.routing: RoutingPolicy | None = None
-        self.admission = Admission(settings.max_inflight, settings.max_queue, settings.queue_timeout_s)
+        self.admission = Admission(settings.max_inflight, settings.max_queue, settings.queue_timeout)
         self.metrics.inflight.set_function(lambda: self.admission.inflight)
         self.metrics.queued.set_function(lambda: self.admission.queued)
         self._max_model_len: int | None = None
@@ -187,15 +164,15 @@ class RouterCore:
         self.tokenizer = AutoTokenizer.from_pretrained(self.settings.model)
         s = self.settings
         self.routing = RoutingPolicy(
-            prefill=[Worker(a, WorkerClient(a)) for a in s.prefill_addresses],
-            decode=[Worker(a, WorkerClient(a)) for a in s.decode_addresses],
+            prefill=[Worker(a, WorkerClient(a)) for a in s.prefill],
+            decode=[Worker(a, WorkerClient(a)) for a in s.decode],
             block_size=s.block_size, policy=s.routing, decode_local_cache=s.decode_local_cache,
             max_local_prefill_tokens=s.max_local_prefill_tokens)
         self._registry = None
-        if s.index_url:
+        if s.index:
             from kvmesh.kv_store.index.services import ServiceRegistry
 
-            self._registry = ServiceRegistry(s.index_url)
+            self._registry = ServiceRegistry(s.index)
             await self._discover()
         self._health_task = asyncio.ensure_future(self._poll_health())
 
@@ -224,7 +201,7 @@ class RouterCore:
     async def _close_when_idle(self, key: tuple[str, str], worker: Worker) -> None:
         """Close a departed worker's channel once no call runs on it; at the latest when
         the longest call could still be running has passed its deadline."""
-        give_up = time.monotonic() + max(self.settings.request_timeout_s, self.settings.prefill_timeout_s)
+        give_up = time.monotonic() + max(self.settings.request_timeout, self.settings.prefill_timeout)
         while worker.inflight > 0 and time.monotonic() < give_up:
             await asyncio.sleep(0.1)
         self._leaving.pop(key, None)  # from here on it cannot rejoin
@@ -240,7 +217,7 @@ class RouterCore:
                 await self.health()
             except Exception as e:  # never let the poller die
                 log.warning("health poll failed: %s", e)
-            await asyncio.sleep(self.settings.health_interval_s)
+            await asyncio.sleep(self.settings.health_interval)
 
     async def close(self) -> None:
         self._health_task.cancel()
@@ -265,9 +242,9 @@ class RouterCore:
         return self._max_model_len
 
     def check_model(self, model: str | None) -> None:
-        if model and model != self.settings.served_model_name:
+        if model and model != self.settings.name:
             raise ApiError(404, f"model {model!r} is not served here; this router serves "
-                                f"{self.settings.served_model_name!r}", "not_found_error")
+                                f"{self.settings.name!r}", "not_found_error")
 
     def encode_chat(self, messages: Sequence[dict]) -> list[int]:
         try:
@@ -344,7 +321,7 @@ class RouterCore:
         start = time.monotonic()
         worker.inflight += 1
         try:
-            async for chunk in worker.client.generate(pre, self.settings.prefill_timeout_s):
+            async for chunk in worker.client.generate(pre, self.settings.prefill_timeout):
                 if chunk.finish_reason:
                     trace.prefill_ok = True
                     trace.prefill_tokens_from_store = chunk.tokens_from_store
@@ -416,7 +393,7 @@ class RouterCore:
         first token is marked unhealthy and the request moves to another one — or waits for
         one to come back, up to ``unavailable_retry_s``: a worker restart loses no request."""
         worker = route.decode
-        give_up = time.monotonic() + self.settings.unavailable_retry_s
+        give_up = time.monotonic() + self.settings.unavailable_retry
         while True:
             if worker not in self.routing.decode and self.routing.decode:  # it left while we prefilled
                 worker = self._least_loaded_decode()
@@ -445,7 +422,7 @@ class RouterCore:
     async def _decode_on(self, worker: Worker, request, trace: Trace, start: float):
         self.metrics.decode_requests.labels(worker.address).inc()
         trace.decode_address = worker.address
-        remaining = max(1.0, self.settings.request_timeout_s - (time.monotonic() - start))
+        remaining = max(1.0, self.settings.request_timeout - (time.monotonic() - start))
         worker.inflight += 1
         try:
             async with aclosing(worker.client.generate(request, remaining)) as chunks:
@@ -515,7 +492,7 @@ class RouterCore:
 
     async def _health_of(self, w: Worker) -> str:
         try:
-            reply = await w.client.health(self.settings.health_timeout_s)
+            reply = await w.client.health(self.settings.health_timeout)
         except grpc.aio.AioRpcError as e:
             late = e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             w.health_timeouts = w.health_timeouts + 1 if late else 0

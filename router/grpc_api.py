@@ -82,7 +82,7 @@ class ServingService(serving_pb2_grpc.KVMeshServicer):
         except ApiError as e:
             await context.abort(e.grpc_code, e.message)
         return serving_pb2.ListModelsReply(models=[serving_pb2.Model(
-            id=self.core.settings.served_model_name, max_model_len=max_len)])
+            id=self.core.settings.name, max_model_len=max_len)])
 
 
 async def start_grpc_server(core: RouterCore, host: str, port: int) -> grpc.aio.Server:

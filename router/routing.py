@@ -30,6 +30,7 @@ from kvmesh.kv_store.index import EmbeddedBlockIndex
 from kvmesh.kv_store.keys import chain_hashes
 
 STORE_NODE = "store"
+ROUTING_POLICIES = ("kv_aware", "round_robin")
 
 
 @dataclass(eq=False)
@@ -64,8 +65,8 @@ class RoutingPolicy:
     _turn: itertools.count = field(default_factory=itertools.count)
 
     def __post_init__(self) -> None:
-        if self.policy not in ("kv_aware", "round_robin"):
-            raise ValueError(f"unknown routing policy {self.policy!r}; use kv_aware or round_robin")
+        if self.policy not in ROUTING_POLICIES:
+            raise ValueError(f"unknown routing policy {self.policy!r}; use {' or '.join(ROUTING_POLICIES)}")
         for node in [STORE_NODE] + [w.address for w in self.decode]:
             self._index.register_node(node, node)
 

@@ -117,12 +117,11 @@ async def prefill_then_decode(prefill_address: str, decode_address: str, prompt:
 def main(inp: str, out: str) -> None:
     from vllm import LLM, SamplingParams
 
-    from kvmesh.engine_host.engine import EngineSettings, base_engine_kwargs
+    from kvmesh.engine_host.engine_args import changed_engine_kwargs, parse_engine_args
 
     spec = json.loads(Path(inp).read_text())
-    settings = EngineSettings(model=spec["model"], role="decode", store_address="",
-                              block_size=spec["block_size"])
-    llm = LLM(**base_engine_kwargs(settings))
+    args = parse_engine_args(["--model", spec["model"], "--block-size", str(spec["block_size"])])
+    llm = LLM(**changed_engine_kwargs(args))
     params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, logprobs=TOP_CANDIDATES)
     outputs = []
     for p in spec["prompts"]:  # one prompt at a time, as the cluster tests send them

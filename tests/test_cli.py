@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from kvmesh.cluster.cli import SHM_PREFIX, build_parser, parse_bytes, seconds, share
+from kvmesh.cluster.cli import build_parser, parse_bytes, seconds, share
+from kvmesh.kv_store.node import SHM_PREFIX
 from kvmesh.kv_store.tiers import SHM_DIR
 
 
@@ -50,7 +51,7 @@ def test_the_heartbeat_timeout_must_outlast_the_heartbeat():
                            "8MiB", "--heartbeat", "5", "--heartbeat-timeout", "5"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "--heartbeat-timeout (5.0 s) must be longer than --heartbeat (5.0 s)" in proc.stderr
+    assert "heartbeat_timeout (5.0 s) must be longer than heartbeat (5.0 s)" in proc.stderr
 
 
 def _run_store(*args: str) -> tuple[int, str, list[str]]:
@@ -138,31 +139,19 @@ def test_a_missing_model_directory_is_a_clear_error(tmp_path):
 
 
 def test_bad_block_size_is_refused():
-    from kvmesh.engine_host.engine import EngineSettings
+    from kvmesh.engine_host.engine_args import EngineArgsError, parse_engine_args
 
-    with pytest.raises(ValueError, match="multiple of 32"):
-        EngineSettings(model="m", role="decode", store_address="a:1", block_size=48)
-    with pytest.raises(ValueError, match="role"):
-        EngineSettings(model="m", role="router", store_address="a:1")
+    with pytest.raises(EngineArgsError, match="multiple of 32"):
+        parse_engine_args(["--model", "m", "--block-size", "48"], "decode")
 
 
-def test_parallel_sizes_reach_the_engine_arguments(monkeypatch):
-    from kvmesh.engine_host.engine import EngineSettings, base_engine_kwargs
+def test_parallel_sizes_reach_the_engine_arguments(tiny_model):
+    from kvmesh.engine_host.engine_args import parse_engine_args
 
-    kwargs = base_engine_kwargs(EngineSettings(model="m", role="decode", store_address="a:1",
-                                               tensor_parallel_size=2, pipeline_parallel_size=2))
-    assert (kwargs["tensor_parallel_size"], kwargs["pipeline_parallel_size"]) == (2, 2)
-    assert kwargs["distributed_executor_backend"] == "mp"
-    one = base_engine_kwargs(EngineSettings(model="m", role="decode", store_address="a:1"))
-    assert one["distributed_executor_backend"] == "uni"
-    with pytest.raises(ValueError, match="at least 1"):
-        EngineSettings(model="m", role="decode", store_address="a:1", pipeline_parallel_size=0)
-    monkeypatch.setenv("KVMESH_TENSOR_PARALLEL_SIZE", "4")  # the chart's way of passing TP
-    import importlib
-
-    import kvmesh.cluster.cli as cluster_cli
-    args = importlib.reload(cluster_cli).build_parser().parse_args(["decode", "--store", "a:1"])
-    assert args.tensor_parallel_size == 4 and args.pipeline_parallel_size == 1
+    args = parse_engine_args(["--model", tiny_model, "-tp", "2", "--pipeline-parallel-size", "2"], "decode")
+    assert (args.tensor_parallel_size, args.pipeline_parallel_size) == (2, 2)
+    assert args.distributed_executor_backend == "mp"
+    assert parse_engine_args(["--model", tiny_model], "decode").distributed_executor_backend == "uni"
 
 
 def test_free_ports_avoid_the_ephemeral_range():
@@ -191,7 +180,7 @@ def test_free_ports_are_never_handed_out_twice(monkeypatch):
 def test_the_grpc_transfer_offer_names_a_host_readers_can_reach():
     """A store bound to a wildcard (as in a pod: ``--host 0.0.0.0``) tells readers the host
     of ``--advertise``, never the wildcard, and the gRPC transfer serves IPv6 binds too."""
-    from kvmesh.cluster.cli import advertised_host, open_transfer_sources
+    from kvmesh.kv_store.node import advertised_host, open_transfer_sources
     from kvmesh.kv_store.tiered_store import TieredStore
     from kvmesh.kv_store.tiers import HostTier
     from kvmesh.kv_store.transfer import open_reader
@@ -283,3 +272,66 @@ def test_a_component_stops_when_the_cluster_process_is_killed(tmp_path):
         parent.wait()
         if store is not None and not _gone(store):
             os.kill(store, signal.SIGKILL)
+
+
+def _health(address: str):
+    import grpc
+
+    from kvmesh_proto import worker_pb2, worker_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        return worker_pb2_grpc.WorkerStub(channel).Health(worker_pb2.HealthRequest(), timeout=2)
+
+
+def test_vllm_engine_flags_reach_the_engine(tiny_model, tmp_path):
+    """vLLM's own engine flags pass through a worker's command line unchanged: the worker
+    reports the engine they configured."""
+    import json
+    import time
+
+    from kvmesh.cluster.local import free_port
+
+    port = free_port()
+    log = open(tmp_path / "prefill.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "kvmesh.cluster.cli", "prefill", "--model", tiny_model,
+                             "--port", str(port), "--store", "127.0.0.1:1", "--max-num-seqs", "8",
+                             "--num-gpu-blocks-override", "512", "--max_num_batched_tokens=1024"],
+                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"))
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, (tmp_path / "prefill.log").read_text()[-3000:]
+            try:
+                reply = _health(f"127.0.0.1:{port}")
+                break
+            except Exception:
+                assert time.monotonic() < deadline, "the worker did not start"
+                time.sleep(1)
+        engine = json.loads(reply.engine_config)
+        assert (engine["max_num_seqs"], engine["num_gpu_blocks"], engine["max_num_batched_tokens"]) == (8, 512, 1024)
+        assert engine["block_size"] == reply.block_size == 32 and engine["enable_prefix_caching"] is False
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+@pytest.mark.parametrize("role, flags, says", [
+    ("prefill", ["--kv-transfer-config", '{"kv_connector": "NixlConnector", "kv_role": "kv_both"}'],
+     "--kv-transfer-config is not allowed here: kvmesh sets vLLM's KV transfer config itself"),
+    ("prefill", ["--enable-prefix-caching"], "--enable-prefix-caching is not allowed here: a prefill worker"),
+    ("decode", ["--max-num-seqs", "many"], "argument --max-num-seqs: invalid int value: 'many'"),
+    ("decode", ["--no-such-engine-flag"], "unrecognized arguments: --no-such-engine-flag"),
+])
+def test_engine_flags_kvmesh_must_own_are_refused_before_the_engine_loads(tiny_model, role, flags, says):
+    proc = subprocess.run([sys.executable, "-m", "kvmesh.cluster.cli", role, "--model", tiny_model,
+                           "--store", "127.0.0.1:1", *flags], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"kvmesh {role}: {says}" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_worker_help_lists_vllm_engine_arguments():
+    out = subprocess.run([sys.executable, "-m", "kvmesh.cluster.cli", "decode", "--help"],
+                         capture_output=True, text=True, timeout=120).stdout
+    for flag in ("--store-timeout", "--transfer-preference", "--max-num-seqs", "--num-gpu-blocks-override",
+                 "--speculative-config"):
+        assert flag in out, flag

@@ -33,7 +33,7 @@ def test_defaults_fill_everything_but_the_model():
     config = parse_config(MINIMAL)
     assert config.prefill.port == 50061 and config.decode.port == 50071
     assert config.stores[0].port == 50051 and config.stores[0].host_bytes == 2 << 30
-    assert (config.router.http_port, config.router.grpc_port) == (8000, 50050)
+    assert (config.router.port, config.router.grpc_port) == (8000, 50050)
     assert config.prefill.world_size == 1 and config.prefill.resources_per_rank == {"CPU": 1}
     assert config.resolved_model() == ("/models/m", "m")
 
@@ -81,9 +81,22 @@ def _error(data) -> str:
      "greater than 0"),
     ({"prefill": {"port": 50061, "resources_per_rank": {}}}, "prefill.resources_per_rank",
      "at least one resource"),
-    ({"prefill": {"port": 50061, "engine": {"kv_cache_gib": 0}}}, "prefill.engine.kv_cache_gib",
-     "greater than or equal to 1"),
-    ({"prefill": {"port": 50061, "engine": {"kv_cache": 1}}}, "prefill.engine.kv_cache", "unknown key"),
+    ({"prefill": {"port": 50061, "kv_cache_gib": 0}}, "prefill.kv_cache_gib", "greater than or equal to 1"),
+    ({"prefill": {"port": 50061, "kv_cache": 1}}, "prefill.kv_cache", "unknown key"),
+    # The engine section is vLLM's engine arguments, read by vLLM's own parser.
+    ({"prefill": {"engine": {"kv_cache": 1}}}, "prefill.engine", "unrecognized arguments: --kv-cache"),
+    ({"prefill": {"engine": {"max_num_seqs": "many"}}}, "prefill.engine", "invalid int value: 'many'"),
+    ({"prefill": {"engine": {"enable_prefix_caching": True}}}, "prefill.engine",
+     "--enable-prefix-caching is not allowed here"),
+    ({"decode": {"engine": {"enable_prefix_caching": True}}}, "", None),  # decode may keep one
+    ({"decode": {"engine": {"kv_transfer_config": {"kv_connector": "X"}}}}, "decode.engine",
+     "kvmesh sets vLLM's KV transfer config itself"),
+    ({"decode": {"engine": {"tensor_parallel_size": 2}}}, "decode.engine",
+     "tensor_parallel_size cannot be set here: set the group's tensor_parallel_size"),
+    # What the launcher decides is refused, naming who sets it.
+    ({"decode": {"store": "a:1"}}, "decode", "store cannot be set here"),
+    ({"stores": [{"host": "0.0.0.0"}]}, "stores[0]", "host cannot be set here"),
+    ({"router": {"decode": "a:1"}}, "router", "decode cannot be set here"),
     ({"prefill": {"port": 50071}}, "decode.port", "port 50071 is also used by prefill.port"),
     ({"decode": {"port": 50062}, "prefill": {"port": 50061, "replicas": 2}},
      "decode.port", "also used by prefill.port (+1, replica 1)"),
@@ -99,7 +112,7 @@ def _error(data) -> str:
       "index": "redis://127.0.0.1:6379/0"}, "stores[1].node_resource", "one store per node"),
     ({"stores": []}, "stores", "need a store"),
     ({"index": "memcached://x"}, "index", "redis:// URL"),
-    ({"router": {"http_port": 50051}}, "stores[0].port", "also used by router.http_port"),
+    ({"router": {"port": 50051}}, "stores[0].port", "also used by router.port"),
     ({"stores": [{"metrics_port": 50051}]}, "stores[0].metrics_port", "also used by stores[0].port"),
     ({"stores": [{"node_resource": "a", "metrics_port": 9100},
                  {"node_resource": "b", "metrics_port": 9100}],
@@ -143,13 +156,13 @@ def test_api_token_from_the_environment(monkeypatch):
 
 def test_load_config_names_the_file_and_the_yaml_path(tmp_path):
     bad = yaml.safe_load((CONFIGS / "two-node.yaml").read_text())
-    bad["decode"]["engine"]["kv_cache_gib"] = "lots"
+    bad["decode"]["kv_cache_gib"] = "lots"
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert str(e.value).startswith(f"{path}: invalid cluster config:")
-    assert "decode.engine.kv_cache_gib: " in str(e.value)
+    assert "decode.kv_cache_gib: " in str(e.value)
 
     path.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
@@ -162,6 +175,6 @@ def test_load_config_names_the_file_and_the_yaml_path(tmp_path):
 
 
 def test_several_errors_are_all_reported():
-    message = _error({"model": {"block_size": 7}, "router": {"http_port": 0, "typo": 1}})
-    for where in ("model.block_size", "router.http_port", "router.typo"):
+    message = _error({"model": {"block_size": 7}, "router": {"port": 0, "typo": 1}})
+    for where in ("model.block_size", "router.port", "router.typo"):
         assert f"\n  {where}: " in message, message

@@ -130,7 +130,7 @@ def config(tiny_model, disk_dir):
     data["prefill"]["port"], data["decode"]["port"] = prefill, decode
     data["stores"][0].update(port=store, host_bytes="64MiB", disk_bytes="64MiB", disk_dir=str(disk_dir))
     # Always disaggregate (but for prompts shorter than a block), so blocks cross nodes.
-    data["router"].update(http_port=http, grpc_port=grpc_port, max_local_prefill_tokens=0)
+    data["router"].update(port=http, grpc_port=grpc_port, max_local_prefill_tokens=0)
     return parse_config(data, "two-node.yaml (test)")
 
 
@@ -182,12 +182,19 @@ def test_up_places_each_component_and_serves_the_colocated_tokens(deployed, conf
         assert set(pg["bundles_to_node_id"].values()) == {node_ids[ip]}
 
     url = deployed.router_urls[0]
-    assert url == f"http://{HEAD_IP}:{config.router.http_port}"
+    assert url == f"http://{HEAD_IP}:{config.router.port}"
     for prompt in PROMPTS:
         r = complete(url, prompt)
         assert r["choices"][0]["token_ids"] == reference[tuple(prompt)], len(prompt)
-        # Whole blocks of the prompt (but its last token) came from the other node's store.
-        assert r["kvmesh"]["prefix_tokens_from_store"]["decode"] == (len(prompt) - 1) // BLOCK * BLOCK
+        # Whole blocks of the prompt (but its last token) came from the other node's store,
+        # loaded (none failed) over the zero-copy backend a `kvmesh serve` decode worker
+        # uses with its store on the same host: the store actor is built by the same
+        # StoreNode and offers the same transfer sources.
+        whole = (len(prompt) - 1) // BLOCK * BLOCK
+        assert r["kvmesh"]["prefix_tokens_from_store"]["decode"] == whole
+        assert r["kvmesh"]["kv_load_failed_tokens"] == 0
+        if whole:
+            assert r["kvmesh"]["kv_transfer"]["backend"] == "shm", r["kvmesh"]
 
     from kvmesh.cluster.ray_cli import register
 
@@ -199,6 +206,26 @@ def test_up_places_each_component_and_serves_the_colocated_tokens(deployed, conf
     table = capsys.readouterr().out
     for name, row in rows.items():
         assert any(line.split()[:3] == [name, row["kind"], row["node_ip"]] for line in table.splitlines()), table
+
+
+def test_the_same_config_gives_the_same_components_under_serve_and_up(deployed, config):
+    """``kvmesh up`` and ``kvmesh serve --config`` start each component from the same
+    settings (``plan.py``): only where they bind and the addresses they are given differ."""
+    import ray
+
+    from kvmesh.cluster.local import LocalCluster
+    from kvmesh.cluster.ray_deploy import NAMESPACE
+
+    local = {c.name: c.settings for c in LocalCluster(model=config.model.path, config=config,
+                                                      verbose=False).components}
+    on_ray = {name.replace("-0", ""): ray.get(ray.get_actor(name, namespace=NAMESPACE).started_with.remote())
+              for name in ("store-0", "prefill-0", "decode-0", "router-0")}
+    placed = {"host", "store", "prefill", "decode", "node_id", "disk_dir"}
+    assert set(local) == set(on_ray)
+    for name, settings in on_ray.items():
+        assert type(settings) is type(local[name]), name
+        assert settings.model_dump(exclude=placed) == local[name].model_dump(exclude=placed), name
+    assert on_ray["store"].transfer == local["store"].transfer == ("shm", "nixl", "grpc")
 
 
 def test_a_killed_decode_worker_comes_back_on_its_address_and_no_request_is_lost(deployed, reference):

@@ -36,8 +36,8 @@ async def router_with_one_worker(servicer):
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
     await server.start()
-    core = RouterCore(RouterSettings(model="unused", served_model_name="m", prefill_addresses=(),
-                                     decode_addresses=(address,), health_timeout_s=TIMEOUT_S,
+    core = RouterCore(RouterSettings(model="unused", served_model_name="m", prefill=(),
+                                     decode=(address,), health_timeout=TIMEOUT_S,
                                      health_timeouts_to_fail=3))
     worker = Worker(address, WorkerClient(address))
     core.routing = RoutingPolicy(prefill=[], decode=[worker])  # what start() builds, minus the poller

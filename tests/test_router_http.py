@@ -57,7 +57,7 @@ def serving(model: str, stubs: int = 1, token_delay_s: float = 0.0, discover: bo
             **settings):
     """A router serving on an event loop of its own (a thread), with ``stubs`` stub decode
     workers; given as its decode addresses unless ``discover`` (then the test announces
-    them in the registry at ``settings["index_url"]``)."""
+    them in the registry at ``settings["index"]``)."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -69,9 +69,9 @@ def serving(model: str, stubs: int = 1, token_delay_s: float = 0.0, discover: bo
     servers = [call(start_stub("decode", stub=w)) for w in workers]
     addresses = [address for _, address in servers]
     grpc_port = free_port()
-    s = RouterSettings(model=model, served_model_name="tiny", prefill_addresses=(),
-                       decode_addresses=() if discover else tuple(addresses), **settings)
-    app = create_app(s, grpc_bind=("127.0.0.1", grpc_port))
+    s = RouterSettings(model=model, served_model_name="tiny", prefill=(),
+                       decode=() if discover else tuple(addresses), grpc_port=grpc_port, **settings)
+    app = create_app(s)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     served = asyncio.run_coroutine_threadsafe(server.serve(), loop)
     deadline = time.monotonic() + 60
@@ -241,8 +241,8 @@ def test_a_worker_that_leaves_the_registry_finishes_its_requests(tiny_model, red
     normally; its channel is closed once it is idle. Back in the registry, it serves."""
     from kvmesh.kv_store.index.services import Announcer, ServiceRegistry
 
-    with serving(tiny_model, token_delay_s=0.05, discover=True, index_url=redis_url,
-                 health_interval_s=0.1) as r:
+    with serving(tiny_model, token_delay_s=0.05, discover=True, index=redis_url,
+                 health_interval=0.1) as r:
         registry = ServiceRegistry(redis_url)
         announcer = Announcer(registry, "decode", r.stub_addresses[0])
         announcer.start()

@@ -15,7 +15,6 @@ def test_client_sdk_imports_without_the_serving_stack():
 # The SDK against stub servers (real gRPC, in-process): deadlines, retries, message limit.
 
 import asyncio
-import dataclasses
 import math
 import threading
 import time
@@ -158,9 +157,9 @@ def test_timeouts_must_be_finite_and_positive(stub_server, kind):
 
 
 def test_the_default_message_limit_is_the_routers():
-    from kvmesh.router.core import RouterSettings
+    from kvmesh.router.settings import RouterSettings
 
-    default = {f.name: f.default for f in dataclasses.fields(RouterSettings)}["max_request_bytes"]
+    default = RouterSettings.model_fields["max_request_bytes"].default
     assert kvmesh_client.ClientOptions().max_message_bytes == default == ROUTER_MAX_REQUEST_BYTES
 
 

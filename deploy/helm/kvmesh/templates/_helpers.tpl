@@ -307,26 +307,32 @@ spec:
             - --port={{ $v.port }}
             - --store=$(KVMESH_STORE_ADDRESS)
             - --block-size=$(KVMESH_BLOCK_SIZE)
-            - --kv-cache-gib={{ $v.kvCacheGiB }}
+            - --kv-cache-gib={{ $v.kvCacheGib }}
             {{- with $root.Values.model.id }}
             - --model-id={{ . }}
             {{- end }}
             {{- with $root.Values.model.maxModelLen }}
             - --max-model-len={{ . }}
             {{- end }}
+            - --tensor-parallel-size={{ $v.tensorParallelSize }}
+            - --pipeline-parallel-size={{ $v.pipelineParallelSize }}
+            {{- range $name, $value := $v.engine }}
+            {{- if kindIs "bool" $value }}
+            - --{{ if not $value }}no-{{ end }}{{ $name | replace "_" "-" }}
+            {{- else if or (kindIs "map" $value) (kindIs "slice" $value) }}
+            - --{{ $name | replace "_" "-" }}={{ toJson $value }}
+            {{- else }}
+            - --{{ $name | replace "_" "-" }}={{ $value }}
+            {{- end }}
+            {{- end }}
             {{- with $v.extraArgs }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
           {{- include "kvmesh.envFrom" $root | nindent 10 }}
+          {{- with $v.extraEnv }}
           env:
-            # Read by the engine once the CLI flags land (see values.yaml).
-            - name: KVMESH_TENSOR_PARALLEL_SIZE
-              value: {{ $v.tensorParallelSize | quote }}
-            - name: KVMESH_PIPELINE_PARALLEL_SIZE
-              value: {{ $v.pipelineParallelSize | quote }}
-            {{- with $v.extraEnv }}
             {{- toYaml . | nindent 12 }}
-            {{- end }}
+          {{- end }}
           ports:
             - name: grpc
               containerPort: {{ $v.port }}
