@@ -65,7 +65,7 @@ def engine_args(settings: EngineSettings):
 
     transfer = KVTransferConfig(
         kv_connector="KvmeshConnector",
-        kv_connector_module_path="kvmesh.kv_store.connector",
+        kv_connector_module_path="kvmesh.engine_host.connector",
         kv_role=KV_ROLES[settings.role],
         kv_load_failure_policy="recompute",
         kv_connector_extra_config={
