@@ -13,7 +13,7 @@ KV_ROLES = {
     # Decode workers load the prompt's KV and compute only what the store lacks.
     "decode": "kv_consumer",
 }
-CONNECTOR_MODULE = "kvmesh.kv_store.connector"
+CONNECTOR_MODULE = "kvmesh.engine_host.connector"
 
 
 def engine_args(settings: WorkerSettings):

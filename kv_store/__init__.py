@@ -1,4 +1,4 @@
-"""kvmesh's KV store: block keys, the block store, its server and client, and the vLLM connector.
+"""kvmesh's KV store: block keys, the block store, its server and client.
 
 Nothing in this package imports from the rest of kvmesh.
 """

@@ -1,4 +1,4 @@
-"""One step's KV loads (``kv_store.layer_loader``) from a real store server, over NIXL.
+"""One step's KV loads (``decode_workers.layer_loader``) from a real store server, over NIXL.
 
 The paged KV cache is a plain CPU tensor of the layout vLLM's CPU backend uses per
 layer; the store, its gRPC API and the NIXL transfer are the real ones.
@@ -12,10 +12,10 @@ from typing import NamedTuple
 import pytest
 import torch
 
+from kvmesh.decode_workers.layer_loader import LayerLoad, ReaderCache
+from kvmesh.engine_host.paged_layout import read_blocks
 from kvmesh.kv_store.client import StoreClient
 from kvmesh.kv_store.keys import KeySpace, namespace
-from kvmesh.kv_store.layer_loader import LayerLoad, ReaderCache
-from kvmesh.kv_store.paged_layout import read_blocks
 from kvmesh.kv_store.server import start_store_server
 from kvmesh.kv_store.tiered_store import TieredStore
 from kvmesh.kv_store.tiers import HostTier

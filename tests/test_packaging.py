@@ -28,7 +28,7 @@ def test_the_wheel_claims_no_generic_top_level_name(tmp_path):
     assert top == ALLOWED_TOP_LEVEL, top
     for generic in ("router", "cluster", "bench", "engine_host", "tests", "kv_store"):
         assert not any(n.startswith(generic + "/") for n in names), generic
-    assert "kvmesh/kv_store/connector.py" in names and "kvmesh/cluster/cli.py" in names
+    assert "kvmesh/engine_host/connector.py" in names and "kvmesh/cluster/cli.py" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "kvmesh = kvmesh.cluster.cli:main" in text

@@ -1,4 +1,4 @@
-"""One engine step's saves (``kv_store.step_saves``) against a real store over gRPC."""
+"""One engine step's saves (``prefill_workers.step_saves``) against a real store over gRPC."""
 
 import concurrent.futures as cf
 import socket
@@ -8,9 +8,9 @@ import pytest
 
 from kvmesh.kv_store.client import StoreClient
 from kvmesh.kv_store.server import start_store_server
-from kvmesh.kv_store.step_saves import StepSaves
 from kvmesh.kv_store.tiered_store import TieredStore
 from kvmesh.kv_store.tiers import HostTier
+from kvmesh.prefill_workers.step_saves import StepSaves
 
 
 @pytest.fixture

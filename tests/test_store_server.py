@@ -8,11 +8,11 @@ from typing import NamedTuple
 import pytest
 import torch
 
+from kvmesh.decode_workers.layer_loader import LayerLoad, ReaderCache
 from kvmesh.kv_store.client import StoreClient, StoreError
 from kvmesh.kv_store.index import EmbeddedBlockIndex
 from kvmesh.kv_store.integrity import checksum
 from kvmesh.kv_store.keys import KeySpace, chain_hashes, namespace
-from kvmesh.kv_store.layer_loader import LayerLoad, ReaderCache
 from kvmesh.kv_store.server import start_store_server
 from kvmesh.kv_store.store_node import PeerBlocks
 from kvmesh.kv_store.tiered_store import TieredStore

@@ -5,10 +5,13 @@ depends on the attention backend (the CPU backend uses
 ``[num_blocks, kv_heads, block_size, 2*head_dim]``, flash-attention
 ``[2, num_blocks, block_size, kv_heads, head_dim]``). Inside a block the bytes can be
 packed in a kernel-specific way, so kvmesh always copies *whole* blocks, never token rows.
+``PagedCaches`` is the engine's cache as vLLM registers it with the connector, which both
+of the connector's worker-side halves (loads and saves) read.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -53,3 +56,23 @@ def write_blocks(cache: torch.Tensor, dim: int, block_ids: Sequence[int],
     src = src.view(cache.dtype).reshape(len(blocks), *shape).movedim(0, dim)
     ids = torch.tensor(block_ids, dtype=torch.long, device=cache.device)
     cache.index_copy_(dim, ids, src.to(cache.device))
+
+
+@dataclass
+class PagedCaches:
+    """The paged KV cache of one model runner, layer by layer: each layer's tensor, its
+    index in the model and the tensor's block dimension. Filled by ``register``."""
+
+    num_blocks: int = 0  # from the engine's KV-cache config; 0: each tensor's first dimension
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    layers: dict[str, int] = field(default_factory=dict)
+    block_dims: dict[str, int] = field(default_factory=dict)
+
+    def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Take vLLM's per-layer cache tensors (``register_kv_caches``)."""
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        for name, cache in kv_caches.items():
+            self.tensors[name] = cache
+            self.layers[name] = extract_layer_index(name)
+            self.block_dims[name] = block_dim(cache, self.num_blocks or cache.shape[0])

@@ -1,5 +1,5 @@
-"""The saves of one engine step, sent to the store in the background (the worker side
-of the connector).
+"""The saves of one engine step, sent to the store in the background (for the
+connector's save side).
 
 A request whose step also loads some of its blocks from the store computes its new KV
 on top of the loaded blocks. If any of them failed to load, that KV is wrong (vLLM

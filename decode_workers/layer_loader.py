@@ -1,4 +1,4 @@
-"""One engine step's KV loads, layer by layer (the worker side of the connector).
+"""One engine step's KV loads, layer by layer (for the connector's load side).
 
 ``LayerLoad.start`` leases every block the step loads (one ``Locate`` call), then reads
 each layer's blocks in layer order on a background thread, with the transfer backend the
@@ -18,25 +18,17 @@ import concurrent.futures as cf
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
 import torch
 
+from kvmesh.engine_host.metadata import LoadStats
+from kvmesh.engine_host.paged_layout import block_nbytes, write_blocks
 from kvmesh.kv_store.client import StoreClient, StoreError
 from kvmesh.kv_store.integrity import verify
 from kvmesh.kv_store.keys import KeySpace
-from kvmesh.kv_store.paged_layout import block_nbytes, write_blocks
 
 log = logging.getLogger("kvmesh.connector")
-
-
-class LoadStats(NamedTuple):
-    """Per request: how its KV came in."""
-
-    backend: str          # "shm", "nixl", "grpc" (transfer) or "get" (plain store API)
-    nbytes: int
-    transfer_s: float     # from the lease to the last layer's bytes
-    wait_s: float         # of that, time the forward pass waited for bytes
 
 
 @dataclass

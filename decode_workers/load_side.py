@@ -1,0 +1,86 @@
+"""The connector's load side: what makes an engine a KV consumer.
+
+Each step that loads blocks, ``start`` leases them all in one call and reads them layer
+by layer on a background thread, each layer waited for just before its attention
+(``wait_for_layer``; ``decode_workers.layer_loader``). ``finish`` waits out the rest and
+records what failed: the blocks, reported to vLLM through
+``block_ids_with_load_errors`` (vLLM recomputes them; the engine must run with
+``kv_load_failure_policy="recompute"``), the prompt tokens per request, reported to the
+scheduler side (``worker_meta``, with how the loaded KV came in), and the requests, whose
+saves this step must be dropped (``take_failed_requests``). Nothing here raises on a
+store or transfer failure, and no wait is without the step's deadline.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from typing import Sequence
+
+from kvmesh.decode_workers.layer_loader import LayerLoad, ReaderCache
+from kvmesh.engine_host.connector_settings import ConnectorSettings
+from kvmesh.engine_host.metadata import BlockTransfer, KvmeshWorkerMetadata, LoadStats
+from kvmesh.engine_host.paged_layout import PagedCaches
+from kvmesh.kv_store.client import StoreClient
+from kvmesh.kv_store.keys import KeySpace
+
+
+class LoadSide:
+    def __init__(self, settings: ConnectorSettings, store: StoreClient, caches: PagedCaches,
+                 space: KeySpace):
+        self.store, self.caches, self.space = store, caches, space
+        self.block_size = settings.block_size
+        self.timeout_s = settings.timeout_s
+        self._loader = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmesh-load")
+        self._readers = ReaderCache(settings.transfer_preference)
+        self._load: LayerLoad | None = None
+        self._failed_block_ids: set[int] = set()
+        self._failed_tokens: dict[str, int] = {}
+        self._failed_loads: set[str] = set()  # requests whose load failed, until their saves settle
+        self._load_stats: dict[str, LoadStats] = {}
+
+    def start(self, transfers: Sequence[BlockTransfer]) -> None:
+        """Lease the step's blocks and start reading them, first layer first (the previous
+        step's load must be finished)."""
+        self._load = LayerLoad(self.store, self._readers, self.space, self.caches.layers,
+                               self.caches.tensors, self.caches.block_dims, self._loader, self.timeout_s)
+        self._load.start(transfers)
+
+    def wait_for_layer(self, layer_name: str) -> None:
+        if self._load is not None:
+            self._load.write_layer(layer_name)
+
+    def finish(self) -> None:
+        """Finish the step's load, if any, and record what failed."""
+        if self._load is None:
+            return
+        load, self._load = self._load, None
+
+        def failed(req_id: str, block_ids: list[int]) -> None:
+            self._failed_loads.add(req_id)
+            self._failed_block_ids.update(block_ids)
+            self._failed_tokens[req_id] = self._failed_tokens.get(req_id, 0) + len(block_ids) * self.block_size
+
+        self._load_stats.update(load.finish(failed))
+
+    def take_failed_requests(self) -> set[str]:
+        """The requests whose load failed since the last call."""
+        failed, self._failed_loads = self._failed_loads, set()
+        return failed
+
+    def block_ids_with_load_errors(self) -> set[int]:
+        """Finish the step's load; the paged blocks that failed since the last call."""
+        self.finish()
+        failed, self._failed_block_ids = self._failed_block_ids, set()
+        return failed
+
+    def worker_meta(self) -> KvmeshWorkerMetadata | None:
+        """Failed prompt tokens and load statistics since the last call, per request."""
+        if not self._failed_tokens and not self._load_stats:
+            return None
+        meta = KvmeshWorkerMetadata(self._failed_tokens, self._load_stats)
+        self._failed_tokens, self._load_stats = {}, {}
+        return meta
+
+    def shutdown(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)
+        self._readers.close()

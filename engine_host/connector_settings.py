@@ -1,0 +1,84 @@
+"""What the connector reads from vLLM's configuration, once, for both of its sides.
+
+From ``kv_connector_extra_config`` the connector's own settings (listed in
+``engine_host.connector``); from the engine the rest: whether this engine loads and
+saves (its ``kv_role``), the block size, the keys' namespace (model id and cache layout)
+and how the KV heads split over tensor-parallel ranks (keys carry head ranges, not ranks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvmesh.kv_store.keys import KeySpace, namespace
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+
+def layout_fingerprint(vllm_config: "VllmConfig") -> str:
+    """What must match for a block's bytes to mean the same thing to another worker."""
+    from vllm.platforms import current_platform
+
+    model = vllm_config.model_config
+    cache = vllm_config.cache_config
+    dtype = model.dtype if cache.cache_dtype == "auto" else cache.cache_dtype
+    device = current_platform.device_type
+    if device == "cpu":  # the CPU kernels pack K by instruction set
+        device += "-" + torch.backends.cpu.get_cpu_capability()
+    return f"{device}|{dtype}|bs{cache.block_size}|hd{model.get_head_size()}"
+
+
+@dataclass(frozen=True)
+class ConnectorSettings:
+    store_address: str
+    timeout_s: float                    # per store call and per step's load
+    transfer_preference: tuple[str, ...]
+    can_load: bool                      # a KV consumer (kv_consumer, kv_both)
+    can_save: bool                      # a KV producer (kv_producer, kv_both)
+    block_size: int
+    namespace: bytes
+    total_heads: int                    # KV heads of the whole model
+    heads_per_rank: int
+    tensor_parallel_size: int
+    num_layers: int
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: "VllmConfig") -> "ConnectorSettings":
+        """Raises ``ValueError`` when ``store_address`` is missing."""
+        cfg = vllm_config.kv_transfer_config
+        extra = cfg.kv_connector_extra_config or {}
+        if "store_address" not in extra:
+            raise ValueError("KvmeshConnector needs kv_connector_extra_config['store_address']")
+        model = vllm_config.model_config
+        total_heads = model.get_total_num_kv_heads()
+        tp = vllm_config.parallel_config.tensor_parallel_size
+        return cls(
+            store_address=extra["store_address"],
+            timeout_s=float(extra.get("timeout_s", 5.0)),
+            transfer_preference=tuple(str(extra.get("transfer_preference", "shm,nixl,grpc")).split(",")),
+            can_load=cfg.is_kv_consumer,
+            can_save=cfg.is_kv_producer,
+            block_size=vllm_config.cache_config.block_size,
+            namespace=namespace(str(extra.get("model_id") or model.model), layout_fingerprint(vllm_config)),
+            total_heads=total_heads,
+            heads_per_rank=max(1, total_heads // tp),
+            tensor_parallel_size=tp,
+            num_layers=model.get_total_num_hidden_layers(),
+        )
+
+    def _heads(self, rank: int) -> tuple[int, int]:
+        start = rank * self.heads_per_rank % self.total_heads
+        return start, start + self.heads_per_rank
+
+    def rank_space(self, rank: int) -> KeySpace:
+        """The keys tensor-parallel rank ``rank`` reads and writes: its KV heads' range."""
+        return KeySpace(self.namespace, self._heads(rank))
+
+    def shard_spaces(self) -> list[KeySpace]:
+        """Every rank's key space, each head range once (ranks may share heads)."""
+        return [KeySpace(self.namespace, heads)
+                for heads in sorted({self._heads(r) for r in range(self.tensor_parallel_size)})]

@@ -1,0 +1,58 @@
+"""What the connector's two sides tell each other, once per engine step.
+
+vLLM carries both across processes (pickled): ``KvmeshConnectorMetadata`` from the
+scheduler side to the workers (the blocks to load and to save this step), and
+``KvmeshWorkerMetadata`` back (prompt tokens whose load failed, and how the loaded KV
+came in).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorMetadata,
+    KVConnectorWorkerMetadata,
+)
+
+
+@dataclass
+class BlockTransfer:
+    """Blocks of one request to move this step: paged block ids and their chain hashes."""
+
+    req_id: str
+    block_ids: list[int]
+    hashes: list[bytes]
+    parent: bytes | None = None  # chain hash of the block before ``hashes[0]``
+
+
+@dataclass
+class KvmeshConnectorMetadata(KVConnectorMetadata):
+    loads: list[BlockTransfer] = field(default_factory=list)
+    saves: list[BlockTransfer] = field(default_factory=list)
+
+
+class LoadStats(NamedTuple):
+    """Per request: how its KV came in."""
+
+    backend: str          # "shm", "nixl", "grpc" (transfer) or "get" (plain store API)
+    nbytes: int
+    transfer_s: float     # from the lease to the last layer's bytes
+    wait_s: float         # of that, time the forward pass waited for bytes
+
+
+@dataclass
+class KvmeshWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker -> scheduler, per request: prompt tokens whose load failed this step, and how
+    the loaded KV came in. (The scheduler sees it with the step's output; a request that
+    finishes in the very step that loaded it is reported without load statistics.)"""
+
+    failed_tokens: dict[str, int] = field(default_factory=dict)
+    loads: dict[str, LoadStats] = field(default_factory=dict)
+
+    def aggregate(self, other: "KVConnectorWorkerMetadata") -> "KvmeshWorkerMetadata":
+        merged = dict(self.failed_tokens)
+        for req_id, n in getattr(other, "failed_tokens", {}).items():
+            merged[req_id] = max(merged.get(req_id, 0), n)
+        return KvmeshWorkerMetadata(merged, {**self.loads, **getattr(other, "loads", {})})

@@ -1,0 +1,170 @@
+"""The connector's scheduler side, in the engine core.
+
+It hashes each new request's prompt into chain hashes (``on_new_request``), asks the
+store how many leading blocks it holds (``get_num_new_matched_tokens``), remembers what
+was allocated for them (``update_state_after_alloc``) and, every step, tells the workers
+which blocks to load and which newly computed full blocks to save
+(``build_connector_meta``). A lookup that fails counts as zero hits; prompt tokens whose
+load failed (``update_connector_output``) have their blocks planned for saving again, so
+the recomputed KV replaces what did not load.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kvmesh.engine_host.connector_settings import ConnectorSettings
+from kvmesh.engine_host.metadata import BlockTransfer, KvmeshConnectorMetadata, LoadStats
+from kvmesh.kv_store.client import StoreClient, StoreError
+from kvmesh.kv_store.keys import chain_hashes
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger("kvmesh.connector")
+
+
+@dataclass
+class _RequestState:
+    """Scheduler-side bookkeeping of one request, dropped when it finishes."""
+
+    hashes: list[bytes]
+    block_ids: list[int] = field(default_factory=list)
+    load: tuple[int, int] | None = None  # (first block, number of blocks) to load
+    load_pending: bool = False
+    saved_blocks: int = 0                 # leading blocks already in the store or sent
+    matched: tuple[int, int] = (0, 0)     # (local computed tokens, store tokens) last seen
+    tokens_from_store: int = 0
+    tokens_load_failed: int = 0
+    load_stats: LoadStats | None = None
+
+
+class ConnectorScheduler:
+    def __init__(self, settings: ConnectorSettings):
+        self.store = StoreClient(settings.store_address, timeout_s=settings.timeout_s)
+        self.block_size = settings.block_size
+        self.can_save = settings.can_save
+        self.can_load = settings.can_load
+        self._shard_spaces = settings.shard_spaces()
+        self._all_layers = list(range(settings.num_layers))
+        self._requests: dict[str, _RequestState] = {}
+
+    def _groups(self, hashes: list[bytes]) -> list[list[bytes]]:
+        """Per block, every key a full load needs: all layers of all head shards."""
+        return [[k for space in self._shard_spaces for k in space.block_group(h, self._all_layers)]
+                for h in hashes]
+
+    def on_new_request(self, request: "Request") -> None:
+        tokens = list(request.prompt_token_ids or [])
+        self._requests[request.request_id] = _RequestState(
+            hashes=chain_hashes(tokens, self.block_size, getattr(request, "cache_salt", None)))
+
+    def _state(self, request: "Request") -> _RequestState:
+        if request.request_id not in self._requests:
+            self.on_new_request(request)
+        return self._requests[request.request_id]
+
+    def get_num_new_matched_tokens(self, request: "Request",
+                                   num_computed_tokens: int) -> tuple[int, bool]:
+        state = self._state(request)
+        state.matched = (num_computed_tokens, 0)
+        if not self.can_load or not state.hashes:
+            return 0, False
+        # At least one prompt token must be left for the engine to compute.
+        loadable = min(len(state.hashes), (request.num_prompt_tokens - 1) // self.block_size)
+        first = num_computed_tokens // self.block_size
+        if loadable <= first:
+            return 0, False
+        try:
+            hits = self.store.lookup(self._groups(state.hashes[first:loadable]))
+        except StoreError as e:
+            log.warning("store lookup failed, computing locally: %s", e)
+            return 0, False
+        state.matched = (num_computed_tokens, hits * self.block_size)
+        return hits * self.block_size, False
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
+                                 num_external_tokens: int) -> None:
+        state = self._state(request)
+        if num_external_tokens <= 0:
+            return
+        first = state.matched[0] // self.block_size
+        count = num_external_tokens // self.block_size
+        state.load = (first, count)
+        state.load_pending = True
+        state.saved_blocks = max(state.saved_blocks, first + count)
+        state.tokens_from_store += num_external_tokens
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KvmeshConnectorMetadata:
+        meta = KvmeshConnectorMetadata()
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            state = self._requests.get(new.req_id)
+            if state is None:
+                continue
+            state.block_ids = list(new.block_ids[0])
+            self._plan(new.req_id, state, new.num_computed_tokens + scheduled.get(new.req_id, 0), meta)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._requests.get(req_id)
+            if state is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if new_ids is not None:
+                if req_id in cached.resumed_req_ids:
+                    state.block_ids = list(new_ids[0])
+                else:
+                    state.block_ids.extend(new_ids[0])
+            self._plan(req_id, state, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), meta)
+        return meta
+
+    def _plan(self, req_id: str, state: _RequestState, computed_after_step: int,
+              meta: KvmeshConnectorMetadata) -> None:
+        if state.load_pending and state.load is not None:
+            first, count = state.load
+            meta.loads.append(BlockTransfer(req_id, state.block_ids[first:first + count],
+                                            state.hashes[first:first + count]))
+            state.load_pending = False
+        if self.can_save:
+            full = min(len(state.hashes), computed_after_step // self.block_size,
+                       len(state.block_ids))
+            if full > state.saved_blocks:
+                first = state.saved_blocks
+                meta.saves.append(BlockTransfer(req_id, state.block_ids[first:full],
+                                                state.hashes[first:full],
+                                                state.hashes[first - 1] if first else None))
+                state.saved_blocks = full
+
+    def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
+        worker_meta = connector_output.kv_connector_worker_meta
+        for req_id, stats in getattr(worker_meta, "loads", {}).items():
+            state = self._requests.get(req_id)
+            if state is not None:
+                state.load_stats = stats
+        for req_id, n in getattr(worker_meta, "failed_tokens", {}).items():
+            state = self._requests.get(req_id)
+            if state is None:
+                continue
+            state.tokens_load_failed += n
+            if state.load is not None:  # recomputed blocks get saved again, replacing bad ones
+                first, count = state.load
+                state.saved_blocks = min(state.saved_blocks, first + count - n // self.block_size)
+
+    def request_finished(self, request: "Request",
+                         block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        state = self._requests.pop(request.request_id, None)
+        if state is None:
+            return False, None
+        info = {"tokens_from_store": state.tokens_from_store,
+                "tokens_load_failed": state.tokens_load_failed}
+        if state.load_stats is not None:
+            info.update(state.load_stats._asdict())
+        return False, {"kvmesh": info}
+
+    def shutdown(self) -> None:
+        self.store.close()
