@@ -132,6 +132,10 @@ class KvmeshConnector(KVConnectorBase_V1):
         assert self._worker is not None
         self._worker.wait_for_save()
 
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        assert self._worker is not None
+        return self._worker.get_finished() or None, None
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         assert self._worker is not None
         return self._worker.get_block_ids_with_load_errors()

@@ -10,8 +10,9 @@ from kvmesh.engine_host.settings import WorkerSettings
 KV_ROLES = {
     # Prefill workers load cached prefixes from the store and save what they compute.
     "prefill": "kv_both",
-    # Decode workers load the prompt's KV and compute only what the store lacks.
-    "decode": "kv_consumer",
+    # Decode workers load the prompt's KV, compute only what the store lacks, and save
+    # what they computed (the prompt's rest, the generated tokens) for the next turn.
+    "decode": "kv_both",
 }
 CONNECTOR_MODULE = "kvmesh.engine_host.connector"
 

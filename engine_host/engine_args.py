@@ -19,7 +19,7 @@ KVMESH_DEFAULTS = {
     "block_size": 32,             # a block is the store's unit: small blocks share more prefixes
     "enforce_eager": True,
     "enable_prefix_caching": False,  # the store is the prefix cache (decode may opt in)
-    "disable_log_stats": True,
+    "disable_log_stats": False,     # the engine's timestamps give each request's time breakdown
     "model": None,                # vLLM's default names a hub model; kvmesh needs a local one
 }
 REFUSED = {

@@ -31,6 +31,10 @@ class BlockTransfer:
 class KvmeshConnectorMetadata(KVConnectorMetadata):
     loads: list[BlockTransfer] = field(default_factory=list)
     saves: list[BlockTransfer] = field(default_factory=list)
+    # Blocks of requests that finished (their generated tokens' full blocks, and any
+    # computed block not saved yet), to save before vLLM frees them: vLLM keeps them
+    # until the worker reports the request in ``get_finished``.
+    finished_saves: list[BlockTransfer] = field(default_factory=list)
 
 
 class LoadStats(NamedTuple):

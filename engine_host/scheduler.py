@@ -7,11 +7,19 @@ which blocks to load and which newly computed full blocks to save
 (``build_connector_meta``). A lookup that fails counts as zero hits; prompt tokens whose
 load failed (``update_connector_output``) have their blocks planned for saving again, so
 the recomputed KV replaces what did not load.
+
+Every turn's KV is kept: when a request finishes in an engine that saves, the full blocks
+it computed beyond its prompt (the generated tokens, so the next turn of a conversation
+finds its whole history in the store) and any computed block not saved yet go out in
+the next step's ``finished_saves``; ``request_finished`` then returns True, so vLLM keeps
+those blocks until the worker side reports the request done sending (``get_finished``:
+after the save, or once it failed or missed its deadline — never later).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +50,7 @@ class _RequestState:
     tokens_from_store: int = 0
     tokens_load_failed: int = 0
     load_stats: LoadStats | None = None
+    lookup_s: float = 0.0                 # time spent asking the store
 
 
 class ConnectorScheduler:
@@ -53,6 +62,7 @@ class ConnectorScheduler:
         self._shard_spaces = settings.shard_spaces()
         self._all_layers = list(range(settings.num_layers))
         self._requests: dict[str, _RequestState] = {}
+        self._finished_saves: list[BlockTransfer] = []
 
     def _groups(self, hashes: list[bytes]) -> list[list[bytes]]:
         """Per block, every key a full load needs: all layers of all head shards."""
@@ -73,6 +83,8 @@ class ConnectorScheduler:
                                    num_computed_tokens: int) -> tuple[int, bool]:
         state = self._state(request)
         state.matched = (num_computed_tokens, 0)
+        # Blocks vLLM's own prefix cache holds were computed (and saved) here before.
+        state.saved_blocks = max(state.saved_blocks, num_computed_tokens // self.block_size)
         if not self.can_load or not state.hashes:
             return 0, False
         # At least one prompt token must be left for the engine to compute.
@@ -80,11 +92,14 @@ class ConnectorScheduler:
         first = num_computed_tokens // self.block_size
         if loadable <= first:
             return 0, False
+        started = time.monotonic()
         try:
             hits = self.store.lookup(self._groups(state.hashes[first:loadable]))
         except StoreError as e:
             log.warning("store lookup failed, computing locally: %s", e)
             return 0, False
+        finally:
+            state.lookup_s += time.monotonic() - started
         state.matched = (num_computed_tokens, hits * self.block_size)
         return hits * self.block_size, False
 
@@ -101,7 +116,8 @@ class ConnectorScheduler:
         state.tokens_from_store += num_external_tokens
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KvmeshConnectorMetadata:
-        meta = KvmeshConnectorMetadata()
+        meta = KvmeshConnectorMetadata(finished_saves=self._finished_saves)
+        self._finished_saves = []
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             state = self._requests.get(new.req_id)
@@ -161,10 +177,33 @@ class ConnectorScheduler:
         if state is None:
             return False, None
         info = {"tokens_from_store": state.tokens_from_store,
-                "tokens_load_failed": state.tokens_load_failed}
+                "tokens_load_failed": state.tokens_load_failed, "lookup_s": state.lookup_s}
         if state.load_stats is not None:
             info.update(state.load_stats._asdict())
-        return False, {"kvmesh": info}
+        save = self._save_at_finish(request, state, block_ids)
+        info["tokens_saved_at_finish"] = len(save.hashes) * self.block_size if save else 0
+        if save is None:
+            return False, {"kvmesh": info}
+        self._finished_saves.append(save)
+        return True, {"kvmesh": info}
+
+    def _save_at_finish(self, request: "Request", state: _RequestState,
+                        block_ids: list[int]) -> BlockTransfer | None:
+        """The full blocks ``request`` computed that are not in the store yet (its
+        generated tokens'), or None. Only tokens whose KV was computed count: the last
+        sampled token never went through the model."""
+        if not self.can_save:
+            return None
+        tokens = list(request.all_token_ids)[:request.num_computed_tokens]
+        if len(tokens) // self.block_size <= state.saved_blocks:
+            return None
+        hashes = chain_hashes(tokens, self.block_size, getattr(request, "cache_salt", None))
+        full = min(len(hashes), len(block_ids))
+        first = state.saved_blocks
+        if full <= first:
+            return None
+        return BlockTransfer(request.request_id, list(block_ids[first:full]), hashes[first:full],
+                             hashes[first - 1] if first else None)
 
     def shutdown(self) -> None:
         self.store.close()

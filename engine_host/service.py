@@ -67,20 +67,32 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 completion = out.outputs[0]
                 chunk = worker_pb2.GenerateChunk(token_ids=completion.token_ids, text=completion.text)
                 if out.finished:
-                    stats = (out.kv_transfer_params or {}).get("kvmesh", {})
-                    chunk.finish_reason = completion.finish_reason or "stop"
-                    chunk.num_prompt_tokens = len(out.prompt_token_ids or ())
-                    chunk.tokens_from_store = stats.get("tokens_from_store", 0)
-                    chunk.tokens_load_failed = stats.get("tokens_load_failed", 0)
-                    chunk.kv_backend = stats.get("backend", "")
-                    chunk.kv_bytes = stats.get("nbytes", 0)
-                    chunk.kv_transfer_s = stats.get("transfer_s", 0.0)
-                    chunk.kv_wait_s = stats.get("wait_s", 0.0)
+                    self._finish(chunk, out)
                 yield chunk
         except ValueError as e:  # vLLM's input validation
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         finally:
             self.running -= 1
+
+    @staticmethod
+    def _finish(chunk: worker_pb2.GenerateChunk, out) -> None:
+        """The last chunk: why it ended, and how the request's KV and time were spent."""
+        stats = (out.kv_transfer_params or {}).get("kvmesh", {})
+        chunk.finish_reason = out.outputs[0].finish_reason or "stop"
+        chunk.num_prompt_tokens = len(out.prompt_token_ids or ())
+        chunk.tokens_from_store = stats.get("tokens_from_store", 0)
+        chunk.tokens_load_failed = stats.get("tokens_load_failed", 0)
+        chunk.tokens_saved = stats.get("tokens_saved_at_finish", 0)
+        chunk.lookup_s = stats.get("lookup_s", 0.0)
+        chunk.kv_backend = stats.get("backend", "")
+        chunk.kv_bytes = stats.get("nbytes", 0)
+        chunk.kv_transfer_s = stats.get("transfer_s", 0.0)
+        chunk.kv_wait_s = stats.get("wait_s", 0.0)
+        metrics = out.metrics  # engine timestamps, when the engine keeps stats
+        if metrics is not None and metrics.scheduled_ts:
+            chunk.engine_queue_s = max(0.0, metrics.scheduled_ts - metrics.queued_ts)
+            if metrics.first_token_ts:
+                chunk.engine_first_token_s = max(0.0, metrics.first_token_ts - metrics.scheduled_ts)
 
     async def Health(self, request, context):
         errored = getattr(self.engine, "errored", False)

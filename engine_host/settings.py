@@ -41,10 +41,10 @@ class WorkerSettings(Settings):
         "CPU KV cache size in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE; a value the environment "
         "already sets wins; --num-gpu-blocks-override caps the blocks on any device)"))
     store_timeout: Seconds = Field(5.0, description="deadline of each store call and each step's load, in seconds")
-    transfer_preference: Annotated[Names, one_of(BACKENDS, "transfer backend")] = Field(
+    transfer_preference: Annotated[Names, one_of((*BACKENDS, "get"), "transfer backend")] = Field(
         DEFAULT_PREFERENCE, description=(
             "transfer backends to read the store with, best first; the first the store "
-            "offers and this host can use wins (none usable: the store's Get)"))
+            "offers and this host can use wins (none usable, or get: the store's Get)"))
     engine_args: tuple[str, ...] = Field((), description=(
         "vLLM engine arguments, as on vLLM's command line (--model DIR --max-num-seqs 8 ...)"),
         json_schema_extra={"cli": False})

@@ -53,6 +53,8 @@ class ConnectorWorker:
         self.caches.register(kv_caches)
 
     def start_load_kv(self, meta: KvmeshConnectorMetadata) -> None:
+        if meta.finished_saves and self.saves is not None:
+            self.saves.save_finished(meta.finished_saves)
         if not meta.loads:
             return
         self._settle_saves()  # a previous step's load, if its finish was skipped
@@ -81,6 +83,10 @@ class ConnectorWorker:
             failed = self.loads.take_failed_requests()
         if self.saves is not None:
             self.saves.settle(failed)
+
+    def get_finished(self) -> set[str]:
+        """Finished requests whose blocks vLLM may free now (their save is over)."""
+        return self.saves.take_finished() if self.saves is not None else set()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.loads.block_ids_with_load_errors() if self.loads is not None else set()

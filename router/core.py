@@ -29,6 +29,7 @@ from typing import AsyncIterator, Sequence
 import grpc
 
 from kvmesh_proto import worker_pb2
+from kvmesh.kv_store.keys import chain_hashes
 from kvmesh.router.admission import Admission, Overloaded
 from kvmesh.router.metrics import RouterMetrics
 from kvmesh.router.routing import Route, RoutingPolicy, Worker
@@ -131,6 +132,26 @@ class Trace:
     kv_transfer_s: float = 0.0
     kv_wait_s: float = 0.0
     decode_address: str = ""  # the decode worker that served it (a retry may move it)
+    tokens_saved: int = 0     # generated tokens whose KV the decode worker saved for the next turn
+    # Where the time to first token went (seconds), each stage as the component that
+    # spent it measured it: see ``breakdown``.
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def note_worker(self, role: str, chunk) -> None:
+        """A worker's last chunk: its engine's queue and first step, the store lookup."""
+        self.stages[f"{role}_engine_queue"] = chunk.engine_queue_s
+        first = "prefill_compute" if role == "prefill" else "decode_first_step"
+        self.stages[first] = chunk.engine_first_token_s
+        if role == "decode":
+            self.stages["lookup"] = chunk.lookup_s
+            self.stages["load"], self.stages["load_waited"] = chunk.kv_transfer_s, chunk.kv_wait_s
+
+    def breakdown(self) -> dict[str, float]:
+        """Stage -> seconds: router_queue, prefill (the whole prefill call) and, inside
+        it, prefill_engine_queue and prefill_compute; then on the decode worker lookup,
+        decode_engine_queue, load (of which load_waited held the forward pass up) and
+        decode_first_step (from first scheduled to the first token, the load included)."""
+        return {"router_queue": self.queue_s, "prefill": self.prefill_s, **self.stages}
 
     def info(self) -> dict:
         return {"ttft_s": self.ttft_s, "queue_s": self.queue_s, "prefill_s": self.prefill_s,
@@ -139,8 +160,10 @@ class Trace:
                 "prefix_tokens_from_store": {"prefill": self.prefill_tokens_from_store,
                                              "decode": self.decode_tokens_from_store},
                 "kv_load_failed_tokens": self.decode_tokens_load_failed,
+                "tokens_saved": self.tokens_saved,
                 "kv_transfer": {"backend": self.kv_backend, "bytes": self.kv_bytes,
-                                "seconds": self.kv_transfer_s, "waited_s": self.kv_wait_s}}
+                                "seconds": self.kv_transfer_s, "waited_s": self.kv_wait_s},
+                "breakdown": self.breakdown()}
 
 
 class RouterCore:
@@ -167,7 +190,8 @@ class RouterCore:
             prefill=[Worker(a, WorkerClient(a)) for a in s.prefill],
             decode=[Worker(a, WorkerClient(a)) for a in s.decode],
             block_size=s.block_size, policy=s.routing, decode_local_cache=s.decode_local_cache,
-            max_local_prefill_tokens=s.max_local_prefill_tokens)
+            max_local_prefill_tokens=s.max_local_prefill_tokens,
+            max_decode_prefill_tokens=s.max_decode_prefill_tokens)
         self._registry = None
         if s.index:
             from kvmesh.kv_store.index.services import ServiceRegistry
@@ -313,18 +337,21 @@ class RouterCore:
         return worker_pb2.GenerateRequest(request_id=p.request_id, prompt_token_ids=p.token_ids,
                                           sampling=sampling, cache_salt=p.cache_salt)
 
-    async def _prefill(self, worker: Worker, request: worker_pb2.GenerateRequest, trace: Trace) -> None:
+    async def _prefill(self, worker: Worker, request: worker_pb2.GenerateRequest, trace: Trace,
+                       uncached: int) -> None:
         pre = worker_pb2.GenerateRequest()
         pre.CopyFrom(request)
         pre.request_id = request.request_id + "-prefill"
         pre.sampling.CopyFrom(worker_pb2.SamplingParams(max_tokens=1, temperature=0.0))
         start = time.monotonic()
         worker.inflight += 1
+        worker.pending_tokens += uncached
         try:
             async for chunk in worker.client.generate(pre, self.settings.prefill_timeout):
                 if chunk.finish_reason:
                     trace.prefill_ok = True
                     trace.prefill_tokens_from_store = chunk.tokens_from_store
+                    trace.note_worker("prefill", chunk)
         except grpc.aio.AioRpcError as e:
             self.metrics.prefill_failures.inc()
             if e.code() == grpc.StatusCode.UNAVAILABLE:
@@ -333,6 +360,7 @@ class RouterCore:
                         request.request_id, worker.address, e.code().name, e.details())
         finally:
             worker.inflight -= 1
+            worker.pending_tokens -= uncached
             trace.prefill_s = time.monotonic() - start
 
     async def generate(self, p: Prepared, trace: Trace) -> AsyncIterator[worker_pb2.GenerateChunk]:
@@ -354,14 +382,17 @@ class RouterCore:
                     trace.prefill_skipped = True
                     self.metrics.prefill_skipped.inc()
                 else:
-                    await self._prefill(route.prefill, request, trace)
+                    await self._prefill(route.prefill, request, trace,
+                                        self.routing.uncached_tokens(route, len(p.token_ids)))
                     if p.request_id in self._cancel_requested:  # cancelled while prefilling
                         raise asyncio.CancelledError
                 async with aclosing(self._decode(route, request, trace, start)) as chunks:
                     async for chunk in chunks:
                         yield chunk
                 if trace.prefill_ok or trace.prefill_skipped:
-                    self.routing.record(route, trace.decode_address)
+                    computed = p.token_ids + trace.token_ids[:-1]  # the last token has no KV yet
+                    self.routing.record(route, trace.decode_address,
+                                        chain_hashes(computed, self.settings.block_size, p.cache_salt or None))
             outcome = "ok"
         except Overloaded as e:
             outcome = "overloaded"
@@ -450,6 +481,8 @@ class RouterCore:
             trace.decode_tokens_load_failed = chunk.tokens_load_failed
             trace.kv_backend, trace.kv_bytes = chunk.kv_backend, chunk.kv_bytes
             trace.kv_transfer_s, trace.kv_wait_s = chunk.kv_transfer_s, chunk.kv_wait_s
+            trace.tokens_saved = chunk.tokens_saved
+            trace.note_worker("decode", chunk)
         return last
 
     def _record(self, trace: Trace, num_prompt: int, outcome: str, started: float) -> None:
@@ -464,6 +497,9 @@ class RouterCore:
         m.tokens_load_failed.labels("decode").inc(trace.decode_tokens_load_failed)
         if trace.ttft_s is not None:
             m.ttft.observe(trace.ttft_s)
+            for stage, seconds in trace.breakdown().items():
+                m.stages.labels(stage).observe(seconds)
+        m.tokens_saved.inc(trace.tokens_saved)
         if trace.kv_backend:
             m.kv_loads.labels(trace.kv_backend).inc()
             m.kv_bytes.labels(trace.kv_backend).inc(trace.kv_bytes)

@@ -57,3 +57,11 @@ class RouterMetrics:
                               "Time to first token", buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("kvmesh_router_request_seconds", "End-to-end request latency",
                              buckets=LATENCY_BUCKETS, registry=r)
+        self.stages = Histogram(
+            "kvmesh_router_stage_seconds",
+            "Where a request's time to first token went, by stage (router_queue, prefill, "
+            "prefill_engine_queue, prefill_compute, lookup, load, load_waited, "
+            "decode_engine_queue, decode_first_step)", ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens_saved = Counter(
+            "kvmesh_router_tokens_saved_at_finish",
+            "Generated tokens whose KV the decode workers saved for the next turn", registry=r)

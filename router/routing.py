@@ -13,7 +13,12 @@ request's overlap with each node is then one ``longest_prefix`` call.
 * **Conditional disaggregation**: when the part of the prompt neither the chosen decode
   worker nor the store already holds is at most ``max_local_prefill_tokens`` (and always
   for a prompt shorter than one block), the request skips prefill and goes straight to
-  decode.
+  decode. So does a part of at most ``max_decode_prefill_tokens`` while every prefill
+  worker has at least that many tokens of other prompts still to compute: queueing
+  behind them would take longer than computing it on the decode worker.
+* **Every turn counts**: a request that succeeded credits the store (and, with local
+  caches, its decode worker) with its prompt *and* the tokens it generated, which the
+  decode worker saved: the next turn of a conversation finds its whole history cached.
 
 The table is a hint: a worker may have evicted a prefix it is credited with; that costs
 time (the worker loads or computes it), never correctness.
@@ -38,6 +43,7 @@ class Worker:
     address: str
     client: object          # router.workers.WorkerClient
     inflight: int = 0
+    pending_tokens: int = 0   # prompt tokens of the prefills it runs, still to compute
     healthy: bool = True
     health_timeouts: int = 0  # Health calls that timed out in a row
 
@@ -58,6 +64,7 @@ class RoutingPolicy:
     policy: str = "kv_aware"
     decode_local_cache: bool = False
     max_local_prefill_tokens: int = 64
+    max_decode_prefill_tokens: int = 0
     load_slack: int = 4
     capacity_blocks: int = 200_000
     _index: EmbeddedBlockIndex = field(default_factory=lambda: EmbeddedBlockIndex(heartbeat_timeout_s=1e12))
@@ -125,24 +132,36 @@ class RoutingPolicy:
         uncached = len(token_ids) - cached
         skip = (len(token_ids) < self.block_size or uncached <= self.max_local_prefill_tokens
                 or not self.prefill)
-        prefill = None if skip else self._least_loaded(self.prefill)
+        prefill = None if skip else min(
+            [w for w in self.prefill if w.healthy] or self.prefill, key=lambda w: w.pending_tokens)
+        if prefill is not None and uncached <= self.max_decode_prefill_tokens \
+                and prefill.pending_tokens >= uncached:
+            prefill, reason = None, reason + "+prefill_busy"
         return Route(prefill, decode, reason, cached, hashes)
 
-    def record(self, route: Route, decode_address: str | None = None) -> None:
+    def uncached_tokens(self, route: Route, num_tokens: int) -> int:
+        """Prompt tokens of ``route`` its prefill worker is expected to compute."""
+        return max(0, num_tokens - route.cached_tokens)
+
+    def record(self, route: Route, decode_address: str | None = None,
+               hashes: Sequence[bytes] | None = None) -> None:
         """Credit the request's blocks to where they now are (call after it succeeded):
-        the store, when it was prefilled, and with ``decode_local_cache`` the decode worker
-        that served it (``decode_address``; default the route's), while it is still in the
-        pool — one that left meanwhile is credited nothing. Never raises for a worker
-        that left: the request it served has succeeded."""
-        if not route.hashes:
+        the store (the prefill worker saved the prompt, the decode worker what it
+        computed), and with ``decode_local_cache`` the decode worker that served it
+        (``decode_address``; default the route's), while it is still in the pool — one
+        that left meanwhile is credited nothing. ``hashes``: the chain hashes of every
+        token whose KV was computed (prompt and generated), default the prompt's. Never
+        raises for a worker that left: the request it served has succeeded."""
+        hashes = list(hashes if hashes is not None else route.hashes)
+        if not hashes:
             return
-        nodes = [STORE_NODE] if route.prefill is not None else []
+        nodes = [STORE_NODE]
         served = decode_address or route.decode.address
         if self.decode_local_cache and any(w.address == served for w in self.decode):
             nodes.append(served)
         for node in nodes:
-            self._index.add(node, "gpu" if node != STORE_NODE else "host", list(route.hashes))
-            for h in route.hashes:
+            self._index.add(node, "gpu" if node != STORE_NODE else "host", hashes)
+            for h in hashes:
                 self._held[(node, h)] = None
                 self._held.move_to_end((node, h))
         while len(self._held) > self.capacity_blocks:

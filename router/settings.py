@@ -38,6 +38,10 @@ class RouterSettings(Settings):
         "decode workers keep vLLM's local prefix cache (they run with --enable-prefix-caching)"))
     max_local_prefill_tokens: int = Field(64, ge=0, description=(
         "skip prefill when at most this many prompt tokens are not cached"))
+    max_decode_prefill_tokens: int = Field(0, ge=0, description=(
+        "also skip prefill when at most this many prompt tokens are not cached and every "
+        "prefill worker has at least as many tokens of other prompts still to compute "
+        "(0: never)"))
     max_inflight: int = Field(256, ge=1, description="requests served at once")
     max_queue: int = Field(1024, ge=0, description=(
         "requests waiting for a slot; more are refused with 429/RESOURCE_EXHAUSTED"))

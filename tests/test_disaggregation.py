@@ -200,3 +200,26 @@ def test_invalid_json_and_cluster_keeps_serving(cluster, store, reference):
     prompt = PROMPTS[4]
     assert complete(cluster, prompt)["choices"][0]["token_ids"] == reference[tuple(prompt)]
     assert httpx.get(cluster.router_url + "/health", timeout=10).json()["status"] == "ok"
+
+
+def test_every_turn_is_kept_for_the_next(cluster, store, reference, tiny_model, tmp_path):
+    """The decode worker saves the blocks it generated: the next turn (history + answer +
+    a new message) loads the answer's KV from the store instead of computing it, and
+    still produces the colocated tokens."""
+    rng = random.Random(5)
+    first = [rng.randrange(10, 1000) for _ in range(120)]  # 3 blocks and 24 tokens
+    r1 = complete(cluster, first)
+    answer = r1["choices"][0]["token_ids"]
+    # 120 prompt + 11 generated tokens have KV: the 4th block (24 + 8) is new, and full.
+    assert r1["kvmesh"]["tokens_saved"] == BLOCK
+    question = [rng.randrange(10, 1000) for _ in range(30)]
+    # Control: after another answer, only the 3 blocks the prefill worker saved are found.
+    other = complete(cluster, first + [w + 1 for w in answer[:8]] + question)
+    assert other["kvmesh"]["prefix_tokens_from_store"]["prefill"] == 3 * BLOCK
+    follow_up = first + answer + question
+    expected = reference_table(tiny_model, [follow_up], MAX_TOKENS, BLOCK, tmp_path)[tuple(follow_up)]
+    r2 = complete(cluster, follow_up)
+    assert r2["choices"][0]["token_ids"] == expected
+    # The prefill worker loaded 4 blocks, the last of which only the decode worker saved.
+    assert r2["kvmesh"]["prefix_tokens_from_store"]["prefill"] == 4 * BLOCK
+    assert r2["kvmesh"]["kv_load_failed_tokens"] == 0

@@ -257,3 +257,10 @@ def test_serve_with_a_config_starts_what_the_config_says(tiny_model):
         assert from_args(type(c.settings), args, args.parser, **fixed) == c.settings, c.name
     assert "--max-num-seqs" in cluster.components[1].argv() and "--enable-prefix-caching" in cluster.components[3].argv()
     assert load_config(ROOT / "deploy" / "configs" / "local.yaml").stores[0].host_bytes == 1 << 30
+
+
+def test_the_readme_reference_is_generated_from_the_settings():
+    from kvmesh.cluster.reference import replace_in
+
+    text = (ROOT / "README.md").read_text()
+    assert replace_in(text) == text, "run: python -m kvmesh.cluster.reference --write README.md"
