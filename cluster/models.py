@@ -1,23 +1,36 @@
-"""Locally generated test and benchmark models.
+"""The models kvmesh makes for itself: the default real model and generated test models.
 
-No weights can be downloaded where kvmesh is developed and tested, so it makes its own:
-a Llama-architecture model with seeded random weights and a byte-level BPE tokenizer
-trained on seeded synthetic text, saved as a Hugging Face directory that vLLM loads.
+* ``smollm2`` (the default): SmolLM2-135M-Instruct, a real instruct model, converted from
+  the GGUF file of a Python package (``cluster/smollm2.py``). It answers questions in
+  English; the demo and ``kvmesh serve`` use it when no ``--model`` is given.
+* ``tiny`` and ``bench``: a Llama-architecture model with seeded random weights and a
+  byte-level BPE tokenizer trained on seeded synthetic text, for tests that need special
+  shapes or noise controls (``tiny``) and for benchmarks (``bench``). Their output is
+  noise, never English.
 
-Contract: the same size and seed always give the same tokenizer and the same weights.
-Weights use ``initializer_range`` 0.15 so that the output depends on the context
-(at the default init, random models repeat one token whatever they are given, which
-would make output-equality tests prove nothing).
+Every one is saved as a Hugging Face directory that vLLM loads. ``ensure_model`` keeps one
+of each in a cache and makes it once.
+
+Contract of the generated ones: the same size and seed always give the same tokenizer
+and the same weights. Weights use ``initializer_range`` 0.15 so that the output depends on
+the context (at the default init, random models repeat one token whatever they are given,
+which would make output-equality tests prove nothing).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import random
+import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from kvmesh.cluster.smollm2 import ModelSourceMissing  # raised here too: callers catch it from here
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,11 @@ SIZES = {
     "bench": ModelSize(vocab_size=2048, hidden_size=768, intermediate_size=2048,
                        num_layers=8, num_heads=12, num_kv_heads=4, max_positions=8192),
 }
+
+DEFAULT_MODEL = "smollm2"
+MODEL_NAMES = (DEFAULT_MODEL, *SIZES)  # what make_model and ensure_model make
+# The name a cluster serves each one under when no other is given.
+SERVED_NAMES = {"smollm2": "smollm2-135m-instruct", "tiny": "kvmesh-tiny", "bench": "kvmesh-bench"}
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
@@ -94,20 +112,32 @@ def make_tokenizer(vocab_size: int, seed: int):
     )
 
 
-def make_model(out_dir: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
+def make_model(out_dir: str | os.PathLike, size: str, seed: int = 0) -> Path:
     """Write a complete Hugging Face model directory to ``out_dir`` and return it.
+
+    ``size`` is one of ``MODEL_NAMES``: ``smollm2`` converts the packaged real model
+    (``seed`` must stay 0), ``tiny`` and ``bench`` generate one from ``seed``.
 
     Writes into a temporary sibling first and renames, so a crash never leaves a
     half-written directory that looks complete (the sibling is removed when writing
     fails). Replaces only an empty directory or one this function made earlier (it holds
     ``kvmesh_model.json``); any other existing path is a ``ValueError``, and left as it was.
+    ``ModelSourceMissing`` when what ``smollm2`` is made from is not installed (checked
+    before anything is written).
     """
-    if size not in SIZES:
-        raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
+    if size not in MODEL_NAMES:
+        raise ValueError(f"unknown model {size!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if size == DEFAULT_MODEL and seed != 0:
+        raise ValueError(f"the {size} model has trained weights: a seed applies only to "
+                         f"the generated ones ({', '.join(SIZES)})")
     out = Path(out_dir)
     if out.exists() and not _replaceable(out):
         raise ValueError(f"{out} exists and is not a kvmesh model directory; give a new or empty one")
-    import shutil
+    if size == DEFAULT_MODEL:
+        from kvmesh.cluster import smollm2
+
+        smollm2.gguf_path()
+        smollm2.check_converter()
 
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     try:
@@ -127,6 +157,13 @@ def _replaceable(path: Path) -> bool:
 
 
 def _write_model(tmp: Path, size: str, seed: int) -> None:
+    """The model's files in ``tmp``, ``kvmesh_model.json`` last."""
+    if size == DEFAULT_MODEL:
+        from kvmesh.cluster import smollm2
+
+        source = smollm2.write_model(tmp)
+        (tmp / "kvmesh_model.json").write_text(json.dumps({"size": size, "source": source}))
+        return
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -160,28 +197,76 @@ def is_model_dir(path: str | os.PathLike) -> bool:
     return (p / "config.json").is_file() and (p / "tokenizer.json").is_file()
 
 
-def default_model_dir(size: str = "tiny") -> Path:
-    """Where the embedded default model lives; generated on first use."""
+def default_model_dir(size: str) -> Path:
+    """Where ``ensure_model`` keeps the model ``size``: ``$KVMESH_CACHE_DIR/models/...``
+    (default cache: ``$XDG_CACHE_HOME/kvmesh`` or ``~/.cache/kvmesh``)."""
+    if size not in MODEL_NAMES:
+        raise ValueError(f"unknown model {size!r}; choose one of {', '.join(MODEL_NAMES)}")
     base = os.environ.get("KVMESH_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "kvmesh")
-    return Path(base) / "models" / f"{size}-seed0"
+    return Path(base) / "models" / (size if size == DEFAULT_MODEL else f"{size}-seed0")
 
 
-def ensure_model(size: str = "tiny") -> Path:
-    """Return the default model directory of ``size``, generating it if missing."""
+def ensure_model(size: str) -> Path:
+    """The cached model directory of ``size`` (one of ``MODEL_NAMES``), made on first use
+    and reused afterwards.
+
+    Guarantees: a directory at the returned path is complete (written in a temporary
+    sibling, ``kvmesh_model.json`` last, then renamed into place); it is made at most once
+    however many processes ask at the same time (a lock file next to it; the others wait,
+    then reuse it); temporary siblings that a killed maker left behind are removed by the
+    next maker. Progress of the long step goes to stderr. Raises ``ValueError`` for an
+    unknown name and ``ModelSourceMissing`` when what ``smollm2`` is made from is not
+    installed (the message says how to install it).
+    """
     path = default_model_dir(size)
-    if not is_model_dir(path):
-        # Progress, so on stderr: stdout may be a command's JSON report.
-        print(f"kvmesh: generating the {size} model in {path} ...", file=sys.stderr, flush=True)
+    if _complete(path):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path.with_name(path.name + ".lock"), size):
+        if _complete(path):  # another process made it while we waited
+            return path
+        for stale in path.parent.glob(path.name + ".tmp*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        verb = "converting" if size == DEFAULT_MODEL else "generating"
+        print(f"kvmesh: {verb} the {size} model into {path} (once: later runs reuse it) ...",
+              file=sys.stderr, flush=True)
+        started = time.monotonic()
         make_model(path, size)
+        print(f"kvmesh: the {size} model is ready ({time.monotonic() - started:.0f} s)",
+              file=sys.stderr, flush=True)
     return path
 
 
+def _complete(path: Path) -> bool:
+    return is_model_dir(path) and (path / "kvmesh_model.json").is_file()
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path, size: str):
+    """Hold an exclusive lock on ``lock_path`` (released when the process ends, however)."""
+    with open(lock_path, "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"kvmesh: waiting for another process that is making the {size} model ...",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def resolve_model(model: str | None) -> tuple[str, str]:
-    """(model directory, served name): the given directory, or the default model, prepared
-    on first use. ``SystemExit`` with a clear message for a directory that is no model."""
+    """(model directory, served name): the given directory, or the default model
+    (SmolLM2-135M-Instruct, converted into the cache on first use). ``SystemExit`` with a
+    clear message for a directory that is no model, or a default model that cannot be made."""
     if model is None:
-        return str(ensure_model("tiny")), "kvmesh-tiny"
+        try:
+            return str(ensure_model(DEFAULT_MODEL)), SERVED_NAMES[DEFAULT_MODEL]
+        except ModelSourceMissing as e:
+            raise SystemExit(f"kvmesh: {e}") from None
     if not is_model_dir(model):
         raise SystemExit(f"kvmesh: {model} is not a Hugging Face model directory "
                          "(no config.json and tokenizer.json); make one with `kvmesh model make DIR`")

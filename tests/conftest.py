@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny model, generated once per test session."""
+"""Shared fixtures: the generated tiny model (once per test session) and the default real
+model (converted once into the kvmesh cache)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,15 @@ def tiny_model(tmp_path_factory) -> str:
     from kvmesh.cluster.models import make_model
 
     return str(make_model(tmp_path_factory.mktemp("models") / "tiny", "tiny", seed=0))
+
+
+@pytest.fixture(scope="session")
+def smollm2_model() -> str:
+    """SmolLM2-135M-Instruct, the default model, from the kvmesh cache (converted on first
+    use). Its source package missing is an error naming how to install it, never a skip."""
+    from kvmesh.cluster.models import ensure_model
+
+    return str(ensure_model("smollm2"))
 
 
 def _wait_ready(proc: subprocess.Popen, port: int, timeout_s: float) -> bool:

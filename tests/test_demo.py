@@ -1,26 +1,46 @@
-"""The README's main command, ``kvmesh demo``: the whole cluster on this machine, six
-prompts, a clean stop. Prompts that share a long prefix with an earlier one skip prefill
-and load the prefix from the store."""
+"""The README's main command, ``kvmesh demo``: the whole cluster on this machine on the
+default model (SmolLM2-135M-Instruct), real questions through the OpenAI chat API, a
+clean stop. The answers must be right (greedy decoding), and questions after the first
+load the shared system prompt from the store instead of computing it."""
 
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+# What each answer must mention: facts a 135M instruct model gets right, greedy.
+EXPECTED = {
+    "question 1": r"\bParis\b",
+    "question 2": r"\bTokyo\b",
+    "question 3": r"\b(8|eight)\b",
+    "question 4": r"\bShakespeare\b",
+    "conversation, turn 1": r"\bRome\b",
+    "conversation, turn 2": r"\bItalian\b",  # "there" is Italy only if the first turn was read
+}
+ANSWER = re.compile(r"^\[(.+?)\] (.+)\n    (.+)\n    prompt (\d+) tokens, time to first token (\d+) ms, "
+                    r"from store: prefill (\w+)(?: tokens)?, decode (\d+) tokens$", re.MULTILINE)
 
-def test_demo_runs_its_prompts_and_stops_cleanly():
+
+def test_demo_answers_real_questions_and_stops_cleanly(smollm2_model):
     proc = subprocess.run([sys.executable, "-m", "kvmesh.cluster.cli", "demo"], capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = re.findall(r"^\[(.+?)\] prompt (\d+) tokens, .*from store: prefill (\w+).*, decode (\d+) tokens$",
-                       proc.stdout, re.MULTILINE)
-    assert [label for label, *_ in lines] == [
-        "short", "shared prefix #1", "shared prefix #2", "shared prefix #3", "other long",
-        "other long, again"]
-    by_label = {label: (int(n), prefill, int(decode)) for label, n, prefill, decode in lines}
-    for label in ("shared prefix #2", "shared prefix #3", "other long, again"):
-        n, prefill, from_store = by_label[label]
-        assert prefill == "skipped" and from_store >= n - 64, (label, by_label[label])
+    answers = {label: (question, answer, int(n), prefill, int(decode))
+               for label, question, answer, n, _, prefill, decode in ANSWER.findall(proc.stdout)}
+    assert list(answers) == list(EXPECTED), proc.stdout
+    assert "smollm2-135m-instruct" in proc.stdout  # the default model, not a generated one
+    for label, pattern in EXPECTED.items():
+        question, answer, *_ = answers[label]
+        assert re.search(pattern, answer, re.IGNORECASE), (label, question, answer)
+        assert len(answer.split()) >= 4 and answer.isascii(), (label, answer)  # a sentence, not noise
+    # The first question computes the shared system prompt; every later one finds it in
+    # the store (the follow-up turn included) and loads all but at most 64 prompt tokens.
+    assert answers["question 1"][3] != "skipped"
+    for label in list(EXPECTED)[1:]:
+        _, _, n, prefill, from_store = answers[label]
+        assert from_store >= max(32, n - 64), (label, answers[label])
+        if label.startswith("question"):
+            assert prefill == "skipped", (label, answers[label])
     assert "demo finished; cluster stopped" in proc.stdout
     # A clean stop: no component's log ends with a traceback (vLLM's engine finalizer
     # used to fail in every worker when it ran during interpreter shutdown).
