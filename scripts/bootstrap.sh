@@ -29,7 +29,7 @@ if ! command -v npm >/dev/null; then
         echo "kvmesh: installing npm" >&2
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null
     else
-        echo "kvmesh: npm not found; the deployment check (tests/test_deploy.py) needs it" >&2
+        echo "kvmesh: npm not found; the deployment check (tests/integration/test_deploy.py) needs it" >&2
     fi
 fi
 

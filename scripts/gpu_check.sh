@@ -19,6 +19,6 @@ if ! "$PYTHON" -c 'import numpy, xxhash, msgpack, pytest, redis' 2>/dev/null; th
     fi
 fi
 echo "kvmesh: GPU tier tests" >&2
-"$PYTHON" -m pip install -q --no-deps --no-build-isolation -e . && "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_tiered_store.py -k "gpu or cuda" -rs
+"$PYTHON" -m pip install -q --no-deps --no-build-isolation -e . && "$PYTHON" -m pytest -q -p no:cacheprovider tests/unit/test_tiered_store.py -k "gpu or cuda" -rs
 echo "kvmesh: store benchmark ($total per case)" >&2
 "$PYTHON" -m kvmesh.cluster.cli bench store --json --total-bytes "$total"

@@ -13,6 +13,16 @@ import redis
 
 from kvmesh.cluster.local import free_port
 
+LAYERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        layer = next((part for part in item.path.parts if part in LAYERS), None)
+        if layer is not None:
+            item.add_marker(getattr(pytest.mark, layer))
+
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -40,7 +40,7 @@ HEAD_IP, NODE_IP = "127.0.0.2", "127.0.0.3"
 BLOCK = 32
 MAX_TOKENS = 12
 PROMPTS = [[(7 * i + n) % 900 + 10 for i in range(n)] for n in (5, 64, 100, 200)]
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _ray_command() -> str:

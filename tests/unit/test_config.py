@@ -11,7 +11,7 @@ import yaml
 from kvmesh.cluster.config import ConfigError, load_config, parse_config
 from kvmesh.cluster.ray_deploy import local_resources
 
-CONFIGS = Path(__file__).resolve().parent.parent / "deploy" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "deploy" / "configs"
 MINIMAL = {"model": {"path": "/models/m"}}
 
 

@@ -10,7 +10,7 @@ import tomllib
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = ("kv_store", "engine_host", "prefill_workers", "decode_workers", "router", "cluster", "bench")
 ALLOWED_TOP_LEVEL = {"kvmesh", "kvmesh_client", "kvmesh_proto"}
 

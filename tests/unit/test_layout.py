@@ -7,7 +7,7 @@ import ast
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = ("kv_store", "engine_host", "prefill_workers", "decode_workers", "router", "cluster", "bench")
 # Which of our folders each may import (the design's table).
 ALLOWED = {

@@ -14,7 +14,7 @@ import pytest
 from kvmesh.cluster.local import LocalCluster
 from kvmesh.kv_store.index import RedisBlockIndex
 from tests.colocated import reference_table
-from tests.test_disaggregation import BLOCK, MAX_TOKENS, complete
+from tests.e2e.test_disaggregation import BLOCK, MAX_TOKENS, complete
 
 HEARTBEAT_TIMEOUT_S = 2.0
 PROMPTS = [[rng.randrange(10, 1000) for _ in range(n)]

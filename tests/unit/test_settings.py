@@ -23,7 +23,7 @@ from kvmesh.engine_host.settings import DecodeSettings, PrefillSettings
 from kvmesh.kv_store.settings import StoreSettings
 from kvmesh.router.settings import RouterSettings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = {"store": StoreSettings, "prefill": PrefillSettings, "decode": DecodeSettings,
             "router": RouterSettings}
 

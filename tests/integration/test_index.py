@@ -27,7 +27,7 @@ from kvmesh.kv_store.store_node import IndexPublisher
 
 TIMEOUT = 10.0
 T0 = 1_700_000_000.25
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class FakeClock:
