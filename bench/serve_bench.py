@@ -49,7 +49,8 @@ DEFAULT_ENGINE_ARGS = {
     "multi-turn": "--block-size 32 --max-model-len 4096",
     # 64 blocks of 32 tokens: 2,048 tokens of KV per engine, so that a working set of 4x that
     # takes few and short prompts.
-    "cache-pressure": "--block-size 32 --num-gpu-blocks-override 64 --max-model-len 2048",
+    # (vLLM keeps one block back: 64 blocks serve at most 2,016 tokens)
+    "cache-pressure": "--block-size 32 --num-gpu-blocks-override 64 --max-model-len 2000",
     "interference": "--block-size 32 --max-model-len 4096",
 }
 

@@ -44,7 +44,7 @@ def plot(runs: dict[str, Run], path: str | Path, title: str) -> Path:
             if not kept:
                 continue
             box = ax.boxplot([d for _, d in kept], positions=[p for p, _ in kept], widths=width * 0.8,
-                             showfliers=False, patch_artist=True)
+                             showfliers=False, patch_artist=True, medianprops={"color": "black"})
             for patch in box["boxes"]:
                 patch.set(facecolor=COLORS.get(name, "tab:gray"), alpha=0.35)
             for p, d in kept:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -228,6 +229,17 @@ def _stop_group(proc: subprocess.Popen, timeout_s: float) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):  # its engine processes too
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def _cause(path: Path) -> str:
+    """": <the log's last error line that is not a pointer to an earlier one>", or "" when none."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    errors = [line for line in lines if re.match(r"^\s*\w*(Error|Exception): ", line)
+              and "root cause above" not in line]
+    return f": {errors[-1].strip()}" if errors else ""
 
 
 def _tail(path: Path, lines: int = 30) -> str:
