@@ -63,7 +63,7 @@ class ServeBenchSettings:
     workload: str = "multi-turn"
     model: str | None = None          # a Hugging Face model directory; None: the generated --size
     size: str = "bench"
-    engine_args: str | None = None    # vLLM engine flags for both systems; None: DEFAULT_ENGINE_ARGS
+    engine_flags: str | None = None   # vLLM engine flags for both systems; None: DEFAULT_ENGINE_ARGS
     kv_cache_gib: int = 1
     multiprocessing: bool = True
     api: str = "chat"
@@ -110,8 +110,8 @@ class ServeBenchSettings:
         if self.request_timeout <= 0 or self.start_timeout <= 0:
             raise ValueError("timeouts must be above 0 seconds")
 
-    def engine_flags(self) -> list[str]:
-        text = DEFAULT_ENGINE_ARGS[self.workload] if self.engine_args is None else self.engine_args
+    def engine_flag_list(self) -> list[str]:
+        text = DEFAULT_ENGINE_ARGS[self.workload] if self.engine_flags is None else self.engine_flags
         flags = shlex.split(text)
         serve_systems.parse_flags(flags)  # a clear error for a malformed list
         for name in ("--model", "--served-model-name", "--host", "--port"):
@@ -134,7 +134,7 @@ def _size(settings: ServeBenchSettings, name: str) -> int:
 
 def build_workload(settings: ServeBenchSettings, tokenizer) -> serve_workloads.Workload:
     """The workload ``settings`` describe, in tokens of ``tokenizer``."""
-    s, flags = settings, settings.engine_flags()
+    s, flags = settings, settings.engine_flag_list()
     if s.workload == "multi-turn":
         return serve_workloads.multi_turn(
             tokenizer, users=s.users, turns=s.turns, document_tokens=_size(s, "document_tokens"),
@@ -202,7 +202,7 @@ def run(settings: ServeBenchSettings) -> tuple[dict, dict[str, Run]]:
     else:
         model_dir = ensure_model(settings.size)
     name = model_dir.name
-    flags = settings.engine_flags()
+    flags = settings.engine_flag_list()
     if "kvmesh" in settings.systems:
         block_size = serve_systems.kvmesh_engine_options(flags)["block_size"]  # refuses early
     else:
@@ -297,6 +297,19 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _bytes(text: str, zero_ok: bool = False) -> int:
+    from kvmesh.kv_store.settings_base import parse_bytes
+
+    try:
+        return parse_bytes(text, zero_ok=zero_ok)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _bytes_or_zero(text: str) -> int:
+    return _bytes(text, zero_ok=True)
+
+
 def _systems(text: str) -> tuple[str, ...]:
     names = tuple(s.strip() for s in text.split(",") if s.strip())
     if not names or not set(names) <= set(SYSTEMS) or len(set(names)) != len(names):
@@ -306,8 +319,6 @@ def _systems(text: str) -> tuple[str, ...]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``kvmesh bench serve`` flags; defaults from ``ServeBenchSettings``."""
-    from kvmesh.cluster.cli import parse_bytes, parse_bytes_or_zero
-
     d = ServeBenchSettings()
     g = p.add_argument_group("what to run")
     g.add_argument("--workload", choices=serve_workloads.WORKLOADS, default=d.workload, help=(
@@ -319,7 +330,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a Hugging Face model directory (default: the generated --size model)")
     g.add_argument("--size", choices=["tiny", "bench"], default=d.size,
                    help=f"generated model when --model is not given (default {d.size})")
-    g.add_argument("--engine-args", default=d.engine_args, metavar="FLAGS", help=(
+    # (dest engine_flags: the kvmesh command line keeps args.engine_args for its own pass-through)
+    g.add_argument("--engine-args", dest="engine_flags", default=d.engine_flags, metavar="FLAGS", help=(
         "vLLM engine flags given to both systems, as one quoted string; default per workload: "
         + "; ".join(f"{w}: '{a}'" for w, a in DEFAULT_ENGINE_ARGS.items())))
     g.add_argument("--kv-cache-gib", type=_positive_int, default=d.kv_cache_gib,
@@ -369,9 +381,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--short-interval", type=_seconds, default=d.short_interval,
                    help=f"seconds between short requests (default {d.short_interval})")
     g = p.add_argument_group("kvmesh's store")
-    g.add_argument("--store-host-bytes", type=parse_bytes, default=d.store_host_bytes,
+    g.add_argument("--store-host-bytes", type=_bytes, default=d.store_host_bytes,
                    help="host RAM tier (default 512MiB)")
-    g.add_argument("--store-disk-bytes", type=parse_bytes_or_zero, default=d.store_disk_bytes,
+    g.add_argument("--store-disk-bytes", type=_bytes_or_zero, default=d.store_disk_bytes,
                    help="disk tier, in a temporary directory (default 0: none)")
     g = p.add_argument_group("limits and outputs")
     g.add_argument("--request-timeout", type=_seconds, default=d.request_timeout,
@@ -408,7 +420,7 @@ def main(args: argparse.Namespace) -> None:
     """``kvmesh bench serve``: run, print the JSON line, exit 0/1 (130 when interrupted)."""
     try:
         settings = settings_from(args)
-        settings.engine_flags()
+        settings.engine_flag_list()
     except ValueError as e:
         raise SystemExit(f"kvmesh bench serve: {e}") from None
 

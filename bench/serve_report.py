@@ -120,7 +120,9 @@ def breakdown_row(record: Record, records: list[Record]) -> dict:
     object: the admission queue, the prefill call (with the prefix the prefill worker
     loaded from the store), then the decode side up to the first token (the KV load, the
     uncached tokens computed there, and any wait in the decode engine); ``front_ms`` is
-    what the client saw beyond the router's own TTFT (HTTP, chat template, tokenizing)."""
+    what the client saw beyond the router's own TTFT (HTTP, chat template, tokenizing);
+    ``stages_ms`` the router's own finer breakdown (``breakdown`` in the object: engine
+    queues, compute, store lookup, load, first decode step), where it gives one."""
     info = record.kvmesh or {}
     router_ttft = info.get("ttft_s") or 0.0
     queue, prefill = info.get("queue_s") or 0.0, info.get("prefill_s") or 0.0
@@ -137,6 +139,8 @@ def breakdown_row(record: Record, records: list[Record]) -> dict:
         "prefix_tokens_from_store": {"prefill": from_store.get("prefill", 0),
                                      "decode": from_store.get("decode", 0)},
         "uncached_tokens_at_decode": max(0, prompt - from_store.get("decode", 0)),
+        "tokens_saved": info.get("tokens_saved"),
+        "stages_ms": {stage: _ms(seconds or 0.0) for stage, seconds in (info.get("breakdown") or {}).items()},
         "kv_transfer": {"backend": transfer.get("backend"), "bytes": transfer.get("bytes"),
                         "ms": _ms(transfer.get("seconds") or 0.0),
                         "waited_ms": _ms(transfer.get("waited_s") or 0.0)},
@@ -174,6 +178,8 @@ def kvmesh_breakdown(records: list[Record], focus: str, shown: int = SLOWEST_SHO
             "prefix_tokens_from_store_decode": median(x["prefix_tokens_from_store"]["decode"] for x in rows),
             "uncached_tokens_at_decode": median(x["uncached_tokens_at_decode"] for x in rows),
             "kv_transfer_ms": median(x["kv_transfer"]["ms"] for x in rows),
+            "stages_ms": {stage: median(x["stages_ms"][stage] for x in rows if stage in x["stages_ms"])
+                          for stage in dict.fromkeys(k for x in rows for k in x["stages_ms"])},
         },
         "slowest": sorted(rows, key=lambda x: -x["ttft_ms"])[:shown],
     }

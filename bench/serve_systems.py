@@ -7,9 +7,11 @@
 
 Both get the same model, the same list of vLLM engine flags (``engine_flags``), the same
 ``VLLM_CPU_KVCACHE_SPACE`` and ``VLLM_ENABLE_V1_MULTIPROCESSING`` (``engine_env``), and
-start with empty caches. The plain server also gets what kvmesh's workers always set
-(eager mode, as ``engine_host.engine.base_engine_kwargs``) and vLLM's own sampling defaults
-instead of the model's generation config (kvmesh's workers take only the request's).
+start with empty caches. The plain server also gets what kvmesh's workers default to
+where vLLM's defaults differ (eager mode: ``engine_host.engine_args.KVMESH_DEFAULTS``;
+vLLM's prefix cache stays on, as plain vLLM users run it, while kvmesh's store is its
+prefix cache) and vLLM's own sampling defaults instead of the model's generation config
+(kvmesh's workers take only the request's).
 
 Each ``start_*`` is a context manager: whatever it started is stopped when it exits,
 on an error or Ctrl-C too, and every wait has a deadline.
@@ -34,15 +36,15 @@ from typing import Callable, Iterator
 
 from kvmesh.kv_store.malloc_tuning import MALLOC_ENV
 
-# Whether `kvmesh prefill|decode` take vLLM's own engine flags (pass-through). Until they
-# do, ``kvmesh_engine_options`` maps the few flags they have and refuses the others.
-WORKERS_TAKE_VLLM_FLAGS = False
+# Whether `kvmesh prefill|decode` take vLLM's own engine flags (pass-through). When they
+# do not, ``kvmesh_engine_options`` maps the few flags they have and refuses the others.
+WORKERS_TAKE_VLLM_FLAGS = True
 
 # kvmesh worker flags that are vLLM flags of the same name and meaning.
 _WORKER_FLAGS = ("--max-model-len",)
 
 # What kvmesh's workers always run with, given to the plain server as flags.
-PLAIN_VLLM_FIXED_FLAGS = ("--enforce-eager", "--generation-config", "vllm", "--disable-log-stats",
+PLAIN_VLLM_FIXED_FLAGS = ("--enforce-eager", "--generation-config", "vllm",
                           "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning")
 
 
@@ -93,7 +95,8 @@ def flag_int(flags: list[str], name: str, default: int | None = None) -> int | N
 def kvmesh_engine_options(flags: list[str]) -> dict:
     """``LocalCluster`` options that give kvmesh's workers the engine arguments ``flags``
     (vLLM's own flags) give a plain vLLM server: ``block_size`` (the router hashes blocks of
-    that size too) and ``worker_args``. ValueError naming a flag the workers cannot take."""
+    that size too) and ``worker_args``. ValueError naming a flag the workers cannot take
+    (with the pass-through: what vLLM's parser rejects or kvmesh must own, for either role)."""
     parsed = parse_flags(flags)
     block_size = flag_int(flags, "--block-size", 32)
     rest = [(name, value) for name, value in parsed.items() if name != "--block-size"]
@@ -107,6 +110,12 @@ def kvmesh_engine_options(flags: list[str]) -> dict:
     args: list[str] = []
     for name, value in rest:
         args += [name] if value is None else [name, value]
+    if WORKERS_TAKE_VLLM_FLAGS:
+        from kvmesh.engine_host.engine_args import check_engine_args
+
+        for role in ("prefill", "decode"):
+            # (the check reads no model files: any name stands for the model here)
+            check_engine_args(["--model", "model", "--block-size", str(block_size), *args], role)
     return {"block_size": block_size, "worker_args": tuple(args)}
 
 
