@@ -36,13 +36,6 @@ from typing import Callable, Iterator
 
 from kvmesh.kv_store.malloc_tuning import MALLOC_ENV
 
-# Whether `kvmesh prefill|decode` take vLLM's own engine flags (pass-through). When they
-# do not, ``kvmesh_engine_options`` maps the few flags they have and refuses the others.
-WORKERS_TAKE_VLLM_FLAGS = True
-
-# kvmesh worker flags that are vLLM flags of the same name and meaning.
-_WORKER_FLAGS = ("--max-model-len",)
-
 # What kvmesh's workers always run with, given to the plain server as flags.
 PLAIN_VLLM_FIXED_FLAGS = ("--enforce-eager", "--generation-config", "vllm",
                           "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning")
@@ -95,27 +88,19 @@ def flag_int(flags: list[str], name: str, default: int | None = None) -> int | N
 def kvmesh_engine_options(flags: list[str]) -> dict:
     """``LocalCluster`` options that give kvmesh's workers the engine arguments ``flags``
     (vLLM's own flags) give a plain vLLM server: ``block_size`` (the router hashes blocks of
-    that size too) and ``worker_args``. ValueError naming a flag the workers cannot take
-    (with the pass-through: what vLLM's parser rejects or kvmesh must own, for either role)."""
-    parsed = parse_flags(flags)
-    block_size = flag_int(flags, "--block-size", 32)
-    rest = [(name, value) for name, value in parsed.items() if name != "--block-size"]
-    if not WORKERS_TAKE_VLLM_FLAGS:
-        refused = [name for name, _ in rest if name not in _WORKER_FLAGS]
-        if refused:
-            raise ValueError(
-                f"kvmesh workers do not take vLLM's {', '.join(refused)} yet (of vLLM's engine flags "
-                f"they take --block-size and {', '.join(_WORKER_FLAGS)}); leave "
-                f"{'it' if len(refused) == 1 else 'them'} out of the engine arguments")
-    args: list[str] = []
-    for name, value in rest:
-        args += [name] if value is None else [name, value]
-    if WORKERS_TAKE_VLLM_FLAGS:
-        from kvmesh.engine_host.engine_args import check_engine_args
+    that size too) and ``worker_args`` (every other flag: the workers pass vLLM's flags to
+    their engines). ValueError (``EngineArgsError``) for a flag vLLM's parser rejects or
+    kvmesh must own, in either role, before anything starts."""
+    from kvmesh.engine_host.engine_args import check_engine_args
 
-        for role in ("prefill", "decode"):
-            # (the check reads no model files: any name stands for the model here)
-            check_engine_args(["--model", "model", "--block-size", str(block_size), *args], role)
+    block_size = flag_int(flags, "--block-size", 32)
+    args: list[str] = []
+    for name, value in parse_flags(flags).items():
+        if name != "--block-size":
+            args += [name] if value is None else [name, value]
+    for role in ("prefill", "decode"):
+        # (the check reads no model files: any name stands for the model here)
+        check_engine_args(["--model", "model", "--block-size", str(block_size), *args], role)
     return {"block_size": block_size, "worker_args": tuple(args)}
 
 

@@ -65,14 +65,14 @@ def test_kvmesh_workers_get_the_engine_flags():
     assert serve_systems.kvmesh_engine_options(["--block-size", "64", "--max-model-len=2048"]) == \
         {"block_size": 64, "worker_args": ("--max-model-len", "2048")}
     assert serve_systems.kvmesh_engine_options([]) == {"block_size": 32, "worker_args": ()}
-    if serve_systems.WORKERS_TAKE_VLLM_FLAGS:  # vLLM's own flags pass through; kvmesh's are refused
-        assert serve_systems.kvmesh_engine_options(["--num-gpu-blocks-override", "64"])["worker_args"] == \
-            ("--num-gpu-blocks-override", "64")
-        with pytest.raises(ValueError, match="--kv-transfer-config is not allowed"):
-            serve_systems.kvmesh_engine_options(["--kv-transfer-config", "{}"])
-    else:
-        with pytest.raises(ValueError, match="--num-gpu-blocks-override"):
-            serve_systems.kvmesh_engine_options(["--num-gpu-blocks-override", "64"])
+    assert serve_systems.kvmesh_engine_options(["--num-gpu-blocks-override", "64", "--enforce-eager"]) == \
+        {"block_size": 32, "worker_args": ("--num-gpu-blocks-override", "64", "--enforce-eager")}
+    with pytest.raises(ValueError, match="--kv-transfer-config is not allowed"):  # kvmesh owns it
+        serve_systems.kvmesh_engine_options(["--kv-transfer-config", "{}"])
+    with pytest.raises(ValueError, match="--enable-prefix-caching is not allowed"):  # on prefill
+        serve_systems.kvmesh_engine_options(["--enable-prefix-caching"])
+    with pytest.raises(ValueError, match="unrecognized"):
+        serve_systems.kvmesh_engine_options(["--no-such-flag", "1"])
     assert serve_systems.parse_flags(["--a", "1", "--b=2", "--c"]) == {"--a": "1", "--b": "2", "--c": None}
     with pytest.raises(ValueError, match="--flags"):
         serve_systems.parse_flags(["64"])
