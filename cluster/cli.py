@@ -6,6 +6,7 @@
     kvmesh bench store --json        store tier bandwidth against memcpy, raw disk (and host<->GPU copies)
     kvmesh bench transfer --json     KV transfer backends between processes against memcpy
     kvmesh bench router|routing      router overhead; TTFT of KV-aware routing vs round robin
+    kvmesh bench serve               kvmesh against a plain vLLM server, end to end (one JSON line)
     kvmesh store|prefill|decode|router   run one component (what containers run)
     kvmesh up CONFIG | status | down     deploy on a Ray cluster
 """
@@ -327,6 +328,12 @@ def cmd_bench_layerwise(args) -> None:
     main(args.json, args.size)
 
 
+def cmd_bench_serve(args) -> None:
+    from kvmesh.bench.serve_bench import main
+
+    main(args)
+
+
 def cmd_bench_store(args) -> None:
     from kvmesh.bench.store_bench import main
 
@@ -440,6 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--size", choices=["tiny", "bench"], default="tiny", help="generated model to use")
     b.set_defaults(func=cmd_bench_routing)
+    from kvmesh.bench import serve_bench
+
+    b = bsub.add_parser("serve", help="kvmesh against a plain vLLM server on the same workload, end to end",
+                        description=serve_bench.DESCRIPTION,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve_bench.add_arguments(b)
+    b.set_defaults(func=cmd_bench_serve)
 
     sp = command("store", cmd_store, "run a KV store node")
     add_flags(sp, StoreSettings)

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=.venv
-EXTRAS=${KVMESH_EXTRAS:-cpu,test,ray}
+EXTRAS=${KVMESH_EXTRAS:-cpu,test,ray,bench}
 deps_hash=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)-$EXTRAS
 
 # System packages: a Redis server for the cluster block index (and its tests).
