@@ -41,17 +41,18 @@ from pathlib import Path
 from kvmesh.bench import serve_systems, serve_workloads
 from kvmesh.bench.serve_client import APIS, Record, Run, drive
 from kvmesh.bench.serve_report import build_report
+from kvmesh.cluster.models import MODEL_NAMES
 
 SYSTEMS = ("kvmesh", "vllm")
 
 # Engine flags per workload when none are given (vLLM's own flags, given to both systems).
 DEFAULT_ENGINE_ARGS = {
-    "multi-turn": "--block-size 32 --max-model-len 4096",
+    "multi-turn": "--dtype float32 --block-size 32 --max-model-len 4096",
     # 64 blocks of 32 tokens: 2,048 tokens of KV per engine, so that a working set of 4x that
     # takes few and short prompts.
     # (vLLM keeps one block back: 64 blocks serve at most 2,016 tokens)
-    "cache-pressure": "--block-size 32 --num-gpu-blocks-override 64 --max-model-len 2000",
-    "interference": "--block-size 32 --max-model-len 4096",
+    "cache-pressure": "--dtype float32 --block-size 32 --num-gpu-blocks-override 64 --max-model-len 2000",
+    "interference": "--dtype float32 --block-size 32 --max-model-len 4096",
 }
 
 
@@ -61,8 +62,8 @@ class ServeBenchSettings:
     None for a size means the workload's own default (see ``WORKLOAD_DEFAULTS``)."""
 
     workload: str = "multi-turn"
-    model: str | None = None          # a Hugging Face model directory; None: the generated --size
-    size: str = "bench"
+    model: str | None = None          # a Hugging Face model directory; None: the --size model
+    size: str = "smollm2"
     engine_flags: str | None = None   # vLLM engine flags for both systems; None: DEFAULT_ENGINE_ARGS
     kv_cache_gib: int = 1
     multiprocessing: bool = True
@@ -327,9 +328,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "pass after pass; interference: short requests arriving while long cold prompts "
         f"prefill (default {d.workload})"))
     g.add_argument("--model", default=d.model, metavar="DIR",
-                   help="a Hugging Face model directory (default: the generated --size model)")
-    g.add_argument("--size", choices=["tiny", "bench"], default=d.size,
-                   help=f"generated model when --model is not given (default {d.size})")
+                   help="a Hugging Face model directory (default: the --size model)")
+    g.add_argument("--size", choices=MODEL_NAMES, default=d.size,
+                   help=f"model when --model is not given: smollm2 is SmolLM2-135M-Instruct, the others "
+                        f"generated ones with random weights (default {d.size})")
     # (dest engine_flags: the kvmesh command line keeps args.engine_args for its own pass-through)
     g.add_argument("--engine-args", dest="engine_flags", default=d.engine_flags, metavar="FLAGS", help=(
         "vLLM engine flags given to both systems, as one quoted string; default per workload: "

@@ -138,7 +138,9 @@ def breakdown_row(record: Record, records: list[Record]) -> dict:
         "front_ms": _ms(max(0.0, record.ttft_s - router_ttft)),
         "prefix_tokens_from_store": {"prefill": from_store.get("prefill", 0),
                                      "decode": from_store.get("decode", 0)},
-        "uncached_tokens_at_decode": max(0, prompt - from_store.get("decode", 0)),
+        "prefix_tokens_local": info.get("prefix_tokens_local", 0),
+        "uncached_tokens_at_decode": max(0, prompt - from_store.get("decode", 0)
+                                         - info.get("prefix_tokens_local", 0)),
         "tokens_saved": info.get("tokens_saved"),
         "stages_ms": {stage: _ms(seconds or 0.0) for stage, seconds in (info.get("breakdown") or {}).items()},
         "kv_transfer": {"backend": transfer.get("backend"), "bytes": transfer.get("bytes"),
@@ -176,6 +178,7 @@ def kvmesh_breakdown(records: list[Record], focus: str, shown: int = SLOWEST_SHO
             "prompt_tokens": median(x["prompt_tokens"] for x in rows),
             "prefix_tokens_from_store_prefill": median(x["prefix_tokens_from_store"]["prefill"] for x in rows),
             "prefix_tokens_from_store_decode": median(x["prefix_tokens_from_store"]["decode"] for x in rows),
+            "prefix_tokens_local": median(x["prefix_tokens_local"] for x in rows),
             "uncached_tokens_at_decode": median(x["uncached_tokens_at_decode"] for x in rows),
             "kv_transfer_ms": median(x["kv_transfer"]["ms"] for x in rows),
             "stages_ms": {stage: median(x["stages_ms"][stage] for x in rows if stage in x["stages_ms"])

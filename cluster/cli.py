@@ -353,7 +353,8 @@ class _EngineHelp(argparse.Action):
         from kvmesh.engine_host.engine_args import engine_help
 
         parser.print_help()
-        print("\n" + engine_help())
+        role = parser.prog.split()[-1]
+        print("\n" + engine_help(role if role in ("prefill", "decode") else None))
         parser.exit()
 
 

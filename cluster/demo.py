@@ -77,4 +77,5 @@ def cost(response: dict) -> str:
     prefill = "skipped" if info["prefill_skipped"] else f"{from_store['prefill']} tokens"
     return (f"prompt {response['usage']['prompt_tokens']} tokens, "
             f"time to first token {info['ttft_s'] * 1000:.0f} ms, "
-            f"from store: prefill {prefill}, decode {from_store['decode']} tokens")
+            f"from store: prefill {prefill}, decode {from_store['decode']} tokens; "
+            f"decode's own prefix cache {info['prefix_tokens_local']} tokens")

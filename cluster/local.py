@@ -229,7 +229,9 @@ class LocalCluster:
     num_stores: int = 1               # >1: prefill uses the first, decode the last
     prefill_workers: int = 1
     decode_workers: int = 1
-    decode_local_cache: bool = False  # decode workers keep vLLM's prefix cache too
+    # decode workers keep vLLM's local prefix cache (their default); False: they don't, so
+    # every cached prefix they use comes from the store
+    decode_local_cache: bool = True
     router_args: tuple[str, ...] = ()  # more `kvmesh router` flags
     # Per-component bind addresses, e.g. {"store": "127.0.0.2", "prefill": "127.0.0.3",
     # "decode": "127.0.0.4"}, so that components talk as separate hosts would; the rest
@@ -287,14 +289,14 @@ class LocalCluster:
         stores = [c.address for c in out]
         counts = (self.prefill_workers, self.decode_workers)
         decode_flags = given_flags((*self.worker_args, *self.role_args.get("decode", ())))
-        local_cache = self.decode_local_cache or "--enable-prefix-caching" in decode_flags
+        local_cache = self.decode_local_cache and "--no-enable-prefix-caching" not in decode_flags
         own = dict(zip((f"decode{i}" for i in range(self.decode_workers)), self.decode_worker_args))
         for role, cls, count, store in (("prefill", PrefillSettings, self.prefill_workers, stores[0]),
                                         ("decode", DecodeSettings, self.decode_workers, stores[-1])):
             host = self.hosts.get(role, self.host)
             engine = ["--model", self.model, "--block-size", str(self.block_size)]
-            if role == "decode" and self.decode_local_cache:
-                engine.append("--enable-prefix-caching")  # vLLM's own flag: a local prefix cache
+            if role == "decode" and not self.decode_local_cache:
+                engine.append("--no-enable-prefix-caching")  # vLLM's own flag
             for i in range(count):
                 name = role if count == 1 else f"{role}{i}"
                 where = {"index": self.index_url} if self.discover else {"store": store}

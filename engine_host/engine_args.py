@@ -7,7 +7,10 @@ don't fit a disaggregated worker (``KVMESH_DEFAULTS``; ``--help`` shows them). F
 conflict with what kvmesh sets are refused with the reason (``EngineArgsError``): the KV
 transfer config always (the kvmesh connector is what moves KV through the store), and
 vLLM's local prefix cache on prefill workers (they find cached prefixes in the store,
-which replaces it; decode workers may keep one for KV-aware routing).
+which replaces it). Decode workers keep vLLM's local prefix cache by default, as a plain
+vLLM server does: the next turn of a conversation routed back to the same worker finds
+its history there without a load (``--no-enable-prefix-caching`` turns it off; the
+router learns which workers keep one from their health reports).
 """
 
 from __future__ import annotations
@@ -18,9 +21,13 @@ from typing import Sequence
 KVMESH_DEFAULTS = {
     "block_size": 32,             # a block is the store's unit: small blocks share more prefixes
     "enforce_eager": True,
-    "enable_prefix_caching": False,  # the store is the prefix cache (decode may opt in)
+    "enable_prefix_caching": False,  # prefill: the store is the prefix cache
     "disable_log_stats": False,     # the engine's timestamps give each request's time breakdown
     "model": None,                # vLLM's default names a hub model; kvmesh needs a local one
+}
+ROLE_DEFAULTS = {
+    # vLLM's own default: the turn a decode worker just served stays in its paged cache
+    "decode": {"enable_prefix_caching": True},
 }
 REFUSED = {
     "kv_transfer_config": "kvmesh sets vLLM's KV transfer config itself: its connector is what "
@@ -38,8 +45,9 @@ class EngineArgsError(ValueError):
     """Engine arguments vLLM's parser rejects, or that kvmesh must own; says which and why."""
 
 
-def engine_parser(prog: str = "vLLM engine arguments"):
-    """vLLM's engine-argument parser with kvmesh's defaults; errors raise ``EngineArgsError``."""
+def engine_parser(prog: str = "vLLM engine arguments", role: str | None = None):
+    """vLLM's engine-argument parser with kvmesh's defaults (and ``role``'s own, for
+    "prefill" or "decode"); errors raise ``EngineArgsError``."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -48,7 +56,7 @@ def engine_parser(prog: str = "vLLM engine arguments"):
             raise EngineArgsError(message)
 
     parser = AsyncEngineArgs.add_cli_args(Parser(prog=prog, add_help=False, allow_abbrev=False))
-    parser.set_defaults(**KVMESH_DEFAULTS)
+    parser.set_defaults(**{**KVMESH_DEFAULTS, **ROLE_DEFAULTS.get(role or "", {})})
     return parser
 
 
@@ -61,7 +69,7 @@ def check_engine_args(argv: Sequence[str], role: str | None = None):
         name = flag[2:].replace("-", "_")
         if name in refused:
             raise EngineArgsError(f"{flag} is not allowed here: {refused[name]}")
-    ns = engine_parser().parse_args(list(argv))
+    ns = engine_parser(role=role).parse_args(list(argv))
     if ns.model is None:
         raise EngineArgsError("--model is required: a local Hugging Face model directory")
     if ns.block_size is not None and (ns.block_size <= 0 or _cpu() and ns.block_size % 32):
@@ -105,9 +113,9 @@ def _cpu() -> bool:
     return current_platform.is_cpu()
 
 
-def engine_help() -> str:
-    """vLLM's own help for its engine arguments, with kvmesh's defaults."""
-    return engine_parser("vLLM engine arguments (passed through unchanged)").format_help()
+def engine_help(role: str | None = None) -> str:
+    """vLLM's own help for its engine arguments, with kvmesh's defaults (``role``'s)."""
+    return engine_parser("vLLM engine arguments (passed through unchanged)", role).format_help()
 
 
 def engine_config_summary(vllm_config) -> dict:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import json
 import logging
 import time
 import uuid
@@ -60,6 +61,15 @@ def bearer_ok(api_token: str | None, authorization: str | None) -> bool:
         return True
     return authorization is not None and hmac.compare_digest(
         authorization.encode("utf-8", "replace"), f"Bearer {api_token}".encode())
+
+
+def _keeps_local_cache(engine_config: str) -> bool:
+    """Whether a worker's reported engine config (JSON; "" from a worker that reports
+    none) has vLLM's local prefix cache on."""
+    try:
+        return bool(json.loads(engine_config).get("enable_prefix_caching")) if engine_config else False
+    except (ValueError, AttributeError):
+        return False
 
 
 class ApiError(Exception):
@@ -123,6 +133,7 @@ class Trace:
     queue_s: float = 0.0
     prefill_tokens_from_store: int = 0
     decode_tokens_from_store: int = 0
+    decode_tokens_local: int = 0  # prompt tokens the decode engine found in its own prefix cache
     decode_tokens_load_failed: int = 0
     ttft_s: float | None = None
     finish_reason: str | None = None
@@ -159,6 +170,7 @@ class Trace:
                 "route": self.route,
                 "prefix_tokens_from_store": {"prefill": self.prefill_tokens_from_store,
                                              "decode": self.decode_tokens_from_store},
+                "prefix_tokens_local": self.decode_tokens_local,
                 "kv_load_failed_tokens": self.decode_tokens_load_failed,
                 "tokens_saved": self.tokens_saved,
                 "kv_transfer": {"backend": self.kv_backend, "bytes": self.kv_bytes,
@@ -478,6 +490,7 @@ class RouterCore:
         if chunk.finish_reason:
             trace.finish_reason = chunk.finish_reason
             trace.decode_tokens_from_store = chunk.tokens_from_store
+            trace.decode_tokens_local = max(0, chunk.tokens_cached - chunk.tokens_from_store)
             trace.decode_tokens_load_failed = chunk.tokens_load_failed
             trace.kv_backend, trace.kv_bytes = chunk.kv_backend, chunk.kv_bytes
             trace.kv_transfer_s, trace.kv_wait_s = chunk.kv_transfer_s, chunk.kv_wait_s
@@ -537,6 +550,7 @@ class RouterCore:
             w.healthy = False
             return f"unavailable ({e.code().name})"
         w.healthy, w.health_timeouts = reply.status == "ok", 0
+        w.local_cache = _keeps_local_cache(reply.engine_config)
         return reply.status
 
     def readiness(self) -> tuple[str, dict[str, str]]:

@@ -3,7 +3,8 @@
 The router remembers where prefixes went, in a block index of its own (an
 ``EmbeddedBlockIndex``, bounded by ``capacity_blocks``): under the node ``"store"`` the
 chain hashes of every prompt prefilled into the shared store, and, when decode workers
-keep a local prefix cache, under each decode worker the prompts it has served. A
+keep a local prefix cache (``decode_local_cache``, or a worker's ``local_cache`` as its
+health reports it), under each decode worker the prompts it has served. A
 request's overlap with each node is then one ``longest_prefix`` call.
 
 * ``kv_aware`` (default): the decode worker with the longest local overlap wins unless it
@@ -46,6 +47,7 @@ class Worker:
     pending_tokens: int = 0   # prompt tokens of the prefills it runs, still to compute
     healthy: bool = True
     health_timeouts: int = 0  # Health calls that timed out in a row
+    local_cache: bool = False  # keeps vLLM's local prefix cache (as its health reports)
 
 
 class Route(NamedTuple):
@@ -93,6 +95,9 @@ class RoutingPolicy:
                 self._index.unregister_node(w.address)
         return dropped
 
+    def _caches(self, worker: Worker) -> bool:
+        return self.decode_local_cache or worker.local_cache
+
     def _overlap(self, hashes: Sequence[bytes]) -> dict[str, int]:
         if not hashes:
             return {}
@@ -122,12 +127,13 @@ class RoutingPolicy:
             return Route(prefill, self._next(self.decode), "round_robin", 0, hashes)
         least = self._least_loaded(self.decode)
         decode, reason = least, "least_loaded"
-        if self.decode_local_cache:
-            best = max(self.decode, key=lambda w: (overlap.get(w.address, 0), -w.inflight))
+        caching = [w for w in self.decode if self._caches(w)]
+        if caching:
+            best = max(caching, key=lambda w: (overlap.get(w.address, 0), -w.inflight))
             if overlap.get(best.address, 0) and best.healthy and \
                     best.inflight <= least.inflight + self.load_slack:
                 decode, reason = best, "prefix_affinity"
-        local = overlap.get(decode.address, 0) if self.decode_local_cache else 0
+        local = overlap.get(decode.address, 0) if self._caches(decode) else 0
         cached = max(local, overlap.get(STORE_NODE, 0)) * self.block_size
         uncached = len(token_ids) - cached
         skip = (len(token_ids) < self.block_size or uncached <= self.max_local_prefill_tokens
@@ -157,7 +163,7 @@ class RoutingPolicy:
             return
         nodes = [STORE_NODE]
         served = decode_address or route.decode.address
-        if self.decode_local_cache and any(w.address == served for w in self.decode):
+        if any(w.address == served and self._caches(w) for w in self.decode):
             nodes.append(served)
         for node in nodes:
             self._index.add(node, "gpu" if node != STORE_NODE else "host", hashes)

@@ -35,10 +35,11 @@ class RouterSettings(Settings):
         "decode worker choice: by cached prefix and load, or cache-blind rotation"))
     block_size: int = Field(32, ge=1, description="tokens per KV block, as the workers use")
     decode_local_cache: bool = Field(False, description=(
-        "decode workers keep vLLM's local prefix cache (they run with --enable-prefix-caching)"))
-    max_local_prefill_tokens: int = Field(64, ge=0, description=(
+        "take every decode worker for one that keeps vLLM's local prefix cache before its "
+        "health says so (the router learns it from each worker's health report)"))
+    max_local_prefill_tokens: int = Field(128, ge=0, description=(
         "skip prefill when at most this many prompt tokens are not cached"))
-    max_decode_prefill_tokens: int = Field(0, ge=0, description=(
+    max_decode_prefill_tokens: int = Field(512, ge=0, description=(
         "also skip prefill when at most this many prompt tokens are not cached and every "
         "prefill worker has at least as many tokens of other prompts still to compute "
         "(0: never)"))

@@ -18,15 +18,16 @@ EXPECTED = {
     "conversation, turn 2": r"\bItalian\b",  # "there" is Italy only if the first turn was read
 }
 ANSWER = re.compile(r"^\[(.+?)\] (.+)\n    (.+)\n    prompt (\d+) tokens, time to first token (\d+) ms, "
-                    r"from store: prefill (\w+)(?: tokens)?, decode (\d+) tokens$", re.MULTILINE)
+                    r"from store: prefill (\w+)(?: tokens)?, decode (\d+) tokens; "
+                    r"decode's own prefix cache (\d+) tokens$", re.MULTILINE)
 
 
 def test_demo_answers_real_questions_and_stops_cleanly(smollm2_model):
     proc = subprocess.run([sys.executable, "-m", "kvmesh.cluster.cli", "demo"], capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    answers = {label: (question, answer, int(n), prefill, int(decode))
-               for label, question, answer, n, _, prefill, decode in ANSWER.findall(proc.stdout)}
+    answers = {label: (question, answer, int(n), prefill, int(decode) + int(local))
+               for label, question, answer, n, _, prefill, decode, local in ANSWER.findall(proc.stdout)}
     assert list(answers) == list(EXPECTED), proc.stdout
     assert "smollm2-135m-instruct" in proc.stdout  # the default model, not a generated one
     for label, pattern in EXPECTED.items():
@@ -34,11 +35,12 @@ def test_demo_answers_real_questions_and_stops_cleanly(smollm2_model):
         assert re.search(pattern, answer, re.IGNORECASE), (label, question, answer)
         assert len(answer.split()) >= 4 and answer.isascii(), (label, answer)  # a sentence, not noise
     # The first question computes the shared system prompt; every later one finds it in
-    # the store (the follow-up turn included) and loads all but at most 64 prompt tokens.
+    # the store or the decode worker's own prefix cache (the follow-up turn included) and
+    # computes at most 128 prompt tokens (the router's default for skipping prefill).
     assert answers["question 1"][3] != "skipped"
     for label in list(EXPECTED)[1:]:
-        _, _, n, prefill, from_store = answers[label]
-        assert from_store >= max(32, n - 64), (label, answers[label])
+        _, _, n, prefill, cached = answers[label]
+        assert cached >= max(32, n - 128), (label, answers[label])
         if label.startswith("question"):
             assert prefill == "skipped", (label, answers[label])
     assert "demo finished; cluster stopped" in proc.stdout

@@ -51,7 +51,8 @@ def cluster(tiny_model, tmp_path_factory):
     with LocalCluster(model=tiny_model, served_model_name="tiny", block_size=BLOCK,
                       store_capacity_bytes=512 * 1024, store_args=store_args,
                       # Always disaggregate (but for prompts shorter than one block).
-                      router_args=("--max-local-prefill-tokens", "0"),
+                      router_args=("--max-local-prefill-tokens", "0", "--max-decode-prefill-tokens", "0"),
+                      decode_local_cache=False,  # every cached prefix comes through the store
                       allow_fault_injection=True, run_dir=tmp_path_factory.mktemp("run")) as c:
         yield c
 

@@ -36,7 +36,8 @@ def cluster(tiny_model, tmp_path_factory):
     with LocalCluster(model=tiny_model, served_model_name="tiny", block_size=BLOCK,
                       hosts={"store": "127.0.0.2", "prefill": "127.0.0.3", "decode": "127.0.0.4"},
                       worker_args=("--store-timeout", str(STORE_TIMEOUT_S)),
-                      router_args=("--max-local-prefill-tokens", "0"),
+                      router_args=("--max-local-prefill-tokens", "0", "--max-decode-prefill-tokens", "0"),
+                      decode_local_cache=False,  # every cached prefix comes through the store
                       allow_fault_injection=True, run_dir=tmp_path_factory.mktemp("run")) as c:
         yield c
 

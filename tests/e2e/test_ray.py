@@ -129,8 +129,11 @@ def config(tiny_model, disk_dir):
     data["model"].update(path=tiny_model, served_name="tiny", block_size=BLOCK)
     data["prefill"]["port"], data["decode"]["port"] = prefill, decode
     data["stores"][0].update(port=store, host_bytes="64MiB", disk_bytes="64MiB", disk_dir=str(disk_dir))
-    # Always disaggregate (but for prompts shorter than a block), so blocks cross nodes.
-    data["router"].update(port=http, grpc_port=grpc_port, max_local_prefill_tokens=0)
+    # Always disaggregate (but for prompts shorter than a block), so blocks cross nodes, and
+    # no local prefix cache on the decode worker: every cached prefix comes through the store.
+    data["router"].update(port=http, grpc_port=grpc_port, max_local_prefill_tokens=0,
+                          max_decode_prefill_tokens=0)
+    data["decode"].setdefault("engine", {})["enable_prefix_caching"] = False
     return parse_config(data, "two-node.yaml (test)")
 
 

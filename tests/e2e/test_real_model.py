@@ -21,6 +21,7 @@ LONG = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content"
 @pytest.fixture(scope="module")
 def cluster(smollm2_model, tmp_path_factory):
     with LocalCluster(model=smollm2_model, served_model_name="smollm2", block_size=BLOCK,
+                      decode_local_cache=False,  # every cached prefix comes through the store
                       run_dir=tmp_path_factory.mktemp("run")) as c:
         yield c
 

@@ -273,3 +273,14 @@ def test_a_component_stops_when_the_cluster_process_is_killed(tmp_path):
         if store is not None and not _gone(store):
             os.kill(store, signal.SIGKILL)
 
+
+
+def test_decode_workers_keep_vllms_prefix_cache_by_default_and_prefill_workers_do_not(tiny_model):
+    from kvmesh.engine_host.engine_args import check_engine_args, engine_help
+
+    assert check_engine_args(["--model", tiny_model], "decode").enable_prefix_caching is True
+    assert check_engine_args(["--model", tiny_model, "--no-enable-prefix-caching"],
+                             "decode").enable_prefix_caching is False
+    assert check_engine_args(["--model", tiny_model], "prefill").enable_prefix_caching is False
+    assert check_engine_args(["--model", tiny_model]).enable_prefix_caching is False
+    assert "--enable-prefix-caching" in engine_help("decode")

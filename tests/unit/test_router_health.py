@@ -22,10 +22,12 @@ class ControlledWorker(worker_pb2_grpc.WorkerServicer):
     def __init__(self):
         self.delay_s = 0.0
         self.status = "ok"
+        self.engine_config = ""
 
     async def Health(self, request, context):
         await asyncio.sleep(self.delay_s)
-        return worker_pb2.HealthReply(status=self.status, role="decode", model="m", max_model_len=64)
+        return worker_pb2.HealthReply(status=self.status, role="decode", model="m", max_model_len=64,
+                                      engine_config=self.engine_config)
 
 
 @asynccontextmanager
@@ -119,3 +121,29 @@ def test_a_worker_that_left_is_credited_nothing_and_the_request_stands():
     route = routing.choose(list(range(16, 32)))
     routing.set_members("decode", [w for w in (a, b) if w is not route.decode])
     routing.record(route)  # its worker left: no KeyError
+
+
+def test_the_router_learns_from_health_which_decode_workers_keep_a_local_prefix_cache():
+    """A decode worker whose reported engine config has vLLM's prefix cache on gets the
+    conversations it served back (prefix affinity); one with it off, or reporting nothing,
+    is chosen by load alone."""
+    async def run():
+        servicer = ControlledWorker()
+        async with router_with_one_worker(servicer) as (_, core, worker):
+            for config, keeps in (('{"enable_prefix_caching": true}', True),
+                                  ('{"enable_prefix_caching": false}', False), ("", False), ("{", False),
+                                  ('{"enable_prefix_caching": true}', True)):
+                servicer.engine_config = config
+                await core.health()
+                assert worker.local_cache is keeps, config
+
+    asyncio.run(run())
+    a, b = Worker("a:1", None, local_cache=True), Worker("b:1", None, local_cache=True)
+    routing = RoutingPolicy(prefill=[], decode=[a, b], block_size=4)
+    first = routing.choose(list(range(16)))
+    routing.record(first)
+    first.decode.inflight = 1  # busier than the other, within the load slack
+    again = routing.choose(list(range(20)))
+    assert again.decode is first.decode and again.reason == "prefix_affinity" and again.cached_tokens == 16
+    a.local_cache = b.local_cache = False  # control: without local caches, load decides
+    assert routing.choose(list(range(20))).decode is not first.decode
