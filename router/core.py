@@ -34,6 +34,7 @@ from kvmesh.router.admission import Admission, Overloaded
 from kvmesh.router.metrics import RouterMetrics
 from kvmesh.router.routing import Route, RoutingPolicy, Worker
 from kvmesh.router.settings import RouterSettings
+from kvmesh.router.tokenizing import Refused, Tokenized, Tokenizing
 from kvmesh.router.workers import WorkerClient
 
 log = logging.getLogger("kvmesh.router")
@@ -100,6 +101,8 @@ class Sampling:
             problems.append(f"seed must be within [{INT64_MIN}, {INT64_MAX}]")
         if len(self.stop) > 16 or any(len(s) > 256 for s in self.stop):
             problems.append("at most 16 stop strings of at most 256 characters")
+        if any(not s for s in self.stop):
+            problems.append("a stop string must not be empty")
         if problems:
             raise ApiError(400, "; ".join(problems))
 
@@ -171,6 +174,7 @@ class RouterCore:
         self.settings = settings
         self.metrics = RouterMetrics()
         self.tokenizer = None
+        self.tokenizing: Tokenizing | None = None  # the tokenizer, off the event loop
         self.routing: RoutingPolicy | None = None
         self.admission = Admission(settings.max_inflight, settings.max_queue, settings.queue_timeout)
         self.metrics.inflight.set_function(lambda: self.admission.inflight)
@@ -186,6 +190,7 @@ class RouterCore:
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.settings.model)
         s = self.settings
+        self.tokenizing = Tokenizing(self.tokenizer, s.tokenize_threads, s.max_queue)
         self.routing = RoutingPolicy(
             prefill=[Worker(a, WorkerClient(a)) for a in s.prefill],
             decode=[Worker(a, WorkerClient(a)) for a in s.decode],
@@ -250,6 +255,7 @@ class RouterCore:
         leaving = [self._rejoin(key) for key in list(self._leaving)]
         for worker in self.routing.prefill + self.routing.decode + leaving:
             await worker.client.close()
+        self.tokenizing.close()
 
     # ------------------------------------------------------------------ validation
 
@@ -270,50 +276,60 @@ class RouterCore:
             raise ApiError(404, f"model {model!r} is not served here; this router serves "
                                 f"{self.settings.name!r}", "not_found_error")
 
-    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
+    async def encode_chat(self, messages: Sequence[dict]) -> Tokenized:
+        """The conversation through the chat template, tokenized off the event loop (for
+        ``prepare``); ``ApiError`` 400 when the template refuses it, 429 when too much
+        heavy tokenizing is under way."""
+        limit = await self.max_model_len()
         try:
-            ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
-                                                     tokenize=True)
-        except Exception as e:  # a template that rejects the conversation
-            raise ApiError(400, f"cannot apply the chat template: {e}")
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+            return await self.tokenizing.encode_chat(messages, limit)
+        except Refused as e:
+            raise ApiError(e.status, e.message, e.kind) from None
 
-    async def prepare(self, prompt: str | Sequence[int], sampling: Sampling, *,
+    async def prepare(self, prompt: str | Sequence[int] | Tokenized, sampling: Sampling, *,
                       model: str | None = None, cache_salt: str | None = None,
                       request_id: str | None = None) -> Prepared:
         """Validate a request into token ids; raises ``ApiError`` (4xx) and changes nothing.
-        ``sampling.max_tokens`` None becomes what the prompt leaves of the model's context
-        (in the returned ``Prepared``; ``sampling`` itself is left as it is); a prompt that
-        leaves nothing is a 400, as is one that leaves less than a given ``max_tokens``."""
+        ``prompt`` is text (tokenized off the event loop), token ids, or what
+        ``encode_chat`` made. ``sampling.max_tokens`` None becomes what the prompt leaves
+        of the model's context (in the returned ``Prepared``; ``sampling`` itself is left
+        as it is); a prompt that leaves nothing is a 400, as is one that leaves less than
+        a given ``max_tokens``. Cheap checks come before the tokenizer runs."""
         self.check_model(model)
         sampling.check()
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ApiError(400, "prompt must not be empty")
-            token_ids = self.tokenizer.encode(prompt)
-        else:
-            token_ids = list(prompt)
-            if not token_ids:
-                raise ApiError(400, "prompt must not be empty")
-            bad = [t for t in token_ids if not 0 <= t < len(self.tokenizer)]
-            if bad:
-                raise ApiError(400, f"token id {bad[0]} is outside the vocabulary of {len(self.tokenizer)}")
-        if not token_ids:
-            raise ApiError(400, "prompt encodes to no tokens")
         if cache_salt is not None and len(cache_salt) > 256:
             raise ApiError(400, "cache_salt is longer than 256 characters")
         if request_id is not None and (len(request_id) > 128 or request_id in self._tasks):
             raise ApiError(400, "request_id must be unique among running requests and at most 128 characters")
         limit = await self.max_model_len()
+        if isinstance(prompt, Tokenized):
+            tokens = prompt
+        elif isinstance(prompt, str):
+            if not prompt:
+                raise ApiError(400, "prompt must not be empty")
+            try:
+                tokens = await self.tokenizing.encode(prompt, limit)
+            except Refused as e:
+                raise ApiError(e.status, e.message, e.kind) from None
+        else:
+            if not prompt:
+                raise ApiError(400, "prompt must not be empty")
+            tokens = Tokenized(len(prompt), list(prompt) if len(prompt) <= limit else None)
+            vocab = self.tokenizing.vocab_size
+            bad = next((t for t in tokens.ids or () if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ApiError(400, f"token id {bad} is outside the vocabulary of {vocab}")
+        if not tokens.count:
+            raise ApiError(400, "prompt encodes to no tokens")
         if sampling.max_tokens is None:
-            if len(token_ids) >= limit:
-                raise ApiError(400, f"prompt ({len(token_ids)} tokens) fills the model's context of "
+            if tokens.count >= limit:
+                raise ApiError(400, f"prompt ({tokens.count} tokens) fills the model's context of "
                                     f"{limit} tokens: no room left to generate")
-            sampling = dataclasses.replace(sampling, max_tokens=limit - len(token_ids))
-        elif len(token_ids) + sampling.max_tokens > limit:
-            raise ApiError(400, f"prompt ({len(token_ids)} tokens) plus max_tokens "
+            sampling = dataclasses.replace(sampling, max_tokens=limit - tokens.count)
+        elif tokens.count + sampling.max_tokens > limit:
+            raise ApiError(400, f"prompt ({tokens.count} tokens) plus max_tokens "
                                 f"({sampling.max_tokens}) exceeds the model's context of {limit} tokens")
-        return Prepared(request_id or f"cmpl-{uuid.uuid4().hex}", token_ids, sampling, cache_salt or "")
+        return Prepared(request_id or f"cmpl-{uuid.uuid4().hex}", tokens.ids, sampling, cache_salt or "")
 
     # ------------------------------------------------------------------ serving
 

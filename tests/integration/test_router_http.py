@@ -26,12 +26,11 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-import uvicorn
 
 import kvmesh_client
 from kvmesh.bench.stub_worker import StubWorker, start_stub
 from kvmesh.cluster.local import free_port
-from kvmesh.router.app import create_app
+from kvmesh.router.app import router_server
 from kvmesh.router.core import ApiError, Prepared, RouterCore, RouterSettings, Sampling, Trace
 from tests.waiting import wait_until
 
@@ -54,10 +53,11 @@ class Router:
 
 @contextmanager
 def serving(model: str, stubs: int = 1, token_delay_s: float = 0.0, discover: bool = False,
-            **settings):
-    """A router serving on an event loop of its own (a thread), with ``stubs`` stub decode
-    workers; given as its decode addresses unless ``discover`` (then the test announces
-    them in the registry at ``settings["index"]``)."""
+            max_model_len: int = 4096, **settings):
+    """A router serving on an event loop of its own (a thread), as ``router_server`` makes
+    it (on a free port), with ``stubs`` stub decode workers of ``max_model_len`` tokens;
+    given as its decode addresses unless ``discover`` (then the test announces them in the
+    registry at ``settings["index"]``)."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -65,14 +65,16 @@ def serving(model: str, stubs: int = 1, token_delay_s: float = 0.0, discover: bo
     def call(coro, timeout_s: float = 60):
         return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout_s)
 
-    workers = [StubWorker("decode", token_delay_s=token_delay_s) for _ in range(stubs)]
+    workers = [StubWorker("decode", max_model_len=max_model_len, token_delay_s=token_delay_s)
+               for _ in range(stubs)]
     servers = [call(start_stub("decode", stub=w)) for w in workers]
     addresses = [address for _, address in servers]
     grpc_port = free_port()
     s = RouterSettings(model=model, served_model_name="tiny", prefill=(),
-                       decode=() if discover else tuple(addresses), grpc_port=grpc_port, **settings)
-    app = create_app(s)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+                       decode=() if discover else tuple(addresses), host="127.0.0.1", port=0,
+                       grpc_port=grpc_port, **settings)
+    server = router_server(s)
+    app = server.config.app
     served = asyncio.run_coroutine_threadsafe(server.serve(), loop)
     deadline = time.monotonic() + 60
     while not server.started:
