@@ -161,8 +161,12 @@ def create_app(settings: RouterSettings, core: RouterCore | None = None) -> Fast
         parts, params = [], []
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
             loc = err.get("loc", ())
+            if tuple(loc) == ("body",):  # none, or not an object
+                parts.append("the request body must be a JSON object, sent with "
+                             "content-type: application/json")
+                continue
+            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
             if len(loc) > 1 and loc[0] == "body" and err.get("type") != "json_invalid":
                 params.append(str(loc[1]))
         return JSONResponse(error_body("; ".join(parts) or "invalid request", 400,

@@ -9,7 +9,10 @@
 * Heavy work — more than ``HEAVY_CHARS`` characters of text — runs on at most
   ``heavy_threads`` threads at once; at most ``max_waiting`` more heavy jobs wait for one,
   and beyond that a job is refused at once with ``Refused(429)``. Light work has
-  ``LIGHT_THREADS`` threads of its own, so it never waits behind heavy work.
+  ``LIGHT_THREADS`` threads of its own, so it never waits behind heavy work. Where the
+  system allows it (Linux), heavy threads run at a lower CPU priority (``HEAVY_NICE``):
+  on a machine whose cores they fill, the event loop's thread still gets one when it
+  has work.
 * A prompt longer than ``most`` tokens is counted, but its token ids are never built as
   a Python list (``Tokenized.ids`` is None): building millions of them would hold the
   interpreter lock, and with it the loop, for tens of milliseconds, for a prompt that
@@ -24,11 +27,14 @@ to its end (a thread cannot be stopped) and still counts against the bound until
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NamedTuple, Sequence
 
 HEAVY_CHARS = 32 * 1024  # about 30 ms of tokenizing on one core
 LIGHT_THREADS = 4
+HEAVY_NICE = 10  # added to a heavy thread's niceness: about a tenth of a contended core's time
 
 
 class Refused(Exception):
@@ -59,7 +65,8 @@ class Tokenizing:
             self._encode_batch = getattr(self._rust, "encode_batch_fast", self._rust.encode_batch)
         self.heavy_threads, self.max_waiting = heavy_threads, max_waiting
         self._light = ThreadPoolExecutor(LIGHT_THREADS, thread_name_prefix="kvmesh-tokenize")
-        self._heavy = ThreadPoolExecutor(heavy_threads, thread_name_prefix="kvmesh-tokenize-heavy")
+        self._heavy = ThreadPoolExecutor(heavy_threads, thread_name_prefix="kvmesh-tokenize-heavy",
+                                         initializer=_lower_priority)
         self.heavy_jobs = 0  # heavy jobs running or waiting for a thread
 
     async def encode(self, text: str, most: int) -> Tokenized:
@@ -114,6 +121,15 @@ class Tokenizing:
             raise
         count = len(encoding)
         return Tokenized(count, encoding.ids if count <= most else None)
+
+
+def _lower_priority() -> None:
+    """Make the calling thread nicer by ``HEAVY_NICE`` (Linux sets niceness per thread);
+    nothing where that is not possible."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HEAVY_NICE)
+    except (AttributeError, OSError):
+        pass
 
 
 def _chars(messages: Sequence[dict]) -> int:
