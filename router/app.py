@@ -212,7 +212,9 @@ def create_app(settings: RouterSettings, core: RouterCore | None = None) -> Fast
         """Server-sent events of the request's chunks, an error event if it fails, then
         ``[DONE]``; the usage comes with the last token's chunk, or with ``usage_chunk``
         (``stream_options.include_usage``) in a chunk of its own after it, with no
-        choices, as OpenAI sends it."""
+        choices, as OpenAI sends it. With no decode worker up it is a 503 instead, at once."""
+        core.refuse_if_decode_down()
+
         async def events():
             created = int(time.time())
             first = True

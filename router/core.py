@@ -7,10 +7,12 @@ the decode worker's tokens. Everything is counted in ``RouterMetrics``.
 
 Failure contract: a failed or late prefill never fails the request (the decode worker
 then computes more); a decode failure raises ``ApiError`` (a decode worker unreachable
-before the first token is retried on another); so does any other failure (500, counted
-as an "error"). Cancelling the task running ``generate`` (a client that went away, or
-``cancel(request_id)``) cancels the worker calls, which abort the request on the workers
-and free its KV blocks and slots. A worker that leaves the pool (discovery) finishes its
+before the first token is retried on another, or on itself while it may come back within
+the request's deadline); so does any other failure (500, counted as an "error"). With no
+decode worker up (as ``readiness`` tells) a request fails at once: a 503 that says why,
+counted as "unavailable". Cancelling the task running ``generate`` (a client that went
+away, or ``cancel(request_id)``) cancels the worker calls, which abort the request on the
+workers and free its KV blocks and slots. A worker that leaves the pool (discovery) finishes its
 calls before its channel is closed.
 """
 
@@ -49,6 +51,9 @@ _HTTP_FROM_GRPC = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.RESOUR
                    grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.UNAVAILABLE: 503}
 
 
+RETRY_EVERY_S = 0.5  # how often a request retries while no decode worker is healthy
+NO_DECODE_POOL = "no decode worker is up: none is configured or registered"
+
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 
@@ -74,6 +79,10 @@ class ApiError(Exception):
     @property
     def grpc_code(self) -> grpc.StatusCode:
         return GRPC_CODES.get(self.status, grpc.StatusCode.INTERNAL)
+
+
+class NoDecodeWorker(Exception):
+    """No decode worker is up to take a request; the message says what was found."""
 
 
 @dataclass
@@ -385,12 +394,12 @@ class RouterCore:
         outcome = "cancelled"
         self._tasks[p.request_id] = asyncio.current_task()
         try:
+            self._check_decode_up()
             async with self.admission.slot() as queued_s:
                 trace.queue_s = queued_s
                 self.metrics.queue_time.observe(queued_s)
+                self._check_decode_up()  # again: the slot may have taken a while
                 route = self.routing.choose(p.token_ids, p.cache_salt)
-                if route is None:
-                    raise ApiError(503, "no decode worker is available")
                 trace.route = route.reason
                 self.metrics.routing.labels(route.reason).inc()
                 request = self._worker_request(p)
@@ -413,6 +422,9 @@ class RouterCore:
         except Overloaded as e:
             outcome = "overloaded"
             raise ApiError(429, str(e), "overloaded_error")
+        except NoDecodeWorker as e:
+            outcome = "unavailable"
+            raise ApiError(503, str(e)) from None
         except grpc.aio.AioRpcError as e:
             if p.request_id in self._cancel_requested:  # gRPC reports our cancel as CANCELLED
                 raise ApiError(499, "request cancelled") from None
@@ -435,31 +447,67 @@ class RouterCore:
             self._cancel_requested.discard(p.request_id)
             self._record(trace, len(p.token_ids), outcome, start)
 
+    def decode_down(self) -> str | None:
+        """Why no decode worker can take a request now — the pool is empty, or every
+        worker in it is down (the view of ``readiness``: the health poll's, or a failed
+        call's since) — or None when one can."""
+        if not self.routing.decode:
+            return NO_DECODE_POOL
+        if any(w.healthy for w in self.routing.decode):
+            return None
+        _, status = self.readiness()
+        found = "; ".join(f"{name}: {text}" for name, text in status.items() if name.startswith("decode "))
+        return f"no decode worker is up ({found}); retry later"
+
+    def refuse_if_decode_down(self) -> None:
+        """``ApiError(503)``, counted as "unavailable", when ``decode_down`` says why: what
+        ``generate`` would answer, for a caller whose answer starts before it runs (an
+        HTTP stream, whose 200 goes out first)."""
+        why = self.decode_down()
+        if why is not None:
+            self.metrics.requests.labels("unavailable").inc()
+            raise ApiError(503, why)
+
+    def _check_decode_up(self) -> None:
+        why = self.decode_down()
+        if why is not None:
+            raise NoDecodeWorker(why)
+
     async def _decode(self, route: Route, request, trace: Trace, start: float):
         """Stream from the route's decode worker. A worker that is unreachable before the
-        first token is marked unhealthy and the request moves to another one — or waits for
-        one to come back, up to ``unavailable_retry_s``: a worker restart loses no request."""
+        first token is marked unhealthy and the request moves to a healthy one. With none
+        healthy the request tries again every ``RETRY_EVERY_S`` while a worker may still
+        come back in time: for ``unavailable_retry`` seconds, never past the request's
+        deadline (``request_timeout`` from ``start``), and not at all once the pool is
+        empty. So a worker restart loses no request, and no request waits for nothing. A
+        worker that serves the request is marked healthy again."""
         worker = route.decode
-        give_up = time.monotonic() + self.settings.unavailable_retry
+        give_up = min(time.monotonic() + self.settings.unavailable_retry,
+                      start + self.settings.request_timeout)
         while True:
-            if worker not in self.routing.decode and self.routing.decode:  # it left while we prefilled
+            if worker not in self.routing.decode:  # it left while we prefilled or waited
+                if not self.routing.decode:
+                    raise NoDecodeWorker(NO_DECODE_POOL)
                 worker = self._least_loaded_decode()
             try:
                 async with aclosing(self._decode_on(worker, request, trace, start)) as chunks:
                     async for chunk in chunks:
                         yield chunk
+                worker.healthy = True  # it served a request: up, whatever a call before found
                 return
             except grpc.aio.AioRpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE or trace.token_ids or time.monotonic() > give_up:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or trace.token_ids:
                     raise
                 worker.healthy = False
+                healthy = any(w.healthy for w in self.routing.decode)
+                if not healthy and (not self.routing.decode or time.monotonic() + RETRY_EVERY_S > give_up):
+                    raise  # none can come back in time
                 self.metrics.decode_retries.inc()
-                log.warning("decode worker %s unavailable; retrying %s elsewhere", worker.address,
-                            request.request_id)
-                if any(w.healthy for w in self.routing.decode):
-                    worker = self._least_loaded_decode()
-                else:
-                    await asyncio.sleep(0.5)  # none healthy: wait for one to come back
+                log.warning("decode worker %s unavailable; retrying %s %s", worker.address,
+                            request.request_id, "elsewhere" if healthy else f"in {RETRY_EVERY_S:g} s")
+                if not healthy:
+                    await asyncio.sleep(RETRY_EVERY_S)  # none healthy: wait for one to come back
+                worker = None  # the loop's top picks the next one
 
     def _least_loaded_decode(self) -> Worker:
         """The least-loaded healthy decode worker (any, when none is healthy)."""
@@ -504,7 +552,7 @@ class RouterCore:
     def _record(self, trace: Trace, num_prompt: int, outcome: str, started: float) -> None:
         m = self.metrics
         m.requests.labels(outcome).inc()
-        if outcome == "overloaded":
+        if outcome in ("overloaded", "unavailable"):
             return
         m.prompt_tokens.inc(num_prompt)
         m.generated_tokens.inc(len(trace.token_ids))

@@ -64,7 +64,8 @@ class RouterSettings(Settings):
     health_timeouts_to_fail: int = Field(3, ge=1, description=(
         "health calls timing out in a row that mark a worker down"))
     unavailable_retry: Seconds = Field(120.0, description=(
-        "seconds a request may wait for a decode worker to come back"))
+        "seconds a request whose decode worker went down may wait for one to come back, "
+        "never past --request-timeout (with none up when it comes, a request is a 503 at once)"))
 
     @property
     def name(self) -> str:

@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -30,6 +30,17 @@ class Router:
     stub_addresses: list[str]
     call: object  # call(coroutine) runs it on the router's event loop and returns its result
     app: object = None
+    stub_servers: list = field(default_factory=list)  # each stub's gRPC server, None while stopped
+
+    def stop_stub(self, i: int) -> None:
+        """Stop stub ``i``'s server: its address refuses connections."""
+        self.call(self.stub_servers[i].stop(None))
+        self.stub_servers[i] = None
+
+    def restart_stub(self, i: int) -> None:
+        """Serve stub ``i`` again on its address."""
+        host, port = self.stub_addresses[i].rsplit(":", 1)
+        self.stub_servers[i], _ = self.call(start_stub("decode", host, int(port), stub=self.stubs[i]))
 
     def metric(self, name: str, labels: str = "") -> float:
         text = httpx.get(self.url + "/metrics", timeout=10).text
@@ -55,6 +66,7 @@ def serving(model: str, stubs: int = 1, token_delay_s: float = 0.0, discover: bo
                for _ in range(stubs)]
     servers = [call(start_stub("decode", stub=w)) for w in workers]
     addresses = [address for _, address in servers]
+    stub_servers = [grpc_server for grpc_server, _ in servers]
     grpc_port = free_port()
     s = RouterSettings(model=model, served_model_name="tiny", prefill=(),
                        decode=() if discover else tuple(addresses), host="127.0.0.1", port=0,
@@ -69,12 +81,13 @@ def serving(model: str, stubs: int = 1, token_delay_s: float = 0.0, discover: bo
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
         yield Router(f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", app.state.core,
-                     workers, addresses, call, app)
+                     workers, addresses, call, app, stub_servers)
     finally:
         server.should_exit = True
         served.result(30)
-        for grpc_server, _ in servers:
-            call(grpc_server.stop(None))
+        for grpc_server in stub_servers:  # as the test left them (stopped, restarted)
+            if grpc_server is not None:
+                call(grpc_server.stop(None))
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
 
