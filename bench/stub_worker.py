@@ -22,11 +22,13 @@ class StubWorker(worker_pb2_grpc.WorkerServicer):
         self.role = role
         self.max_model_len = max_model_len
         self.token_delay_s = token_delay_s
+        self.calls = 0      # Generate calls received
         self.running = 0    # Generate calls in progress
         self.completed = 0  # Generate calls that sent their last chunk
 
     async def Generate(self, request, context):
         n = request.sampling.max_tokens
+        self.calls += 1
         self.running += 1
         try:
             for i in range(n):

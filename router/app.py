@@ -1,10 +1,13 @@
 """The router's OpenAI-compatible HTTP API over ``RouterCore``.
 
 ``/v1/completions`` and ``/v1/chat/completions`` (streaming as server-sent events, or
-not), ``/v1/models``, ``/health``, ``/metrics``. Errors are OpenAI-shaped
-(``{"error": {"message", "type", "param", "code"}}``; ``param`` names the request field a
-400 is about, when one does). A client that disconnects — mid-stream or while waiting
-for a non-streaming answer — cancels the request everywhere.
+not), ``/v1/models``, ``/health``, ``/metrics``. Every error, on every path, is
+OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``; ``param`` names the
+request field a 400 is about, when one does): the app's own refusals, FastAPI's (an
+unknown path, a wrong method, a body that does not validate), the body checks of
+``json_body`` and, at the connection level, those of ``http_server``. Malformed input is
+always a 4xx. A client that disconnects — mid-stream or while waiting for a
+non-streaming answer — cancels the request everywhere.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 
 from kvmesh.kv_store.gc_tuning import freeze_startup_objects
 from kvmesh.router.core import ApiError, Prepared, RouterCore, RouterSettings, Trace, bearer_ok
+from kvmesh.router.json_body import JsonRoute
 from kvmesh.router.openai_api import (ChatCompletionRequest, CompletionRequest, chat_chunk,
                                chat_completion, completion_chunk, error_body, usage)
 
@@ -89,15 +94,15 @@ async def _refuse(scope, receive, send, status: int, message: str, kind: str = "
     await JSONResponse(error_body(message, status, kind), status_code=status)(scope, receive, send)
 
 
-def router_server(settings: RouterSettings):
+def router_server(settings: RouterSettings, core: RouterCore | None = None):
     """The router, assembled from its settings (the one place that does it, for
     ``kvmesh router``, ``kvmesh serve`` and the Ray router actor alike): a uvicorn server of
-    ``create_app(settings)`` on ``settings.host:settings.port``. ``run()`` serves until
-    ``should_exit`` is set."""
-    import uvicorn
+    ``create_app(settings, core)`` on ``settings.host:settings.port``, with the header and
+    body timeouts of ``http_server``. ``run()`` serves until ``should_exit`` is set; the
+    app is its ``config.app``."""
+    from kvmesh.router.http_server import http_server
 
-    return uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
-                                         log_level="warning"))
+    return http_server(create_app(settings, core), settings)
 
 
 def create_app(settings: RouterSettings, core: RouterCore | None = None) -> FastAPI:
@@ -123,6 +128,7 @@ def create_app(settings: RouterSettings, core: RouterCore | None = None) -> Fast
         await core.close()
 
     app = FastAPI(title="kvmesh router", lifespan=lifespan)
+    app.router.route_class = JsonRoute
     app.state.core = core
     app.add_middleware(LimitsAndAuth, api_token=settings.api_token,
                        max_bytes=settings.max_request_bytes)
@@ -131,14 +137,36 @@ def create_app(settings: RouterSettings, core: RouterCore | None = None) -> Fast
     async def _api_error(request: Request, exc: ApiError):
         return JSONResponse(error_body(exc.message, exc.status, exc.kind), status_code=exc.status)
 
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException):
+        """FastAPI's and Starlette's own (404, 405, a body that cannot be read), and
+        ``json_body``'s refusals."""
+        if exc.status_code == 400:
+            core.metrics.requests.labels("invalid").inc()
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        if exc.status_code == 404:
+            kind = "not_found_error"
+        return JSONResponse(error_body(str(exc.detail), exc.status_code, kind),
+                            status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):
+        """A failure nothing else answered: a bug (logged by the server), still in shape."""
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", 500, "server_error"),
+                            status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         core.metrics.requests.labels("invalid").inc()
         parts, params = [], []
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
             loc = err.get("loc", ())
+            if tuple(loc) == ("body",):  # none, or not an object
+                parts.append("the request body must be a JSON object, sent with "
+                             "content-type: application/json")
+                continue
+            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
             if len(loc) > 1 and loc[0] == "body" and err.get("type") != "json_invalid":
                 params.append(str(loc[1]))
         return JSONResponse(error_body("; ".join(parts) or "invalid request", 400,
@@ -184,7 +212,9 @@ def create_app(settings: RouterSettings, core: RouterCore | None = None) -> Fast
         """Server-sent events of the request's chunks, an error event if it fails, then
         ``[DONE]``; the usage comes with the last token's chunk, or with ``usage_chunk``
         (``stream_options.include_usage``) in a chunk of its own after it, with no
-        choices, as OpenAI sends it."""
+        choices, as OpenAI sends it. With no decode worker up it is a 503 instead, at once."""
+        core.refuse_if_decode_down()
+
         async def events():
             created = int(time.time())
             first = True
@@ -225,11 +255,11 @@ def create_app(settings: RouterSettings, core: RouterCore | None = None) -> Fast
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         try:
-            token_ids = core.encode_chat([m.model_dump() for m in body.messages])
+            tokens = await core.encode_chat([m.model_dump() for m in body.messages])
         except ApiError:
             core.metrics.requests.labels("invalid").inc()
             raise
-        p = await prepared(body, token_ids)
+        p = await prepared(body, tokens)
         trace = Trace()
         model = settings.name
 

@@ -7,10 +7,12 @@ the decode worker's tokens. Everything is counted in ``RouterMetrics``.
 
 Failure contract: a failed or late prefill never fails the request (the decode worker
 then computes more); a decode failure raises ``ApiError`` (a decode worker unreachable
-before the first token is retried on another); so does any other failure (500, counted
-as an "error"). Cancelling the task running ``generate`` (a client that went away, or
-``cancel(request_id)``) cancels the worker calls, which abort the request on the workers
-and free its KV blocks and slots. A worker that leaves the pool (discovery) finishes its
+before the first token is retried on another, or on itself while it may come back within
+the request's deadline); so does any other failure (500, counted as an "error"). With no
+decode worker up (as ``readiness`` tells) a request fails at once: a 503 that says why,
+counted as "unavailable". Cancelling the task running ``generate`` (a client that went
+away, or ``cancel(request_id)``) cancels the worker calls, which abort the request on the
+workers and free its KV blocks and slots. A worker that leaves the pool (discovery) finishes its
 calls before its channel is closed.
 """
 
@@ -35,6 +37,7 @@ from kvmesh.router.admission import Admission, Overloaded
 from kvmesh.router.metrics import RouterMetrics
 from kvmesh.router.routing import Route, RoutingPolicy, Worker
 from kvmesh.router.settings import RouterSettings
+from kvmesh.router.tokenizing import Refused, Tokenized, Tokenizing
 from kvmesh.router.workers import WorkerClient
 
 log = logging.getLogger("kvmesh.router")
@@ -48,6 +51,9 @@ GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTH
 _HTTP_FROM_GRPC = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
                    grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.UNAVAILABLE: 503}
 
+
+RETRY_EVERY_S = 0.5  # how often a request retries while no decode worker is healthy
+NO_DECODE_POOL = "no decode worker is up: none is configured or registered"
 
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
@@ -85,6 +91,10 @@ class ApiError(Exception):
         return GRPC_CODES.get(self.status, grpc.StatusCode.INTERNAL)
 
 
+class NoDecodeWorker(Exception):
+    """No decode worker is up to take a request; the message says what was found."""
+
+
 @dataclass
 class Sampling:
     max_tokens: int | None = 16  # None: what the prompt leaves of the context (``prepare``)
@@ -110,6 +120,8 @@ class Sampling:
             problems.append(f"seed must be within [{INT64_MIN}, {INT64_MAX}]")
         if len(self.stop) > 16 or any(len(s) > 256 for s in self.stop):
             problems.append("at most 16 stop strings of at most 256 characters")
+        if any(not s for s in self.stop):
+            problems.append("a stop string must not be empty")
         if problems:
             raise ApiError(400, "; ".join(problems))
 
@@ -183,6 +195,7 @@ class RouterCore:
         self.settings = settings
         self.metrics = RouterMetrics()
         self.tokenizer = None
+        self.tokenizing: Tokenizing | None = None  # the tokenizer, off the event loop
         self.routing: RoutingPolicy | None = None
         self.admission = Admission(settings.max_inflight, settings.max_queue, settings.queue_timeout)
         self.metrics.inflight.set_function(lambda: self.admission.inflight)
@@ -198,6 +211,7 @@ class RouterCore:
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.settings.model)
         s = self.settings
+        self.tokenizing = Tokenizing(self.tokenizer, s.tokenize_threads, s.max_queue)
         self.routing = RoutingPolicy(
             prefill=[Worker(a, WorkerClient(a)) for a in s.prefill],
             decode=[Worker(a, WorkerClient(a)) for a in s.decode],
@@ -262,6 +276,7 @@ class RouterCore:
         leaving = [self._rejoin(key) for key in list(self._leaving)]
         for worker in self.routing.prefill + self.routing.decode + leaving:
             await worker.client.close()
+        self.tokenizing.close()
 
     # ------------------------------------------------------------------ validation
 
@@ -282,50 +297,60 @@ class RouterCore:
             raise ApiError(404, f"model {model!r} is not served here; this router serves "
                                 f"{self.settings.name!r}", "not_found_error")
 
-    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
+    async def encode_chat(self, messages: Sequence[dict]) -> Tokenized:
+        """The conversation through the chat template, tokenized off the event loop (for
+        ``prepare``); ``ApiError`` 400 when the template refuses it, 429 when too much
+        heavy tokenizing is under way."""
+        limit = await self.max_model_len()
         try:
-            ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
-                                                     tokenize=True)
-        except Exception as e:  # a template that rejects the conversation
-            raise ApiError(400, f"cannot apply the chat template: {e}")
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+            return await self.tokenizing.encode_chat(messages, limit)
+        except Refused as e:
+            raise ApiError(e.status, e.message, e.kind) from None
 
-    async def prepare(self, prompt: str | Sequence[int], sampling: Sampling, *,
+    async def prepare(self, prompt: str | Sequence[int] | Tokenized, sampling: Sampling, *,
                       model: str | None = None, cache_salt: str | None = None,
                       request_id: str | None = None) -> Prepared:
         """Validate a request into token ids; raises ``ApiError`` (4xx) and changes nothing.
-        ``sampling.max_tokens`` None becomes what the prompt leaves of the model's context
-        (in the returned ``Prepared``; ``sampling`` itself is left as it is); a prompt that
-        leaves nothing is a 400, as is one that leaves less than a given ``max_tokens``."""
+        ``prompt`` is text (tokenized off the event loop), token ids, or what
+        ``encode_chat`` made. ``sampling.max_tokens`` None becomes what the prompt leaves
+        of the model's context (in the returned ``Prepared``; ``sampling`` itself is left
+        as it is); a prompt that leaves nothing is a 400, as is one that leaves less than
+        a given ``max_tokens``. Cheap checks come before the tokenizer runs."""
         self.check_model(model)
         sampling.check()
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ApiError(400, "prompt must not be empty")
-            token_ids = self.tokenizer.encode(prompt)
-        else:
-            token_ids = list(prompt)
-            if not token_ids:
-                raise ApiError(400, "prompt must not be empty")
-            bad = [t for t in token_ids if not 0 <= t < len(self.tokenizer)]
-            if bad:
-                raise ApiError(400, f"token id {bad[0]} is outside the vocabulary of {len(self.tokenizer)}")
-        if not token_ids:
-            raise ApiError(400, "prompt encodes to no tokens")
         if cache_salt is not None and len(cache_salt) > 256:
             raise ApiError(400, "cache_salt is longer than 256 characters")
         if request_id is not None and (len(request_id) > 128 or request_id in self._tasks):
             raise ApiError(400, "request_id must be unique among running requests and at most 128 characters")
         limit = await self.max_model_len()
+        if isinstance(prompt, Tokenized):
+            tokens = prompt
+        elif isinstance(prompt, str):
+            if not prompt:
+                raise ApiError(400, "prompt must not be empty")
+            try:
+                tokens = await self.tokenizing.encode(prompt, limit)
+            except Refused as e:
+                raise ApiError(e.status, e.message, e.kind) from None
+        else:
+            if not prompt:
+                raise ApiError(400, "prompt must not be empty")
+            tokens = Tokenized(len(prompt), list(prompt) if len(prompt) <= limit else None)
+            vocab = self.tokenizing.vocab_size
+            bad = next((t for t in tokens.ids or () if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ApiError(400, f"token id {bad} is outside the vocabulary of {vocab}")
+        if not tokens.count:
+            raise ApiError(400, "prompt encodes to no tokens")
         if sampling.max_tokens is None:
-            if len(token_ids) >= limit:
-                raise ApiError(400, f"prompt ({len(token_ids)} tokens) fills the model's context of "
+            if tokens.count >= limit:
+                raise ApiError(400, f"prompt ({tokens.count} tokens) fills the model's context of "
                                     f"{limit} tokens: no room left to generate")
-            sampling = dataclasses.replace(sampling, max_tokens=limit - len(token_ids))
-        elif len(token_ids) + sampling.max_tokens > limit:
-            raise ApiError(400, f"prompt ({len(token_ids)} tokens) plus max_tokens "
+            sampling = dataclasses.replace(sampling, max_tokens=limit - tokens.count)
+        elif tokens.count + sampling.max_tokens > limit:
+            raise ApiError(400, f"prompt ({tokens.count} tokens) plus max_tokens "
                                 f"({sampling.max_tokens}) exceeds the model's context of {limit} tokens")
-        return Prepared(request_id or f"cmpl-{uuid.uuid4().hex}", token_ids, sampling, cache_salt or "")
+        return Prepared(request_id or f"cmpl-{uuid.uuid4().hex}", tokens.ids, sampling, cache_salt or "")
 
     # ------------------------------------------------------------------ serving
 
@@ -381,12 +406,12 @@ class RouterCore:
         outcome = "cancelled"
         self._tasks[p.request_id] = asyncio.current_task()
         try:
+            self._check_decode_up()
             async with self.admission.slot() as queued_s:
                 trace.queue_s = queued_s
                 self.metrics.queue_time.observe(queued_s)
+                self._check_decode_up()  # again: the slot may have taken a while
                 route = self.routing.choose(p.token_ids, p.cache_salt)
-                if route is None:
-                    raise ApiError(503, "no decode worker is available")
                 trace.route = route.reason
                 self.metrics.routing.labels(route.reason).inc()
                 request = self._worker_request(p)
@@ -409,6 +434,9 @@ class RouterCore:
         except Overloaded as e:
             outcome = "overloaded"
             raise ApiError(429, str(e), "overloaded_error")
+        except NoDecodeWorker as e:
+            outcome = "unavailable"
+            raise ApiError(503, str(e)) from None
         except grpc.aio.AioRpcError as e:
             if p.request_id in self._cancel_requested:  # gRPC reports our cancel as CANCELLED
                 raise ApiError(499, "request cancelled") from None
@@ -431,31 +459,67 @@ class RouterCore:
             self._cancel_requested.discard(p.request_id)
             self._record(trace, len(p.token_ids), outcome, start)
 
+    def decode_down(self) -> str | None:
+        """Why no decode worker can take a request now — the pool is empty, or every
+        worker in it is down (the view of ``readiness``: the health poll's, or a failed
+        call's since) — or None when one can."""
+        if not self.routing.decode:
+            return NO_DECODE_POOL
+        if any(w.healthy for w in self.routing.decode):
+            return None
+        _, status = self.readiness()
+        found = "; ".join(f"{name}: {text}" for name, text in status.items() if name.startswith("decode "))
+        return f"no decode worker is up ({found}); retry later"
+
+    def refuse_if_decode_down(self) -> None:
+        """``ApiError(503)``, counted as "unavailable", when ``decode_down`` says why: what
+        ``generate`` would answer, for a caller whose answer starts before it runs (an
+        HTTP stream, whose 200 goes out first)."""
+        why = self.decode_down()
+        if why is not None:
+            self.metrics.requests.labels("unavailable").inc()
+            raise ApiError(503, why)
+
+    def _check_decode_up(self) -> None:
+        why = self.decode_down()
+        if why is not None:
+            raise NoDecodeWorker(why)
+
     async def _decode(self, route: Route, request, trace: Trace, start: float):
         """Stream from the route's decode worker. A worker that is unreachable before the
-        first token is marked unhealthy and the request moves to another one — or waits for
-        one to come back, up to ``unavailable_retry_s``: a worker restart loses no request."""
+        first token is marked unhealthy and the request moves to a healthy one. With none
+        healthy the request tries again every ``RETRY_EVERY_S`` while a worker may still
+        come back in time: for ``unavailable_retry`` seconds, never past the request's
+        deadline (``request_timeout`` from ``start``), and not at all once the pool is
+        empty. So a worker restart loses no request, and no request waits for nothing. A
+        worker that serves the request is marked healthy again."""
         worker = route.decode
-        give_up = time.monotonic() + self.settings.unavailable_retry
+        give_up = min(time.monotonic() + self.settings.unavailable_retry,
+                      start + self.settings.request_timeout)
         while True:
-            if worker not in self.routing.decode and self.routing.decode:  # it left while we prefilled
+            if worker not in self.routing.decode:  # it left while we prefilled or waited
+                if not self.routing.decode:
+                    raise NoDecodeWorker(NO_DECODE_POOL)
                 worker = self._least_loaded_decode()
             try:
                 async with aclosing(self._decode_on(worker, request, trace, start)) as chunks:
                     async for chunk in chunks:
                         yield chunk
+                worker.healthy = True  # it served a request: up, whatever a call before found
                 return
             except grpc.aio.AioRpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE or trace.token_ids or time.monotonic() > give_up:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or trace.token_ids:
                     raise
                 worker.healthy = False
+                healthy = any(w.healthy for w in self.routing.decode)
+                if not healthy and (not self.routing.decode or time.monotonic() + RETRY_EVERY_S > give_up):
+                    raise  # none can come back in time
                 self.metrics.decode_retries.inc()
-                log.warning("decode worker %s unavailable; retrying %s elsewhere", worker.address,
-                            request.request_id)
-                if any(w.healthy for w in self.routing.decode):
-                    worker = self._least_loaded_decode()
-                else:
-                    await asyncio.sleep(0.5)  # none healthy: wait for one to come back
+                log.warning("decode worker %s unavailable; retrying %s %s", worker.address,
+                            request.request_id, "elsewhere" if healthy else f"in {RETRY_EVERY_S:g} s")
+                if not healthy:
+                    await asyncio.sleep(RETRY_EVERY_S)  # none healthy: wait for one to come back
+                worker = None  # the loop's top picks the next one
 
     def _least_loaded_decode(self) -> Worker:
         """The least-loaded healthy decode worker (any, when none is healthy)."""
@@ -501,7 +565,7 @@ class RouterCore:
     def _record(self, trace: Trace, num_prompt: int, outcome: str, started: float) -> None:
         m = self.metrics
         m.requests.labels(outcome).inc()
-        if outcome == "overloaded":
+        if outcome in ("overloaded", "unavailable"):
             return
         m.prompt_tokens.inc(num_prompt)
         m.generated_tokens.inc(len(trace.token_ids))

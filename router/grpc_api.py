@@ -3,7 +3,8 @@
 Status codes follow gRPC conventions (see the .proto). When the router has an API token
 (neither None nor empty, as over HTTP), every call must carry ``authorization: Bearer
 <token>`` metadata. Message sizes are bounded by ``max_request_bytes``. A call the client
-cancels, or whose deadline passes, cancels the request on the workers.
+cancels, or whose deadline passes, cancels the request on the workers. Malformed input
+is INVALID_ARGUMENT, a message that does not even parse (``RefuseUndecodable``) included.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from contextlib import aclosing
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from kvmesh_proto import serving_pb2, serving_pb2_grpc
 from kvmesh.router.core import ApiError, RouterCore, Sampling, Trace, bearer_ok
@@ -85,11 +87,63 @@ class ServingService(serving_pb2_grpc.KVMeshServicer):
             id=self.core.settings.name, max_model_len=max_len)])
 
 
+class _Undecodable:
+    """What a request that did not parse is handed on as: the parser's complaint."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+class RefuseUndecodable(grpc.aio.ServerInterceptor):
+    """A request message that does not parse (corrupt wire format, a string field that is
+    not UTF-8) is answered INVALID_ARGUMENT; gRPC itself would answer UNKNOWN, a server
+    failure. Only the two call shapes the serving API has are wrapped (unary-unary and
+    unary-stream); other handlers pass through unchanged."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def lenient(data: bytes):
+            try:
+                return parse(data)
+            except DecodeError as e:
+                return _Undecodable(str(e))
+
+        async def refuse(request, context):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request message does not parse: {request.reason}")
+
+        if handler.unary_unary is not None:
+            behaviour = handler.unary_unary
+
+            async def unary_unary(request, context):
+                if isinstance(request, _Undecodable):
+                    await refuse(request, context)
+                return await behaviour(request, context)
+
+            return handler._replace(request_deserializer=lenient, unary_unary=unary_unary)
+        if handler.unary_stream is not None:
+            behaviour = handler.unary_stream
+
+            async def unary_stream(request, context):
+                if isinstance(request, _Undecodable):
+                    await refuse(request, context)
+                async for response in behaviour(request, context):
+                    yield response
+
+            return handler._replace(request_deserializer=lenient, unary_stream=unary_stream)
+        return handler
+
+
 async def start_grpc_server(core: RouterCore, host: str, port: int) -> grpc.aio.Server:
     """Serve the gRPC API on ``host:port`` (started; the caller stops it)."""
     from kvmesh_proto.options import bind_port, message_options
 
-    server = grpc.aio.server(options=message_options(core.settings.max_request_bytes))
+    server = grpc.aio.server(options=message_options(core.settings.max_request_bytes),
+                             interceptors=[RefuseUndecodable()])
     serving_pb2_grpc.add_KVMeshServicer_to_server(ServingService(core), server)
     bind_port(server, host, port, "the router's gRPC API")
     await server.start()

@@ -235,7 +235,12 @@ class ChatCompletionRequest(_Common):
 
 def error_body(message: str, status: int, kind: str = "invalid_request_error",
                param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    """OpenAI's error shape. Text that is not Unicode (a lone surrogate echoed from a
+    request) is escaped, so the body always encodes as UTF-8 JSON."""
+    def text(value: str | None) -> str | None:
+        return None if value is None else value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+    return {"error": {"message": text(message), "type": kind, "param": text(param), "code": status}}
 
 
 def completion_chunk(request_id: str, model: str, text: str, finish_reason: str | None,

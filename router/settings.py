@@ -50,12 +50,23 @@ class RouterSettings(Settings):
     prefill_timeout: Seconds = Field(120.0, description="deadline of a prefill call, in seconds")
     request_timeout: Seconds = Field(600.0, description="deadline of a whole request, in seconds")
     max_request_bytes: Bytes = Field(4 << 20, description="largest request body or gRPC message")
+    header_timeout: Seconds = Field(10.0, le=3600, description=(
+        "seconds an HTTP client may take to send a request's line and headers, from its "
+        "first byte (or its connection); then 408 and the connection is closed"))
+    body_timeout: Seconds = Field(30.0, le=3600, description=(
+        "seconds an HTTP client may take to send a request's body, from the end of its "
+        "headers; then 408 and the connection is closed"))
+    tokenize_threads: int = Field(2, ge=1, le=64, description=(
+        "long prompts (over 32 Ki characters) tokenized at once, each on a thread of its "
+        "own, off the event loop; up to --max-queue more wait, shorter prompts never wait "
+        "for them"))
     health_interval: Seconds = Field(2.0, description="seconds between health polls of the workers")
     health_timeout: Seconds = Field(2.0, description="how long one worker's health call may take")
     health_timeouts_to_fail: int = Field(3, ge=1, description=(
         "health calls timing out in a row that mark a worker down"))
     unavailable_retry: Seconds = Field(120.0, description=(
-        "seconds a request may wait for a decode worker to come back"))
+        "seconds a request whose decode worker went down may wait for one to come back, "
+        "never past --request-timeout (with none up when it comes, a request is a 503 at once)"))
 
     @property
     def name(self) -> str:

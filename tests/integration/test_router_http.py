@@ -1,13 +1,15 @@
 """The router's front doors for real — its HTTP API under uvicorn and its gRPC API, started
-by ``create_app`` and ``RouterCore.start`` as ``kvmesh router`` starts them, with the tiny
-model's tokenizer — in front of stub decode workers (``bench.stub_worker``: the worker gRPC
-API with no engine behind it). The stub is the one fake: it stands in for a vLLM worker,
-and it tells what the router asked of it (calls running, calls completed).
+as ``kvmesh router`` starts them, with the tiny model's tokenizer — in front of stub decode
+workers (``tests.router_serving``; ``bench.stub_worker``: the worker gRPC API with no
+engine behind it). The stub is the one fake: it stands in for a vLLM worker, and it tells
+what the router asked of it (calls running, calls completed).
 
 Covered: a client that leaves a non-streaming request cancels it; auth and the body limit
 (on the bytes received, never read past); out-of-range sampling values; a worker that
 leaves the service registry finishes its calls before its channel closes; a channel
-closed under a call is a worker failure that is retried, never a 500; chat's default
+closed under a call is a worker failure that is retried, never a 500; with no decode
+worker up a request is a 503 at once, saying why, and one whose worker went down under it
+waits for it only while it may come back within the request's deadline; chat's default
 ``max_tokens`` (the rest of the context); OpenAI requests as clients send them (nulls,
 content parts, roles, a prompt list of one); unimplemented fields refused, naming them;
 ``stream_options.include_usage``.
@@ -17,87 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import socket
 import threading
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
 
+import grpc
 import httpx
 import pytest
-import uvicorn
 
 import kvmesh_client
-from kvmesh.bench.stub_worker import StubWorker, start_stub
-from kvmesh.cluster.local import free_port
-from kvmesh.router.app import create_app
-from kvmesh.router.core import ApiError, Prepared, RouterCore, RouterSettings, Sampling, Trace
+from kvmesh_proto import serving_pb2, serving_pb2_grpc
+from kvmesh.router.core import ApiError, Prepared, Sampling, Trace
+from tests.router_serving import raw_request, serving
 from tests.waiting import wait_until
-
-
-@dataclass
-class Router:
-    url: str
-    grpc_address: str
-    core: RouterCore
-    stubs: list[StubWorker]
-    stub_addresses: list[str]
-    call: object  # call(coroutine) runs it on the router's event loop and returns its result
-    app: object = None
-
-    def metric(self, name: str, labels: str = "") -> float:
-        text = httpx.get(self.url + "/metrics", timeout=10).text
-        m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.MULTILINE)
-        return float(m.group(1)) if m else 0.0
-
-
-@contextmanager
-def serving(model: str, stubs: int = 1, token_delay_s: float = 0.0, discover: bool = False,
-            **settings):
-    """A router serving on an event loop of its own (a thread), with ``stubs`` stub decode
-    workers; given as its decode addresses unless ``discover`` (then the test announces
-    them in the registry at ``settings["index"]``)."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    def call(coro, timeout_s: float = 60):
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout_s)
-
-    workers = [StubWorker("decode", token_delay_s=token_delay_s) for _ in range(stubs)]
-    servers = [call(start_stub("decode", stub=w)) for w in workers]
-    addresses = [address for _, address in servers]
-    grpc_port = free_port()
-    s = RouterSettings(model=model, served_model_name="tiny", prefill=(),
-                       decode=() if discover else tuple(addresses), grpc_port=grpc_port, **settings)
-    app = create_app(s)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    served = asyncio.run_coroutine_threadsafe(server.serve(), loop)
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert not served.done() and time.monotonic() < deadline, "the router did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield Router(f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", app.state.core,
-                     workers, addresses, call, app)
-    finally:
-        server.should_exit = True
-        served.result(30)
-        for grpc_server, _ in servers:
-            call(grpc_server.stop(None))
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-
-
-def raw_request(url: str, path: str, body: bytes, headers: str = "") -> socket.socket:
-    """An open connection that has sent a POST of ``body`` (with Content-Length)."""
-    host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=10)
-    sock.sendall((f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  f"Content-Length: {len(body)}\r\n{headers}\r\n").encode() + body)
-    return sock
 
 
 def test_a_client_that_leaves_before_a_non_streaming_answer_cancels_it(tiny_model):
@@ -288,6 +222,81 @@ def test_a_channel_closed_under_a_call_is_retried_not_a_500(tiny_model):
         assert answers[0].json()["usage"]["completion_tokens"] == 3
         assert r.metric("kvmesh_router_decode_retries_total") == 1
         assert sum(s.completed for s in r.stubs) == 1
+
+
+def test_with_no_decode_worker_up_a_request_is_a_503_at_once_saying_why(tiny_model):
+    """Once the health poll has found the only decode worker down, a request — streaming
+    or not, over HTTP or gRPC — is refused within a second (not after the request's or the
+    retry's timeout), in the API's own shape, naming the worker and what was found; the
+    worker is never called. When it is back, requests are served again."""
+    with serving(tiny_model, health_interval=0.2, request_timeout=30, unavailable_retry=30) as r:
+        body = {"prompt": "hello there", "max_tokens": 2}
+        assert httpx.post(r.url + "/v1/completions", json=body, timeout=30).status_code == 200
+        r.stop_stub(0)
+        assert wait_until(lambda: httpx.get(r.url + "/health", timeout=10).status_code == 503, 10)
+        calls = r.stubs[0].calls
+        with httpx.Client(base_url=r.url, timeout=30) as http:
+            for stream in (False, True):
+                began = time.monotonic()
+                answer = http.post("/v1/completions", json={**body, "stream": stream})
+                took = time.monotonic() - began
+                assert answer.status_code == 503, (stream, answer.text[:300])
+                error = answer.json()["error"]
+                assert set(error) == {"message", "type", "param", "code"} and error["code"] == 503
+                assert "no decode worker is up" in error["message"]
+                assert r.stub_addresses[0] in error["message"] and "unavailable" in error["message"]
+                assert took < 1.0, (stream, took)
+        with grpc.insecure_channel(r.grpc_address) as channel:  # no client retries
+            began = time.monotonic()
+            with pytest.raises(grpc.RpcError) as refused:
+                request = serving_pb2.GenerateRequest(text="hello there", sampling={"max_tokens": 2})
+                list(serving_pb2_grpc.KVMeshStub(channel).Generate(request, timeout=30))
+            assert time.monotonic() - began < 1.0
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "no decode worker is up" in refused.value.details()
+        assert r.stubs[0].calls == calls
+        assert r.metric("kvmesh_router_requests_total", '{outcome="unavailable"}') == 3
+
+        r.restart_stub(0)
+        assert wait_until(lambda: httpx.get(r.url + "/health", timeout=10).status_code == 200, 10)
+        answer = httpx.post(r.url + "/v1/completions", json=body, timeout=30)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_request_whose_worker_went_down_waits_only_while_it_may_come_back(tiny_model):
+    """The only decode worker stops before the health poll notices, so a request is sent
+    to it and finds it unavailable. Back within the request's deadline: the request is
+    served, and the worker is up again. Not back: the request is a 503 at its deadline
+    (2 s), not after the retry bound (120 s). Meanwhile, either way, the failed call has
+    marked the worker down, so a new request is a 503 at once."""
+    with serving(tiny_model, health_interval=3600, request_timeout=2, unavailable_retry=120) as r:
+        body = {"prompt": "hello there", "max_tokens": 2}
+        assert httpx.post(r.url + "/v1/completions", json=body, timeout=30).status_code == 200
+        for comes_back in (True, False):
+            r.stop_stub(0)
+            answers = []
+            began = time.monotonic()
+            t = threading.Thread(target=lambda: answers.append(
+                (httpx.post(r.url + "/v1/completions", json=body, timeout=30), time.monotonic())))
+            t.start()
+            assert wait_until(lambda: not r.core.routing.decode[0].healthy, 5), "the call never failed"
+            meanwhile = httpx.post(r.url + "/v1/completions", json=body, timeout=30)
+            assert meanwhile.status_code == 503 and time.monotonic() - began < 1.5
+            assert "no decode worker is up" in meanwhile.json()["error"]["message"]
+            if comes_back:
+                time.sleep(0.3)
+                r.restart_stub(0)
+            t.join(30)
+            answer, ended = answers[0]
+            if comes_back:
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["usage"]["completion_tokens"] == 2
+                assert r.core.readiness()[0] == "ok", "a worker that served is still down"
+            else:
+                assert answer.status_code == 503, answer.text
+                assert "decode worker" in answer.json()["error"]["message"]
+                assert 1.5 < ended - began < 4.0, ended - began
+        assert r.metric("kvmesh_router_decode_retries_total") >= 2
 
 
 def test_chat_without_max_tokens_may_use_the_rest_of_the_context(tiny_model):

@@ -89,7 +89,9 @@ def test_a_refused_call_or_an_error_status_marks_it_down_at_once(failure):
 
 def test_readiness_stays_up_while_a_decode_worker_is_and_answers_from_the_poll():
     """One decode worker down of two (or the prefill worker down) leaves the router ready
-    ("degraded", HTTP 200): it still serves. No healthy decode worker: "unavailable"."""
+    ("degraded", HTTP 200): it still serves. No healthy decode worker: "unavailable", and
+    ``decode_down`` says so, naming each decode worker's state (what a request is refused
+    with)."""
     async def run():
         up, down = ControlledWorker(), ControlledWorker()
         down.status = "error"
@@ -101,9 +103,15 @@ def test_readiness_stays_up_while_a_decode_worker_is_and_answers_from_the_poll()
             assert not ok and not second.healthy
             state, workers = core.readiness()
             assert state == "degraded" and workers[f"decode {second.address}"] == "error"
+            assert core.decode_down() is None
             first.healthy = False  # a failed call marks it down between polls
             state, workers = core.readiness()
             assert state == "unavailable" and workers[f"decode {first.address}"].startswith("down")
+            why = core.decode_down()  # what a request is refused with, at once: every worker's state
+            assert why.startswith("no decode worker is up")
+            assert f"decode {first.address}: down" in why and f"decode {second.address}: error" in why
+            core.routing.set_members("decode", [])
+            assert "none is configured or registered" in core.decode_down()
 
     asyncio.run(run())
 
