@@ -7,7 +7,7 @@ from typing import Literal, Optional
 from pydantic import Field
 
 from kvmesh.kv_store.settings_base import (
-    DEFAULT_HOST, Addresses, Bytes, PortOrZero, Seconds, Settings,
+    DEFAULT_HOST, Addresses, Bytes, PortOrZero, Seconds, Settings, cluster_secret_file_field,
 )
 from kvmesh.router.routing import ROUTING_POLICIES
 
@@ -55,6 +55,7 @@ class RouterSettings(Settings):
         "health calls timing out in a row that mark a worker down"))
     unavailable_retry: Seconds = Field(120.0, description=(
         "seconds a request may wait for a decode worker to come back"))
+    cluster_secret_file: Optional[str] = cluster_secret_file_field()
 
     @property
     def name(self) -> str:
