@@ -105,6 +105,7 @@ def cmd_worker(args) -> None:
     error)."""
     from kvmesh.engine_host.engine_args import EngineArgsError, check_engine_args
     from kvmesh.engine_host.settings import WORKER_SETTINGS
+    from kvmesh.kv_store.auth import load_secret
 
     role = args.command
     settings = from_args(WORKER_SETTINGS[role], args, args.parser, engine_args=tuple(args.engine_args))
@@ -126,7 +127,8 @@ def cmd_worker(args) -> None:
         raise SystemExit(f"kvmesh {role}: give --store HOST:PORT, or --index to find one")
     try:
         check_engine_args(settings.engine_args, role)
-    except EngineArgsError as e:
+        load_secret(settings.cluster_secret_file)  # a file it cannot use fails here, in one line
+    except (EngineArgsError, ValueError) as e:
         raise SystemExit(f"kvmesh {role}: {e}") from None
     from kvmesh.engine_host.service import run_worker
 
@@ -165,8 +167,12 @@ def cmd_router(args) -> None:
                          api_token=getattr(args, "api_token", None) or os.environ.get("KVMESH_API_TOKEN") or None)
     if not settings.index and not (settings.prefill and settings.decode):
         raise SystemExit("kvmesh router: give --prefill and --decode addresses, or --index to discover them")
+    try:
+        server = router_server(settings)
+    except ValueError as e:  # a cluster secret file it cannot use
+        raise SystemExit(f"kvmesh router: {e}") from None
     print(f"kvmesh router serving on http://{host_port(settings.host, settings.port)}", flush=True)
-    router_server(settings).run()
+    server.run()
 
 
 def addresses(text: str) -> list[str]:

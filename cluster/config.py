@@ -88,6 +88,7 @@ class ModelConfig(_Strict):
         return v
 
 
+_SECRET_OWNED = "the launcher gives every component the cluster's secret"
 _WORKER_OWNED = {
     "host": "each worker binds its node's address",
     "store": "each worker uses the store on its node",
@@ -95,6 +96,7 @@ _WORKER_OWNED = {
     "advertise": "each worker is reached at its node's address",
     "model_id": "set model.model_id",
     "engine_args": "give vLLM's engine arguments in engine: {name: value}",
+    "cluster_secret_file": _SECRET_OWNED,
 }
 _IN_GROUP = {"model": "set model.path", "block_size": "set model.block_size",
              "max_model_len": "set model.max_model_len",
@@ -174,7 +176,8 @@ class StoreGroup(_Section, StoreSettings):
     model_config = ConfigDict(extra="forbid", frozen=True)
     launcher_owned: ClassVar[dict[str, str]] = {
         "host": "each store binds its node's address", "index": "set the top-level index",
-        "node_id": "each store is named by its launcher", "advertise": "each store is reached at its node's address"}
+        "node_id": "each store is named by its launcher", "advertise": "each store is reached at its node's address",
+        "cluster_secret_file": _SECRET_OWNED}
 
     port: Port = Field(50051, description="gRPC port of the store API")
     node_resource: Optional[str] = Field(None, description=(
@@ -187,7 +190,8 @@ class RouterGroup(_Section, RouterSettings):
         "model": "set model.path", "served_model_name": "set model.served_name",
         "prefill": "the launcher lists the workers it started", "decode": "the launcher lists the workers it started",
         "index": "set the top-level index", "block_size": "set model.block_size",
-        "decode_local_cache": "set decode.engine.enable_prefix_caching"}
+        "decode_local_cache": "set decode.engine.enable_prefix_caching",
+        "cluster_secret_file": _SECRET_OWNED}
 
     host: Optional[str] = Field(None, description="address to bind (default: the node's IP)")
     port: Port = Field(8000, description="port of the OpenAI-compatible HTTP API")

@@ -7,10 +7,16 @@ settings — from a cluster config through ``plan.py``, as ``kvmesh up`` does, o
 own fields — then starts them in dependency order, waits (with a deadline) until each
 answers its health check, and stops them all on exit, killing whatever does not stop in
 time. A component that dies while starting raises ``ClusterError`` with the end of its log.
+
+Every cluster has a throwaway secret of its own (``secret``; ``kvmesh.kv_store.auth``),
+written to ``run_dir/cluster-secret`` (mode 0600) and named by every component's
+``cluster_secret_file``: its components accept internal calls only from each other (and
+from whoever holds ``secret``, as the tests do).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
@@ -31,6 +37,7 @@ import grpc
 from kvmesh.cluster.settings_cli import to_argv
 from kvmesh.engine_host.engine_args import given_flags
 from kvmesh.engine_host.settings import DecodeSettings, PrefillSettings
+from kvmesh.kv_store.auth import call_metadata, new_secret, write_secret
 from kvmesh.kv_store.malloc_tuning import MALLOC_ENV
 from kvmesh.kv_store.settings import StoreSettings
 from kvmesh.kv_store.settings_base import Settings
@@ -125,18 +132,20 @@ def _grpc_ready(address: str, check: Callable[[grpc.Channel], bool]) -> Callable
     return ready
 
 
-def store_ready(address: str) -> Callable[[], bool]:
+def store_ready(address: str, secret: str | None = None) -> Callable[[], bool]:
+    """Whether the store at ``address`` answers a call carrying ``secret``."""
     from kvmesh_proto import store_pb2, store_pb2_grpc
 
     return _grpc_ready(address, lambda ch: store_pb2_grpc.KVStoreStub(ch).Stats(
-        store_pb2.StatsRequest(), timeout=1.0) is not None)
+        store_pb2.StatsRequest(), timeout=1.0, metadata=call_metadata(secret)) is not None)
 
 
-def worker_ready(address: str) -> Callable[[], bool]:
+def worker_ready(address: str, secret: str | None = None) -> Callable[[], bool]:
+    """Whether the worker at ``address`` answers a call carrying ``secret`` with "ok"."""
     from kvmesh_proto import worker_pb2, worker_pb2_grpc
 
     return _grpc_ready(address, lambda ch: worker_pb2_grpc.WorkerStub(ch).Health(
-        worker_pb2.HealthRequest(), timeout=1.0).status == "ok")
+        worker_pb2.HealthRequest(), timeout=1.0, metadata=call_metadata(secret)).status == "ok")
 
 
 def http_ready(url: str) -> Callable[[], bool]:
@@ -255,7 +264,12 @@ class LocalCluster:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if (self.num_stores > 1 or self.discover) and not self.index_url:
             raise ValueError("several store nodes, or discovery, need a shared block index (index_url)")
-        self.components = self._plan_config() if self.config is not None else self._plan()
+        self.secret = new_secret()
+        secret_file = self.run_dir / "cluster-secret"
+        write_secret(str(secret_file), self.secret)
+        planned = self._plan_config() if self.config is not None else self._plan()
+        self.components = [dataclasses.replace(c, settings=c.settings.model_copy(
+            update={"cluster_secret_file": str(secret_file)})) for c in planned]
         by_kind = {kind: [c for c in self.components if c.kind == kind]
                    for kind in ("store", "prefill", "decode", "router")}
         self.store_addresses = [c.address for c in by_kind["store"]]
@@ -391,7 +405,9 @@ class LocalCluster:
 
     def start(self) -> "LocalCluster":
         deadline = time.monotonic() + self.start_timeout_s
-        ready = {"store": store_ready, "prefill": worker_ready, "decode": worker_ready,
+        ready = {"store": lambda address: store_ready(address, self.secret),
+                 "prefill": lambda address: worker_ready(address, self.secret),
+                 "decode": lambda address: worker_ready(address, self.secret),
                  "router": lambda address: http_ready(self.router_url + "/health")}
         self._say(f"starting stores, prefill and decode workers (logs in {self.run_dir})")
         try:

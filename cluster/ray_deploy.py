@@ -22,6 +22,13 @@ Each actor binds its node's IP on the port the config gives it (worker replica `
 the same node (a worker's placement group, a store's or router's node affinity), so it
 comes back on the same address and the router finds it again. KV bytes never travel
 through Ray: components talk gRPC to each other; Ray only places and restarts them.
+
+The cluster secret (``kvmesh.kv_store.auth``): ``up`` takes ``KVMESH_CLUSTER_SECRET`` from
+its own environment, or makes a fresh one, and passes it to every actor as a constructor
+argument (so a restarted actor has it again); the actor puts it in its process's
+environment, where its component, and a worker's engine processes, read it. Ray keeps
+actor arguments in its control store: whoever can run code on the Ray cluster can read
+the secret, as they could start components of their own anyway.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from typing import Any, Callable
 
 from kvmesh.cluster.config import ClusterConfig, ConfigError
 from kvmesh.cluster.plan import router_settings, store_settings, worker_settings
+from kvmesh.kv_store.auth import load_secret, new_secret
 from kvmesh_proto.options import WILDCARD_HOSTS, host_port
 
 NAMESPACE = "kvmesh"
@@ -76,9 +84,14 @@ def _ray():
 class _Component:
     kind = "component"
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, secret: str | None = None):
         import ray
 
+        from kvmesh.kv_store.settings_base import SECRET_ENV
+
+        if secret:  # before the component starts: it (and a worker's engine) reads it there
+            os.environ[SECRET_ENV] = secret
+        self.secret = secret
         self.name = name
         self.node_ip = ray.util.get_node_ip_address()
         context = ray.get_runtime_context()
@@ -109,8 +122,8 @@ class StoreActor(_Component):
 
     kind = "store"
 
-    def __init__(self, name: str, settings):
-        super().__init__(name)
+    def __init__(self, name: str, settings, secret: str | None = None):
+        super().__init__(name, secret)
         from kvmesh.kv_store.node import StoreNode
 
         if settings.disk_bytes and settings.disk_dir:
@@ -123,7 +136,7 @@ class StoreActor(_Component):
         from kvmesh.cluster.local import store_ready
 
         self._check()
-        return store_ready(self.address)()
+        return store_ready(self.address, self.secret)()
 
     def stop(self) -> None:
         self.node.close()
@@ -163,8 +176,8 @@ class WorkerActor(_Component):
     """A prefill or decode worker: ``engine_host.service.serve_worker`` on a thread's loop."""
 
     def __init__(self, name: str, settings, world_size: int, env: dict[str, str],
-                 cpu_cores: str | None, visible_devices: list[str] | None):
-        super().__init__(name)
+                 cpu_cores: str | None, visible_devices: list[str] | None, secret: str | None = None):
+        super().__init__(name, secret)
         role = settings.role
         self.kind = role
         self.address = host_port(settings.host, settings.port)
@@ -209,12 +222,13 @@ class WorkerActor(_Component):
         """The worker API's own health ("ok", "error": the engine died), None: no answer."""
         import grpc
 
+        from kvmesh.kv_store.auth import call_metadata
         from kvmesh_proto import worker_pb2, worker_pb2_grpc
 
         try:
             with grpc.insecure_channel(self.address) as channel:
                 return worker_pb2_grpc.WorkerStub(channel).Health(
-                    worker_pb2.HealthRequest(), timeout=2.0).status
+                    worker_pb2.HealthRequest(), timeout=2.0, metadata=call_metadata(self.secret)).status
         except grpc.RpcError:
             return None
 
@@ -246,7 +260,7 @@ class WorkerActor(_Component):
         from kvmesh.cluster.local import worker_ready
 
         self._check()
-        return worker_ready(self.address)()
+        return worker_ready(self.address, self.secret)()
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop the API and shut the engine down (its processes exit with it)."""
@@ -265,8 +279,8 @@ class RouterActor(_Component):
 
     kind = "router"
 
-    def __init__(self, name: str, settings):
-        super().__init__(name)
+    def __init__(self, name: str, settings, secret: str | None = None):
+        super().__init__(name, secret)
         from kvmesh.router.app import router_server
 
         os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
@@ -529,6 +543,7 @@ def up(config: ClusterConfig, address: str | None = None, *, timeout_s: float = 
     deadline = time.monotonic() + timeout_s
     model, served_name = config.resolved_model()
     api_token = config.api_token()
+    secret = load_secret() or new_secret()  # KVMESH_CLUSTER_SECRET, else a fresh one
     actor_log = logging.getLogger("ray.actor")
     if not any(isinstance(f, _QuietPlacementGroupWarning) for f in actor_log.filters):
         actor_log.addFilter(_QuietPlacementGroupWarning())
@@ -548,7 +563,7 @@ def up(config: ClusterConfig, address: str | None = None, *, timeout_s: float = 
         raise
 
     try:
-        return _up(ray, config, model, served_name, api_token, started_local, deadline, say)
+        return _up(ray, config, model, served_name, api_token, secret, started_local, deadline, say)
     except BaseException:
         say("deployment failed; removing what was started")
         try:
@@ -560,7 +575,7 @@ def up(config: ClusterConfig, address: str | None = None, *, timeout_s: float = 
         raise
 
 
-def _up(ray, config, model, served_name, api_token, started_local, deadline, say) -> Deployment:
+def _up(ray, config, model, served_name, api_token, secret, started_local, deadline, say) -> Deployment:
     nodes = _alive_nodes()
     store_plan = _plan_stores(config, nodes)
     router_nodes = _nodes_for(config.router.node_resource, nodes)
@@ -581,13 +596,13 @@ def _up(ray, config, model, served_name, api_token, started_local, deadline, say
         settings = store_settings(config, i, node["NodeManagerAddress"], name, disk_dir=_disk_dir(name))
         stores[name] = ray.remote(StoreActor).options(
             **_options(name, num_cpus=0, scheduling_strategy=_pin(node["NodeID"]))
-        ).remote(name, settings)
+        ).remote(name, settings, secret)
         store_on_node[node["NodeID"]] = host_port(node["NodeManagerAddress"], settings.port)
     _wait_healthy(stores, deadline, say)
 
     addresses = _start_workers(ray, config, model, served_name, nodes, store_on_node,
                                store_on_node.get(store_plan[0][1]["NodeID"], "") if store_plan else "",
-                               deadline, say)
+                               secret, deadline, say)
 
     routers = {}
     for i in range(config.router.replicas):
@@ -596,7 +611,7 @@ def _up(ray, config, model, served_name, api_token, started_local, deadline, say
                                    addresses["prefill"], addresses["decode"], model, served_name, api_token)
         routers[name] = ray.remote(RouterActor).options(**_options(
             name, num_cpus=0, scheduling_strategy=_pin(router_nodes[i]["NodeID"]))
-        ).remote(name, settings)
+        ).remote(name, settings, secret)
     if routers:
         say(f"starting {len(routers)} router(s)")
         _wait_healthy(routers, deadline, say)
@@ -630,7 +645,7 @@ def _plan_stores(config: ClusterConfig, nodes: list[dict]) -> list[tuple[str, di
 
 
 def _start_workers(ray, config, model, served_name, nodes, store_on_node, first_store,
-                   deadline, say) -> dict[str, list[str]]:
+                   secret, deadline, say) -> dict[str, list[str]]:
     """A placement group per replica, then its worker actor in it; waits until all are
     healthy. Returns the workers' addresses by role."""
     from ray.util.placement_group import placement_group, placement_group_table
@@ -670,7 +685,7 @@ def _start_workers(ray, config, model, served_name, nodes, store_on_node, first_
         workers[name] = ray.remote(WorkerActor).options(**_options(
             name, num_cpus=bundles[0].get("CPU", 0), num_gpus=0, resources=custom,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0))
-        ).remote(name, settings, group.world_size, group.env, group.cpu_cores, visible)
+        ).remote(name, settings, group.world_size, group.env, group.cpu_cores, visible, secret)
         addresses[role].append(host_port(settings.host, settings.port))
     if workers:
         say(f"loading the model in {len(workers)} worker(s) (this takes a little while)")

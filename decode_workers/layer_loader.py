@@ -40,11 +40,13 @@ class _Request:
 
 
 class ReaderCache:
-    """Transfer readers by store descriptor, opened on first use and kept; and the one
-    buffer reads land in (``scratch``)."""
+    """Transfer readers by store descriptor, opened on first use and kept (each sending
+    the cluster ``secret`` where its backend asks for one); and the one buffer reads land
+    in (``scratch``)."""
 
-    def __init__(self, preference: Sequence[str]):
+    def __init__(self, preference: Sequence[str], secret: str | None = None):
         self.preference = tuple(preference)
+        self.secret = secret
         self._readers: dict[bytes, object] = {}
         self._scratch = bytearray(0)
 
@@ -71,7 +73,7 @@ class ReaderCache:
         descriptor = offers[backend]
         if descriptor not in self._readers:
             try:
-                self._readers[descriptor] = open_reader(descriptor)
+                self._readers[descriptor] = open_reader(descriptor, secret=self.secret)
             except TransferError as e:
                 log.warning("cannot attach a %s reader: %s", backend, e)
                 return None
@@ -102,7 +104,7 @@ class LayerLoad:
         self.requests: list[_Request] = []
         self._futures: dict[str, cf.Future] = {}
         self._written: set[str] = set()
-        self._lease: int | None = None
+        self._lease: bytes | None = None
         self._backend = "get"
         self._nbytes = 0
         self._wait_s = 0.0
@@ -161,7 +163,7 @@ class LayerLoad:
         dest = self.readers.scratch(total)
         try:
             reader.read([Extent(off, size) for _, (off, size, _) in wanted], dest,
-                        deadline_s=self._remaining())
+                        deadline_s=self._remaining(), lease=self._lease or b"")
         except TransferError as e:
             log.warning("%s transfer failed, blocks will be recomputed: %s", self._backend, e)
             if isinstance(e, ReaderBroken):  # the next load attaches a new one

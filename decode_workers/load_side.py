@@ -31,7 +31,7 @@ class LoadSide:
         self.block_size = settings.block_size
         self.timeout_s = settings.timeout_s
         self._loader = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmesh-load")
-        self._readers = ReaderCache(settings.transfer_preference)
+        self._readers = ReaderCache(settings.transfer_preference, secret=store.secret)
         self._load: LayerLoad | None = None
         self._failed_block_ids: set[int] = set()
         self._failed_tokens: dict[str, int] = {}

@@ -293,9 +293,26 @@ def check_kvmesh_args(c: dict, config_maps: dict, label: str, report: Report) ->
     return Parsed(args, ns)
 
 
+def secret_mounted(template: dict, path: str) -> bool:
+    """Whether ``path`` lies in a volume of the pod mounted from a Secret."""
+    pod = template.get("spec", {})
+    secret_volumes = {v.get("name") for v in pod.get("volumes", []) if "secret" in v}
+    return any(m.get("name") in secret_volumes and path.startswith(m.get("mountPath", "").rstrip("/") + "/")
+               for c in pod.get("containers", []) for m in c.get("volumeMounts", []))
+
+
 def check_kvmesh_cluster(kvmesh: list[tuple[str, dict, Parsed]], services: dict, report: Report) -> None:
     """Across the kvmesh containers (label, pod template, parsed arguments): one block
-    size, and the Service ports of each component."""
+    size, the Service ports of each component, and the cluster secret: every component
+    reads it from a file mounted from a Secret."""
+    for label, template, parsed in kvmesh:
+        if parsed.ns.command not in ("router", "prefill", "decode", "store"):
+            continue
+        path = getattr(parsed.ns, "cluster_secret_file", None)
+        if not path:
+            report.error(f"{label}: no --cluster-secret-file (its internal API would take anyone's calls)")
+        elif not secret_mounted(template, path):
+            report.error(f"{label}: --cluster-secret-file {path} lies in no volume mounted from a Secret")
     sizes = {}
     for label, _, parsed in kvmesh:
         if parsed.ns.command not in ("router", "prefill", "decode"):
@@ -641,12 +658,30 @@ def cmd_selftest(args) -> int:
             kvmesh("prefill", "--port=1", "--block-size=32")(d, s),
             d["spec"]["template"]["spec"]["containers"].append(
                 {**copy.deepcopy(container(d)), "name": "y", "args": ["decode", "--port=1", "--block-size=64"]})))
+        secret_volume = {"name": "s", "secret": {"secretName": "x"}}
+        one_worker = kvmesh("prefill", "--port=1", "--block-size=32", "--cluster-secret-file=/s/secret")
+        cases["a kvmesh component without --cluster-secret-file"] = broken(lambda d, s: (
+            kvmesh("prefill", "--port=1", "--block-size=32")(d, s),
+            d["spec"]["template"]["spec"].update(volumes=[secret_volume]),
+            container(d).update(volumeMounts=[{"name": "s", "mountPath": "/s"}])))
+        cases["a cluster secret file on no Secret volume"] = broken(lambda d, s: (
+            one_worker(d, s), d["spec"]["template"]["spec"].update(volumes=[{"name": "s", "emptyDir": {}}]),
+            container(d).update(volumeMounts=[{"name": "s", "mountPath": "/s"}])))
+        with_secret = broken(lambda d, s: (
+            one_worker(d, s), d["spec"]["template"]["spec"].update(volumes=[secret_volume]),
+            container(d).update(volumeMounts=[{"name": "s", "mountPath": "/s"}])))
     print("self-test: the validator accepts a good Deployment and rejects broken ones")
     with contextlib.redirect_stdout(io.StringIO()):
         good_errors = run([good, service])
         rejected = {name: run(docs) > 0 for name, docs in cases.items()}
     print(f"  {'ok   ' if good_errors == 0 else 'ERROR'} accepts a good Deployment and Service")
     failures = int(good_errors > 0)
+    if args.cli_root:  # the negative control of the cluster secret cases
+        with contextlib.redirect_stdout(io.StringIO()):
+            secret_errors = run(with_secret)
+        print(f"  {'ok   ' if secret_errors == 0 else 'ERROR'} accepts a kvmesh worker reading its "
+              "cluster secret from a Secret volume")
+        failures += secret_errors > 0
     for name, was_rejected in rejected.items():
         print(f"  {'ok   ' if was_rejected else 'ERROR'} rejects {name}")
         failures += not was_rejected

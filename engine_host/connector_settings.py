@@ -1,7 +1,7 @@
 """What the connector reads from vLLM's configuration, once, for both of its sides.
 
 From ``kv_connector_extra_config`` the connector's own settings (listed in
-``engine_host.connector``); from the engine the rest: whether this engine loads and
+``engine_host.connector``; the cluster secret only as the path of its file); from the engine the rest: whether this engine loads and
 saves (its ``kv_role``), the block size, the keys' namespace (model id and cache layout)
 and how the KV heads split over tensor-parallel ranks (keys carry head ranges, not ranks).
 """
@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvmesh.kv_store.auth import load_secret
+from kvmesh.kv_store.client import StoreClient
 from kvmesh.kv_store.keys import KeySpace, namespace
 
 if TYPE_CHECKING:
@@ -45,6 +47,14 @@ class ConnectorSettings:
     heads_per_rank: int
     tensor_parallel_size: int
     num_layers: int
+    cluster_secret_file: str | None = None  # None: the environment's (``kv_store.auth``)
+
+    def store_client(self) -> StoreClient:
+        """A client of the store that carries the cluster secret (read here, in this
+        process, from ``cluster_secret_file`` or the environment; never from vLLM's
+        configuration, which vLLM logs)."""
+        return StoreClient(self.store_address, timeout_s=self.timeout_s,
+                           secret=load_secret(self.cluster_secret_file))
 
     @classmethod
     def from_vllm_config(cls, vllm_config: "VllmConfig") -> "ConnectorSettings":
@@ -68,6 +78,7 @@ class ConnectorSettings:
             heads_per_rank=max(1, total_heads // tp),
             tensor_parallel_size=tp,
             num_layers=model.get_total_num_hidden_layers(),
+            cluster_secret_file=extra.get("cluster_secret_file") or None,
         )
 
     def _heads(self, rank: int) -> tuple[int, int]:

@@ -34,6 +34,8 @@ def engine_args(settings: WorkerSettings):
             "model_id": settings.model_id or args.model,
             "timeout_s": settings.store_timeout,
             "transfer_preference": ",".join(settings.transfer_preference),
+            # the path only: the connector reads the secret itself (or the environment's)
+            "cluster_secret_file": settings.cluster_secret_file,
         },
     )
     args.kv_transfer_config = transfer

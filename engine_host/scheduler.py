@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvmesh.engine_host.connector_settings import ConnectorSettings
 from kvmesh.engine_host.metadata import BlockTransfer, KvmeshConnectorMetadata, LoadStats
-from kvmesh.kv_store.client import StoreClient, StoreError
+from kvmesh.kv_store.client import StoreError
 from kvmesh.kv_store.keys import chain_hashes
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class _RequestState:
 
 class ConnectorScheduler:
     def __init__(self, settings: ConnectorSettings):
-        self.store = StoreClient(settings.store_address, timeout_s=settings.timeout_s)
+        self.store = settings.store_client()
         self.block_size = settings.block_size
         self.can_save = settings.can_save
         self.can_load = settings.can_load

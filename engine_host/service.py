@@ -3,6 +3,11 @@
 Contract: every ``Generate`` stream ends with a chunk carrying ``finish_reason`` unless
 the call fails with a gRPC status. A call the client cancels (or whose deadline passes)
 aborts the request in the engine, which frees its KV blocks and its slot.
+
+Who may call, and what: with a cluster secret (``kvmesh.kv_store.auth``) every call
+without it is ``UNAUTHENTICATED`` before it reaches the service. A ``Generate`` outside
+the router's bounds (``kvmesh_proto.limits``) is ``INVALID_ARGUMENT`` and one beyond
+``max_requests`` running at once is ``RESOURCE_EXHAUSTED``; neither reaches the engine.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import grpc
 from kvmesh.engine_host.engine import build_engine
 from kvmesh.engine_host.engine_args import engine_config_summary
 from kvmesh.engine_host.settings import WorkerSettings
+from kvmesh.kv_store.auth import NO_SECRET_WARNING, load_secret, server_interceptors
 from kvmesh.kv_store.gc_tuning import freeze_startup_objects
+from kvmesh_proto.limits import worker_problems
 from kvmesh_proto.options import bind_port, host_port, message_options
 from kvmesh_proto import worker_pb2, worker_pb2_grpc
 
@@ -47,13 +54,18 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         config = engine.vllm_config
         self.max_model_len = config.model_config.max_model_len
         self.block_size = config.cache_config.block_size
+        self.vocab_size = config.model_config.get_vocab_size()
         self.model = settings.model_id or config.model_config.model
         self.engine_config = json.dumps(engine_config_summary(config))
         self.running = 0
 
     async def Generate(self, request, context):
-        if not request.prompt_token_ids:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
+        problems = worker_problems(request, self.max_model_len, self.vocab_size)
+        if problems:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
+        if self.running >= self.settings.max_requests:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the worker runs {self.running} requests, its most (--max-requests)")
         try:
             params = sampling_params(request.sampling)
         except ValueError as e:
@@ -103,6 +115,19 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             engine_config=self.engine_config)
 
 
+async def start_worker_server(service: WorkerService, host: str, port: int,
+                              secret: str | None = None) -> tuple[grpc.aio.Server, int]:
+    """Serve ``service`` on ``host:port`` (port 0: a free one); returns the started server
+    (the caller stops it) and its port. With ``secret`` every call must carry it.
+    ``RuntimeError`` when the address cannot be bound."""
+    server = grpc.aio.server(options=message_options(),
+                             interceptors=server_interceptors(secret, asyncio=True))
+    worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
+    bound = bind_port(server, host, port, f"the {service.settings.role} worker")
+    await server.start()
+    return server, bound
+
+
 async def serve_worker(settings: WorkerSettings, shutdown_grace_s: float = 5.0, announcer=None,
                        stop: asyncio.Event | None = None) -> None:
     """Run a worker until ``stop`` is set (by default: until SIGINT/SIGTERM): engine up,
@@ -110,14 +135,14 @@ async def serve_worker(settings: WorkerSettings, shutdown_grace_s: float = 5.0, 
 
     With an ``announcer`` (``kv_store.index.services.Announcer``) the worker announces
     itself for discovery once it serves, and withdraws before it stops."""
+    secret = load_secret(settings.cluster_secret_file)  # ValueError: a file it cannot use
+    if secret is None:
+        log.warning(NO_SECRET_WARNING.format(what=f"{settings.role} worker"))
     engine = build_engine(settings)
     server = service = None
     try:
         service = WorkerService(engine, settings)
-        server = grpc.aio.server(options=message_options())
-        worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
-        bind_port(server, settings.host, settings.port, f"the {settings.role} worker")
-        await server.start()
+        server, _ = await start_worker_server(service, settings.host, settings.port, secret)
         print(f"kvmesh {settings.role} worker serving on {host_port(settings.host, settings.port)}", flush=True)
         freeze_startup_objects()
         if announcer is not None:

@@ -14,7 +14,9 @@ from typing import Annotated, ClassVar, Optional
 
 from pydantic import Field
 
-from kvmesh.kv_store.settings_base import DEFAULT_HOST, Address, Names, PortOrZero, Seconds, Settings, one_of
+from kvmesh.kv_store.settings_base import (
+    DEFAULT_HOST, Address, Names, PortOrZero, Seconds, Settings, cluster_secret_file_field, one_of,
+)
 from kvmesh.kv_store.transfer import BACKENDS, DEFAULT_PREFERENCE
 
 
@@ -45,6 +47,10 @@ class WorkerSettings(Settings):
         DEFAULT_PREFERENCE, description=(
             "transfer backends to read the store with, best first; the first the store "
             "offers and this host can use wins (none usable, or get: the store's Get)"))
+    max_requests: int = Field(512, ge=1, description=(
+        "Generate calls served at once (running or waiting in the engine); more are "
+        "refused with RESOURCE_EXHAUSTED"))
+    cluster_secret_file: Optional[str] = cluster_secret_file_field()
     engine_args: tuple[str, ...] = Field((), description=(
         "vLLM engine arguments, as on vLLM's command line (--model DIR --max-num-seqs 8 ...)"),
         json_schema_extra={"cli": False})

@@ -42,7 +42,7 @@ class ConnectorWorker:
                  load_side: SideFactory | None, save_side: SideFactory | None):
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
-        self.store = StoreClient(settings.store_address, timeout_s=settings.timeout_s)
+        self.store = settings.store_client()
         rank = get_tensor_model_parallel_rank() if settings.tensor_parallel_size > 1 else 0
         space = settings.rank_space(rank)
         self.caches = PagedCaches(kv_cache_config.num_blocks if kv_cache_config is not None else 0)

@@ -4,7 +4,9 @@ Every call has a deadline. Every failure of the transport (peer down, refused, d
 exceeded) raises ``StoreError``; callers on the data path turn that into "these blocks are
 missing", never into a hang or a wrong token. ``get`` verifies each block's checksum and
 leaves out (and counts) blocks whose bytes do not match it, and splits a get whose reply
-could pass the message limit into several calls.
+could pass the message limit into several calls. With a ``secret`` (the cluster's,
+``kvmesh.kv_store.auth``) every call carries it; a store that wants another refuses
+each call (``StoreError`` naming ``UNAUTHENTICATED``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Iterator, NamedTuple, Sequence
 import grpc
 
 from kvmesh_proto.options import DEFAULT_MAX_MESSAGE_BYTES, message_options
+from kvmesh.kv_store.auth import call_metadata
 from kvmesh.kv_store.block_store import StoredBlock
 from kvmesh.kv_store.integrity import checksum, verify
 from kvmesh_proto import store_pb2, store_pb2_grpc
@@ -30,7 +33,7 @@ class StoreError(RuntimeError):
 
 
 class Located(NamedTuple):
-    lease_id: int
+    lease_id: bytes                             # b"": nothing leased
     extents: dict[bytes, tuple[int, int, int]]  # key -> (offset, size, checksum) in the arena
     offers: dict[str, bytes]                    # transfer backend -> descriptor
 
@@ -42,16 +45,19 @@ class GetResult(NamedTuple):
 
 class StoreClient:
     def __init__(self, address: str, timeout_s: float = 5.0,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, secret: str | None = None):
         self.address = address
         self.timeout_s = timeout_s
         self.max_message_bytes = max_message_bytes
+        self.secret = secret
+        self._metadata = call_metadata(secret)
         self._channel = grpc.insecure_channel(address, options=message_options(max_message_bytes))
         self._stub = store_pb2_grpc.KVStoreStub(self._channel)
 
     def _call(self, method, request, timeout_s: float | None = None):
         try:
-            return method(request, timeout=self.timeout_s if timeout_s is None else timeout_s)
+            return method(request, timeout=self.timeout_s if timeout_s is None else timeout_s,
+                          metadata=self._metadata)
         except grpc.RpcError as e:
             raise StoreError(f"store {self.address}: {e.code().name}: {e.details()}") from e
 
@@ -121,7 +127,7 @@ class StoreClient:
         return Located(reply.lease_id, {e.key: (e.offset, e.size, e.checksum) for e in reply.extents},
                        dict(reply.offers))
 
-    def release(self, lease_id: int) -> bool:
+    def release(self, lease_id: bytes) -> bool:
         return self._call(self._stub.Release, store_pb2.ReleaseRequest(lease_id=lease_id)).released
 
     def drop(self, keys: Sequence[bytes] | None = None) -> int:

@@ -1,6 +1,7 @@
 """A store node assembled from its ``StoreSettings``: the one place that builds one.
 
-``StoreNode.start(settings)`` connects to the block index (if any), builds the tiered
+``StoreNode.start(settings)`` reads the cluster secret (``kvmesh.kv_store.auth``; a
+warning when there is none), connects to the block index (if any), builds the tiered
 store, opens the transfer sources (zero-copy reads of the host arena), serves the gRPC
 API, registers with the index and serves metrics — the same for ``kvmesh store``, a
 store in ``kvmesh serve`` and a Ray store actor. If any step fails, everything already
@@ -18,6 +19,7 @@ import os
 import secrets
 import socket
 
+from kvmesh.kv_store.auth import NO_SECRET_WARNING, load_secret
 from kvmesh.kv_store.settings import StoreSettings
 from kvmesh_proto.options import WILDCARD_HOSTS, host_port, split_host_port
 
@@ -56,6 +58,12 @@ class StoreNode:
         from kvmesh.kv_store.tiered_store import build_store
 
         s, undo = self.settings, self._undo
+        try:
+            secret = load_secret(s.cluster_secret_file)
+        except ValueError as e:
+            raise StoreStartError(str(e)) from None
+        if secret is None:
+            log.warning(NO_SECRET_WARNING.format(what="store"))
         peers = None
         if s.index:
             from kvmesh.kv_store.index import RedisBlockIndex
@@ -67,7 +75,7 @@ class StoreNode:
                 undo.callback(index.close)
                 self.publisher = IndexPublisher(index, s.node_id or address, address, heartbeat_s=s.heartbeat)
                 peers = PeerBlocks(index, s.node_id or address, timeout_s=s.peer_timeout,
-                                   max_block_bytes=s.page_bytes)
+                                   max_block_bytes=s.page_bytes, secret=secret)
                 undo.callback(peers.close)
             except Exception as e:
                 raise StoreStartError(f"cannot use the block index at {s.index}: {e}") from None
@@ -87,7 +95,8 @@ class StoreNode:
             undo.callback(self.store.close)
             sources = open_transfer_sources(
                 self.store, list(s.transfer), s.host, s.transfer_port,
-                advertised_host(s.advertise, s.host) if "grpc" in s.transfer else None, say)
+                advertised_host(s.advertise, s.host) if "grpc" in s.transfer else None, say,
+                secret=secret)
         except (ValueError, RuntimeError, OSError) as e:
             raise StoreStartError(str(e)) from None
         for source in sources.values():
@@ -98,7 +107,7 @@ class StoreNode:
         try:
             self.server, self.port = start_store_server(
                 s.host, s.port, self.store, peers=peers, publisher=self.publisher, offers=offers,
-                allow_fault_injection=s.allow_fault_injection)
+                allow_fault_injection=s.allow_fault_injection, secret=secret)
         except RuntimeError:
             raise StoreStartError(f"cannot serve on {host_port(s.host, s.port)}: the port is in use "
                                   "or the address is not one of this host's") from None
@@ -162,10 +171,13 @@ def advertised_host(advertise: str | None, host: str) -> str:
 
 
 def open_transfer_sources(store, backends: list[str], host: str, port: int = 0,
-                          advertise_host: str | None = None, say=lambda message: None) -> dict:
-    """Expose the store's host arena through each usable transfer backend (gRPC on
-    ``host:port``, its descriptor naming ``advertise_host``). If one fails to open, those
-    already open are closed before the error propagates."""
+                          advertise_host: str | None = None, say=lambda message: None,
+                          secret: str | None = None) -> dict:
+    """Expose the store's host arena through each usable transfer backend: gRPC on
+    ``host:port`` (its descriptor naming ``advertise_host``), asking every read for
+    ``secret`` and a lease of ``store`` that pins what it reads; NIXL with its UCX
+    listener on ``host``'s interface. If one fails to open, those already open are
+    closed before the error propagates."""
     from kvmesh.kv_store.transfer import BACKENDS, available_backends, open_source
 
     unknown = set(backends) - set(BACKENDS)
@@ -181,8 +193,12 @@ def open_transfer_sources(store, backends: list[str], host: str, port: int = 0,
             if backend not in usable:
                 say(f"transfer backend {backend} is not usable here; skipped")
                 continue
-            options = {"address": host_port(host, port), "advertise_host": advertise_host} \
-                if backend == "grpc" else {}
+            options = {}
+            if backend == "grpc":
+                options = {"address": host_port(host, port), "advertise_host": advertise_host,
+                           "secret": secret, "lease_check": store.lease_covers}
+            elif backend == "nixl":
+                options = {"host": host}
             sources[backend] = open_source(backend, arena, **options)
     except BaseException:
         for source in sources.values():

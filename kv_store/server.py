@@ -1,7 +1,10 @@
 """The store server: a ``BlockStore`` served over gRPC (``kvmesh store``).
 
-The server binds only the address it is given. Fault injection (damaging or hiding
-blocks, for failure tests) is refused unless the server was started with it enabled.
+The server binds only the address it is given. With a cluster secret it refuses every
+call that does not carry it (``UNAUTHENTICATED``, ``kvmesh.kv_store.auth``): without the
+cluster's credentials no block can be written, read, looked up or dropped. Fault
+injection (damaging or hiding blocks, for failure tests) is refused unless the server
+was started with it enabled.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from concurrent import futures
 
 import grpc
 
+from kvmesh.kv_store.auth import server_interceptors
 from kvmesh.kv_store.block_store import BlockStore, StoredBlock
 from kvmesh.kv_store.store_node import IndexPublisher, PeerBlocks
 from kvmesh_proto.options import DEFAULT_MAX_MESSAGE_BYTES, bind_port, host_port, message_options
@@ -132,7 +136,7 @@ class StoreService(store_pb2_grpc.KVStoreServicer):
             vanished = set(self._vanished)
         keys = [k for k in request.keys if k not in vanished]
         self._from_peers([k for k in keys if self.store.tier_of(k) is None])  # then leased here
-        lease_id, where = self.store.lease(keys, lease_s)
+        lease_id, where = self.store.lease(keys, lease_s)  # 16 random bytes
         return store_pb2.LocateReply(lease_id=lease_id, offers=self.offers, extents=[
             store_pb2.BlockExtent(key=k, offset=o, size=n, checksum=c) for k, (o, n, c) in where.items()])
 
@@ -172,14 +176,18 @@ def start_store_server(
     offers: dict[str, bytes] | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     max_workers: int = 32,
+    secret: str | None = None,
 ) -> tuple[grpc.Server, int]:
-    """Serve ``store`` on ``host:port``; returns the server and the bound port.
+    """Serve ``store`` on ``host:port``; returns the server and the bound port. With
+    ``secret``, a call without it is refused ``UNAUTHENTICATED`` before it reaches the
+    store; without, every call is served.
 
     Raises ``RuntimeError`` when the address cannot be bound. The caller stops the
     server (``server.stop(grace)``) and then closes the store.
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         options=message_options(max_message_bytes))
+                         options=message_options(max_message_bytes),
+                         interceptors=server_interceptors(secret))
     store_pb2_grpc.add_KVStoreServicer_to_server(StoreService(store, allow_fault_injection, peers, publisher, offers), server)
     bound = bind_port(server, host, port, "the store server")
     server.start()

@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 from kvmesh.kv_store.eviction import POLICIES
 from kvmesh.kv_store.settings_base import (
     DEFAULT_HOST, Address, BytesOrZero, Names, Port, PortOrZero, PowerOfTwoBytes, Seconds,
-    Settings, one_of,
+    Settings, cluster_secret_file_field, one_of,
 )
 from kvmesh.kv_store.transfer import BACKENDS
 
@@ -65,6 +65,7 @@ class StoreSettings(Settings):
         "seconds without a heartbeat after which a node's blocks leave lookups (more than --heartbeat)"))
     peer_timeout: Seconds = Field(2.0, description="deadline of a fetch from a peer, in seconds")
     allow_fault_injection: bool = Field(False, description="accept InjectFault calls (failure tests only)")
+    cluster_secret_file: Optional[str] = cluster_secret_file_field()
 
     @model_validator(mode="after")
     def _check(self) -> "StoreSettings":

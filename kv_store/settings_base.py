@@ -25,6 +25,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from kvmesh_proto.options import split_host_port
 
 DEFAULT_HOST = "127.0.0.1"
+SECRET_ENV = "KVMESH_CLUSTER_SECRET"  # kvmesh.kv_store.auth reads it
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -107,3 +108,12 @@ def one_of(choices: tuple[str, ...], what: str):
             raise ValueError(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(choices)}")
         return values
     return AfterValidator(check)
+
+
+def cluster_secret_file_field():
+    """The ``cluster_secret_file`` setting every component has (``kvmesh.kv_store.auth``):
+    a path, never the secret itself, so the secret stays out of flags and settings."""
+    return Field(None, description=(
+        "file holding the cluster secret that every internal call must carry (default: "
+        f"the {SECRET_ENV} environment variable; neither: internal calls are not authenticated)"),
+        json_schema_extra={"metavar": "PATH"})

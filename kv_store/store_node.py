@@ -190,12 +190,13 @@ class PeerBlocks:
     many Get calls as keep each reply within ``max_message_bytes`` were every block
     ``max_block_bytes``: a block's size is not known before it arrives, and a store holds
     none larger than its page (4 MiB by default; peers are assumed to share the page
-    size of this node)."""
+    size of this node). Every call to a peer carries the cluster ``secret``."""
 
     def __init__(self, index: BlockIndex, node_id: str, timeout_s: float = 2.0,
                  max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, secret: str | None = None):
         self.index = index
+        self.secret = secret
         self.node_id = node_id
         self.timeout_s = timeout_s
         self.max_block_bytes = max_block_bytes
@@ -207,7 +208,7 @@ class PeerBlocks:
         with self._lock:
             if address not in self._clients:
                 self._clients[address] = StoreClient(address, self.timeout_s,
-                                                     self.max_message_bytes)
+                                                     self.max_message_bytes, secret=self.secret)
             return self._clients[address]
 
     def longest_prefix(self, groups: Sequence[Sequence[bytes]]) -> int:

@@ -23,7 +23,8 @@ Guarantees:
   names it is stored, nor to make room for such a child; it may still move to a slower
   tier.
 * A lease past its deadline holds nothing once room is wanted: a put that finds no room
-  releases expired leases before it gives up.
+  releases expired leases before it gives up. Lease ids are 128 random bits: one reader
+  cannot guess another's to release it or to read through it (``lease_covers``).
 * Every slot is freed exactly once: after everything is dropped and unpinned, every
   tier's used bytes are back to zero.
 
@@ -40,7 +41,9 @@ host arena directly where they are being promoted.
 
 from __future__ import annotations
 
+import bisect
 import logging
+import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -76,6 +79,28 @@ class _Entry:
     dead: bool = False  # dropped or replaced while pinned: free when unpinned
     retired: list[tuple[int, Slot]] = field(default_factory=list)  # moved out of while
     # pinned: (tier, slot) pairs still being read, freed with the last pin
+
+
+class _Lease(NamedTuple):
+    deadline: float               # time.monotonic() after which it expires
+    entries: list[_Entry]         # the blocks it pins
+    spans: list[tuple[int, int]]  # their bytes in the host region: sorted, merged [start, end)
+
+
+def merged_spans(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``(offset, size)`` ranges as sorted, disjoint ``[start, end)`` spans, touching ones joined."""
+    spans: list[tuple[int, int]] = []
+    for start, end in sorted((o, o + n) for o, n in ranges if n > 0):
+        if spans and start <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], end))
+        else:
+            spans.append((start, end))
+    return spans
+
+
+def _within(spans: list[tuple[int, int]], offset: int, size: int) -> bool:
+    i = bisect.bisect_right(spans, (offset, float("inf"))) - 1
+    return i >= 0 and spans[i][0] <= offset and offset + size <= spans[i][1]
 
 
 class _Read(NamedTuple):
@@ -174,8 +199,7 @@ class TieredStore(BlockStore):
         self._children: dict[bytes, int] = {}  # parent key -> stored children naming it
         self._lock = threading.RLock()
         self._misses = self._corrupt = self._rejected = self._puts = 0
-        self._leases: dict[int, tuple[float, list[_Entry]]] = {}
-        self._lease_seq = 0
+        self._leases: dict[bytes, _Lease] = {}
         self._room_wanted = threading.Event()
         self._closing = False
         self._demoter: threading.Thread | None = None
@@ -645,12 +669,13 @@ class TieredStore(BlockStore):
             with self._lock:
                 self._unpin(entries.values())
 
-    def lease(self, keys: Sequence[bytes], seconds: float) -> tuple[int, dict[bytes, tuple[int, int, int]]]:
+    def lease(self, keys: Sequence[bytes], seconds: float) -> tuple[bytes, dict[bytes, tuple[int, int, int]]]:
         """Pin the held ``keys`` in the host tier for up to ``seconds`` so that another process
         can copy them out of the arena (``kv_store.transfer``); blocks in slower tiers are
-        promoted first. Returns the lease id and, per key leased, ``(offset, size, checksum)``
-        in the host tier's region. The caller ``release``s the lease when done; a lease not
-        released in time expires (``expire_leases``), so a reader that dies leaks nothing."""
+        promoted first. Returns the lease id (16 random bytes) and, per key leased,
+        ``(offset, size, checksum)`` in the host tier's region. The caller ``release``s the
+        lease when done; a lease not released in time expires (``expire_leases``), so a
+        reader that dies leaks nothing."""
         host = next((i for i, t in enumerate(self.tiers) if t.name == "host"), None)
         wanted: dict[bytes, _Read] = {}
         with self._lock:
@@ -680,26 +705,38 @@ class TieredStore(BlockStore):
                 self._policies[host].access(key)
                 leased.append(entry)
                 where[key] = (entry.slot.offset, entry.size, entry.checksum)
-            self._lease_seq += 1
-            self._leases[self._lease_seq] = (time.monotonic() + seconds, leased)
-            return self._lease_seq, where
+            lease_id = secrets.token_bytes(16)
+            spans = merged_spans((offset, size) for offset, size, _ in where.values())
+            self._leases[lease_id] = _Lease(time.monotonic() + seconds, leased, spans)
+            return lease_id, where
 
-    def release(self, lease_id: int) -> bool:
+    def release(self, lease_id: bytes) -> bool:
         """End a lease: its blocks may move and go again. False if unknown or expired."""
         with self._lock:
-            lease = self._leases.pop(lease_id, None)
+            lease = self._leases.pop(bytes(lease_id), None)
             if lease is None:
                 return False
-            self._unpin(lease[1])
+            self._unpin(lease.entries)
             return True
+
+    def lease_covers(self, lease_id: bytes, extents: Iterable[tuple[int, int]]) -> bool:
+        """Whether lease ``lease_id`` is held and not past its deadline, and every
+        ``(offset, size)`` of ``extents`` lies within the host-region bytes of the blocks
+        it pins (one extent may span blocks in adjacent slots). What a transfer source
+        asks before it serves bytes of the arena."""
+        with self._lock:
+            lease = self._leases.get(bytes(lease_id))
+        if lease is None or lease.deadline < time.monotonic():
+            return False
+        return all(_within(lease.spans, offset, size) for offset, size in extents if size)
 
     def expire_leases(self) -> int:
         """Release the leases past their deadline; returns how many."""
         now = time.monotonic()
         with self._lock:
-            expired = [i for i, (deadline, _) in self._leases.items() if deadline < now]
+            expired = [i for i, lease in self._leases.items() if lease.deadline < now]
             for i in expired:
-                self._unpin(self._leases.pop(i)[1])
+                self._unpin(self._leases.pop(i).entries)
             return len(expired)
 
     def get_many(self, keys: Sequence[bytes]) -> dict[bytes, StoredBlock]:

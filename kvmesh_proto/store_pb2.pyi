@@ -126,16 +126,16 @@ class LocateReply(_message.Message):
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     EXTENTS_FIELD_NUMBER: _ClassVar[int]
     OFFERS_FIELD_NUMBER: _ClassVar[int]
-    lease_id: int
+    lease_id: bytes
     extents: _containers.RepeatedCompositeFieldContainer[BlockExtent]
     offers: _containers.ScalarMap[str, bytes]
-    def __init__(self, lease_id: _Optional[int] = ..., extents: _Optional[_Iterable[_Union[BlockExtent, _Mapping]]] = ..., offers: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+    def __init__(self, lease_id: _Optional[bytes] = ..., extents: _Optional[_Iterable[_Union[BlockExtent, _Mapping]]] = ..., offers: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("lease_id",)
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
-    lease_id: int
-    def __init__(self, lease_id: _Optional[int] = ...) -> None: ...
+    lease_id: bytes
+    def __init__(self, lease_id: _Optional[bytes] = ...) -> None: ...
 
 class ReleaseReply(_message.Message):
     __slots__ = ("released",)

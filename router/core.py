@@ -32,6 +32,11 @@ from typing import AsyncIterator, Sequence
 import grpc
 
 from kvmesh_proto import worker_pb2
+from kvmesh_proto.limits import (  # the bounds both sides of the worker API hold
+    INT32_MAX, INT64_MAX, INT64_MIN, MAX_CACHE_SALT_CHARS, MAX_REQUEST_ID_CHARS, MAX_STOP_CHARS,
+    MAX_STOP_STRINGS, MAX_TEMPERATURE,
+)
+from kvmesh.kv_store.auth import load_secret
 from kvmesh.kv_store.keys import chain_hashes
 from kvmesh.router.admission import Admission, Overloaded
 from kvmesh.router.metrics import RouterMetrics
@@ -54,9 +59,6 @@ _HTTP_FROM_GRPC = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.RESOUR
 
 RETRY_EVERY_S = 0.5  # how often a request retries while no decode worker is healthy
 NO_DECODE_POOL = "no decode worker is up: none is configured or registered"
-
-INT32_MAX = 2**31 - 1
-INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 
 
 def bearer_ok(api_token: str | None, authorization: str | None) -> bool:
@@ -110,16 +112,16 @@ class Sampling:
         problems = []
         if self.max_tokens is not None and self.max_tokens < 1:
             problems.append("max_tokens must be at least 1")
-        if not 0.0 <= self.temperature <= 2.0:
-            problems.append("temperature must be within [0, 2]")
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            problems.append(f"temperature must be within [0, {MAX_TEMPERATURE:g}]")
         if not 0.0 < self.top_p <= 1.0:
             problems.append("top_p must be within (0, 1]")
         if not -1 <= self.top_k <= INT32_MAX:
             problems.append(f"top_k must be -1 or 0 (off), or within [1, {INT32_MAX}]")
         if self.seed is not None and not INT64_MIN <= self.seed <= INT64_MAX:
             problems.append(f"seed must be within [{INT64_MIN}, {INT64_MAX}]")
-        if len(self.stop) > 16 or any(len(s) > 256 for s in self.stop):
-            problems.append("at most 16 stop strings of at most 256 characters")
+        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            problems.append(f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters")
         if any(not s for s in self.stop):
             problems.append("a stop string must not be empty")
         if problems:
@@ -193,6 +195,7 @@ class Trace:
 class RouterCore:
     def __init__(self, settings: RouterSettings):
         self.settings = settings
+        self.secret = load_secret(settings.cluster_secret_file)  # ValueError: a bad file
         self.metrics = RouterMetrics()
         self.tokenizer = None
         self.tokenizing: Tokenizing | None = None  # the tokenizer, off the event loop
@@ -213,8 +216,8 @@ class RouterCore:
         s = self.settings
         self.tokenizing = Tokenizing(self.tokenizer, s.tokenize_threads, s.max_queue)
         self.routing = RoutingPolicy(
-            prefill=[Worker(a, WorkerClient(a)) for a in s.prefill],
-            decode=[Worker(a, WorkerClient(a)) for a in s.decode],
+            prefill=[Worker(a, self._client(a)) for a in s.prefill],
+            decode=[Worker(a, self._client(a)) for a in s.decode],
             block_size=s.block_size, policy=s.routing, decode_local_cache=s.decode_local_cache,
             max_local_prefill_tokens=s.max_local_prefill_tokens,
             max_decode_prefill_tokens=s.max_decode_prefill_tokens)
@@ -226,6 +229,10 @@ class RouterCore:
             await self._discover()
         self._health_task = asyncio.ensure_future(self._poll_health())
 
+    def _client(self, address: str) -> WorkerClient:
+        """A client of the worker at ``address``; its calls carry the cluster secret."""
+        return WorkerClient(address, secret=self.secret)
+
     async def _discover(self) -> None:
         """Take the worker pools from the service registry (in a thread: Redis blocks).
         A worker that left gets no new requests; its channel is closed once its calls are
@@ -234,7 +241,7 @@ class RouterCore:
             addresses = await asyncio.to_thread(self._registry.members, role)
             pool = self.routing.prefill if role == "prefill" else self.routing.decode
             known = {w.address: w for w in pool}
-            workers = [known.get(a) or self._rejoin((role, a)) or Worker(a, WorkerClient(a))
+            workers = [known.get(a) or self._rejoin((role, a)) or Worker(a, self._client(a))
                        for a in addresses]
             for gone in self.routing.set_members(role, workers):
                 log.info("%s worker %s left", role, gone.address)
@@ -318,10 +325,11 @@ class RouterCore:
         a given ``max_tokens``. Cheap checks come before the tokenizer runs."""
         self.check_model(model)
         sampling.check()
-        if cache_salt is not None and len(cache_salt) > 256:
-            raise ApiError(400, "cache_salt is longer than 256 characters")
-        if request_id is not None and (len(request_id) > 128 or request_id in self._tasks):
-            raise ApiError(400, "request_id must be unique among running requests and at most 128 characters")
+        if cache_salt is not None and len(cache_salt) > MAX_CACHE_SALT_CHARS:
+            raise ApiError(400, f"cache_salt is longer than {MAX_CACHE_SALT_CHARS} characters")
+        if request_id is not None and (len(request_id) > MAX_REQUEST_ID_CHARS or request_id in self._tasks):
+            raise ApiError(400, "request_id must be unique among running requests and at most "
+                                f"{MAX_REQUEST_ID_CHARS} characters")
         limit = await self.max_model_len()
         if isinstance(prompt, Tokenized):
             tokens = prompt

@@ -7,7 +7,7 @@ from typing import Literal, Optional
 from pydantic import Field
 
 from kvmesh.kv_store.settings_base import (
-    DEFAULT_HOST, Addresses, Bytes, PortOrZero, Seconds, Settings,
+    DEFAULT_HOST, Addresses, Bytes, PortOrZero, Seconds, Settings, cluster_secret_file_field,
 )
 from kvmesh.router.routing import ROUTING_POLICIES
 
@@ -67,6 +67,7 @@ class RouterSettings(Settings):
     unavailable_retry: Seconds = Field(120.0, description=(
         "seconds a request whose decode worker went down may wait for one to come back, "
         "never past --request-timeout (with none up when it comes, a request is a 503 at once)"))
+    cluster_secret_file: Optional[str] = cluster_secret_file_field()
 
     @property
     def name(self) -> str:

@@ -13,6 +13,7 @@ from typing import AsyncIterator
 
 import grpc
 
+from kvmesh.kv_store.auth import call_metadata
 from kvmesh_proto.options import message_options
 from kvmesh_proto import worker_pb2, worker_pb2_grpc
 
@@ -24,9 +25,13 @@ def _task_cancelled() -> bool:
 
 
 class WorkerClient:
-    def __init__(self, address: str):
+    """Calls one worker; with the cluster ``secret`` every call carries it (a worker that
+    wants another answers ``UNAUTHENTICATED``)."""
+
+    def __init__(self, address: str, secret: str | None = None):
         self.address = address
         self.closed = False
+        self._metadata = call_metadata(secret)
         self._channel = grpc.aio.insecure_channel(address, options=message_options())
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
 
@@ -38,7 +43,8 @@ class WorkerClient:
         if self.closed:
             raise self._closed_error()
         try:
-            return await self._stub.Health(worker_pb2.HealthRequest(), timeout=timeout_s)
+            return await self._stub.Health(worker_pb2.HealthRequest(), timeout=timeout_s,
+                                           metadata=self._metadata)
         except asyncio.CancelledError:
             if self.closed and not _task_cancelled():
                 raise self._closed_error() from None
@@ -50,7 +56,7 @@ class WorkerClient:
         the iterator early cancels the call, which aborts the request on the worker."""
         if self.closed:
             raise self._closed_error()
-        call = self._stub.Generate(request, timeout=timeout_s)
+        call = self._stub.Generate(request, timeout=timeout_s, metadata=self._metadata)
         try:
             async for chunk in call:
                 yield chunk

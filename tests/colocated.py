@@ -87,15 +87,15 @@ def reference_table(model: str, prompts: list[list[int]], max_tokens: int, block
 
 
 async def prefill_then_decode(prefill_address: str, decode_address: str, prompt: list[int],
-                              max_tokens: int, between=lambda: None):
-    """Drive the workers directly — prefill, then ``between()`` (e.g. inject a fault), then
-    decode — and return the decode tokens and its last chunk."""
+                              max_tokens: int, between=lambda: None, secret: str | None = None):
+    """Drive the workers directly (with the cluster ``secret``) — prefill, then ``between()``
+    (e.g. inject a fault), then decode — and return the decode tokens and its last chunk."""
     import random
 
     from kvmesh_proto import worker_pb2
     from kvmesh.router.workers import WorkerClient
 
-    prefill, decode = WorkerClient(prefill_address), WorkerClient(decode_address)
+    prefill, decode = WorkerClient(prefill_address, secret), WorkerClient(decode_address, secret)
     try:
         req = worker_pb2.GenerateRequest(
             request_id=f"t{random.random()}", prompt_token_ids=prompt,

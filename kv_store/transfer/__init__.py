@@ -5,8 +5,8 @@ descriptors to readers; a reader opens the descriptor of the backend both sides 
 
     offers = {"shm": shm_source.descriptor(), "grpc": grpc_source.descriptor()}   # store
     choice = choose_backend(usable_backends(offers), set(offers))                 # worker
-    reader = open_reader(offers[choice.backend])
-    reader.read([Extent(offset, size), ...], dest, deadline_s=0.5)
+    reader = open_reader(offers[choice.backend], secret=cluster_secret)
+    reader.read([Extent(offset, size), ...], dest, deadline_s=0.5, lease=lease_id)
 
 Backends: ``shm`` (same host, the arena in named shared memory, plain memory copies),
 ``nixl`` (NIXL/UCX one-sided reads; ``pip install nixl``) and ``grpc`` (a streaming gRPC
@@ -37,8 +37,9 @@ class BackendChoice(NamedTuple):
     reason: str
 
 
-def open_reader(descriptor: bytes, **options) -> Reader:
-    """A reader attached to the source ``descriptor`` describes (any backend).
+def open_reader(descriptor: bytes, secret: str | None = None, **options) -> Reader:
+    """A reader attached to the source ``descriptor`` describes (any backend); a ``grpc``
+    one sends the cluster ``secret`` with every read.
 
     ``ValueError`` for a descriptor that is not one; ``TransferError`` if the source
     cannot be attached (segment gone, NIXL unusable here, another host's shm)."""
@@ -52,7 +53,7 @@ def open_reader(descriptor: bytes, **options) -> Reader:
         return NixlReader(fields, **options)
     if backend == "grpc":
         from kvmesh.kv_store.transfer.grpc_backend import GrpcReader
-        return GrpcReader(fields, **options)
+        return GrpcReader(fields, secret=secret, **options)
     raise ValueError(f"unknown transfer backend {backend!r} (known: {', '.join(BACKENDS)})")
 
 

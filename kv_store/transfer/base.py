@@ -6,10 +6,15 @@ reader in another process how to attach. A ``Reader`` lives in the worker proces
 attached to one source region, and copies lists of ``Extent`` s (offset, size ranges of
 that region) back to back into its own memory, within a deadline.
 
-Contract of ``Reader.read(extents, dest, deadline_s)``:
+Contract of ``Reader.read(extents, dest, deadline_s, lease=b"")``:
 
 * ``deadline_s`` is a duration in seconds from the call (not an absolute time). A value
   that is not positive fails at once.
+* ``lease`` is the id of the store's lease (``Locate``) that pins the blocks the extents
+  cover. A source that checks leases (``grpc`` in a store) refuses a read any of whose
+  extents no live lease of that id covers (``TransferError`` naming
+  ``PERMISSION_DENIED``). ``shm`` and ``nixl`` read memory directly and check none: what
+  protects them is the host's file permissions and UCX, not the lease (see the README).
 * Extents are checked before anything moves: a negative offset or size, or a range past
   the end of the region, or more bytes than ``dest`` holds, raise ``ValueError``.
   Zero-size extents are allowed and move nothing; an empty list returns at once.
@@ -79,7 +84,8 @@ class Reader(ABC):
     region_bytes: int  # length of the source region
 
     @abstractmethod
-    def read(self, extents: Sequence[Extent], dest: memoryview, deadline_s: float) -> None:
+    def read(self, extents: Sequence[Extent], dest: memoryview, deadline_s: float,
+             lease: bytes = b"") -> None:
         """Copy ``extents`` back to back into ``dest`` (see the module's contract)."""
 
     @abstractmethod

@@ -3,8 +3,9 @@
 One server-streaming method, ``/kvmesh.transfer.v1.Transfer/Read``. Messages are raw
 bytes, not protobuf (no stubs to generate, and no protobuf copy of the payload):
 
-* request: msgpack ``{"extents": <bytes>}``, the extents as little-endian uint64
-  ``offset, size`` pairs;
+* request: msgpack ``{"extents": <bytes>, "lease": <bytes>}``, the extents as
+  little-endian uint64 ``offset, size`` pairs, and the id of the store lease that pins
+  them;
 * response: a stream of frames. A frame is one byte ``h``, then ``h`` bytes of msgpack
   ``[dest_offset, length]``, then ``length`` payload bytes to be placed at
   ``dest_offset`` of the reader's destination (extents back to back from 0). Small
@@ -21,6 +22,12 @@ run with ``MALLOC_MMAP_THRESHOLD_=16777216 MALLOC_TRIM_THRESHOLD_=67108864``
 (``kv_store.malloc_tuning``; every ``kvmesh`` command applies them to itself): measured
 here, that halves the reader's CPU per byte (4 MiB reads: 4.7 → 2.0 ms of CPU; 0.7 →
 1.1-1.4 GB/s on a busy 2-core machine).
+Who may read: with a cluster secret the source refuses every call without it
+(``UNAUTHENTICATED``, ``kvmesh.kv_store.auth``); with a lease check (a store's source:
+``TieredStore.lease_covers``) it serves only extents that a live lease pins, to a reader
+holding that lease's id (``PERMISSION_DENIED`` otherwise), so the arena's other bytes -- other
+requests' blocks, free slots -- are never sent. A source made without a lease check
+serves its whole region (a buffer of one's own, as in the benchmarks).
 The server checks every extent against the region (``INVALID_ARGUMENT`` otherwise) and
 the reader checks every frame against its request, so neither side trusts the other's
 sizes. A reader cannot make the server do more than a bounded amount of work: a
@@ -35,7 +42,7 @@ from __future__ import annotations
 
 import threading
 from concurrent import futures
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import grpc
 import grpc.experimental  # noqa: F401  (ChannelOptions)
@@ -43,6 +50,7 @@ import msgpack
 import numpy as np
 
 from kvmesh_proto.options import bind_port, host_port, message_options, split_host_port
+from kvmesh.kv_store.auth import call_metadata, server_interceptors
 from kvmesh.kv_store.transfer.base import (
     Deadline, Extent, Reader, ReaderBroken, SourceRegion, TransferError, check_dest, check_extents,
     decode_descriptor, encode_descriptor, split_pieces,
@@ -71,16 +79,24 @@ def _reader_options() -> list[tuple[str, int]]:
 _READER_OPTIONS = _reader_options()
 
 
-def _pack_extents(pairs: list[tuple[int, int]]) -> bytes:
-    return msgpack.packb({"extents": np.asarray(pairs, dtype="<u8").tobytes()}, use_bin_type=True)
+LeaseCheck = Callable[[bytes, Iterable[tuple[int, int]]], bool]  # (lease id, extents) -> covered
 
 
-def _unpack_extents(request: bytes) -> list[tuple[int, int]]:
+def _pack_request(pairs: list[tuple[int, int]], lease: bytes) -> bytes:
+    return msgpack.packb({"extents": np.asarray(pairs, dtype="<u8").tobytes(), "lease": bytes(lease)},
+                         use_bin_type=True)
+
+
+def _unpack_request(request: bytes) -> tuple[list[tuple[int, int]], bytes]:
+    """The request's extents and lease id (``b""`` when it names none)."""
     msg = msgpack.unpackb(request, raw=False)
     raw = msg["extents"]
     if len(raw) % 16:
         raise ValueError("extents are not whole (offset, size) pairs")
-    return [(int(o), int(s)) for o, s in np.frombuffer(raw, dtype="<u8").reshape(-1, 2)]
+    lease = msg.get("lease", b"")
+    if not isinstance(lease, bytes):
+        raise ValueError("the lease id is not bytes")
+    return [(int(o), int(s)) for o, s in np.frombuffer(raw, dtype="<u8").reshape(-1, 2)], lease
 
 
 class GrpcSource(SourceRegion):
@@ -89,6 +105,10 @@ class GrpcSource(SourceRegion):
     Its descriptor names ``advertise_host`` (with the bound port) where given: the host
     readers reach it by, which a wildcard bind address such as ``0.0.0.0`` is not.
 
+    ``secret``: the cluster secret every read must carry (None: none is asked).
+    ``lease_check``: asked ``(lease id, extents)`` before each read, which it refuses
+    unless the answer is true (None: every extent of the region is served).
+
     ``frame_delay_s`` sleeps before each frame: fault injection for tests of stalled
     sources, 0 in service."""
 
@@ -96,16 +116,19 @@ class GrpcSource(SourceRegion):
 
     def __init__(self, region, address: str = "127.0.0.1:0", chunk_bytes: int = CHUNK_BYTES,
                  max_workers: int = 4, frame_delay_s: float = 0.0, max_stream_s: float = 60.0,
-                 advertise_host: str | None = None):
+                 advertise_host: str | None = None, secret: str | None = None,
+                 lease_check: LeaseCheck | None = None):
         self.chunk_bytes = int(chunk_bytes)
         self.frame_delay_s = frame_delay_s
         self.max_stream_s = max_stream_s
+        self.lease_check = lease_check
         self._stopped = threading.Event()
         options = [(k, MAX_REQUEST_BYTES if k == "grpc.max_receive_message_length" else v)
                    for k, v in message_options(_MAX_MESSAGE)]
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
                                                               thread_name_prefix="kv-transfer"),
-                                   options=options, maximum_concurrent_rpcs=4 * max_workers)
+                                   options=options, maximum_concurrent_rpcs=4 * max_workers,
+                                   interceptors=server_interceptors(secret))
         handler = grpc.method_handlers_generic_handler(SERVICE, {
             "Read": grpc.unary_stream_rpc_method_handler(self._read)})
         self._server.add_generic_rpc_handlers((handler,))
@@ -138,9 +161,13 @@ class GrpcSource(SourceRegion):
 
     def _read(self, request: bytes, context):
         try:
-            pairs, _ = check_extents(_unpack_extents(request), self.region_bytes)
+            asked, lease = _unpack_request(request)
+            pairs, _ = check_extents(asked, self.region_bytes)
         except Exception as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad extents: {e}")
+        if self.lease_check is not None and not (lease and self.lease_check(lease, pairs)):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          "the extents are not all pinned by a live lease of the id given")
         cutoff = threading.Timer(self.max_stream_s, context.cancel)  # unblocks a stalled write too
         cutoff.daemon = True
         cutoff.start()
@@ -171,12 +198,15 @@ class GrpcSource(SourceRegion):
 
 
 class GrpcReader(Reader):
+    """Reads extents of one ``GrpcSource``'s region; every call carries ``secret``."""
+
     name = NAME
 
-    def __init__(self, descriptor: bytes | dict):
+    def __init__(self, descriptor: bytes | dict, secret: str | None = None):
         d = descriptor if isinstance(descriptor, dict) else decode_descriptor(descriptor)
         if d.get("backend") != NAME:
             raise ValueError(f"not a grpc descriptor: {d.get('backend')!r}")
+        self._metadata = call_metadata(secret)
         self.address = d["address"]
         self.region_bytes = int(d["size"])
         self._channel = grpc.insecure_channel(
@@ -189,7 +219,7 @@ class GrpcReader(Reader):
     def stats(self) -> dict[str, int]:
         return {"registered": 0, "in_flight": self._in_flight}
 
-    def read(self, extents: Sequence[Extent], dest, deadline_s: float) -> None:
+    def read(self, extents: Sequence[Extent], dest, deadline_s: float, lease: bytes = b"") -> None:
         pairs, total = check_extents(extents, self.region_bytes)
         out = check_dest(dest, total)
         deadline = Deadline(deadline_s)
@@ -202,7 +232,7 @@ class GrpcReader(Reader):
             self._in_flight += 1
         call = None
         try:
-            call = self._call(_pack_extents(pairs), timeout=timeout)
+            call = self._call(_pack_request(pairs, lease), timeout=timeout, metadata=self._metadata)
             got = 0
             for frame in call:
                 frame = memoryview(frame)

@@ -29,6 +29,21 @@ Measured facts this module is built on (NIXL 1.5.1, UCX on one host, no RDMA):
   harm the store, and once the store process exits they fail. Blocks that may change
   under a reader need the store's pins (and the block checksums), whatever the backend.
 
+Listening: UCX's TCP transport listens on every network interface of the host (for
+connection set-up), so a store bound to 127.0.0.1 had a UCX listener on the machine's
+external address too. NIXL's per-backend device list cannot narrow that (it names
+InfiniBand ports), so an agent given a ``host`` is created with ``UCX_NET_DEVICES`` naming
+the interface that holds that address (and the host's InfiniBand ports, which open no IP
+listener): its only TCP listener is on that interface, at the interface's own address
+(UCX binds an interface's first address: 127.0.0.1 for any loopback host). A wildcard
+host (``0.0.0.0``, ``::``) or a ``UCX_NET_DEVICES`` already set leaves UCX's choice. The
+store's source is made so. A reader is not: narrowed to its own address's interface, a
+reader could not reach a source listening on another interface of the same host (the
+read hung, or loading the source's metadata failed), so a worker's reader still listens
+on every interface unless ``UCX_NET_DEVICES`` says otherwise. Its registered memory is
+described to nobody (the reader never hands out its metadata), so a peer that connects
+there can read nothing.
+
 Environment, set before NIXL is first imported unless already set: ``UCX_MODULES=^ib``
 where the host has no InfiniBand device (with Debian's ``libibverbs1`` installed, a
 process holding a UCX agent otherwise segfaults at exit); ``NIXL_LOG_LEVEL=WARN`` (NIXL
@@ -38,8 +53,13 @@ warnings go to stdout by default), so that stdout stays the program's.
 
 from __future__ import annotations
 
+import array
+import fcntl
+import ipaddress
 import itertools
 import os
+import socket
+import struct
 import threading
 import time
 import uuid
@@ -91,15 +111,105 @@ def nixl_available() -> bool:
     return importlib.util.find_spec("nixl") is not None
 
 
-def _make_agent(role: str, progress_thread: bool):
+_SIOCGIFCONF, _SIOCGIFNETMASK = 0x8912, 0x891B
+
+
+def _ipv4_interfaces() -> list[tuple[str, ipaddress.IPv4Interface]]:
+    """(device, address/netmask) of every IPv4 address of this host (alias labels such as
+    ``eth0:1`` name their device)."""
+    out = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        buffer = array.array("B", b"\0" * 40 * 256)
+        address, _ = buffer.buffer_info()
+        length = struct.unpack("iL", fcntl.ioctl(s.fileno(), _SIOCGIFCONF,
+                                                 struct.pack("iL", len(buffer), address)))[0]
+        raw = buffer.tobytes()[:length]
+        for i in range(0, length, 40):  # struct ifreq: 16-byte name, then a sockaddr_in
+            label = raw[i:i + 16].split(b"\0", 1)[0].decode()
+            ip = socket.inet_ntoa(raw[i + 20:i + 24])
+            try:
+                mask = socket.inet_ntoa(fcntl.ioctl(s.fileno(), _SIOCGIFNETMASK,
+                                                    struct.pack("256s", label.encode()))[20:24])
+            except OSError:
+                mask = "255.255.255.255"
+            out.append((label.split(":")[0], ipaddress.IPv4Interface(f"{ip}/{mask}")))
+    return out
+
+
+def _ipv6_interfaces() -> list[tuple[str, ipaddress.IPv6Interface]]:
+    out = []
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                hexaddr, _, prefix, _, _, device = line.split()
+                ip = ":".join(hexaddr[i:i + 4] for i in range(0, 32, 4))
+                out.append((device, ipaddress.IPv6Interface(f"{ip}/{int(prefix, 16)}")))
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def net_device_of(host: str) -> str | None:
+    """The network interface of this host that holds ``host``'s address (exactly, else
+    within its subnet, as 127.0.0.2 is lo's); None when no interface does."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        try:  # a name: what it resolves to
+            ip = ipaddress.ip_address(socket.getaddrinfo(host, None)[0][4][0])
+        except (OSError, IndexError, ValueError):
+            return None
+    try:
+        interfaces = _ipv4_interfaces() if ip.version == 4 else _ipv6_interfaces()
+    except OSError:
+        return None
+    exact = [device for device, iface in interfaces if iface.ip == ip]
+    within = [device for device, iface in interfaces if ip in iface.network]
+    return (exact or within or [None])[0]
+
+
+def ucx_net_devices(host: str | None) -> str | None:
+    """The ``UCX_NET_DEVICES`` value that keeps an agent's TCP listener on ``host``'s
+    interface: that interface plus the InfiniBand ports. None when ``host`` is None or a
+    wildcard, or ``UCX_NET_DEVICES`` is set already (the user's choice stands).
+    ``TransferError`` when no interface of this host holds ``host``'s address."""
+    if host is None or host.strip("[]") in ("", "0.0.0.0", "::") or "UCX_NET_DEVICES" in os.environ:
+        return None
+    device = net_device_of(host)
+    if device is None:
+        raise TransferError(f"no network interface of this host has the address {host}: "
+                            "NIXL's UCX listener cannot be kept to it")
+    ports = []
+    try:
+        for ib in sorted(os.listdir("/sys/class/infiniband")):
+            ports += [f"{ib}:{p}" for p in sorted(os.listdir(f"/sys/class/infiniband/{ib}/ports"))]
+    except OSError:
+        pass
+    return ",".join([device, *ports])
+
+
+_env_lock = threading.Lock()
+
+
+def _make_agent(role: str, progress_thread: bool, host: str | None = None):
+    """A NIXL agent with the UCX backend; with ``host``, UCX listens on that address's
+    interface only (``ucx_net_devices``)."""
     api = nixl_api()
     name = f"kvmesh-{role}-{os.getpid()}-{next(_agent_ids)}-{uuid.uuid4().hex[:8]}"
     config = api.nixl_agent_config(
         enable_prog_thread=progress_thread, enable_listen_thread=False, backends=["UCX"],
         # thread-safe agent calls: the source's progress thread runs beside its owner
         sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
+    devices = ucx_net_devices(host)
     try:
-        agent = api.nixl_agent(name, config)
+        with _env_lock:  # UCX reads its configuration from the environment as the agent starts
+            if devices is not None:
+                os.environ["UCX_NET_DEVICES"] = devices
+            try:
+                agent = api.nixl_agent(name, config)
+            finally:
+                if devices is not None:
+                    os.environ.pop("UCX_NET_DEVICES", None)
     except Exception as e:
         raise TransferError(f"NIXL agent did not start: {type(e).__name__}: {e}") from None
     if "UCX" not in agent.backends:
@@ -128,18 +238,19 @@ def _whole_buffer(view: memoryview, start: int) -> tuple[int, int]:
 
 
 class NixlSource(SourceRegion):
-    """Registers ``region`` (a ``HostTier`` or any buffer) with a NIXL agent. Close it
-    before the region goes away."""
+    """Registers ``region`` (a ``HostTier`` or any buffer) with a NIXL agent whose UCX
+    listener is on ``host``'s interface (None: every interface). Close it before the
+    region goes away."""
 
     name = NAME
 
-    def __init__(self, region, progress_interval_s: float = PROGRESS_INTERVAL_S):
+    def __init__(self, region, progress_interval_s: float = PROGRESS_INTERVAL_S, host: str | None = None):
         buffer = region.buffer() if hasattr(region, "buffer") else region
         view = memoryview(buffer)
         self._view = view if view.format == "B" and view.ndim == 1 else view.cast("B")
         self.region_bytes = self._view.nbytes
         self.base = _address(self._view)
-        self._agent = _make_agent("source", progress_thread=progress_interval_s <= 0)
+        self._agent = _make_agent("source", progress_thread=progress_interval_s <= 0, host=host)
         try:
             self._reg = self._agent.register_memory([(self.base, self.region_bytes, 0, "")],
                                                     "DRAM", backends=["UCX"])
@@ -293,7 +404,7 @@ class NixlReader(Reader):
             except Exception:
                 pass
 
-    def read(self, extents: Sequence[Extent], dest, deadline_s: float) -> None:
+    def read(self, extents: Sequence[Extent], dest, deadline_s: float, lease: bytes = b"") -> None:
         pairs, total = check_extents(extents, self.region_bytes)
         out = check_dest(dest, total)
         deadline = Deadline(deadline_s)

@@ -129,7 +129,7 @@ class ShmReader(Reader):
         fcntl.flock(fd, fcntl.LOCK_UN)
         raise ReaderBroken(f"shm segment {self.shm_name!r}: its owner process is gone")
 
-    def read(self, extents: Sequence[Extent], dest, deadline_s: float) -> None:
+    def read(self, extents: Sequence[Extent], dest, deadline_s: float, lease: bytes = b"") -> None:
         pairs, total = check_extents(extents, self.region_bytes)
         out = check_dest(dest, total)
         deadline = Deadline(deadline_s)

@@ -60,7 +60,7 @@ def cluster(tiny_model, tmp_path_factory):
 @pytest.fixture
 def store(cluster):
     """The cluster's store, emptied before and after each test."""
-    with StoreClient(cluster.store_address) as client:
+    with StoreClient(cluster.store_address, secret=cluster.secret) as client:
         client.drop()
         yield client
         client.drop()
@@ -142,7 +142,7 @@ def test_prefix_demoted_to_disk_is_served_from_disk(cluster, store, reference):
 
 async def _prefill_then_decode(cluster, prompt, between):
     return await prefill_then_decode(cluster.prefill_address, cluster.decode_address, prompt,
-                                     MAX_TOKENS, between)
+                                     MAX_TOKENS, between, secret=cluster.secret)
 
 
 LONG = [p for p in PROMPTS if len(p) > 2 * BLOCK]

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from kvmesh.cluster.local import LocalCluster
+from kvmesh.kv_store.auth import call_metadata
 from kvmesh.kv_store.client import StoreClient
 from kvmesh_proto import worker_pb2, worker_pb2_grpc
 from tests.colocated import reference_table
@@ -52,7 +53,8 @@ def complete(cluster, prompt) -> tuple[dict, float]:
 
 def decode_running(cluster) -> int:
     with grpc.insecure_channel(cluster.decode_address) as ch:
-        return worker_pb2_grpc.WorkerStub(ch).Health(worker_pb2.HealthRequest(), timeout=5).running
+        return worker_pb2_grpc.WorkerStub(ch).Health(worker_pb2.HealthRequest(), timeout=5,
+                                                     metadata=call_metadata(cluster.secret)).running
 
 
 def test_components_on_separate_addresses_match_colocated(cluster, reference):
@@ -64,7 +66,7 @@ def test_components_on_separate_addresses_match_colocated(cluster, reference):
 
 
 def test_a_stall_longer_than_the_deadline_means_recompute(cluster, reference):
-    with StoreClient(cluster.store_address) as store:
+    with StoreClient(cluster.store_address, secret=cluster.secret) as store:
         store.inject_fault("stall", seconds=3 * STORE_TIMEOUT_S)
         try:
             r, elapsed = complete(cluster, PROMPTS[1])
@@ -87,7 +89,7 @@ def _request_while(cluster, prompt, action, delay_s: float) -> tuple[dict, float
 
 
 def test_prefill_killed_mid_transfer(cluster, reference):
-    with StoreClient(cluster.store_address) as store:
+    with StoreClient(cluster.store_address, secret=cluster.secret) as store:
         store.inject_fault("stall", seconds=3 * STORE_TIMEOUT_S)  # holds the saves in flight
         try:
             r, elapsed = _request_while(cluster, PROMPTS[2], lambda: cluster.kill("prefill"), 1.0)
@@ -102,7 +104,7 @@ def test_prefill_killed_mid_transfer(cluster, reference):
 def test_store_killed_mid_transfer(cluster, reference):
     """Runs last: the store stays dead; decode then computes everything itself."""
     prompt = PROMPTS[0]  # its blocks are in the store since the first test
-    with StoreClient(cluster.store_address) as store:
+    with StoreClient(cluster.store_address, secret=cluster.secret) as store:
         store.inject_fault("stall", seconds=30)  # gets now hang (lookups still answer) ...
     r, elapsed = _request_while(cluster, prompt, lambda: cluster.kill("store"), 1.0)  # ... until it dies
     loaded = (len(prompt) - 1) // BLOCK * BLOCK

@@ -231,6 +231,26 @@ def test_the_same_config_gives_the_same_components_under_serve_and_up(deployed, 
     assert on_ray["store"].transfer == local["store"].transfer == ("shm", "nixl", "grpc")
 
 
+def test_the_actors_refuse_internal_calls_without_the_cluster_secret(deployed):
+    """``up`` handed every actor the cluster's secret (the requests above went through,
+    so they share it); a caller without it is refused by the store and the workers."""
+    import grpc
+
+    from kvmesh.kv_store.client import StoreClient, StoreError
+    from kvmesh_proto import worker_pb2, worker_pb2_grpc
+
+    rows = _rows()
+    for row in (r for r in rows.values() if r["kind"] == "store"):
+        with StoreClient(row["address"], timeout_s=10) as stranger:
+            with pytest.raises(StoreError, match="UNAUTHENTICATED"):
+                stranger.lookup([[b"any prompt's block"]])
+    for row in (r for r in rows.values() if r["kind"] in ("prefill", "decode")):
+        with grpc.insecure_channel(row["address"]) as channel:
+            with pytest.raises(grpc.RpcError) as e:
+                worker_pb2_grpc.WorkerStub(channel).Health(worker_pb2.HealthRequest(), timeout=10)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_a_killed_decode_worker_comes_back_on_its_address_and_no_request_is_lost(deployed, reference):
     """Requests keep coming while the decode actor is killed. Ray restarts it (the engine
     loads again); every request is retried on a 5xx until it returns, and each must end

@@ -17,6 +17,7 @@ import pytest
 
 import kvmesh_client
 from kvmesh.cluster.local import LocalCluster
+from kvmesh.kv_store.auth import call_metadata
 from kvmesh_proto import worker_pb2, worker_pb2_grpc
 from tests.colocated import reference_table
 from tests.waiting import wait_until
@@ -76,7 +77,8 @@ def decode_running(cluster) -> int:
     total = 0
     for address in cluster.decode_addresses:
         with grpc.insecure_channel(address) as ch:
-            total += worker_pb2_grpc.WorkerStub(ch).Health(worker_pb2.HealthRequest(), timeout=5).running
+            total += worker_pb2_grpc.WorkerStub(ch).Health(
+                worker_pb2.HealthRequest(), timeout=5, metadata=call_metadata(cluster.secret)).running
     return total
 
 

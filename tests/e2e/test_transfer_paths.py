@@ -40,10 +40,11 @@ def cluster(tiny_model, tmp_path_factory):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_backend_carries_the_kv(cluster, reference, backend):
     address = cluster.decode_addresses[BACKENDS.index(backend)]
-    with StoreClient(cluster.store_address) as store:
+    with StoreClient(cluster.store_address, secret=cluster.secret) as store:
         for prompt in PROMPTS:
             store.drop()
-            tokens, last = asyncio.run(prefill_then_decode(cluster.prefill_address, address, prompt, MAX_TOKENS))
+            tokens, last = asyncio.run(prefill_then_decode(cluster.prefill_address, address, prompt, MAX_TOKENS,
+                                                           secret=cluster.secret))
             loaded = (len(prompt) - 1) // BLOCK * BLOCK
             assert last.kv_backend == backend
             assert last.tokens_from_store == loaded and last.tokens_load_failed == 0
@@ -52,7 +53,8 @@ def test_every_backend_carries_the_kv(cluster, reference, backend):
         # The negative control: the same path with the stored KV replaced by noise.
         store.drop()
         tokens, last = asyncio.run(prefill_then_decode(
-            cluster.prefill_address, address, PROMPTS[0], MAX_TOKENS, lambda: store.inject_fault("noise")))
+            cluster.prefill_address, address, PROMPTS[0], MAX_TOKENS, lambda: store.inject_fault("noise"),
+            secret=cluster.secret))
         assert last.kv_backend == backend and last.tokens_load_failed == 0
         assert tokens != reference[tuple(PROMPTS[0])]
         store.drop()

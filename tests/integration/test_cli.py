@@ -180,6 +180,7 @@ def test_free_ports_are_never_handed_out_twice(monkeypatch):
 def test_the_grpc_transfer_offer_names_a_host_readers_can_reach():
     """A store bound to a wildcard (as in a pod: ``--host 0.0.0.0``) tells readers the host
     of ``--advertise``, never the wildcard, and the gRPC transfer serves IPv6 binds too."""
+    from kvmesh.kv_store.integrity import checksum
     from kvmesh.kv_store.node import advertised_host, open_transfer_sources
     from kvmesh.kv_store.tiered_store import TieredStore
     from kvmesh.kv_store.tiers import HostTier
@@ -200,7 +201,9 @@ def test_the_grpc_transfer_offer_names_a_host_readers_can_reach():
         free = s.getsockname()[1]
     store = TieredStore([HostTier(8 << 20, 1 << 20, populate=False)])
     try:
-        store.tiers[0].buffer()[:5] = b"hello"
+        assert store.put(b"k", b"hello", checksum(b"hello"))
+        lease, where = store.lease([b"k"], seconds=30)  # a store's source serves leased blocks only
+        offset = where[b"k"][0]
         sources = open_transfer_sources(store, ["grpc"], "0.0.0.0", free, advertised_host("10.1.2.3:1", "0.0.0.0"))
         try:
             assert decode_descriptor(sources["grpc"].descriptor())["address"] == f"10.1.2.3:{free}"
@@ -218,7 +221,7 @@ def test_the_grpc_transfer_offer_names_a_host_readers_can_reach():
             reader = open_reader(sources["grpc"].descriptor())
             try:
                 got = bytearray(5)
-                reader.read([(0, 5)], got, deadline_s=10)
+                reader.read([(offset, 5)], got, deadline_s=10, lease=lease)
                 assert got == b"hello"
             finally:
                 reader.close()

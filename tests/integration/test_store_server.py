@@ -139,9 +139,9 @@ def counting_gets(client: StoreClient) -> list[int]:
     calls: list[int] = []
     real = client._stub.Get
 
-    def get(request, timeout):
+    def get(request, timeout, metadata=()):
         calls.append(len(request.keys))
-        return real(request, timeout=timeout)
+        return real(request, timeout=timeout, metadata=metadata)
 
     client._stub.Get = get
     return calls

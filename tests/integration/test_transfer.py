@@ -178,15 +178,15 @@ def test_grpc_source_bounds_what_one_reader_can_make_it_do():
     refused, and cut, so that an honest read finds a free server thread."""
     import grpc
 
-    from kvmesh.kv_store.transfer.grpc_backend import _pack_extents
+    from kvmesh.kv_store.transfer.grpc_backend import _pack_request
 
     region = bytearray(32 << 20)
     with open_source("grpc", memoryview(region), max_workers=1, max_stream_s=0.5) as src:
         with open_reader(src.descriptor()) as reader:
             with pytest.raises(grpc.RpcError) as info:
-                list(reader._call(_pack_extents([(2 * i, 1) for i in range(70000)]), timeout=5))
+                list(reader._call(_pack_request([(2 * i, 1) for i in range(70000)], b""), timeout=5))
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            stalled = reader._call(_pack_extents([(0, len(region))]))  # no deadline
+            stalled = reader._call(_pack_request([(0, len(region))], b""))  # no deadline
             next(stalled)  # one frame, then it stops reading: the server's writes block
             start = time.monotonic()
             dest = bytearray(4096)
@@ -362,10 +362,10 @@ def test_grpc_server_checks_extents_itself(source):
     import grpc
     import msgpack
 
-    from kvmesh.kv_store.transfer.grpc_backend import _pack_extents
+    from kvmesh.kv_store.transfer.grpc_backend import _pack_request
 
     with open_reader(_require(source, "grpc")) as reader:
-        call = reader._call(_pack_extents([(ARENA - 4, 8)]), timeout=5)
+        call = reader._call(_pack_request([(ARENA - 4, 8)], b""), timeout=5)
         with pytest.raises(grpc.RpcError) as info:
             list(call)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -5,6 +5,7 @@ from or checked against those types."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import typing
 from pathlib import Path
@@ -264,3 +265,21 @@ def test_the_readme_reference_is_generated_from_the_settings():
 
     text = (ROOT / "README.md").read_text()
     assert replace_in(text) == text, "run: python -m kvmesh.cluster.reference --write README.md"
+
+
+def test_a_local_cluster_gives_every_component_its_own_throwaway_secret(tmp_path):
+    """``kvmesh serve``'s cluster: one fresh secret per cluster, in a file only its user
+    reads, named by every component's settings (and so by its flags)."""
+    import stat
+
+    from kvmesh.cluster.local import LocalCluster
+    from kvmesh.kv_store.auth import load_secret
+
+    one = LocalCluster(model="m", run_dir=tmp_path / "one", verbose=False)
+    two = LocalCluster(model="m", run_dir=tmp_path / "two", verbose=False)
+    files = {c.settings.cluster_secret_file for c in one.components}
+    assert len(files) == 1 and {c.kind for c in one.components} == {"store", "prefill", "decode", "router"}
+    path = files.pop()
+    assert load_secret(path) == one.secret and one.secret != two.secret
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert all(f"--cluster-secret-file={path}" in c.argv() or path in c.argv() for c in one.components)

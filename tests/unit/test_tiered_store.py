@@ -837,3 +837,31 @@ def test_gpu_host_disk_random_run_returns_to_baseline(tmp_path, device):
     assert store.stats().corrupt == 0 and store.leases == 0
     assert_empty_after_drop(store)
     store.close()
+
+
+def test_lease_ids_are_random_and_cover_only_their_blocks():
+    """A lease id is 16 random bytes; it covers the bytes of the blocks it pins (adjacent
+    ones as one span), and nothing once released, expired, or under another id."""
+    store = TieredStore([HostTier(PAGE, page_bytes=PAGE)])
+    try:
+        for i in range(4):
+            assert put(store, i)
+        lease, where = store.lease([b"k0", b"k1"], seconds=5)
+        other, elsewhere = store.lease([b"k3"], seconds=5)
+        assert len(lease) == 16 and lease != other
+        assert len({store.lease([b"k2"], seconds=5)[0] for _ in range(50)}) == 50
+        (o0, n0, _), (o1, n1, _) = where[b"k0"], where[b"k1"]
+        assert store.lease_covers(lease, [(o0, n0), (o1, n1), (o0 + 1, n0 - 2)])
+        if o0 + n0 == o1:  # adjacent slots: one extent may span both blocks
+            assert store.lease_covers(lease, [(o0, n0 + n1)])
+        o3, n3, _ = elsewhere[b"k3"]
+        assert not store.lease_covers(lease, [(o3, n3)])            # another reader's block
+        assert not store.lease_covers(lease, [(o0, n0), (o3, 1)])   # one extent outside spoils all
+        assert not store.lease_covers(bytes(16), [(o0, n0)])        # a guessed id
+        assert not store.release(bytes(16)) and store.lease_covers(lease, [(o0, n0)])
+        assert store.release(lease) and not store.lease_covers(lease, [(o0, n0)])
+        short, _ = store.lease([b"k0"], seconds=0.01)
+        time.sleep(0.05)
+        assert not store.lease_covers(short, [(o0, n0)])            # past its deadline
+    finally:
+        store.close()

@@ -100,6 +100,16 @@ app.kubernetes.io/part-of: kvmesh
 {{- end }}
 {{- end }}
 
+{{/* Name of the Secret holding the cluster secret. */}}
+{{- define "kvmesh.clusterSecretName" -}}
+{{- .Values.clusterSecret.existingSecret | default (include "kvmesh.componentName" (dict "root" . "component" "cluster-secret")) }}
+{{- end }}
+
+{{/* Where every kvmesh container finds the cluster secret (--cluster-secret-file). */}}
+{{- define "kvmesh.clusterSecretFile" -}}
+/etc/kvmesh/secret/cluster-secret
+{{- end }}
+
 {{/* Pod pieces ------------------------------------------------------------- */}}
 
 {{/* A Deployment's strategy or a DaemonSet's updateStrategy from its values: the
@@ -190,6 +200,25 @@ envFrom:
   emptyDir: {}
 - name: home
   emptyDir: {}
+{{- end }}
+
+{{/* The cluster secret, a read-only file of the Secret's one key, readable by the pod's
+     group (fsGroup) only. */}}
+{{- define "kvmesh.clusterSecretMount" -}}
+- name: cluster-secret
+  mountPath: {{ include "kvmesh.clusterSecretFile" . | dir }}
+  readOnly: true
+{{- end }}
+
+{{- define "kvmesh.clusterSecretVolume" -}}
+- name: cluster-secret
+  secret:
+    secretName: {{ include "kvmesh.clusterSecretName" . }}
+    # 0440
+    defaultMode: 288
+    items:
+      - key: {{ .Values.clusterSecret.secretKey }}
+        path: {{ include "kvmesh.clusterSecretFile" . | base }}
 {{- end }}
 
 {{/* The model: volume, read-only mount and, for source=generate, the init container
@@ -316,6 +345,7 @@ spec:
             {{- end }}
             - --tensor-parallel-size={{ $v.tensorParallelSize }}
             - --pipeline-parallel-size={{ $v.pipelineParallelSize }}
+            - --cluster-secret-file={{ include "kvmesh.clusterSecretFile" $root }}
             {{- range $name, $value := $v.engine }}
             {{- if kindIs "bool" $value }}
             - --{{ if not $value }}no-{{ end }}{{ $name | replace "_" "-" }}
@@ -372,11 +402,13 @@ spec:
           volumeMounts:
             {{- include "kvmesh.modelMount" $root | nindent 12 }}
             {{- include "kvmesh.scratchMounts" $root | nindent 12 }}
+            {{- include "kvmesh.clusterSecretMount" $root | nindent 12 }}
             - name: shm
               mountPath: /dev/shm
       volumes:
         {{- include "kvmesh.modelVolume" $root | nindent 8 }}
         {{- include "kvmesh.scratchVolumes" $root | nindent 8 }}
+        {{- include "kvmesh.clusterSecretVolume" $root | nindent 8 }}
         - name: shm
           emptyDir:
             medium: Memory
