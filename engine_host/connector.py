@@ -33,7 +33,9 @@ saved. No call here waits without a deadline.
 Configuration (``kv_connector_extra_config``): ``store_address`` (required),
 ``model_id`` (defaults to the model path), ``timeout_s`` (per store call and per step's
 load, default 5), ``transfer_preference`` (default ``"shm,nixl,grpc"``: the first backend
-the store offers and this worker can use carries the loads; ``Get`` when none).
+the store offers and this worker can use carries the loads; ``Get`` when none),
+``layerwise`` (default true: each layer's KV is waited for just before its attention;
+false: the forward pass starts once every layer's KV is in the paged cache).
 """
 
 from __future__ import annotations

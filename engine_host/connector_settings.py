@@ -11,16 +11,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-
 from kvmesh.kv_store.keys import KeySpace, namespace
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
+# Load each layer's KV just before its attention, the forward pass computing the layers
+# before it meanwhile (True); or load every layer before the forward pass starts (False,
+# for comparison). ``kv_connector_extra_config["layerwise"]``.
+LAYERWISE_DEFAULT = True
+
+
+def _flag(value) -> bool:
+    """A boolean from JSON or from a string ("false", "0", "no" and "off" are False)."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("false", "0", "no", "off", "")
+    return bool(value)
+
 
 def layout_fingerprint(vllm_config: "VllmConfig") -> str:
     """What must match for a block's bytes to mean the same thing to another worker."""
+    import torch
     from vllm.platforms import current_platform
 
     model = vllm_config.model_config
@@ -45,6 +56,7 @@ class ConnectorSettings:
     heads_per_rank: int
     tensor_parallel_size: int
     num_layers: int
+    layerwise: bool = LAYERWISE_DEFAULT
 
     @classmethod
     def from_vllm_config(cls, vllm_config: "VllmConfig") -> "ConnectorSettings":
@@ -68,6 +80,7 @@ class ConnectorSettings:
             heads_per_rank=max(1, total_heads // tp),
             tensor_parallel_size=tp,
             num_layers=model.get_total_num_hidden_layers(),
+            layerwise=_flag(extra.get("layerwise", LAYERWISE_DEFAULT)),
         )
 
     def _heads(self, rank: int) -> tuple[int, int]:

@@ -34,6 +34,7 @@ def engine_args(settings: WorkerSettings):
             "model_id": settings.model_id or args.model,
             "timeout_s": settings.store_timeout,
             "transfer_preference": ",".join(settings.transfer_preference),
+            "layerwise": settings.layerwise,
         },
     )
     args.kv_transfer_config = transfer

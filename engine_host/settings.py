@@ -14,6 +14,7 @@ from typing import Annotated, ClassVar, Optional
 
 from pydantic import Field
 
+from kvmesh.engine_host.connector_settings import LAYERWISE_DEFAULT
 from kvmesh.kv_store.settings_base import DEFAULT_HOST, Address, Names, PortOrZero, Seconds, Settings, one_of
 from kvmesh.kv_store.transfer import BACKENDS, DEFAULT_PREFERENCE
 
@@ -45,6 +46,9 @@ class WorkerSettings(Settings):
         DEFAULT_PREFERENCE, description=(
             "transfer backends to read the store with, best first; the first the store "
             "offers and this host can use wins (none usable, or get: the store's Get)"))
+    layerwise: bool = Field(LAYERWISE_DEFAULT, description=(
+        "load each layer's KV from the store just before its attention, overlapping the "
+        "load with compute (--no-layerwise: load every layer first, then compute)"))
     engine_args: tuple[str, ...] = Field((), description=(
         "vLLM engine arguments, as on vLLM's command line (--model DIR --max-num-seqs 8 ...)"),
         json_schema_extra={"cli": False})
