@@ -79,8 +79,8 @@ class ReaderCache:
         self._scratch = bytearray(0)
 
     def scratch(self, nbytes: int) -> memoryview:
-        """``nbytes`` of the receive buffer, for one step's load at a time (asked for when
-        it starts, after the previous one finished). It is kept from load to load, and grows, never shrinks: a reader that registers
+        """``nbytes`` of the receive buffer, for one step's load at a time (on the loader's
+        thread, the size of the whole step each time). It is kept from load to load, and grows, never shrinks: a reader that registers
         its destinations (NIXL) registers it once, and never holds the registration of
         memory that was freed and handed out again (a fresh buffer per read would often
         land at a freed one's address). When it grows, the readers let the old one go."""
@@ -174,12 +174,11 @@ class LayerLoad:
         # a block stored at another size (another layout) counts as missing
         wanted = {n: [(k, e) for r in self.requests for k in r.keys[n]
                       if (e := located.extents.get(k)) is not None and e[1] == sizes[n]] for n in names}
-        buffer = self.readers.scratch(sum(sizes[n] * len(wanted[n]) for n in names))
-        offset = 0
+        total, offset = sum(sizes[n] * len(wanted[n]) for n in names), 0
         for name in names:
-            region = buffer[offset:offset + sizes[name] * len(wanted[name])]
-            offset += len(region)
-            self._futures[name] = self.executor.submit(self._read, reader, wanted[name], region, sizes[name])
+            self._futures[name] = self.executor.submit(self._read, reader, wanted[name], sizes[name],
+                                                       total, offset)
+            offset += sizes[name] * len(wanted[name])
 
     def _remaining(self) -> float:
         return max(0.0, self._deadline - time.monotonic())
@@ -195,12 +194,15 @@ class LayerLoad:
         self._spent["read"] += self._done_at - began
         return {k: b.data for k, b in result.blocks.items()}
 
-    def _read(self, reader, wanted: list[tuple[bytes, tuple[int, int, int]]], region: memoryview,
-              block_bytes: int) -> _LayerBytes:
-        """One layer's blocks (each ``block_bytes`` long), read into ``region`` back to
-        back and verified there."""
+    def _read(self, reader, wanted: list[tuple[bytes, tuple[int, int, int]]], block_bytes: int,
+              total: int, offset: int) -> _LayerBytes:
+        """One layer's blocks (each ``block_bytes`` long), read back to back into the
+        layer's region of the step's receive buffer (``total`` bytes, the region from
+        ``offset``) and verified there. On the loader's thread, as every read and every
+        change of the buffer is (a reader that registers it sees one at a time)."""
         from kvmesh.kv_store.transfer import Extent, ReaderBroken, TransferError
 
+        region = self.readers.scratch(total)[offset:offset + block_bytes * len(wanted)]
         began = time.monotonic()
         try:
             reader.read(coalesce([Extent(off, size) for _, (off, size, _) in wanted]), region,
