@@ -331,7 +331,7 @@ def cmd_bench_transfer(args) -> None:
 def cmd_bench_layerwise(args) -> None:
     from kvmesh.bench.layerwise_bench import main
 
-    main(args.json, args.size)
+    main(args.json, args.size, args.prompts, tuple(args.backends.split(",")))
 
 
 def cmd_bench_serve(args) -> None:
@@ -442,9 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--case-seconds", type=seconds, default=0.8, help="time spent on each case")
     b.add_argument("--backends", default="shm,nixl,grpc", help="backends, comma-separated")
     b.set_defaults(func=cmd_bench_transfer)
-    b = bsub.add_parser("layerwise", help="share of decode-side KV loads hidden behind compute")
+    b = bsub.add_parser("layerwise", help=(
+        "decode-side KV load path against memcpy; TTFT with layer-wise loading vs everything first"))
     b.add_argument("--json", action="store_true", help="print one JSON object")
-    b.add_argument("--size", choices=["tiny", "bench"], default="bench", help="generated model to use")
+    b.add_argument("--size", choices=["tiny", "bench", "smollm2"], default="bench",
+                   help="model to use (tiny, bench: generated; smollm2: the packaged real model)")
+    b.add_argument("--prompts", type=int, default=6, help="timed prompts per backend and load mode")
+    b.add_argument("--backends", default="shm,nixl,grpc", help="backends, comma-separated")
     b.set_defaults(func=cmd_bench_layerwise)
     b = bsub.add_parser("router", help="latency the router adds, against stub workers")
     b.add_argument("--json", action="store_true", help="print one JSON object")

@@ -3,10 +3,12 @@
 ``LayerLoad.start`` leases every block the step loads (one ``Locate`` call), then reads
 each layer's blocks in layer order on a background thread, with the transfer backend the
 worker and the store share (shared memory, NIXL or gRPC streaming; plain ``Get`` when the
-store offers none, in as many calls as keep each reply within the message limit).
-``write_layer`` waits for one layer's bytes (until the step's deadline), verifies each
-block's checksum and copies the good ones into the paged cache, so the forward pass
-computes layer *l* while layer *l+1* is still in flight.
+store offers none, in as many calls as keep each reply within the message limit), each
+layer into a region of its own of one receive buffer, and verifies each block's checksum
+where it landed. ``write_layer`` waits for one layer's bytes (until the step's deadline)
+and copies the good blocks from that buffer into the paged cache, one copy per run of
+consecutive blocks, so the forward pass computes layer *l* while layer *l+1* is still in
+flight (``write_all``: every layer, before the forward pass computes).
 ``finish`` waits out the rest, releases the lease and says which blocks failed: a block
 fails if any of its layers did, and every block after it in its request fails too (vLLM
 recomputes from the first failed block). Nothing here raises on a transfer failure.
@@ -18,12 +20,12 @@ import concurrent.futures as cf
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
 from kvmesh.engine_host.metadata import LoadStats
-from kvmesh.engine_host.paged_layout import block_nbytes, write_blocks
+from kvmesh.engine_host.paged_layout import block_nbytes, block_rows, place_blocks, write_blocks
 from kvmesh.kv_store.client import StoreClient, StoreError
 from kvmesh.kv_store.integrity import verify
 from kvmesh.kv_store.keys import KeySpace
@@ -36,13 +38,41 @@ class _Request:
     req_id: str
     block_ids: list[int]
     hashes: list[bytes]
+    keys: dict[str, list[bytes]] = field(default_factory=dict)  # per layer, each block's key
     bad: set[int] = field(default_factory=set)  # indices of blocks some layer failed
+
+
+class _LayerBytes(NamedTuple):
+    """One layer's blocks as read: ``data`` holds them back to back, whole blocks of the
+    layer's size; ``rows`` maps the key of each block that arrived and verified to its
+    place in ``data``."""
+
+    data: memoryview | bytearray
+    count: int
+    rows: dict[bytes, int]
+
+
+_NOTHING = _LayerBytes(bytearray(0), 0, {})
+
+
+def coalesce(extents: list) -> list:
+    """``extents`` with each run of adjacent ones (the next starting where the previous
+    ends) merged into one: the same bytes land in the same order, in fewer copies."""
+    from kvmesh.kv_store.transfer import Extent
+
+    out: list = []
+    for e in extents:
+        if out and out[-1].offset + out[-1].size == e.offset:
+            out[-1] = Extent(out[-1].offset, out[-1].size + e.size)
+        else:
+            out.append(e)
+    return out
 
 
 class ReaderCache:
     """Transfer readers by store descriptor, opened on first use and kept (each sending
-    the cluster ``secret`` where its backend asks for one); and the one buffer reads land
-    in (``scratch``)."""
+    the cluster ``secret`` where its backend asks for one); and the one buffer a step's
+    reads land in (``scratch``), each layer in a region of its own."""
 
     def __init__(self, preference: Sequence[str], secret: str | None = None):
         self.preference = tuple(preference)
@@ -51,8 +81,8 @@ class ReaderCache:
         self._scratch = bytearray(0)
 
     def scratch(self, nbytes: int) -> memoryview:
-        """``nbytes`` of the receive buffer, for one read at a time (the loader's thread).
-        It is kept from load to load, and grows, never shrinks: a reader that registers
+        """``nbytes`` of the receive buffer, for one step's load at a time (on the loader's
+        thread, the size of the whole step each time). It is kept from load to load, and grows, never shrinks: a reader that registers
         its destinations (NIXL) registers it once, and never holds the registration of
         memory that was freed and handed out again (a fresh buffer per read would often
         land at a freed one's address). When it grows, the readers let the old one go."""
@@ -109,19 +139,21 @@ class LayerLoad:
         self._nbytes = 0
         self._wait_s = 0.0
         self._start = 0.0
-        self._done_at = 0.0
+        self._done_at = 0.0   # the last layer's bytes read and verified
+        self._placed_at = 0.0  # the last block copied into the paged cache
         self._deadline = 0.0
-
-    def _key(self, h: bytes, name: str) -> bytes:
-        return self.space.key(h, self.layers[name])
+        self._spent = {"locate": 0.0, "read": 0.0, "verify": 0.0, "copy": 0.0}
 
     def start(self, transfers: Sequence) -> None:
         """Lease the blocks of ``transfers`` and start reading them, first layer first."""
-        self.requests = [_Request(t.req_id, list(t.block_ids), list(t.hashes)) for t in transfers]
         self._start = time.monotonic()
         self._deadline = self._start + self.timeout_s
         names = sorted(self.caches, key=self.layers.__getitem__)
-        keys = [self._key(h, n) for r in self.requests for h in r.hashes for n in names]
+        self.requests = [_Request(t.req_id, list(t.block_ids), list(t.hashes)) for t in transfers]
+        for r in self.requests:
+            r.keys = {n: [self.space.key(h, self.layers[n]) for h in r.hashes] for n in names}
+        # blocks first, then layers (the Get path brings whole leading blocks per call)
+        keys = [r.keys[n][i] for r in self.requests for i in range(len(r.hashes)) for n in names]
         try:
             located = self.store.locate(keys, lease_s=2 * self.timeout_s)
         except StoreError as e:
@@ -129,20 +161,26 @@ class LayerLoad:
             for r in self.requests:
                 r.bad.update(range(len(r.hashes)))
             return
+        finally:
+            self._spent["locate"] += time.monotonic() - self._start
         self._lease = located.lease_id or None
+        sizes = {n: block_nbytes(self.caches[n], self.block_dims[n]) for n in names}
         chosen = self.readers.reader_for(located.offers) if located.offers else None
         if chosen is None:  # no shared backend: the plain Get API, all layers at once
             self._backend = "get"
-            nbytes = {n: block_nbytes(self.caches[n], self.block_dims[n]) for n in names}
-            sizes = [nbytes[n] for r in self.requests for _ in r.hashes for n in names]
-            everything = self.executor.submit(self._get, keys, sizes)
+            everything = self.executor.submit(self._get, keys, [sizes[n] for r in self.requests
+                                                                for _ in r.hashes for n in names])
             self._futures = {n: everything for n in names}
             return
         self._backend, reader = chosen
+        # a block stored at another size (another layout) counts as missing
+        wanted = {n: [(k, e) for r in self.requests for k in r.keys[n]
+                      if (e := located.extents.get(k)) is not None and e[1] == sizes[n]] for n in names}
+        total, offset = sum(sizes[n] * len(wanted[n]) for n in names), 0
         for name in names:
-            wanted = [(k, located.extents[k]) for k in (self._key(h, name) for r in self.requests
-                                                        for h in r.hashes) if k in located.extents]
-            self._futures[name] = self.executor.submit(self._read, reader, wanted)
+            self._futures[name] = self.executor.submit(self._read, reader, wanted[name], sizes[name],
+                                                       total, offset)
+            offset += sizes[name] * len(wanted[name])
 
     def _remaining(self) -> float:
         return max(0.0, self._deadline - time.monotonic())
@@ -150,34 +188,49 @@ class LayerLoad:
     def _get(self, keys: list[bytes], sizes: list[int]) -> dict[bytes, bytes]:
         """Every layer's blocks through Get: as many calls as the message limit needs
         (blocks first, then layers, so that each call brings whole leading blocks), all
-        within the step's deadline."""
+        within the step's deadline. The store client verifies them."""
+        began = time.monotonic()
         result = self.store.get(keys, sizes, deadline=self._deadline)
         self._nbytes += sum(len(b.data) for b in result.blocks.values())
         self._done_at = time.monotonic()
+        self._spent["read"] += self._done_at - began
         return {k: b.data for k, b in result.blocks.items()}
 
-    def _read(self, reader, wanted: list[tuple[bytes, tuple[int, int, int]]]) -> dict[bytes, bytes]:
+    def _read(self, reader, wanted: list[tuple[bytes, tuple[int, int, int]]], block_bytes: int,
+              total: int, offset: int) -> _LayerBytes:
+        """One layer's blocks (each ``block_bytes`` long), read back to back into the
+        layer's region of the step's receive buffer (``total`` bytes, the region from
+        ``offset``) and verified there. On the loader's thread, as every read and every
+        change of the buffer is (a reader that registers it sees one at a time)."""
         from kvmesh.kv_store.transfer import Extent, ReaderBroken, TransferError
 
-        total = sum(size for _, (_, size, _) in wanted)
-        dest = self.readers.scratch(total)
+        region = self.readers.scratch(total)[offset:offset + block_bytes * len(wanted)]
+        began = time.monotonic()
         try:
-            reader.read([Extent(off, size) for _, (off, size, _) in wanted], dest,
+            reader.read(coalesce([Extent(off, size) for _, (off, size, _) in wanted]), region,
                         deadline_s=self._remaining(), lease=self._lease or b"")
         except TransferError as e:
             log.warning("%s transfer failed, blocks will be recomputed: %s", self._backend, e)
             if isinstance(e, ReaderBroken):  # the next load attaches a new one
                 self.readers.drop(reader)
-            return {}
-        out, pos = {}, 0
-        for key, (_, size, crc) in wanted:
-            piece = bytes(dest[pos:pos + size])
-            pos += size
-            if verify(piece, crc):
-                out[key] = piece
-        self._nbytes += total
+            return _NOTHING
+        finally:
+            read_at = time.monotonic()
+            self._spent["read"] += read_at - began
+        rows = {}
+        for row, (key, (_, _, crc)) in enumerate(wanted):
+            if verify(region[row * block_bytes:(row + 1) * block_bytes], crc):
+                rows[key] = row
+        self._nbytes += len(region)
         self._done_at = time.monotonic()
-        return out
+        self._spent["verify"] += self._done_at - read_at
+        return _LayerBytes(region, len(wanted), rows)
+
+    def write_all(self) -> None:
+        """Wait for every layer's bytes and copy them into the cache, first layer first
+        (loading everything before the forward pass computes)."""
+        for name in sorted(self._futures, key=self.layers.__getitem__):
+            self.write_layer(name)
 
     def write_layer(self, name: str) -> None:
         """Wait for layer ``name``'s bytes and copy the good blocks into its cache."""
@@ -190,12 +243,36 @@ class LayerLoad:
             found = future.result(timeout=self._remaining())
         except (cf.TimeoutError, StoreError) as e:
             log.warning("layer %s did not arrive in time: %s", name, e)
-            found = {}
-        self._wait_s += time.monotonic() - waited
+            found = _NOTHING if self._backend != "get" else {}
+        copying = time.monotonic()
+        self._wait_s += copying - waited
+        if self._backend == "get":
+            self._write_got(name, found)
+        else:
+            self._place(name, found)
+        self._placed_at = time.monotonic()
+        self._spent["copy"] += self._placed_at - copying
+
+    def _place(self, name: str, layer: _LayerBytes) -> None:
+        cache, dim = self.caches[name], self.block_dims[name]
+        rows = block_rows(cache, dim, layer.data, layer.count) if layer.count else None
+        for r in self.requests:
+            ids, picked = [], []
+            for i, key in enumerate(r.keys[name]):
+                row = layer.rows.get(key)
+                if row is None:
+                    r.bad.add(i)
+                else:
+                    ids.append(r.block_ids[i])
+                    picked.append(row)
+            if ids:
+                place_blocks(cache, dim, ids, rows, picked)
+
+    def _write_got(self, name: str, found: dict[bytes, bytes]) -> None:
         for r in self.requests:
             ids, data = [], []
-            for i, h in enumerate(r.hashes):
-                block = found.get(self._key(h, name))
+            for i, key in enumerate(r.keys[name]):
+                block = found.get(key)
                 if block is None:
                     r.bad.add(i)
                 else:
@@ -209,8 +286,7 @@ class LayerLoad:
 
     def finish(self, on_failed: Callable[[str, list[int]], None]) -> dict[str, LoadStats]:
         """Complete every layer, release the lease, report failed blocks per request."""
-        for name in sorted(self._futures, key=self.layers.__getitem__):
-            self.write_layer(name)
+        self.write_all()
         if self._lease is not None:
             try:
                 self.store.release(self._lease)
@@ -218,10 +294,13 @@ class LayerLoad:
                 log.warning("lease release failed: %s", e)
             self._lease = None
         transfer_s = max(0.0, (self._done_at or time.monotonic()) - self._start)
+        placed_s = max(0.0, (self._placed_at or time.monotonic()) - self._start)
+        spent = self._spent
         stats = {}
         for r in self.requests:
             if r.bad:
                 on_failed(r.req_id, r.block_ids[min(r.bad):])
-            stats[r.req_id] = LoadStats(self._backend, self._nbytes, transfer_s, self._wait_s)
+            stats[r.req_id] = LoadStats(self._backend, self._nbytes, transfer_s, self._wait_s, placed_s,
+                                        spent["locate"], spent["read"], spent["verify"], spent["copy"])
         self.requests = []
         return stats

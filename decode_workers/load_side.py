@@ -2,7 +2,9 @@
 
 Each step that loads blocks, ``start`` leases them all in one call and reads them layer
 by layer on a background thread, each layer waited for just before its attention
-(``wait_for_layer``; ``decode_workers.layer_loader``). ``finish`` waits out the rest and
+(``wait_for_layer``; ``decode_workers.layer_loader``); with the ``layerwise`` setting
+off, ``start`` itself waits until every layer is in the paged cache, so the forward pass
+computes nothing before the whole load is done. ``finish`` waits out the rest and
 records what failed: the blocks, reported to vLLM through
 ``block_ids_with_load_errors`` (vLLM recomputes them; the engine must run with
 ``kv_load_failure_policy="recompute"``), the prompt tokens per request, reported to the
@@ -30,6 +32,7 @@ class LoadSide:
         self.store, self.caches, self.space = store, caches, space
         self.block_size = settings.block_size
         self.timeout_s = settings.timeout_s
+        self.layerwise = settings.layerwise
         self._loader = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmesh-load")
         self._readers = ReaderCache(settings.transfer_preference, secret=store.secret)
         self._load: LayerLoad | None = None
@@ -44,6 +47,8 @@ class LoadSide:
         self._load = LayerLoad(self.store, self._readers, self.space, self.caches.layers,
                                self.caches.tensors, self.caches.block_dims, self._loader, self.timeout_s)
         self._load.start(transfers)
+        if not self.layerwise:
+            self._load.write_all()
 
     def wait_for_layer(self, layer_name: str) -> None:
         if self._load is not None:

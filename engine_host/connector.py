@@ -36,6 +36,8 @@ load, default 5), ``transfer_preference`` (default ``"shm,nixl,grpc"``: the firs
 the store offers and this worker can use carries the loads; ``Get`` when none),
 ``cluster_secret_file`` (the file of the secret every store call and transfer read
 carries; default: ``KVMESH_CLUSTER_SECRET`` from the environment, ``kv_store.auth``).
+``layerwise`` (default true: each layer's KV is waited for just before its attention;
+false: the forward pass starts once every layer's KV is in the paged cache).
 """
 
 from __future__ import annotations

@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-
 from kvmesh.kv_store.auth import load_secret
 from kvmesh.kv_store.client import StoreClient
 from kvmesh.kv_store.keys import KeySpace, namespace
@@ -20,9 +18,22 @@ from kvmesh.kv_store.keys import KeySpace, namespace
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
+# Load each layer's KV just before its attention, the forward pass computing the layers
+# before it meanwhile (True); or load every layer before the forward pass starts (False,
+# for comparison). ``kv_connector_extra_config["layerwise"]``.
+LAYERWISE_DEFAULT = True
+
+
+def _flag(value) -> bool:
+    """A boolean from JSON or from a string ("false", "0", "no" and "off" are False)."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("false", "0", "no", "off", "")
+    return bool(value)
+
 
 def layout_fingerprint(vllm_config: "VllmConfig") -> str:
     """What must match for a block's bytes to mean the same thing to another worker."""
+    import torch
     from vllm.platforms import current_platform
 
     model = vllm_config.model_config
@@ -55,6 +66,7 @@ class ConnectorSettings:
         configuration, which vLLM logs)."""
         return StoreClient(self.store_address, timeout_s=self.timeout_s,
                            secret=load_secret(self.cluster_secret_file))
+    layerwise: bool = LAYERWISE_DEFAULT
 
     @classmethod
     def from_vllm_config(cls, vllm_config: "VllmConfig") -> "ConnectorSettings":
@@ -79,6 +91,7 @@ class ConnectorSettings:
             tensor_parallel_size=tp,
             num_layers=model.get_total_num_hidden_layers(),
             cluster_secret_file=extra.get("cluster_secret_file") or None,
+            layerwise=_flag(extra.get("layerwise", LAYERWISE_DEFAULT)),
         )
 
     def _heads(self, rank: int) -> tuple[int, int]:

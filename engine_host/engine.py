@@ -36,6 +36,7 @@ def engine_args(settings: WorkerSettings):
             "transfer_preference": ",".join(settings.transfer_preference),
             # the path only: the connector reads the secret itself (or the environment's)
             "cluster_secret_file": settings.cluster_secret_file,
+            "layerwise": settings.layerwise,
         },
     )
     args.kv_transfer_config = transfer

@@ -38,12 +38,25 @@ class KvmeshConnectorMetadata(KVConnectorMetadata):
 
 
 class LoadStats(NamedTuple):
-    """Per request: how its KV came in."""
+    """Per request: how its KV came in (figures of the step's whole load, which is one
+    request's unless several requests load in the same step).
+
+    ``transfer_s`` and ``placed_s`` start at the lease (the ``Locate`` call, included);
+    ``transfer_s`` ends when the loader thread has read and verified the last layer's
+    bytes, ``placed_s`` when the last block is copied into the paged cache. Under
+    layer-wise loading ``placed_s`` spans the forward pass up to the last layer's
+    attention; with ``layerwise`` off it is the load alone. ``locate_s``, ``read_s``,
+    ``verify_s`` and ``copy_s`` are the time spent in each part (summed over layers)."""
 
     backend: str          # "shm", "nixl", "grpc" (transfer) or "get" (plain store API)
     nbytes: int
-    transfer_s: float     # from the lease to the last layer's bytes
+    transfer_s: float     # from the lease to the last layer's bytes, verified
     wait_s: float         # of that, time the forward pass waited for bytes
+    placed_s: float = 0.0  # from the lease to the last block in the paged cache
+    locate_s: float = 0.0  # the Locate call (the lease)
+    read_s: float = 0.0    # the transfer backend's reads (or the Get calls)
+    verify_s: float = 0.0  # checksums
+    copy_s: float = 0.0    # copies into the paged cache
 
 
 @dataclass

@@ -180,6 +180,7 @@ class ConnectorScheduler:
                 "tokens_load_failed": state.tokens_load_failed, "lookup_s": state.lookup_s}
         if state.load_stats is not None:
             info.update(state.load_stats._asdict())
+            info["load_path_s"] = state.lookup_s + state.load_stats.placed_s
         save = self._save_at_finish(request, state, block_ids)
         info["tokens_saved_at_finish"] = len(save.hashes) * self.block_size if save else 0
         if save is None:

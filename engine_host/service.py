@@ -101,6 +101,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         chunk.kv_bytes = stats.get("nbytes", 0)
         chunk.kv_transfer_s = stats.get("transfer_s", 0.0)
         chunk.kv_wait_s = stats.get("wait_s", 0.0)
+        chunk.kv_placed_s = stats.get("placed_s", 0.0)
+        chunk.kv_load_path_s = stats.get("load_path_s", 0.0)
+        chunk.kv_locate_s = stats.get("locate_s", 0.0)
+        chunk.kv_read_s = stats.get("read_s", 0.0)
+        chunk.kv_verify_s = stats.get("verify_s", 0.0)
+        chunk.kv_copy_s = stats.get("copy_s", 0.0)
         metrics = out.metrics  # engine timestamps, when the engine keeps stats
         if metrics is not None and metrics.scheduled_ts:
             chunk.engine_queue_s = max(0.0, metrics.scheduled_ts - metrics.queued_ts)

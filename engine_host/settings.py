@@ -14,6 +14,7 @@ from typing import Annotated, ClassVar, Optional
 
 from pydantic import Field
 
+from kvmesh.engine_host.connector_settings import LAYERWISE_DEFAULT
 from kvmesh.kv_store.settings_base import (
     DEFAULT_HOST, Address, Names, PortOrZero, Seconds, Settings, cluster_secret_file_field, one_of,
 )
@@ -51,6 +52,9 @@ class WorkerSettings(Settings):
         "Generate calls served at once (running or waiting in the engine); more are "
         "refused with RESOURCE_EXHAUSTED"))
     cluster_secret_file: Optional[str] = cluster_secret_file_field()
+    layerwise: bool = Field(LAYERWISE_DEFAULT, description=(
+        "load each layer's KV from the store just before its attention, overlapping the "
+        "load with compute (--no-layerwise: load every layer first, then compute)"))
     engine_args: tuple[str, ...] = Field((), description=(
         "vLLM engine arguments, as on vLLM's command line (--model DIR --max-num-seqs 8 ...)"),
         json_schema_extra={"cli": False})

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kvmesh_proto/worker.proto\x12\x10kvmesh.worker.v1\"\x95\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x07\n\x05_seed\"\x87\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .kvmesh.worker.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\"\xde\x02\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11tokens_from_store\x18\x05 \x01(\r\x12\x1a\n\x12tokens_load_failed\x18\x06 \x01(\r\x12\x12\n\nkv_backend\x18\x07 \x01(\t\x12\x10\n\x08kv_bytes\x18\x08 \x01(\x04\x12\x15\n\rkv_transfer_s\x18\t \x01(\x01\x12\x11\n\tkv_wait_s\x18\n \x01(\x01\x12\x14\n\x0ctokens_saved\x18\x0b \x01(\r\x12\x16\n\x0e\x65ngine_queue_s\x18\x0c \x01(\x01\x12\x1c\n\x14\x65ngine_first_token_s\x18\r \x01(\x01\x12\x10\n\x08lookup_s\x18\x0e \x01(\x01\x12\x15\n\rtokens_cached\x18\x0f \x01(\r\"\x0f\n\rHealthRequest\"\x8d\x01\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x15\n\rengine_config\x18\x06 \x01(\t\x12\x12\n\nblock_size\x18\x07 \x01(\r2\xa4\x01\n\x06Worker\x12P\n\x08Generate\x12!.kvmesh.worker.v1.GenerateRequest\x1a\x1f.kvmesh.worker.v1.GenerateChunk0\x01\x12H\n\x06Health\x12\x1f.kvmesh.worker.v1.HealthRequest\x1a\x1d.kvmesh.worker.v1.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kvmesh_proto/worker.proto\x12\x10kvmesh.worker.v1\"\x95\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x07\n\x05_seed\"\x87\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .kvmesh.worker.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\"\xdb\x03\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11tokens_from_store\x18\x05 \x01(\r\x12\x1a\n\x12tokens_load_failed\x18\x06 \x01(\r\x12\x12\n\nkv_backend\x18\x07 \x01(\t\x12\x10\n\x08kv_bytes\x18\x08 \x01(\x04\x12\x15\n\rkv_transfer_s\x18\t \x01(\x01\x12\x11\n\tkv_wait_s\x18\n \x01(\x01\x12\x14\n\x0ctokens_saved\x18\x0b \x01(\r\x12\x16\n\x0e\x65ngine_queue_s\x18\x0c \x01(\x01\x12\x1c\n\x14\x65ngine_first_token_s\x18\r \x01(\x01\x12\x10\n\x08lookup_s\x18\x0e \x01(\x01\x12\x13\n\x0bkv_placed_s\x18\x0f \x01(\x01\x12\x16\n\x0ekv_load_path_s\x18\x10 \x01(\x01\x12\x13\n\x0bkv_locate_s\x18\x11 \x01(\x01\x12\x11\n\tkv_read_s\x18\x12 \x01(\x01\x12\x13\n\x0bkv_verify_s\x18\x13 \x01(\x01\x12\x11\n\tkv_copy_s\x18\x14 \x01(\x01\x12\x15\n\rtokens_cached\x18\x15 \x01(\r\"\x0f\n\rHealthRequest\"\x8d\x01\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x15\n\rengine_config\x18\x06 \x01(\t\x12\x12\n\nblock_size\x18\x07 \x01(\r2\xa4\x01\n\x06Worker\x12P\n\x08Generate\x12!.kvmesh.worker.v1.GenerateRequest\x1a\x1f.kvmesh.worker.v1.GenerateChunk0\x01\x12H\n\x06Health\x12\x1f.kvmesh.worker.v1.HealthRequest\x1a\x1d.kvmesh.worker.v1.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,11 +36,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=200
   _globals['_GENERATEREQUEST']._serialized_end=335
   _globals['_GENERATECHUNK']._serialized_start=338
-  _globals['_GENERATECHUNK']._serialized_end=688
-  _globals['_HEALTHREQUEST']._serialized_start=690
-  _globals['_HEALTHREQUEST']._serialized_end=705
-  _globals['_HEALTHREPLY']._serialized_start=708
-  _globals['_HEALTHREPLY']._serialized_end=849
-  _globals['_WORKER']._serialized_start=852
-  _globals['_WORKER']._serialized_end=1016
+  _globals['_GENERATECHUNK']._serialized_end=813
+  _globals['_HEALTHREQUEST']._serialized_start=815
+  _globals['_HEALTHREQUEST']._serialized_end=830
+  _globals['_HEALTHREPLY']._serialized_start=833
+  _globals['_HEALTHREPLY']._serialized_end=974
+  _globals['_WORKER']._serialized_start=977
+  _globals['_WORKER']._serialized_end=1141
 # @@protoc_insertion_point(module_scope)

@@ -37,7 +37,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("token_ids", "text", "finish_reason", "num_prompt_tokens", "tokens_from_store", "tokens_load_failed", "kv_backend", "kv_bytes", "kv_transfer_s", "kv_wait_s", "tokens_saved", "engine_queue_s", "engine_first_token_s", "lookup_s", "tokens_cached")
+    __slots__ = ("token_ids", "text", "finish_reason", "num_prompt_tokens", "tokens_from_store", "tokens_load_failed", "kv_backend", "kv_bytes", "kv_transfer_s", "kv_wait_s", "tokens_saved", "engine_queue_s", "engine_first_token_s", "lookup_s", "kv_placed_s", "kv_load_path_s", "kv_locate_s", "kv_read_s", "kv_verify_s", "kv_copy_s", "tokens_cached")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,12 @@ class GenerateChunk(_message.Message):
     ENGINE_QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
     LOOKUP_S_FIELD_NUMBER: _ClassVar[int]
+    KV_PLACED_S_FIELD_NUMBER: _ClassVar[int]
+    KV_LOAD_PATH_S_FIELD_NUMBER: _ClassVar[int]
+    KV_LOCATE_S_FIELD_NUMBER: _ClassVar[int]
+    KV_READ_S_FIELD_NUMBER: _ClassVar[int]
+    KV_VERIFY_S_FIELD_NUMBER: _ClassVar[int]
+    KV_COPY_S_FIELD_NUMBER: _ClassVar[int]
     TOKENS_CACHED_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
@@ -67,8 +73,14 @@ class GenerateChunk(_message.Message):
     engine_queue_s: float
     engine_first_token_s: float
     lookup_s: float
+    kv_placed_s: float
+    kv_load_path_s: float
+    kv_locate_s: float
+    kv_read_s: float
+    kv_verify_s: float
+    kv_copy_s: float
     tokens_cached: int
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., tokens_from_store: _Optional[int] = ..., tokens_load_failed: _Optional[int] = ..., kv_backend: _Optional[str] = ..., kv_bytes: _Optional[int] = ..., kv_transfer_s: _Optional[float] = ..., kv_wait_s: _Optional[float] = ..., tokens_saved: _Optional[int] = ..., engine_queue_s: _Optional[float] = ..., engine_first_token_s: _Optional[float] = ..., lookup_s: _Optional[float] = ..., tokens_cached: _Optional[int] = ...) -> None: ...
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., tokens_from_store: _Optional[int] = ..., tokens_load_failed: _Optional[int] = ..., kv_backend: _Optional[str] = ..., kv_bytes: _Optional[int] = ..., kv_transfer_s: _Optional[float] = ..., kv_wait_s: _Optional[float] = ..., tokens_saved: _Optional[int] = ..., engine_queue_s: _Optional[float] = ..., engine_first_token_s: _Optional[float] = ..., lookup_s: _Optional[float] = ..., kv_placed_s: _Optional[float] = ..., kv_load_path_s: _Optional[float] = ..., kv_locate_s: _Optional[float] = ..., kv_read_s: _Optional[float] = ..., kv_verify_s: _Optional[float] = ..., kv_copy_s: _Optional[float] = ..., tokens_cached: _Optional[int] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

@@ -136,6 +136,15 @@ class Prepared:
     cache_salt: str
 
 
+def load_path(chunk) -> dict[str, float]:
+    """A decode worker's last chunk -> its load path in seconds: ``seconds`` (lookup plus
+    lease to the last block in the paged cache), ``lookup``, ``placed`` (lease to the last
+    block in place) and, of that, ``locate``, ``read``, ``verify`` and ``copy``."""
+    return {"seconds": chunk.kv_load_path_s, "lookup": chunk.lookup_s, "placed": chunk.kv_placed_s,
+            "locate": chunk.kv_locate_s, "read": chunk.kv_read_s, "verify": chunk.kv_verify_s,
+            "copy": chunk.kv_copy_s}
+
+
 @dataclass
 class Trace:
     """What happened to one request, for the response and the metrics."""
@@ -156,6 +165,9 @@ class Trace:
     kv_bytes: int = 0
     kv_transfer_s: float = 0.0
     kv_wait_s: float = 0.0
+    # The decode worker's load path: lookup, then lease to the last block in the paged
+    # cache, and where that went (locate, read, verify, copy).
+    kv_load_path: dict[str, float] = field(default_factory=dict)
     decode_address: str = ""  # the decode worker that served it (a retry may move it)
     tokens_saved: int = 0     # generated tokens whose KV the decode worker saved for the next turn
     # Where the time to first token went (seconds), each stage as the component that
@@ -188,7 +200,8 @@ class Trace:
                 "kv_load_failed_tokens": self.decode_tokens_load_failed,
                 "tokens_saved": self.tokens_saved,
                 "kv_transfer": {"backend": self.kv_backend, "bytes": self.kv_bytes,
-                                "seconds": self.kv_transfer_s, "waited_s": self.kv_wait_s},
+                                "seconds": self.kv_transfer_s, "waited_s": self.kv_wait_s,
+                                "load_path": self.kv_load_path},
                 "breakdown": self.breakdown()}
 
 
@@ -566,6 +579,7 @@ class RouterCore:
             trace.decode_tokens_load_failed = chunk.tokens_load_failed
             trace.kv_backend, trace.kv_bytes = chunk.kv_backend, chunk.kv_bytes
             trace.kv_transfer_s, trace.kv_wait_s = chunk.kv_transfer_s, chunk.kv_wait_s
+            trace.kv_load_path = load_path(chunk)
             trace.tokens_saved = chunk.tokens_saved
             trace.note_worker("decode", chunk)
         return last

@@ -77,3 +77,69 @@ def test_loads_of_any_size_land_in_one_kept_registered_buffer(nixl_store):
     finally:
         executor.shutdown()
         readers.close()
+
+
+@pytest.fixture
+def shm_store():
+    import uuid
+
+    store = TieredStore([HostTier(8 << 20, page_bytes=1 << 16, shm_name="kvmesh-test-" + uuid.uuid4().hex[:8])])
+    source = open_source("shm", store.tiers[0])
+    server, port = start_store_server("127.0.0.1", 0, store, offers={"shm": source.descriptor()})
+    with StoreClient(f"127.0.0.1:{port}", timeout_s=5) as client:
+        yield store, client
+    server.stop(0)
+    source.close()
+    store.close()
+
+
+@pytest.mark.parametrize("everything_first", [False, True])
+def test_blocks_land_in_place_and_bad_ones_are_reported(shm_store, everything_first):
+    """Two requests over shared memory, into scattered paged blocks, one layer at a time
+    or every layer first: good blocks land whole; a block whose bytes fail their
+    checksum in one layer, and one stored at another size, fail with every block after
+    them in their request; the statistics cover each part of the load path."""
+    from kvmesh.kv_store.integrity import checksum
+
+    store, client = shm_store
+    space = KeySpace(namespace("test-model", "cpu|f32"), (0, 1))
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
+    layers = {name: i for i, name in enumerate(names)}
+    source = {n: torch.randn(NUM_BLOCKS, *BLOCK_SHAPE) for n in names}
+    caches = {n: torch.zeros(NUM_BLOCKS, *BLOCK_SHAPE) for n in names}
+    a = Transfer("a", [10, 11, 12, 3, 4, 40], [b"a%d" % i for i in range(6)])
+    b = Transfer("b", [20, 21, 22, 23], [b"b%d" % i for i in range(4)])
+    for t in (a, b):
+        for name in names:
+            for block_id, h, data in zip(t.block_ids, t.hashes, read_blocks(source[name], 0, t.block_ids)):
+                key = space.key(h, layers[name])
+                if t is a and h == b"a4" and name == names[1]:  # damaged in the store
+                    assert store.put(key, data, checksum(data) ^ 1)
+                elif t is b and h == b"b2" and name == names[0]:  # another layout's size
+                    assert store.put(key, data[:-4], checksum(data[:-4]))
+                else:
+                    assert store.put(key, data, checksum(data))
+    readers = ReaderCache(["shm"])
+    executor = cf.ThreadPoolExecutor(1)
+    try:
+        load = LayerLoad(client, readers, space, layers, caches, {n: 0 for n in names}, executor, 5.0)
+        load.start([a, b])
+        if everything_first:
+            load.write_all()
+        else:
+            for name in names:
+                load.write_layer(name)
+        failed = {}
+        stats = load.finish(lambda req_id, ids: failed.setdefault(req_id, ids))
+    finally:
+        executor.shutdown()
+        readers.close()
+    assert failed == {"a": [4, 40], "b": [22, 23]}
+    for name in names:
+        for block_id in (10, 11, 12, 3, 20, 21):
+            assert torch.equal(caches[name][block_id], source[name][block_id])
+    s = stats["a"]
+    assert s.backend == "shm" and s.nbytes > 0
+    assert s.placed_s >= s.transfer_s >= s.locate_s > 0
+    assert s.read_s > 0 and s.verify_s > 0 and s.copy_s > 0
+    assert client.stats().leases == 0
