@@ -90,9 +90,9 @@ class ServeBenchSettings:
     short_requests: int = 30
     short_tokens: int = 48
     short_interval: float = 0.4
-    # kvmesh's store
-    store_host_bytes: int = 512 << 20
-    store_disk_bytes: int = 0
+    # kvmesh's store (None: the workload's default, ``WORKLOAD_DEFAULTS``)
+    store_host_bytes: int | None = None
+    store_disk_bytes: int | None = None
     # limits and outputs
     request_timeout: float = 600.0
     start_timeout: float = 600.0
@@ -122,9 +122,13 @@ class ServeBenchSettings:
 
 
 WORKLOAD_DEFAULTS = {  # sizes whose default depends on the workload
-    "multi-turn": {"document_tokens": 2000, "answer_tokens": 64},
-    "cache-pressure": {"document_tokens": 1024, "answer_tokens": 16},
-    "interference": {"answer_tokens": 16},
+    "multi-turn": {"document_tokens": 2000, "answer_tokens": 64,
+                   "store_host_bytes": 512 << 20, "store_disk_bytes": 0},
+    # a host tier smaller than the working set (float32 SmolLM2: ~0.6 GB with the answers)
+    # and a disk tier that holds it: revisits come from both tiers
+    "cache-pressure": {"document_tokens": 1024, "answer_tokens": 16,
+                       "store_host_bytes": 256 << 20, "store_disk_bytes": 2 << 30},
+    "interference": {"answer_tokens": 16, "store_host_bytes": 512 << 20, "store_disk_bytes": 0},
 }
 
 
@@ -217,6 +221,8 @@ def run(settings: ServeBenchSettings) -> tuple[dict, dict[str, Run]]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": _machine(), "model": str(model_dir.name), "api": settings.api,
         "engine_args": flags, "env": {k: v for k, v in env.items() if k.startswith("VLLM_")},
+        "kvmesh_store": {"host_bytes": _size(settings, "store_host_bytes"),
+                         "disk_bytes": _size(settings, "store_disk_bytes")},
         "systems_order": list(settings.systems), "workload_config": workload.config,
     }
     runs: dict[str, Run] = {}
@@ -226,8 +232,8 @@ def run(settings: ServeBenchSettings) -> tuple[dict, dict[str, Run]]:
     for system in settings.systems:
         if system == "kvmesh":
             with serve_systems.start_kvmesh(str(model_dir), name, flags, env,
-                                            store_host_bytes=settings.store_host_bytes,
-                                            store_disk_bytes=settings.store_disk_bytes,
+                                            store_host_bytes=_size(settings, "store_host_bytes"),
+                                            store_disk_bytes=_size(settings, "store_disk_bytes"),
                                             start_timeout_s=settings.start_timeout,
                                             run_dir=str(base / "kvmesh"), say=_say) as endpoint:
                 runs[system] = _run_on(endpoint, workload, warm, settings)
@@ -384,9 +390,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"seconds between short requests (default {d.short_interval})")
     g = p.add_argument_group("kvmesh's store")
     g.add_argument("--store-host-bytes", type=_bytes, default=d.store_host_bytes,
-                   help="host RAM tier (default 512MiB)")
+                   help="host RAM tier (default 256MiB cache-pressure, 512MiB otherwise)")
     g.add_argument("--store-disk-bytes", type=_bytes_or_zero, default=d.store_disk_bytes,
-                   help="disk tier, in a temporary directory (default 0: none)")
+                   help="disk tier, in a temporary directory (default 2GiB cache-pressure, "
+                        "0 otherwise: none)")
     g = p.add_argument_group("limits and outputs")
     g.add_argument("--request-timeout", type=_seconds, default=d.request_timeout,
                    help=f"seconds one request may take (default {d.request_timeout:g})")
