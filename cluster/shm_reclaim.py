@@ -6,11 +6,13 @@ processes. ``group_pids`` lists the live members of a group, ``held_segments`` t
 segments some processes have mapped or open (their names, as in ``/dev/shm``); read them
 while the group lives, since a dead process's memory maps are gone with it.
 
-``reclaim`` unlinks the given segments, plus any named ``kvmesh-<pid>-...`` after one of
-``pids`` (a store's host arena, ``kv_store.node.SHM_PREFIX``), but never one that a live
-process still has mapped or open (a worker maps the store's arena for zero-copy reads: a
-dead worker's view of it is not its own). It frees only what the calling user may unlink
-and never raises for a segment that is gone or not ours; it returns the names it removed.
+``reclaim`` unlinks the segments named ``kvmesh-<pid>-...`` after one of ``pids`` (a
+store's host arena, ``kv_store.node.SHM_PREFIX``: its creator's, even while workers still
+map it for zero-copy reads — unlinking takes only the name, their mappings stay valid and
+the memory goes with the last of them), and those of the given names that no live
+process has mapped or open (a dead worker's view of the store's arena is not its own). It
+frees only what the calling user may unlink and never raises for a segment that is gone
+or not ours; it returns the names it removed.
 Reading ``/proc`` is racy by nature (a process may start or end meanwhile): a segment
 created after the last look at a group, and not named after its pid, is missed.
 """
@@ -94,15 +96,15 @@ def named_after(pids: Iterable[int]) -> set[str]:
 
 
 def reclaim(names: Iterable[str], pids: Iterable[int]) -> list[str]:
-    """Unlink ``names`` and the segments named after ``pids``, except those a live process
+    """Unlink the segments named after ``pids`` and those of ``names`` that no live process
     holds; returns the names removed."""
     pids = set(pids)
-    candidates = set(names) | named_after(pids)
-    if not candidates:
-        return []
-    in_use = held_segments(p for p in all_pids() if p not in pids)
+    owned = named_after(pids)
+    others = set(names) - owned
+    if others:
+        others -= held_segments(p for p in all_pids() if p not in pids)
     removed = []
-    for name in sorted(candidates - in_use):
+    for name in sorted(owned | others):
         if "/" in name:
             continue
         try:

@@ -150,18 +150,28 @@ def test_backoff_doubles_up_to_its_cap():
     assert [policy.delay(n) for n in range(1, 6)] == [1.0, 2.0, 4.0, 5.0, 5.0]
 
 
-def test_reclaim_frees_segments_named_after_a_dead_process_but_not_a_live_ones(tmp_path):
-    """A store's arena is ``kvmesh-<pid>-<random>``: after the pid's death it is freed."""
-    live = f"kvmesh-{os.getpid()}-test{uuid.uuid4().hex[:6]}"
+def test_reclaim_frees_a_dead_stores_arena_even_while_others_map_it(tmp_path):
+    """A store's arena is ``kvmesh-<pid>-<random>``: after the pid's death its name is
+    freed though a live process (a worker, here this test) still maps it; a segment of
+    unknown owner that a live process maps is kept, one nobody holds is freed."""
     dead_pid = 2 ** 22 + 17  # above any pid a test machine hands out: no live process
-    dead = f"kvmesh-{dead_pid}-test{uuid.uuid4().hex[:6]}"
-    for name in (live, dead):
-        Path(f"/dev/shm/{name}").write_bytes(b"x")
+    tag = uuid.uuid4().hex[:6]
+    arena, foreign, orphan = f"kvmesh-{dead_pid}-t{tag}", f"kvmesh-test-foreign-{tag}", f"kvmesh-test-orphan-{tag}"
+    maps = []
+    for name in (arena, foreign, orphan):
+        Path(f"/dev/shm/{name}").write_bytes(b"x" * 4096)
+    for name in (arena, foreign):
+        with open(f"/dev/shm/{name}", "r+b") as f:
+            maps.append(mmap.mmap(f.fileno(), 4096))
     try:
-        assert shm_reclaim.reclaim([], [dead_pid]) == [dead]
-        assert Path(f"/dev/shm/{live}").exists() and not Path(f"/dev/shm/{dead}").exists()
+        assert shm_reclaim.reclaim([foreign, orphan], [dead_pid]) == sorted([arena, orphan])
+        assert Path(f"/dev/shm/{foreign}").exists()
+        assert not Path(f"/dev/shm/{arena}").exists() and not Path(f"/dev/shm/{orphan}").exists()
+        assert maps[0][:1] == b"x"  # the mapping stays valid
     finally:
-        for name in (live, dead):
+        for m in maps:
+            m.close()
+        for name in (arena, foreign, orphan):
             Path(f"/dev/shm/{name}").unlink(missing_ok=True)
 
 
