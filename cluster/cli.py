@@ -265,6 +265,8 @@ def _stop_quietly() -> None:
 
 
 def cmd_serve(args) -> None:
+    import time
+
     from kvmesh.cluster.supervisor import RestartPolicy
 
     if args.max_restarts < 0:
@@ -277,7 +279,9 @@ def cmd_serve(args) -> None:
         with cluster:
             try:
                 _print_endpoints(cluster)
-                while not cluster.wait_given_up(3600 if restart else None):
+                while restart is None:  # nothing to watch: serve until interrupted
+                    time.sleep(3600)
+                while not cluster.wait_given_up(3600):
                     pass
                 failed.update(cluster.failed)
                 _stop_quietly()

@@ -214,3 +214,38 @@ def test_serve_exits_with_an_error_naming_a_component_given_up_on(monkeypatch):
     assert exit_.value.code == "kvmesh: stopped: decode exited with code -9; it died 6 times within 300s"
     parsed = cli.build_parser().parse_args(["serve"])
     assert parsed.max_restarts == 5
+
+
+def test_serve_with_max_restarts_0_supervises_nothing_and_serves_until_interrupted(monkeypatch):
+    import argparse
+    import time
+
+    from kvmesh.cluster import cli
+
+    made = {}
+
+    class Plain:
+        failed = {}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def wait_given_up(self, timeout_s=None):  # what an unsupervised cluster answers
+            return False
+
+    def interrupted(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cluster", lambda args, **extra: made.update(extra) or Plain())
+    monkeypatch.setattr(cli, "_print_endpoints", lambda c: None)
+    monkeypatch.setattr(time, "sleep", interrupted)  # the serving loop sleeps, never spins
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        cli.cmd_serve(argparse.Namespace(port=8000, api_token=None, max_restarts=0))  # Ctrl-C: a clean stop
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert made["restart"] is None
