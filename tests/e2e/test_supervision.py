@@ -2,13 +2,17 @@
 on the tiny model: a decode worker killed with SIGKILL — its process alone, as a crash
 of the worker would be — comes back on its address, leaves no engine process and no
 ``/dev/shm`` segment behind, and serves the colocated engine's tokens afterwards; a
-killed store shows in the router's /health until it is back, its arena freed."""
+killed store shows in the router's /health until it is back, its arena freed; and
+``kvmesh serve`` gives up on a component that keeps dying, exiting with an error."""
 
 from __future__ import annotations
 
 import os
 import random
 import signal
+import subprocess
+import sys
+import threading
 
 import httpx
 import pytest
@@ -98,3 +102,64 @@ def test_a_killed_store_is_reported_by_health_then_restarted_and_its_arena_freed
     r = complete(cluster, PROMPTS[2])
     assert r["choices"][0]["token_ids"] == reference[tuple(PROMPTS[2])]
     assert cluster.supervisor.restarted["store"] == 1 and not cluster.failed
+
+
+def test_serve_gives_up_on_a_component_that_keeps_dying_and_exits_non_zero(tiny_model, tmp_path):
+    """``kvmesh serve --max-restarts 1``: a decode worker killed once is restarted; killed
+    again within the window, serve says it gives up, stops the cluster (no component
+    process left) and exits with an error naming it."""
+    from kvmesh.cluster.local import free_port
+
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "kvmesh.cluster.cli", "serve", "--model", tiny_model,
+         "--port", str(free_port()), "--max-restarts", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(serve.stdout), daemon=True)
+    reader.start()
+    try:
+        assert wait_until(lambda: any("Press Ctrl-C to stop" in line for line in lines), 300), "".join(lines)
+        groups = set()
+
+        def kill_decode() -> None:
+            decode = [p for p in shm_reclaim.all_pids() if _is_component(p, serve.pid, "decode")]
+            assert len(decode) == 1, decode
+            groups.add(decode[0])
+            os.kill(decode[0], signal.SIGKILL)
+
+        kill_decode()
+        assert wait_until(lambda: any("decode restarted" in line for line in lines), 60), "".join(lines)
+        components = [p for p in shm_reclaim.all_pids() if _parent(p) == serve.pid]
+        kill_decode()
+        serve.wait(120)
+        reader.join(10)
+        out = "".join(lines)
+        assert serve.returncode == 1, out
+        assert "GIVING UP on decode: exited with code -9" in out
+        assert "kvmesh: stopped: decode exited with code -9" in out
+        assert len(components) == 4  # store, prefill, decode, router
+        assert not any(shm_reclaim.group_pids(g) for g in groups | set(components)), out
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait(30)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _is_component(pid: int, serve_pid: int, kind: str) -> bool:
+    """Whether ``pid`` is a ``kind`` component that the serve process ``serve_pid`` started."""
+    if _parent(pid) != serve_pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"kvmesh.cluster.cli" in argv and kind.encode() in argv
