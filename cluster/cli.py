@@ -267,18 +267,30 @@ def _stop_quietly() -> None:
 def cmd_serve(args) -> None:
     import time
 
-    cluster = _cluster(args, router_port=args.port, api_token=args.api_token)
+    from kvmesh.cluster.supervisor import RestartPolicy
+
+    if args.max_restarts < 0:
+        raise SystemExit("kvmesh: --max-restarts must be 0 or more")
+    restart = None if args.max_restarts == 0 else RestartPolicy(max_restarts=args.max_restarts)
+    cluster = _cluster(args, router_port=args.port, api_token=args.api_token, restart=restart)
+    failed: dict[str, str] = {}
 
     def serve() -> None:
         with cluster:
             try:
                 _print_endpoints(cluster)
-                while True:
+                while restart is None:  # nothing to watch: serve until interrupted
                     time.sleep(3600)
+                while not cluster.wait_given_up(3600):
+                    pass
+                failed.update(cluster.failed)
+                _stop_quietly()
             except KeyboardInterrupt:
                 _stop_quietly()
 
     _until_interrupted(serve)
+    if failed:
+        raise SystemExit("kvmesh: stopped: " + "; ".join(f"{n} {why}" for n, why in failed.items()))
 
 
 def _print_endpoints(cluster) -> None:
@@ -414,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     cluster_args(sp)
     sp.add_argument("--port", type=port, default=8000, help="router HTTP port")
     sp.add_argument("--api-token", default=None, help="require this bearer token on /v1")
+    sp.add_argument("--max-restarts", type=int, default=5, metavar="N", help=(
+        "a component that dies is restarted (backing off), at most N times in 5 minutes; "
+        "once more and serve stops with an error (0: never restart)"))
 
     sp = command("model", None, "the default model and generated test models")
     msub = sp.add_subparsers(dest="model_command", required=True, metavar="ACTION")

@@ -189,6 +189,7 @@ class RouterGroup(_Section, RouterSettings):
     launcher_owned: ClassVar[dict[str, str]] = {
         "model": "set model.path", "served_model_name": "set model.served_name",
         "prefill": "the launcher lists the workers it started", "decode": "the launcher lists the workers it started",
+        "store": "the launcher lists the stores it started",
         "index": "set the top-level index", "block_size": "set model.block_size",
         "decode_local_cache": "set decode.engine.enable_prefix_caching",
         "cluster_secret_file": _SECRET_OWNED}

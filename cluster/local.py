@@ -8,6 +8,11 @@ own fields — then starts them in dependency order, waits (with a deadline) unt
 answers its health check, and stops them all on exit, killing whatever does not stop in
 time. A component that dies while starting raises ``ClusterError`` with the end of its log.
 
+With a ``restart`` policy, once the cluster has started, a component that dies is
+restarted on its own address and flags (``supervisor.Supervisor``: its process group and
+``/dev/shm`` segments are cleaned up first, restarts back off, and past the policy's limit
+it is given up on: ``failed`` names it and ``gave_up`` is set).
+
 Every cluster has a throwaway secret of its own (``secret``; ``kvmesh.kv_store.auth``),
 written to ``run_dir/cluster-secret`` (mode 0600) and named by every component's
 ``cluster_secret_file``: its components accept internal calls only from each other (and
@@ -35,6 +40,7 @@ from typing import Callable
 import grpc
 
 from kvmesh.cluster.settings_cli import to_argv
+from kvmesh.cluster.supervisor import RestartPolicy, Supervisor
 from kvmesh.engine_host.engine_args import given_flags
 from kvmesh.engine_host.settings import DecodeSettings, PrefillSettings
 from kvmesh.kv_store.auth import call_metadata, new_secret, write_secret
@@ -257,6 +263,7 @@ class LocalCluster:
     run_dir: Path | None = None
     start_timeout_s: float = 300.0
     verbose: bool = True
+    restart: RestartPolicy | None = None  # None: a component that dies stays down
     processes: list[Process] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -286,6 +293,7 @@ class LocalCluster:
         self.grpc_address = host_port(router.host, router.grpc_port)
         self.router_url = f"http://{host_port(router.host, router.port)}"
         self.served_model_name = router.name
+        self.supervisor: Supervisor | None = None
 
     # ------------------------------------------------------------------ planning
 
@@ -325,7 +333,7 @@ class LocalCluster:
             model=self.model, served_model_name=self.served_model_name, host=self.host,
             port=self.router_port or free_port(self.host), grpc_port=free_port(self.host),
             block_size=self.block_size, decode_local_cache=local_cache,
-            api_token=self.api_token, **where)
+            api_token=self.api_token, store=tuple(stores), **where)
         out.append(Component("router", "router", router, tuple(self.router_args)))
         return out
 
@@ -351,7 +359,8 @@ class LocalCluster:
                 out.append(Component(name, role, settings, tuple(self.worker_args), tuple(env.items())))
         workers = {role: [c.address for c in out if c.kind == role] for role in ("prefill", "decode")}
         router = router_settings(config, config.router.host or self.host, workers["prefill"],
-                                 workers["decode"], model, served, self.api_token or config.api_token())
+                                 workers["decode"], model, served, self.api_token or config.api_token(),
+                                 tuple(c.address for c in out if c.kind == "store"))
         if self.router_port:
             router = router.model_copy(update={"port": self.router_port})
         out.append(Component("router", "router", router, tuple(self.router_args)))
@@ -363,9 +372,9 @@ class LocalCluster:
         if self.verbose:
             print(f"kvmesh: {message}", flush=True)
 
-    def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None,
-               command: str | None = None) -> Process:
-        """Start ``kvmesh <command or name> ARGS`` logging to ``<name>.log``."""
+    def _popen(self, name: str, *args: str, env: dict[str, str] | None = None,
+               command: str | None = None) -> subprocess.Popen:
+        """Start ``kvmesh <command or name> ARGS`` appending to ``<name>.log``."""
         log_path = self.run_dir / f"{name}.log"
         full_env = dict(MALLOC_ENV, **os.environ)
         full_env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
@@ -378,15 +387,39 @@ class LocalCluster:
         # Its stdin is a pipe only this process writes: when this process ends, however it
         # ends (SIGKILL included), the component reads EOF and stops (``exit_with_parent``).
         with open(log_path, "ab") as log:
-            popen = subprocess.Popen([sys.executable, "-m", "kvmesh.cluster.cli", command or name, *args],
-                                     stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-                                     env=full_env, process_group=0)
-        proc = Process(name, popen, log_path)
+            return subprocess.Popen([sys.executable, "-m", "kvmesh.cluster.cli", command or name, *args],
+                                    stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                                    env=full_env, process_group=0)
+
+    def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None,
+               command: str | None = None) -> Process:
+        """Start ``kvmesh <command or name> ARGS`` logging to ``<name>.log``."""
+        proc = Process(name, self._popen(name, *args, env=env, command=command), self.run_dir / f"{name}.log")
         self.processes.append(proc)
         return proc
 
     def _start(self, component: Component) -> Process:
         return self._spawn(component.name, *component.argv(), env=dict(component.env), command=component.kind)
+
+    def _supervise(self) -> None:
+        """Put every component started so far under ``restart`` supervision."""
+        self.supervisor = Supervisor(self.restart, self._say)
+        for component in self.components:
+            proc = next(p for p in self.processes if p.name == component.name)
+            self.supervisor.watch(proc, lambda c=component: self._popen(
+                c.name, *c.argv(), env=dict(c.env), command=c.kind))
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """Components given up on (name: why); empty without supervision."""
+        return dict(self.supervisor.failed) if self.supervisor else {}
+
+    def wait_given_up(self, timeout_s: float | None = None) -> bool:
+        """Wait (at most ``timeout_s``; None: for ever) until supervision gives up on a
+        component; True if it did. False at once without supervision."""
+        if self.supervisor is None:
+            return False
+        return self.supervisor.gave_up.wait(timeout_s)
 
     def _wait(self, pending: dict[str, tuple[Process, Callable[[], bool]]], deadline: float) -> None:
         while pending:
@@ -417,6 +450,8 @@ class LocalCluster:
                 pending = {c.name: (self._start(c), ready[c.kind](c.address))
                            for c in self.components if c.kind in kinds}
                 self._wait(pending, deadline)
+            if self.restart is not None:
+                self._supervise()
         except BaseException:
             self.stop()
             raise
@@ -434,14 +469,18 @@ class LocalCluster:
         return url, host_port(settings.host, settings.grpc_port)
 
     def kill(self, name: str) -> None:
-        """Kill one component at once (SIGKILL to its process group), as a crash would."""
+        """Kill one component at once (SIGKILL to its process group), as a crash would
+        (under supervision it is restarted, as after a crash)."""
         for proc in self.processes:
             if proc.name == name and proc.popen.poll() is None:
                 os.killpg(proc.popen.pid, signal.SIGKILL)
                 proc.popen.wait()
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        """Stop every component, router first; kill process groups that outlive ``timeout_s``."""
+        """Stop supervision, then every component, router first; kill process groups that
+        outlive ``timeout_s``."""
+        if self.supervisor is not None:
+            self.supervisor.stop()
         for proc in reversed(self.processes):
             if proc.popen.poll() is None:
                 proc.popen.send_signal(signal.SIGTERM)

@@ -56,10 +56,13 @@ def worker_settings(config: ClusterConfig, role: str, replica: int, host: str, s
 
 
 def router_settings(config: ClusterConfig, host: str, prefill: list[str], decode: list[str],
-                    model: str, served_name: str, api_token: str | None) -> RouterSettings:
-    """The router over the given workers, bound to ``host``."""
+                    model: str, served_name: str, api_token: str | None,
+                    stores: tuple[str, ...] = ()) -> RouterSettings:
+    """The router over the given workers, bound to ``host``; ``stores``: the store
+    addresses its health reports on."""
     own = _own(config.router, RouterSettings, {**RouterGroup.launcher_owned, "host": "", "api_token": ""})
     return RouterSettings(**own, host=host, model=model, served_model_name=served_name,
-                          prefill=tuple(prefill), decode=tuple(decode), api_token=api_token,
+                          prefill=tuple(prefill), decode=tuple(decode), store=tuple(stores),
+                          api_token=api_token,
                           block_size=config.model.block_size,
                           decode_local_cache=bool(config.decode.engine.get("enable_prefix_caching")))

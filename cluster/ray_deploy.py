@@ -608,7 +608,8 @@ def _up(ray, config, model, served_name, api_token, secret, started_local, deadl
     for i in range(config.router.replicas):
         name = f"router-{i}"
         settings = router_settings(config, config.router.host or router_nodes[i]["NodeManagerAddress"],
-                                   addresses["prefill"], addresses["decode"], model, served_name, api_token)
+                                   addresses["prefill"], addresses["decode"], model, served_name, api_token,
+                                   tuple(sorted(set(store_on_node.values()))))
         routers[name] = ray.remote(RouterActor).options(**_options(
             name, num_cpus=0, scheduling_strategy=_pin(router_nodes[i]["NodeID"]))
         ).remote(name, settings, secret)

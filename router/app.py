@@ -279,12 +279,17 @@ def create_app(settings: RouterSettings, core: RouterCore | None = None) -> Fast
             "max_model_len": await core.max_model_len()}]}
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
         """Readiness, from what the health poller last found: 200 while a decode worker
-        is healthy ("ok", or "degraded" when some worker is down), 503 when none is."""
+        is healthy ("ok", or "degraded" when some worker or store is down), 503 when none
+        is. With an API token configured, only a request carrying it sees each worker's
+        and store's address and state; anyone else gets the overall status alone (a
+        load balancer's probe needs no more, and internal addresses stay internal)."""
         state, workers = core.readiness()
-        return JSONResponse({"status": state, "workers": workers},
-                            status_code=503 if state == "unavailable" else 200)
+        body = {"status": state}
+        if bearer_ok(settings.api_token, request.headers.get("authorization")):
+            body["workers"] = workers
+        return JSONResponse(body, status_code=503 if state == "unavailable" else 200)
 
     @app.get("/metrics")
     async def prometheus_metrics():

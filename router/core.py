@@ -42,6 +42,7 @@ from kvmesh.router.admission import Admission, Overloaded
 from kvmesh.router.metrics import RouterMetrics
 from kvmesh.router.routing import Route, RoutingPolicy, Worker
 from kvmesh.router.settings import RouterSettings
+from kvmesh.router.stores import StoreProbe
 from kvmesh.router.tokenizing import Refused, Tokenized, Tokenizing
 from kvmesh.router.workers import WorkerClient
 
@@ -218,6 +219,7 @@ class RouterCore:
         self.metrics.queued.set_function(lambda: self.admission.queued)
         self._max_model_len: int | None = None
         self._last_status: dict[str, str] = {}  # per worker, what the last health poll found
+        self.stores: list[StoreProbe] = []  # settings.store, probed with the workers (start())
         self._tasks: dict[str, asyncio.Task] = {}
         self._cancel_requested: set[str] = set()
         self._leaving: dict[tuple[str, str], tuple[Worker, asyncio.Task]] = {}  # (role, address) -> (worker, closer)
@@ -240,6 +242,7 @@ class RouterCore:
 
             self._registry = ServiceRegistry(s.index)
             await self._discover()
+        self.stores = [StoreProbe(a, self.secret, s.health_timeouts_to_fail) for a in s.store]
         self._health_task = asyncio.ensure_future(self._poll_health())
 
     def _client(self, address: str) -> WorkerClient:
@@ -296,6 +299,8 @@ class RouterCore:
         leaving = [self._rejoin(key) for key in list(self._leaving)]
         for worker in self.routing.prefill + self.routing.decode + leaving:
             await worker.client.close()
+        for store in self.stores:
+            await store.close()
         self.tokenizing.close()
 
     # ------------------------------------------------------------------ validation
@@ -614,15 +619,20 @@ class RouterCore:
         """Ask every worker for its health and update its ``healthy`` flag: an error status
         or a refused call marks it down at once; timed-out calls only once
         ``health_timeouts_to_fail`` of them come in a row (a busy worker answers late, and
-        requests that fail on it mark it down anyway). All workers are asked at once, so a
-        poll takes at most ``health_timeout_s``. Returns whether every worker is healthy
-        (and there is a decode worker), with each worker's status; ``readiness`` answers
-        from what the last poll found."""
+        requests that fail on it mark it down anyway). Every store in ``settings.store``
+        is asked too, by the same rules. All are asked at once, so a poll takes at most
+        ``health_timeout_s``. Returns whether every worker and store is healthy (and there
+        is a decode worker), with each one's status ("store ADDRESS" for a store);
+        ``readiness`` answers from what the last poll found."""
         workers = self._workers()
-        found = await asyncio.gather(*(self._health_of(w) for _, w in workers))
+        timeout = self.settings.health_timeout
+        found = await asyncio.gather(*(self._health_of(w) for _, w in workers),
+                                     *(store.probe(timeout) for store in self.stores))
         status = {f"{role} {w.address}": text for (role, w), text in zip(workers, found)}
+        status.update({f"store {store.address}": store.status for store in self.stores})
         self._last_status = status
-        ok = bool(self.routing.decode) and all(w.healthy for _, w in workers)
+        ok = (bool(self.routing.decode) and all(w.healthy for _, w in workers)
+              and all(store.healthy for store in self.stores))
         return ok, status
 
     async def _health_of(self, w: Worker) -> str:
@@ -641,17 +651,20 @@ class RouterCore:
 
     def readiness(self) -> tuple[str, dict[str, str]]:
         """The router's state without asking anyone (what the health poller and failed
-        calls last found): "ok" when every worker is healthy, "degraded" when some are
-        not but a decode worker is (requests are served: a missing prefill worker means
-        decode computes the prompt), "unavailable" when no decode worker is healthy.
-        With each worker's last status ("down (a call to it failed)" for one marked down
-        since that poll)."""
+        calls last found): "ok" when every worker and store is healthy, "degraded" when
+        some are not but a decode worker is (requests are served: a missing prefill worker
+        means decode computes the prompt, a missing store that nothing cached is reused),
+        "unavailable" when no decode worker is healthy. With each worker's and store's
+        last status ("down (a call to it failed)" for a worker marked down since that
+        poll); a store is named "store ADDRESS"."""
         workers = self._workers()
         status = {}
         for role, w in workers:
             name = f"{role} {w.address}"
             text = self._last_status.get(name, "ok" if w.healthy else "down")
             status[name] = text if w.healthy or not text.startswith("ok") else "down (a call to it failed)"
+        status.update({f"store {store.address}": store.status for store in self.stores})
         if not any(w.healthy for w in self.routing.decode):
             return "unavailable", status
-        return ("ok" if all(w.healthy for _, w in workers) else "degraded"), status
+        up = all(w.healthy for _, w in workers) and all(store.healthy for store in self.stores)
+        return ("ok" if up else "degraded"), status

@@ -26,6 +26,9 @@ class RouterSettings(Settings):
     grpc_port: PortOrZero = Field(50050, description="port of the gRPC serving API (0: none)")
     prefill: Addresses = Field((), description="prefill worker addresses HOST:PORT[,HOST:PORT...]")
     decode: Addresses = Field((), description="decode worker addresses HOST:PORT[,HOST:PORT...]")
+    store: Addresses = Field((), description=(
+        "store addresses HOST:PORT[,HOST:PORT...] whose state /health reports too "
+        "(a store down makes it \"degraded\")"))
     index: Optional[str] = Field(None, description=(
         "Redis index: discover the workers there (instead of --prefill/--decode)"),
         json_schema_extra={"metavar": "URL"})

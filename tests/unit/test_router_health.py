@@ -10,9 +10,10 @@ from contextlib import asynccontextmanager
 import grpc
 import pytest
 
-from kvmesh_proto import worker_pb2, worker_pb2_grpc
+from kvmesh_proto import store_pb2, store_pb2_grpc, worker_pb2, worker_pb2_grpc
 from kvmesh.router.core import RouterCore, RouterSettings
 from kvmesh.router.routing import RoutingPolicy, Worker
+from kvmesh.router.stores import StoreProbe
 from kvmesh.router.workers import WorkerClient
 
 TIMEOUT_S = 0.2
@@ -155,3 +156,68 @@ def test_the_router_learns_from_health_which_decode_workers_keep_a_local_prefix_
     assert again.decode is first.decode and again.reason == "prefix_affinity" and again.cached_tokens == 16
     a.local_cache = b.local_cache = False  # control: without local caches, load decides
     assert routing.choose(list(range(20))).decode is not first.decode
+
+
+class ControlledStore(store_pb2_grpc.KVStoreServicer):
+    async def Stats(self, request, context):
+        return store_pb2.StatsReply(capacity_bytes=1)
+
+
+def test_a_store_that_dies_makes_health_not_ok_and_says_which():
+    """The router asks its stores (``--store``) with its workers: a live store is "ok"; a
+    stopped one is named "store ADDRESS" with why, and the router is "degraded" (its
+    decode worker still serves), never "ok"."""
+    async def run():
+        store = grpc.aio.server()
+        store_pb2_grpc.add_KVStoreServicer_to_server(ControlledStore(), store)
+        address = f"127.0.0.1:{store.add_insecure_port('127.0.0.1:0')}"
+        await store.start()
+        async with router_with_one_worker(ControlledWorker()) as (_, core, worker):
+            core.stores = [StoreProbe(address, timeouts_to_fail=3)]
+            try:
+                ok, status = await core.health()
+                assert ok and status[f"store {address}"] == "ok", status
+                assert core.readiness()[0] == "ok"
+                await store.stop(None)
+                ok, status = await core.health()
+                assert not ok and status[f"store {address}"] == "unavailable (UNAVAILABLE)", status
+                state, shown = core.readiness()
+                assert state == "degraded" and shown[f"store {address}"].startswith("unavailable"), shown
+            finally:
+                await core.stores[0].close()
+
+    asyncio.run(run())
+
+
+class FixedReadiness:
+    """A ``RouterCore`` stand-in whose readiness is fixed (``create_app`` needs no more for
+    /health; the lifespan, which would start a real core, is not run)."""
+
+    tokenizer = object()
+
+    def readiness(self):
+        return "degraded", {"decode 10.1.2.3:7000": "ok", "store 10.1.2.4:7001": "unavailable (UNAVAILABLE)"}
+
+
+@pytest.mark.parametrize("token", [None, "sesame"])
+def test_public_health_shows_the_state_only_the_token_shows_addresses(token):
+    """With an API token, /health without it (or with a wrong one) is the overall status
+    alone, on the same status code; with it, every component's address and state. Without
+    a token configured everyone gets the detail."""
+    from starlette.testclient import TestClient
+
+    from kvmesh.router.app import create_app
+
+    settings = RouterSettings(model="unused", served_model_name="m", api_token=token, grpc_port=0)
+    client = TestClient(create_app(settings, FixedReadiness()))
+    full = {"status": "degraded", "workers": FixedReadiness().readiness()[1]}
+    anyone = client.get("/health")
+    wrong = client.get("/health", headers={"authorization": "Bearer nope"})
+    holder = client.get("/health", headers={"authorization": f"Bearer {token}"})
+    assert anyone.status_code == wrong.status_code == holder.status_code == 200
+    assert holder.json() == full
+    if token is None:
+        assert anyone.json() == full
+    else:
+        assert anyone.json() == wrong.json() == {"status": "degraded"}
+        assert "10.1.2" not in anyone.text
