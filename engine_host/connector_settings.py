@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kvmesh.engine_host.settings import LAYERWISE_DEFAULT
 from kvmesh.kv_store.auth import load_secret
 from kvmesh.kv_store.client import StoreClient
 from kvmesh.kv_store.keys import KeySpace, namespace
@@ -18,10 +19,6 @@ from kvmesh.kv_store.keys import KeySpace, namespace
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
-# Load each layer's KV just before its attention, the forward pass computing the layers
-# before it meanwhile (True); or load every layer before the forward pass starts (False,
-# for comparison). ``kv_connector_extra_config["layerwise"]``.
-LAYERWISE_DEFAULT = True
 
 
 def _flag(value) -> bool:

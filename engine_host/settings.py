@@ -14,11 +14,17 @@ from typing import Annotated, ClassVar, Optional
 
 from pydantic import Field
 
-from kvmesh.engine_host.connector_settings import LAYERWISE_DEFAULT
 from kvmesh.kv_store.settings_base import (
     DEFAULT_HOST, Address, Names, PortOrZero, Seconds, Settings, cluster_secret_file_field, one_of,
 )
 from kvmesh.kv_store.transfer import BACKENDS, DEFAULT_PREFERENCE
+
+
+# Load each layer's KV just before its attention, the forward pass computing the layers
+# before it meanwhile (True); or load every layer before the forward pass starts (False,
+# for comparison). The worker setting ``layerwise`` and the connector's
+# ``kv_connector_extra_config["layerwise"]``.
+LAYERWISE_DEFAULT = True
 
 
 class WorkerSettings(Settings):

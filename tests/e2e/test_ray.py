@@ -213,7 +213,9 @@ def test_up_places_each_component_and_serves_the_colocated_tokens(deployed, conf
 
 def test_the_same_config_gives_the_same_components_under_serve_and_up(deployed, config):
     """``kvmesh up`` and ``kvmesh serve --config`` start each component from the same
-    settings (``plan.py``): only where they bind and the addresses they are given differ."""
+    settings (``plan.py``): only where they bind, the addresses they are given and how the
+    cluster secret reaches them differ (``serve`` writes it to a file in its run
+    directory; ``up`` hands it to each actor, the next test checks they hold it)."""
     import ray
 
     from kvmesh.cluster.local import LocalCluster
@@ -223,7 +225,7 @@ def test_the_same_config_gives_the_same_components_under_serve_and_up(deployed, 
                                                       verbose=False).components}
     on_ray = {name.replace("-0", ""): ray.get(ray.get_actor(name, namespace=NAMESPACE).started_with.remote())
               for name in ("store-0", "prefill-0", "decode-0", "router-0")}
-    placed = {"host", "store", "prefill", "decode", "node_id", "disk_dir"}
+    placed = {"host", "store", "prefill", "decode", "node_id", "disk_dir", "cluster_secret_file"}
     assert set(local) == set(on_ray)
     for name, settings in on_ray.items():
         assert type(settings) is type(local[name]), name
