@@ -129,6 +129,7 @@ def breakdown_row(record: Record, records: list[Record]) -> dict:
     from_store = info.get("prefix_tokens_from_store") or {}
     transfer = info.get("kv_transfer") or {}
     prompt = record.prompt_tokens or 0
+    local = info.get("prefix_tokens_local", 0)
     return {
         "session": record.session, "step": record.index, "kind": record.kind,
         "ttft_ms": _ms(record.ttft_s), "prompt_tokens": prompt, "route": info.get("route"),
@@ -138,9 +139,8 @@ def breakdown_row(record: Record, records: list[Record]) -> dict:
         "front_ms": _ms(max(0.0, record.ttft_s - router_ttft)),
         "prefix_tokens_from_store": {"prefill": from_store.get("prefill", 0),
                                      "decode": from_store.get("decode", 0)},
-        "prefix_tokens_local": info.get("prefix_tokens_local", 0),
-        "uncached_tokens_at_decode": max(0, prompt - from_store.get("decode", 0)
-                                         - info.get("prefix_tokens_local", 0)),
+        "prefix_tokens_local": local,
+        "uncached_tokens_at_decode": max(0, prompt - from_store.get("decode", 0) - local),
         "tokens_saved": info.get("tokens_saved"),
         "stages_ms": {stage: _ms(seconds or 0.0) for stage, seconds in (info.get("breakdown") or {}).items()},
         "kv_transfer": {"backend": transfer.get("backend"), "bytes": transfer.get("bytes"),

@@ -93,7 +93,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         chunk.finish_reason = out.outputs[0].finish_reason or "stop"
         chunk.num_prompt_tokens = len(out.prompt_token_ids or ())
         chunk.tokens_from_store = stats.get("tokens_from_store", 0)
-        chunk.tokens_cached = max(getattr(out, "num_cached_tokens", 0) or 0, chunk.tokens_from_store)
+        chunk.tokens_cached = max(out.num_cached_tokens or 0, chunk.tokens_from_store)
         chunk.tokens_load_failed = stats.get("tokens_load_failed", 0)
         chunk.tokens_saved = stats.get("tokens_saved_at_finish", 0)
         chunk.lookup_s = stats.get("lookup_s", 0.0)

@@ -43,7 +43,8 @@ class StandInEngine:
         await self.release.wait()
         yield SimpleNamespace(
             finished=True, outputs=[SimpleNamespace(token_ids=[7], text="x", finish_reason="length")],
-            prompt_token_ids=prompt["prompt_token_ids"], kv_transfer_params=None, metrics=None)
+            prompt_token_ids=prompt["prompt_token_ids"], num_cached_tokens=0, kv_transfer_params=None,
+            metrics=None)
 
 
 def _request(**sampling) -> worker_pb2.GenerateRequest:
