@@ -122,8 +122,11 @@ class ServeBenchSettings:
 
 
 WORKLOAD_DEFAULTS = {  # sizes whose default depends on the workload
+    # a host tier that holds every conversation (float32 SmolLM2: 4 users' ~2,400 tokens
+    # come to ~9,000 blocks of one layer, each in a 64 KiB slot: ~0.6 GB): a follow-up a
+    # prefill worker computes finds its whole history there
     "multi-turn": {"document_tokens": 2000, "answer_tokens": 64,
-                   "store_host_bytes": 512 << 20, "store_disk_bytes": 0},
+                   "store_host_bytes": 1 << 30, "store_disk_bytes": 0},
     # a host tier smaller than the working set (float32 SmolLM2: ~0.6 GB with the answers)
     # and a disk tier that holds it: revisits come from both tiers
     "cache-pressure": {"document_tokens": 1024, "answer_tokens": 16,

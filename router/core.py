@@ -236,7 +236,7 @@ class RouterCore:
             block_size=s.block_size, policy=s.routing, decode_local_cache=s.decode_local_cache,
             max_local_prefill_tokens=s.max_local_prefill_tokens,
             max_decode_prefill_tokens=s.max_decode_prefill_tokens,
-            prefill_when_decode_busy=s.prefill_when_decode_busy)
+            busy_decode_streams=s.busy_decode_streams)
         self._registry = None
         if s.index:
             from kvmesh.kv_store.index.services import ServiceRegistry

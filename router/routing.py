@@ -17,12 +17,14 @@ request's overlap with each node is then one ``longest_prefix`` call.
   decode. So does a part of at most ``max_decode_prefill_tokens`` while every prefill
   worker has at least that many tokens of other prompts still to compute: queueing
   behind them would take longer than computing it on the decode worker.
-  But while the chosen decode worker is streaming other requests and a prefill worker is
-  idle (``prefill_when_decode_busy``), a prompt with at least one uncached block goes to
-  that prefill worker after all: computed on the decode worker, its uncached part would
-  lengthen the step every other stream there is waiting on (their inter-token latency),
-  while the idle prefill worker computes it at no one's expense and the decode worker
-  loads its blocks, computing only the last partial block itself.
+  But while the chosen decode worker is streaming at least ``busy_decode_streams`` other
+  requests and a prefill worker is idle, a prompt with at least one uncached block goes
+  to that prefill worker after all: computed on the decode worker, its uncached part
+  would lengthen the step every stream there is waiting on (each one's inter-token
+  latency), while the idle prefill worker computes it at the cost of this request's own
+  first token alone (the decode worker then loads its blocks and computes only the last
+  partial block). One stream held up costs about what the detour costs this request, so
+  the default is two.
 * **Every turn counts**: a request that succeeded credits the store (and, with local
   caches, its decode worker) with its prompt *and* the tokens it generated, which the
   decode worker saved: the next turn of a conversation finds its whole history cached.
@@ -73,7 +75,7 @@ class RoutingPolicy:
     decode_local_cache: bool = False
     max_local_prefill_tokens: int = 64
     max_decode_prefill_tokens: int = 0
-    prefill_when_decode_busy: bool = False
+    busy_decode_streams: int = 0  # 0: never take a short part off a busy decode worker
     load_slack: int = 4
     capacity_blocks: int = 200_000
     _index: EmbeddedBlockIndex = field(default_factory=lambda: EmbeddedBlockIndex(heartbeat_timeout_s=1e12))
@@ -150,8 +152,8 @@ class RoutingPolicy:
         if prefill is not None and uncached <= self.max_decode_prefill_tokens \
                 and prefill.pending_tokens >= uncached:
             prefill, reason = None, reason + "+prefill_busy"
-        if prefill is None and self.prefill and self.prefill_when_decode_busy \
-                and decode.inflight > 0 and uncached >= self.block_size:
+        if prefill is None and self.prefill and self.busy_decode_streams \
+                and decode.inflight >= self.busy_decode_streams and uncached >= self.block_size:
             idle = [w for w in self.prefill if w.healthy and w.inflight == 0]
             if idle:
                 prefill, reason = idle[0], reason + "+decode_busy"

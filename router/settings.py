@@ -46,10 +46,11 @@ class RouterSettings(Settings):
         "also skip prefill when at most this many prompt tokens are not cached and every "
         "prefill worker has at least as many tokens of other prompts still to compute "
         "(0: never)"))
-    prefill_when_decode_busy: bool = Field(True, description=(
-        "send a prompt with a whole uncached block to an idle prefill worker even under "
-        "the limits above while its decode worker is streaming other requests (computed "
-        "there, it would hold up their next tokens)"))
+    busy_decode_streams: int = Field(2, ge=0, description=(
+        "a decode worker streaming at least this many requests is busy: a prompt with a "
+        "whole uncached block then goes to an idle prefill worker even under the limits "
+        "above, since computing it on the decode worker would hold up every stream's next "
+        "token (0: never)"))
     max_inflight: int = Field(256, ge=1, description="requests served at once")
     max_queue: int = Field(1024, ge=0, description=(
         "requests waiting for a slot; more are refused with 429/RESOURCE_EXHAUSTED"))

@@ -53,13 +53,16 @@ def test_the_decode_budget_is_off_by_default():
 
 def test_a_busy_decode_worker_hands_a_short_part_to_an_idle_prefill_worker():
     """Under the local limit the uncached part is computed on the decode worker, unless
-    that worker is streaming others and a prefill worker is idle; a part shorter than one
-    block stays on the decode worker (it would compute it anyway)."""
-    routing = policy(max_local_prefill_tokens=64, prefill_when_decode_busy=True)
+    that worker is streaming ``busy_decode_streams`` others and a prefill worker is idle;
+    a part shorter than one block stays on the decode worker (it would compute it anyway)."""
+    routing = policy(max_local_prefill_tokens=64, busy_decode_streams=2)
     prompt = list(range(48))
     assert routing.choose(prompt).prefill is None          # both idle: compute on decode
     for w in routing.decode:
-        w.inflight = 1                                     # each streaming another request
+        w.inflight = 1                                     # one stream each: not busy yet
+    assert routing.choose(prompt).prefill is None
+    for w in routing.decode:
+        w.inflight = 2
     route = routing.choose(prompt)
     assert route.prefill is routing.prefill[0] and route.reason.endswith("+decode_busy")
     assert routing.choose(list(range(BLOCK - 1))).prefill is None  # less than one block
@@ -68,6 +71,6 @@ def test_a_busy_decode_worker_hands_a_short_part_to_an_idle_prefill_worker():
     routing.prefill[0].inflight = 0
     routing.prefill[0].healthy = False                     # or down
     assert routing.choose(prompt).prefill is None
-    off = policy(max_local_prefill_tokens=64)              # the policy's own default: off
-    off.decode[0].inflight = off.decode[1].inflight = 1
+    off = policy(max_local_prefill_tokens=64)              # the policy's own default: never
+    off.decode[0].inflight = off.decode[1].inflight = 5
     assert off.choose(prompt).prefill is None
