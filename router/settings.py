@@ -40,7 +40,7 @@ class RouterSettings(Settings):
     decode_local_cache: bool = Field(False, description=(
         "take every decode worker for one that keeps vLLM's local prefix cache before its "
         "health says so (the router learns it from each worker's health report)"))
-    max_local_prefill_tokens: int = Field(256, ge=0, description=(
+    max_local_prefill_tokens: int = Field(128, ge=0, description=(
         "skip prefill when at most this many prompt tokens are not cached"))
     max_decode_prefill_tokens: int = Field(512, ge=0, description=(
         "also skip prefill when at most this many prompt tokens are not cached and every "
