@@ -8,9 +8,11 @@ allocator off for a connector without ``SupportsHMA``, so the model runs with on
 full-attention group, the windows still applied in attention): greedy tokens equal a
 colocated vLLM run of the same model, the tokens loaded from the store and the bytes
 moved are asserted, and a noise negative control shows the decode worker used them.
-Then: a prefill worker of one model and a decode worker of another (same tokenizer,
-heads, head size, dtype and block size: only the architecture differs) never share
-blocks, and engines with options the connector cannot carry refuse to start, with the
+The same for n-gram speculative decoding on the decode worker (against non-speculative
+greedy decoding; its health reports the acceptance rate) and for an fp8 KV cache (skipped
+with the engine's reason where the CPU backend has none). Then: a prefill worker of one
+model and a decode worker of another (same tokenizer, heads, head size, dtype and block
+size: only the architecture differs), or of another KV dtype, never share blocks, and engines with options the connector cannot carry refuse to start, with the
 engine's or kvmesh's text.
 """
 
@@ -171,19 +173,26 @@ def test_speculative_decoding_reports_its_acceptance(family):
     assert stats["spec_tokens_per_step"] == 1 + stats["spec_accepted_tokens"] / stats["spec_drafts"]
 
 
-def test_a_decode_worker_of_another_model_never_loads_the_prefill_worker_s_blocks(tiny_model, family_model,
-                                                                                   tmp_path_factory):
-    """tiny and the sliding model agree on tokenizer, KV heads, head size, dtype and block
-    size, and are served under one name: only their architecture tells their blocks apart.
-    The decode worker (sliding) finds none of the prefill worker's (tiny) blocks, computes
-    the prompt itself and gives the sliding model's own colocated tokens."""
-    sliding = family_model("sliding")
+@pytest.mark.parametrize("decode_differs", ["architecture", "kv dtype"])
+def test_a_decode_worker_of_another_model_or_kv_dtype_never_loads_the_prefill_worker_s_blocks(
+        decode_differs, tiny_model, family_model, tmp_path_factory):
+    """The prefill worker runs tiny; the decode worker, served under the same name, runs
+    either the sliding model (same tokenizer, KV heads, head size, dtype and block size:
+    only the architecture tells their blocks apart) or tiny with an fp8 KV cache. It finds
+    none of the prefill worker's blocks, computes the prompt itself and gives its own
+    colocated tokens."""
+    if decode_differs == "architecture":
+        decode_model, engine_args = family_model("sliding"), ()
+        decode_args = ("--model", family_model("sliding"))  # vLLM's parser: the last --model wins
+    else:
+        decode_model, engine_args = tiny_model, ("--kv-cache-dtype", "fp8")
+        decode_args = engine_args
     prompt = PROMPTS[-1]
-    reference = reference_table(sliding, [prompt], MAX_TOKENS, BLOCK, tmp_path_factory.mktemp("colocated-mix"))
+    reference = reference_table(decode_model, [prompt], MAX_TOKENS, BLOCK, tmp_path_factory.mktemp("colocated-mix"),
+                                engine_args=engine_args)
     with LocalCluster(model=tiny_model, served_model_name="mixed", block_size=BLOCK,
                       store_capacity_bytes=64 << 20, decode_local_cache=False,
-                      role_args={"decode": ("--model", sliding)},  # vLLM's parser: the last --model wins
-                      run_dir=tmp_path_factory.mktemp("run-mixed")) as cluster:
+                      role_args={"decode": decode_args}, run_dir=tmp_path_factory.mktemp("run-mixed")) as cluster:
         with StoreClient(cluster.store_address, secret=cluster.secret) as store:
             stored = []
             tokens, out = asyncio.run(prefill_then_decode(
