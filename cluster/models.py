@@ -7,6 +7,14 @@
   byte-level BPE tokenizer trained on seeded synthetic text, for tests that need special
   shapes or noise controls (``tiny``) and for benchmarks (``bench``). Their output is
   noise, never English.
+* Model families, each shaped like ``tiny`` but for what it is named after, with the same
+  tokenizer as ``tiny`` (so one router serves any of them, and a prefill worker of one
+  with a decode worker of another is a well-formed request that must miss):
+  ``mqa`` (one KV head for all attention heads), ``mha`` (a KV head per attention head),
+  ``sliding`` (a Mistral model whose every layer attends to a window of the last
+  ``SLIDING_WINDOW`` tokens), ``hybrid`` (a Gemma-3 text model: windowed "local" layers
+  and full-attention "global" ones) and ``draft`` (a 2-layer Llama, a draft model for
+  ``tiny`` in speculative decoding).
 
 Every one is saved as a Hugging Face directory that vLLM loads. ``ensure_model`` keeps one
 of each in a cache and makes it once.
@@ -42,6 +50,12 @@ class ModelSize:
     num_heads: int
     num_kv_heads: int
     max_positions: int
+    family: str = "llama"              # "llama", "mistral" or "gemma3" (``_config``)
+    sliding_window: int | None = None  # tokens a windowed layer attends to
+    layer_types: tuple[str, ...] | None = None  # per layer: "sliding_attention" or "full_attention"
+
+
+SLIDING_WINDOW = 64  # two of the tests' 32-token blocks
 
 
 SIZES = {
@@ -51,12 +65,26 @@ SIZES = {
     # Large enough that prefilling ~2,000 tokens costs about a second or more on a CPU.
     "bench": ModelSize(vocab_size=2048, hidden_size=768, intermediate_size=2048,
                        num_layers=8, num_heads=12, num_kv_heads=4, max_positions=8192),
+    # Model families (the tokenizer of ``tiny``: same vocabulary size, same seed).
+    "mqa": ModelSize(vocab_size=1024, hidden_size=128, intermediate_size=256,
+                     num_layers=4, num_heads=4, num_kv_heads=1, max_positions=4096),
+    "mha": ModelSize(vocab_size=1024, hidden_size=128, intermediate_size=256,
+                     num_layers=4, num_heads=4, num_kv_heads=4, max_positions=4096),
+    "sliding": ModelSize(vocab_size=1024, hidden_size=128, intermediate_size=256,
+                         num_layers=4, num_heads=4, num_kv_heads=2, max_positions=4096,
+                         family="mistral", sliding_window=SLIDING_WINDOW),
+    "hybrid": ModelSize(vocab_size=1024, hidden_size=128, intermediate_size=256,
+                        num_layers=4, num_heads=4, num_kv_heads=2, max_positions=4096,
+                        family="gemma3", sliding_window=SLIDING_WINDOW,
+                        layer_types=("sliding_attention", "full_attention") * 2),
+    "draft": ModelSize(vocab_size=1024, hidden_size=64, intermediate_size=128,
+                       num_layers=2, num_heads=2, num_kv_heads=1, max_positions=4096),
 }
 
 DEFAULT_MODEL = "smollm2"
 MODEL_NAMES = (DEFAULT_MODEL, *SIZES)  # what make_model and ensure_model make
 # The name a cluster serves each one under when no other is given.
-SERVED_NAMES = {"smollm2": "smollm2-135m-instruct", "tiny": "kvmesh-tiny", "bench": "kvmesh-bench"}
+SERVED_NAMES = {"smollm2": "smollm2-135m-instruct", **{size: f"kvmesh-{size}" for size in SIZES}}
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
@@ -165,11 +193,23 @@ def _write_model(tmp: Path, size: str, seed: int) -> None:
         (tmp / "kvmesh_model.json").write_text(json.dumps({"size": size, "source": source}))
         return
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     spec = SIZES[size]
     tokenizer = make_tokenizer(spec.vocab_size, seed)
-    config = LlamaConfig(
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_config(spec, tokenizer)).to(torch.bfloat16)
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "kvmesh_model.json").write_text(json.dumps({"size": size, "seed": seed}))
+
+
+def _config(spec: ModelSize, tokenizer):
+    """The Hugging Face config of a generated model of ``spec``'s family."""
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig
+
+    common = dict(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -184,12 +224,16 @@ def _write_model(tmp: Path, size: str, seed: int) -> None:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "kvmesh_model.json").write_text(json.dumps({"size": size, "seed": seed}))
+    if spec.family == "llama":
+        return LlamaConfig(**common)
+    if spec.family == "mistral":  # every layer windowed
+        return MistralConfig(**common, sliding_window=spec.sliding_window)
+    if spec.family == "gemma3":  # windowed local layers between full-attention global ones
+        head_dim = spec.hidden_size // spec.num_heads
+        return Gemma3TextConfig(**common, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+                                sliding_window=spec.sliding_window,
+                                layer_types=list(spec.layer_types))
+    raise ValueError(f"unknown model family {spec.family!r}")
 
 
 def is_model_dir(path: str | os.PathLike) -> bool:

@@ -23,6 +23,10 @@ that chain: nothing of ours imports it, and nothing the role folders import from
 ``engine_host`` (settings, metadata, the paged layout, the worker service) imports it, so
 there is no cycle.
 
+What the connector cannot carry (several KV-cache groups, a speculative method whose
+draft keeps KV of its own, a KV-cache dtype it does not carry) is refused in the
+constructor, so the engine does not start (``engine_host.model_support``).
+
 Failure contract: the store is a cache. A lookup that fails counts as zero hits; a block
 that is missing or fails its checksum at load time is reported through
 ``get_block_ids_with_load_errors`` and vLLM recomputes it (the engine must run with
@@ -50,6 +54,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 from kvmesh.decode_workers.load_side import LoadSide
 from kvmesh.engine_host.connector_settings import ConnectorSettings
 from kvmesh.engine_host.metadata import KvmeshConnectorMetadata, KvmeshWorkerMetadata
+from kvmesh.engine_host.model_support import check_vllm_config
 from kvmesh.engine_host.scheduler import ConnectorScheduler
 from kvmesh.engine_host.worker import ConnectorWorker
 from kvmesh.prefill_workers.save_side import SaveSide
@@ -68,6 +73,7 @@ class KvmeshConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config: "KVCacheConfig | None" = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        check_vllm_config(vllm_config, kv_cache_config)  # what cannot be carried never starts
         settings = ConnectorSettings.from_vllm_config(vllm_config)
         self._scheduler: ConnectorScheduler | None = None
         self._worker: ConnectorWorker | None = None

@@ -28,8 +28,25 @@ def _flag(value) -> bool:
     return bool(value)
 
 
+def architecture_digest(hf_config) -> str:
+    """A short digest of a model's Hugging Face configuration (its architecture: layers,
+    heads, windows, ...), without what differs between copies of the same model (the
+    directory it was loaded from, the library version that wrote it)."""
+    import hashlib
+    import json
+
+    fields = {k: v for k, v in hf_config.to_dict().items()
+              if not k.startswith("_") and k != "transformers_version"}
+    return hashlib.blake2b(json.dumps(fields, sort_keys=True, default=str).encode(),
+                           digest_size=6).hexdigest()
+
+
 def layout_fingerprint(vllm_config: "VllmConfig") -> str:
-    """What must match for a block's bytes to mean the same thing to another worker."""
+    """What must match for a block's bytes to mean the same thing to another worker: the
+    platform's cache layout, the KV dtype (fp8 is not bf16), block and head size, and the
+    model's architecture (two models that differ in heads, layers or attention windows
+    never share blocks, even served under one name). Two models of one architecture with
+    different weights are told apart only by their ``model_id``."""
     import torch
     from vllm.platforms import current_platform
 
@@ -39,7 +56,8 @@ def layout_fingerprint(vllm_config: "VllmConfig") -> str:
     device = current_platform.device_type
     if device == "cpu":  # the CPU kernels pack K by instruction set
         device += "-" + torch.backends.cpu.get_cpu_capability()
-    return f"{device}|{dtype}|bs{cache.block_size}|hd{model.get_head_size()}"
+    return (f"{device}|{dtype}|bs{cache.block_size}|hd{model.get_head_size()}"
+            f"|arch-{architecture_digest(model.hf_config)}")
 
 
 @dataclass(frozen=True)

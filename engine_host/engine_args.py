@@ -7,7 +7,9 @@ don't fit a disaggregated worker (``KVMESH_DEFAULTS``; ``--help`` shows them). F
 conflict with what kvmesh sets are refused with the reason (``EngineArgsError``): the KV
 transfer config always (the kvmesh connector is what moves KV through the store), and
 vLLM's local prefix cache on prefill workers (they find cached prefixes in the store,
-which replaces it). Decode workers keep vLLM's local prefix cache by default, as a plain
+which replaces it), and what the connector cannot carry through the store
+(``engine_host.model_support``: several KV-cache groups, a speculative method with a
+draft's own KV, a KV-cache dtype it does not carry). Decode workers keep vLLM's local prefix cache by default, as a plain
 vLLM server does: the next turn of a conversation routed back to the same worker finds
 its history there without a load (``--no-enable-prefix-caching`` turns it off; the
 router learns which workers keep one from their health reports).
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Sequence
+
+from kvmesh.engine_host.model_support import UnsupportedModel, check_engine_options
 
 KVMESH_DEFAULTS = {
     "block_size": 32,             # a block is the store's unit: small blocks share more prefixes
@@ -74,6 +78,12 @@ def check_engine_args(argv: Sequence[str], role: str | None = None):
         raise EngineArgsError("--model is required: a local Hugging Face model directory")
     if ns.block_size is not None and (ns.block_size <= 0 or _cpu() and ns.block_size % 32):
         raise EngineArgsError(f"--block-size must be a positive multiple of 32 on the CPU: {ns.block_size}")
+    try:
+        check_engine_options(ns.model, ns.kv_cache_dtype, ns.speculative_config,
+                             hybrid_forced=ns.disable_hybrid_kv_cache_manager is False,
+                             skip_layers=ns.kv_cache_dtype_skip_layers)
+    except UnsupportedModel as e:
+        raise EngineArgsError(str(e)) from None
     return ns
 
 

@@ -27,6 +27,26 @@ class BlockTransfer:
     parent: bytes | None = None  # chain hash of the block before ``hashes[0]``
 
 
+# vLLM's block pool hands out its first block, id 0, as the null block, and a sliding-window
+# KV-cache group points the blocks that left the window at it (they are never read again).
+NULL_BLOCK_ID = 0
+
+
+def skip_null_blocks(transfer: BlockTransfer) -> BlockTransfer | None:
+    """``transfer`` without its leading null blocks (a window's blocks that left it: nothing
+    to save, nothing to load), its ``parent`` the hash before the first block kept; None
+    when no block is left."""
+    skip = 0
+    while skip < len(transfer.block_ids) and transfer.block_ids[skip] == NULL_BLOCK_ID:
+        skip += 1
+    if skip == len(transfer.block_ids):
+        return None
+    if skip == 0:
+        return transfer
+    return BlockTransfer(transfer.req_id, transfer.block_ids[skip:], transfer.hashes[skip:],
+                         transfer.hashes[skip - 1])
+
+
 @dataclass
 class KvmeshConnectorMetadata(KVConnectorMetadata):
     loads: list[BlockTransfer] = field(default_factory=list)

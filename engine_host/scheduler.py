@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvmesh.engine_host.connector_settings import ConnectorSettings
-from kvmesh.engine_host.metadata import BlockTransfer, KvmeshConnectorMetadata, LoadStats
+from kvmesh.engine_host.metadata import BlockTransfer, KvmeshConnectorMetadata, LoadStats, skip_null_blocks
 from kvmesh.kv_store.client import StoreError
 from kvmesh.kv_store.keys import chain_hashes
 
@@ -143,17 +143,21 @@ class ConnectorScheduler:
               meta: KvmeshConnectorMetadata) -> None:
         if state.load_pending and state.load is not None:
             first, count = state.load
-            meta.loads.append(BlockTransfer(req_id, state.block_ids[first:first + count],
-                                            state.hashes[first:first + count]))
+            load = skip_null_blocks(BlockTransfer(req_id, state.block_ids[first:first + count],
+                                                  state.hashes[first:first + count]))
+            if load is not None:
+                meta.loads.append(load)
             state.load_pending = False
         if self.can_save:
             full = min(len(state.hashes), computed_after_step // self.block_size,
                        len(state.block_ids))
             if full > state.saved_blocks:
                 first = state.saved_blocks
-                meta.saves.append(BlockTransfer(req_id, state.block_ids[first:full],
-                                                state.hashes[first:full],
-                                                state.hashes[first - 1] if first else None))
+                save = skip_null_blocks(BlockTransfer(req_id, state.block_ids[first:full],
+                                                      state.hashes[first:full],
+                                                      state.hashes[first - 1] if first else None))
+                if save is not None:
+                    meta.saves.append(save)
                 state.saved_blocks = full
 
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
@@ -203,8 +207,8 @@ class ConnectorScheduler:
         first = state.saved_blocks
         if full <= first:
             return None
-        return BlockTransfer(request.request_id, list(block_ids[first:full]), hashes[first:full],
-                             hashes[first - 1] if first else None)
+        return skip_null_blocks(BlockTransfer(request.request_id, list(block_ids[first:full]),
+                                              hashes[first:full], hashes[first - 1] if first else None))
 
     def shutdown(self) -> None:
         self.store.close()

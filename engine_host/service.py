@@ -21,6 +21,7 @@ import grpc
 
 from kvmesh.engine_host.engine import build_engine
 from kvmesh.engine_host.engine_args import engine_config_summary
+from kvmesh.engine_host.engine_stats import SpecDecodeTotals, stat_logger_factory
 from kvmesh.engine_host.settings import WorkerSettings
 from kvmesh.kv_store.auth import NO_SECRET_WARNING, load_secret, server_interceptors
 from kvmesh.kv_store.gc_tuning import freeze_startup_objects
@@ -48,9 +49,10 @@ def sampling_params(msg: worker_pb2.SamplingParams):
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, engine, settings: WorkerSettings):
+    def __init__(self, engine, settings: WorkerSettings, spec_totals: SpecDecodeTotals | None = None):
         self.engine = engine
         self.settings = settings
+        self.spec_totals = spec_totals or SpecDecodeTotals()  # what the engine's stat logger adds
         config = engine.vllm_config
         self.max_model_len = config.model_config.max_model_len
         self.block_size = config.cache_config.block_size
@@ -118,7 +120,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return worker_pb2.HealthReply(
             status="error" if errored else "ok", role=self.settings.role, model=self.model,
             running=self.running, max_model_len=self.max_model_len, block_size=self.block_size,
-            engine_config=self.engine_config)
+            engine_config=self.engine_config, engine_stats=json.dumps(self.spec_totals.summary()))
 
 
 async def start_worker_server(service: WorkerService, host: str, port: int,
@@ -144,10 +146,11 @@ async def serve_worker(settings: WorkerSettings, shutdown_grace_s: float = 5.0, 
     secret = load_secret(settings.cluster_secret_file)  # ValueError: a file it cannot use
     if secret is None:
         log.warning(NO_SECRET_WARNING.format(what=f"{settings.role} worker"))
-    engine = build_engine(settings)
+    totals = SpecDecodeTotals()
+    engine = build_engine(settings, stat_loggers=[stat_logger_factory(totals)])
     server = service = None
     try:
-        service = WorkerService(engine, settings)
+        service = WorkerService(engine, settings, totals)
         server, _ = await start_worker_server(service, settings.host, settings.port, secret)
         print(f"kvmesh {settings.role} worker serving on {host_port(settings.host, settings.port)}", flush=True)
         freeze_startup_objects()

@@ -2,7 +2,8 @@
 
 Runs in its own process (vLLM's engine holds threads and memory we don't want in the
 test process): ``python -m tests.colocated IN.json OUT.json`` where IN holds
-``{"model", "block_size", "max_tokens", "prompts": [[token ids], ...]}``.
+``{"model", "block_size", "max_tokens", "prompts": [[token ids], ...], "engine_args"}``
+(``engine_args``: more vLLM engine flags, optional).
 
 Exact ties. The engine's logits are bfloat16, so two candidates can come out exactly
 equal, and then which one greedy decoding takes depends on the order the sums were done
@@ -64,11 +65,13 @@ class GreedyTokens(list):
 
 
 def reference_outputs(model: str, prompts: list[list[int]], max_tokens: int,
-                      block_size: int, workdir: Path, timeout_s: float = 600) -> list[GreedyTokens]:
-    """Token ids each prompt generates greedily in a colocated vLLM run."""
+                      block_size: int, workdir: Path, timeout_s: float = 600,
+                      engine_args: tuple[str, ...] = ()) -> list[GreedyTokens]:
+    """Token ids each prompt generates greedily in a colocated vLLM run (with more vLLM
+    ``engine_args``, e.g. a KV-cache dtype)."""
     inp, out = workdir / "colocated-in.json", workdir / "colocated-out.json"
-    inp.write_text(json.dumps({"model": model, "block_size": block_size,
-                               "max_tokens": max_tokens, "prompts": prompts}))
+    inp.write_text(json.dumps({"model": model, "block_size": block_size, "max_tokens": max_tokens,
+                               "prompts": prompts, "engine_args": list(engine_args)}))
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     proc = subprocess.run([sys.executable, "-m", "tests.colocated", str(inp), str(out)],
@@ -80,9 +83,9 @@ def reference_outputs(model: str, prompts: list[list[int]], max_tokens: int,
 
 
 def reference_table(model: str, prompts: list[list[int]], max_tokens: int, block_size: int,
-                    workdir: Path) -> dict[tuple[int, ...], GreedyTokens]:
+                    workdir: Path, engine_args: tuple[str, ...] = ()) -> dict[tuple[int, ...], GreedyTokens]:
     """``reference_outputs`` keyed by prompt."""
-    outs = reference_outputs(model, prompts, max_tokens, block_size, workdir)
+    outs = reference_outputs(model, prompts, max_tokens, block_size, workdir, engine_args=engine_args)
     return {tuple(p): o for p, o in zip(prompts, outs)}
 
 
@@ -120,7 +123,8 @@ def main(inp: str, out: str) -> None:
     from kvmesh.engine_host.engine_args import changed_engine_kwargs, parse_engine_args
 
     spec = json.loads(Path(inp).read_text())
-    args = parse_engine_args(["--model", spec["model"], "--block-size", str(spec["block_size"])])
+    args = parse_engine_args(["--model", spec["model"], "--block-size", str(spec["block_size"]),
+                              *spec.get("engine_args", [])])
     llm = LLM(**changed_engine_kwargs(args))
     params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, logprobs=TOP_CANDIDATES)
     outputs = []

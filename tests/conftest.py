@@ -35,6 +35,22 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def family_model(tmp_path_factory):
+    """``family_model(size)``: the generated model ``size`` (``mqa``, ``mha``, ``sliding``,
+    ``hybrid``, ``draft``; seed 0), made once per test session on first use."""
+    from kvmesh.cluster.models import make_model
+
+    made: dict[str, str] = {}
+    root = tmp_path_factory.mktemp("family-models")
+
+    def get(size: str) -> str:
+        if size not in made:
+            made[size] = str(make_model(root / size, size, seed=0))
+        return made[size]
+    return get
+
+
+@pytest.fixture(scope="session")
 def smollm2_model() -> str:
     """SmolLM2-135M-Instruct, the default model, from the kvmesh cache (converted on first
     use). Its source package missing is an error naming how to install it, never a skip."""

@@ -185,3 +185,74 @@ def test_bootstrap_installs_the_source_package_version_the_code_names():
     assert metadata.version(smollm2.PACKAGE) == smollm2.PACKAGE_VERSION
     cpu = next(line for line in (root / "pyproject.toml").read_text().splitlines() if line.startswith("cpu = "))
     assert "gguf" in cpu and "accelerate" in cpu
+
+
+# ---------------------------------------------------------------- model families
+
+FAMILIES = ("mqa", "mha", "sliding", "hybrid", "draft")
+
+
+def test_model_families_have_their_shape_and_tiny_s_tokenizer(tiny_model, family_model):
+    import json
+    from pathlib import Path
+
+    from kvmesh.cluster.models import SLIDING_WINDOW
+
+    config = {size: json.loads((Path(family_model(size)) / "config.json").read_text()) for size in FAMILIES}
+    shape = {size: (c["architectures"][0], c["num_attention_heads"], c["num_key_value_heads"],
+                    c["num_hidden_layers"]) for size, c in config.items()}
+    assert shape == {"mqa": ("LlamaForCausalLM", 4, 1, 4), "mha": ("LlamaForCausalLM", 4, 4, 4),
+                     "sliding": ("MistralForCausalLM", 4, 2, 4), "hybrid": ("Gemma3ForCausalLM", 4, 2, 4),
+                     "draft": ("LlamaForCausalLM", 2, 1, 2)}
+    assert config["sliding"]["sliding_window"] == SLIDING_WINDOW
+    assert config["hybrid"]["sliding_window"] == SLIDING_WINDOW
+    assert config["hybrid"]["layer_types"] == ["sliding_attention", "full_attention"] * 2
+    tiny_tokenizer = (Path(tiny_model) / "tokenizer.json").read_text()
+    for size in FAMILIES:  # one router (one tokenizer) serves any of them; draft proposes tiny's tokens
+        assert (Path(family_model(size)) / "tokenizer.json").read_text() == tiny_tokenizer, size
+    # seeded: made again, the same weights
+    again = make_model(Path(family_model("mqa")).with_name("mqa-again"), "mqa", seed=0)
+    assert (again / "model.safetensors").read_bytes() == (Path(family_model("mqa")) / "model.safetensors").read_bytes()
+
+
+def test_model_families_load_in_vllm_with_their_kv_cache_and_depend_on_context(family_model, tmp_path):
+    """Each family loads in vLLM's CPU backend and gets the KV cache its name promises;
+    each one's output depends on the context; and the sliding-window model really
+    attends to a window: with the window taken out of its config (same weights) a prompt
+    longer than the window gives other tokens, a short one the same."""
+    import json
+    import random
+    import shutil
+
+    from kvmesh.cluster.models import SLIDING_WINDOW
+    from tests.engine_probe import probe_models
+
+    unwindowed = tmp_path / "sliding-no-window"
+    shutil.copytree(family_model("sliding"), unwindowed)
+    config = json.loads((unwindowed / "config.json").read_text())
+    config["sliding_window"] = None
+    (unwindowed / "config.json").write_text(json.dumps(config))
+
+    rng = random.Random(3)
+    short = [rng.randrange(10, 1000) for _ in range(20)]
+    changed = [short[0] + 1, *short[1:]]
+    long = [rng.randrange(10, 1000) for _ in range(5 * SLIDING_WINDOW)]
+    models = [family_model(size) for size in FAMILIES] + [str(unwindowed)]
+    out = probe_models(models, [short, changed, long], 8, tmp_path)
+    assert [o.get("error") for o in out] == [None] * len(models)
+    groups = {size: [(g["kind"], g["layers"], g["sliding_window"]) for g in o["groups"]]
+              for size, o in zip((*FAMILIES, "unwindowed"), out)}
+    assert groups == {
+        "mqa": [("FullAttentionSpec", 4, None)],
+        "mha": [("FullAttentionSpec", 4, None)],
+        "sliding": [("SlidingWindowSpec", 4, SLIDING_WINDOW)],
+        # a plain engine (no connector) keeps the hybrid allocator on: a group per kind
+        "hybrid": [("SlidingWindowSpec", 2, SLIDING_WINDOW), ("FullAttentionSpec", 2, None)],
+        "draft": [("FullAttentionSpec", 2, None)],
+        "unwindowed": [("FullAttentionSpec", 4, None)],
+    }
+    for size, o in zip(FAMILIES, out):
+        assert o["tokens"][0] != o["tokens"][1], f"{size}: output does not depend on the context"
+    sliding, plain = out[2]["tokens"], out[-1]["tokens"]
+    assert sliding[0] == plain[0]  # 20 + 8 tokens: all inside the window
+    assert sliding[2] != plain[2]  # 320 tokens: the window cuts off most of them

@@ -1,0 +1,119 @@
+"""What the kvmesh connector can carry through the store, and the refusal of the rest.
+
+A model or engine option whose KV the connector would move wrongly is refused when the
+engine starts (``UnsupportedModel``, a ``ValueError`` whose message names the model, the
+option and what to do instead), never served with wrong tokens. ``check_engine_options``
+refuses what the engine arguments already show, before any model is loaded (a worker
+checks its flags with it); ``check_kv_cache`` refuses what only the engine's KV-cache
+configuration shows, in the connector's constructor (both of its sides), whoever started
+the engine.
+
+Carried today:
+
+* **KV-cache groups**: exactly one, of full attention (any number of KV heads: GQA, MQA,
+  MHA) or of a sliding window (every layer windowed, as Mistral's). A model with windowed
+  and full-attention layers (Gemma-2/3, Llama-4 local/global) is carried as one group
+  because vLLM turns its hybrid allocator off for a connector without ``SupportsHMA``
+  (this one): every layer keeps every block, and the window still applies in attention.
+  Several groups (vLLM's hybrid allocator forced on), and group kinds whose blocks are
+  not per-head attention KV (Mamba state, MLA latents, chunked local attention, layers
+  whose shapes differ inside a group), are refused.
+* **Speculative decoding**: ``ngram`` only; it proposes from the tokens, so the cache
+  holds the target model's KV alone. Methods with a draft model or head (``draft_model``,
+  EAGLE, MTP, Medusa ...) add layers of their own to the same cache, which the keys do
+  not tell apart from the target's: refused.
+* **KV-cache dtypes**: the model's own (``auto``, ``bfloat16``, ``float16``) and fp8
+  with per-tensor scales (``fp8``, ``fp8_e4m3``, ``fp8_e5m2``): a block's bytes are
+  copied as they are and the layout fingerprint names the dtype, so blocks of two dtypes
+  never mix. Dtypes with scales computed at run time (per token and head), other
+  quantized formats and layers kept in another dtype (``kv_cache_dtype_skip_layers``)
+  are refused.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+SPECULATIVE_METHODS = ("ngram",)
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2")
+HYBRID_FLAG = "--no-disable-hybrid-kv-cache-manager"
+
+
+class UnsupportedModel(ValueError):
+    """A model or engine option the kvmesh connector cannot carry; the message says which."""
+
+
+def speculative_refusal(method: str | None) -> str | None:
+    """Why a speculative-decoding ``method`` cannot be carried, or None when it can."""
+    if method is None or method in SPECULATIVE_METHODS:
+        return None
+    return (f"speculative decoding method {method!r} keeps its draft's KV in the same paged "
+            f"cache as the target's, which kvmesh's store does not tell apart; the methods "
+            f"carried are {', '.join(SPECULATIVE_METHODS)}")
+
+
+def kv_dtype_refusal(cache_dtype: str) -> str | None:
+    """Why a ``--kv-cache-dtype`` cannot be carried, or None when it can."""
+    if cache_dtype in KV_CACHE_DTYPES:
+        return None
+    return (f"KV-cache dtype {cache_dtype!r} is not one kvmesh carries through its store "
+            f"(carried: {', '.join(KV_CACHE_DTYPES)})")
+
+
+def check_engine_options(model: str, cache_dtype: str, speculative: Any,
+                         hybrid_forced: bool = False, skip_layers: Any = ()) -> None:
+    """Refuse engine options the connector cannot carry (``UnsupportedModel``).
+
+    ``speculative`` is vLLM's speculative config: a ``SpeculativeConfig``, the dict
+    ``--speculative-config`` parses to, or None. ``hybrid_forced``: the hybrid KV-cache
+    manager was asked for (``HYBRID_FLAG``)."""
+    reasons = []
+    if hybrid_forced:
+        reasons.append(f"{HYBRID_FLAG} asks for vLLM's hybrid KV-cache manager, whose several "
+                       "KV-cache groups kvmesh's connector does not carry (leave the flag out: "
+                       "vLLM then keeps one group and the model still attends with its windows)")
+    method = speculative.get("method") if isinstance(speculative, dict) else getattr(speculative, "method", None)
+    if isinstance(speculative, dict) and method is None and speculative.get("model"):
+        method = "draft_model"  # vLLM's name for a draft given by model alone
+    reasons.append(speculative_refusal(method))
+    reasons.append(kv_dtype_refusal(cache_dtype))
+    if skip_layers:
+        reasons.append(f"kv_cache_dtype_skip_layers={list(skip_layers)} keeps some layers in "
+                       "another dtype than the rest, which the layout fingerprint cannot name")
+    reasons = [r for r in reasons if r]
+    if reasons:
+        raise UnsupportedModel(f"kvmesh cannot serve {model}: " + "; ".join(reasons))
+
+
+def check_kv_cache(model: str, kv_cache_config: "KVCacheConfig | None") -> None:
+    """Refuse a KV-cache configuration the connector cannot carry (``UnsupportedModel``):
+    more than one group, or a group whose kind is not plain attention KV."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    if kv_cache_config is None:
+        return
+    groups = kv_cache_config.kv_cache_groups
+    kinds = [type(g.kv_cache_spec).__name__ for g in groups]
+    if len(groups) > 1:
+        raise UnsupportedModel(
+            f"kvmesh cannot serve {model}: its KV cache has {len(groups)} groups ({', '.join(kinds)}), "
+            "and kvmesh's connector carries one (vLLM's hybrid KV-cache manager must stay off)")
+    for group, kind in zip(groups, kinds):
+        if type(group.kv_cache_spec) not in (FullAttentionSpec, SlidingWindowSpec):
+            raise UnsupportedModel(
+                f"kvmesh cannot serve {model}: its KV-cache group of kind {kind} (layers "
+                f"{', '.join(group.layer_names[:3])}{' ...' if len(group.layer_names) > 3 else ''}) "
+                "is not per-head attention KV that kvmesh's connector carries")
+
+
+def check_vllm_config(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | None") -> None:
+    """Both checks on a configured engine (the connector's constructor)."""
+    model = vllm_config.model_config.model
+    cache = vllm_config.cache_config
+    check_engine_options(model, cache.cache_dtype, vllm_config.speculative_config,
+                         skip_layers=cache.kv_cache_dtype_skip_layers)
+    check_kv_cache(model, kv_cache_config)

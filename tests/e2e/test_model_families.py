@@ -1,0 +1,231 @@
+"""End to end for model families other than tiny's grouped-query Llama: real vLLM engines
+on the CPU, a real store, the router over HTTP.
+
+For MQA (one KV head), MHA (a KV head per attention head), a sliding-window model (every
+layer windowed: vLLM keeps one ``SlidingWindowSpec`` group and points the blocks that left
+the window at its null block) and a hybrid local/global model (vLLM turns its hybrid
+allocator off for a connector without ``SupportsHMA``, so the model runs with one
+full-attention group, the windows still applied in attention): greedy tokens equal a
+colocated vLLM run of the same model, the tokens loaded from the store and the bytes
+moved are asserted, and a noise negative control shows the decode worker used them.
+The same for n-gram speculative decoding on the decode worker (against non-speculative
+greedy decoding; its health reports the acceptance rate) and for an fp8 KV cache (skipped
+with the engine's reason where the CPU backend has none). Then: a prefill worker of one
+model and a decode worker of another (same tokenizer, heads, head size, dtype and block
+size: only the architecture differs), or of another KV dtype, never share blocks, and engines with options the connector cannot carry refuse to start, with the
+engine's or kvmesh's text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from typing import NamedTuple
+
+import httpx
+import pytest
+
+from kvmesh.cluster.local import LocalCluster
+from kvmesh.cluster.models import SIZES, SLIDING_WINDOW
+from kvmesh.kv_store.client import StoreClient
+from tests.colocated import prefill_then_decode, reference_table
+
+BLOCK = 32
+MAX_TOKENS = 8
+NGRAM = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+                    "prompt_lookup_max": 4})
+
+
+class Case(NamedTuple):
+    size: str                          # the generated model
+    engine_args: tuple[str, ...] = ()  # both workers' and the colocated run's
+    decode_args: tuple[str, ...] = ()  # the decode worker's alone (not the colocated run's)
+    dtype_bytes: int = 2               # of the KV cache
+
+
+CASES = {
+    "mqa": Case("mqa"), "mha": Case("mha"), "sliding": Case("sliding"), "hybrid": Case("hybrid"),
+    # n-gram speculative decoding on the decode worker, against non-speculative greedy
+    "ngram": Case("tiny", decode_args=("--speculative-config", NGRAM)),
+    "fp8": Case("tiny", engine_args=("--kv-cache-dtype", "fp8"), dtype_bytes=1),
+}
+_rng = random.Random(11)
+_PATTERN = [_rng.randrange(10, 1000) for _ in range(20)]
+# 1 block + a bit; 3 blocks + a bit, longer than the window, a pattern repeated (n-gram
+# proposals find it); 9 blocks + a bit.
+PROMPTS = [[_rng.randrange(10, 1000) for _ in range(40)], _PATTERN * 5,
+           [_rng.randrange(10, 1000) for _ in range(300)]]
+
+
+def loaded_tokens(prompt: list[int]) -> int:
+    """Prompt tokens a decode worker takes from the store: every full block but the one
+    holding the last prompt token."""
+    return (len(prompt) - 1) // BLOCK * BLOCK
+
+
+def moved_blocks(case: Case, prompt: list[int]) -> int:
+    """Blocks whose bytes a decode worker reads from the store. A sliding-window cache
+    reads only those its window still needs for the first token it computes (vLLM skips
+    ``computed - window + 1`` tokens); the others read every loaded block."""
+    loaded = loaded_tokens(prompt)
+    if case.size != "sliding":
+        return loaded // BLOCK
+    return loaded // BLOCK - max(0, loaded - SLIDING_WINDOW + 1) // BLOCK
+
+
+def block_bytes(case: Case) -> int:
+    """One block of every layer: K and V, KV heads x head size."""
+    spec = SIZES[case.size]
+    return spec.num_layers * spec.num_kv_heads * BLOCK * 2 * (spec.hidden_size // spec.num_heads) * case.dtype_bytes
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def family(request, tiny_model, family_model, tmp_path_factory):
+    name = request.param
+    case = CASES[name]
+    model = tiny_model if case.size == "tiny" else family_model(case.size)
+    try:
+        reference = reference_table(model, PROMPTS, MAX_TOKENS, BLOCK, tmp_path_factory.mktemp(f"colocated-{name}"),
+                                    engine_args=case.engine_args)
+    except RuntimeError as e:
+        if name == "fp8":  # where the CPU backend has no fp8 KV cache: the engine's own reason
+            pytest.skip(f"vLLM's CPU backend refused --kv-cache-dtype fp8: {str(e)[-1500:]}")
+        raise
+    with LocalCluster(model=model, served_model_name=name, block_size=BLOCK,
+                      store_capacity_bytes=64 << 20, decode_local_cache=False,
+                      worker_args=case.engine_args, role_args={"decode": case.decode_args},
+                      router_args=("--max-local-prefill-tokens", "0", "--max-decode-prefill-tokens", "0"),
+                      allow_fault_injection=True, run_dir=tmp_path_factory.mktemp(f"run-{name}")) as c:
+        yield name, c, reference
+
+
+def _complete(cluster, size, prompt) -> dict:
+    body = {"model": size, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+            "return_token_ids": True}
+    r = httpx.post(cluster.router_url + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_greedy_tokens_through_the_store_equal_colocated(family):
+    size, cluster, reference = family
+    with StoreClient(cluster.store_address, secret=cluster.secret) as store:
+        store.drop()
+        for prompt in PROMPTS:
+            r = _complete(cluster, size, prompt)
+            assert r["choices"][0]["token_ids"] == reference[tuple(prompt)], f"{size}, prompt of {len(prompt)}"
+            assert r["kvmesh"]["prefix_tokens_from_store"]["decode"] == loaded_tokens(prompt)
+            assert r["kvmesh"]["kv_load_failed_tokens"] == 0
+        store.drop()
+
+
+def test_bytes_moved_are_the_blocks_the_cache_needs(family):
+    size, cluster, reference = family
+    case = CASES[size]
+    with StoreClient(cluster.store_address, secret=cluster.secret) as store:
+        for prompt in PROMPTS:
+            store.drop()
+            tokens, out = asyncio.run(prefill_then_decode(cluster.prefill_address, cluster.decode_address,
+                                                          prompt, MAX_TOKENS, secret=cluster.secret))
+            assert tokens == reference[tuple(prompt)]
+            assert out.tokens_from_store == loaded_tokens(prompt) and out.tokens_load_failed == 0
+            assert out.kv_bytes == moved_blocks(case, prompt) * block_bytes(case), f"{size}, prompt of {len(prompt)}"
+        store.drop()
+    if size == "sliding":  # the window left most of the long prompt's blocks in the store
+        assert moved_blocks(case, PROMPTS[-1]) == 2 < loaded_tokens(PROMPTS[-1]) // BLOCK
+
+
+def test_negative_control_noise_changes_outputs(family):
+    size, cluster, reference = family
+    with StoreClient(cluster.store_address, secret=cluster.secret) as store:
+        for prompt in PROMPTS[1:]:
+            store.drop()
+            tokens, out = asyncio.run(prefill_then_decode(
+                cluster.prefill_address, cluster.decode_address, prompt, MAX_TOKENS,
+                lambda: store.inject_fault("noise"), secret=cluster.secret))
+            assert out.tokens_from_store > 0 and out.tokens_load_failed == 0
+            assert tokens != reference[tuple(prompt)], f"{size}, prompt of {len(prompt)}"
+        store.drop()
+
+
+def test_speculative_decoding_reports_its_acceptance(family):
+    """The n-gram decode worker proposed drafts and reports how many were accepted (after
+    the tests above sent it their requests). Its drafts come from the context: a random
+    model's next token rarely continues a longer match, so proposals start at one token
+    (``prompt_lookup_min`` 1: the last token seen earlier in the prompt)."""
+    size, cluster, _ = family
+    if size != "ngram":
+        pytest.skip("the n-gram case only")
+    from kvmesh.router.workers import WorkerClient
+
+    async def health():
+        client = WorkerClient(cluster.decode_address, cluster.secret)
+        try:
+            return await client.health()
+        finally:
+            await client.close()
+    reply = asyncio.run(health())
+    assert json.loads(reply.engine_config)["speculative_method"] == "ngram"
+    stats = json.loads(reply.engine_stats)
+    assert stats["spec_drafts"] > 0 and stats["spec_draft_tokens"] >= stats["spec_drafts"]
+    assert stats["spec_acceptance_rate"] == stats["spec_accepted_tokens"] / stats["spec_draft_tokens"]
+    assert stats["spec_tokens_per_step"] == 1 + stats["spec_accepted_tokens"] / stats["spec_drafts"]
+
+
+@pytest.mark.parametrize("decode_differs", ["architecture", "kv dtype"])
+def test_a_decode_worker_of_another_model_or_kv_dtype_never_loads_the_prefill_worker_s_blocks(
+        decode_differs, tiny_model, family_model, tmp_path_factory):
+    """The prefill worker runs tiny; the decode worker, served under the same name, runs
+    either the sliding model (same tokenizer, KV heads, head size, dtype and block size:
+    only the architecture tells their blocks apart) or tiny with an fp8 KV cache. It finds
+    none of the prefill worker's blocks, computes the prompt itself and gives its own
+    colocated tokens."""
+    if decode_differs == "architecture":
+        decode_model, engine_args = family_model("sliding"), ()
+        decode_args = ("--model", family_model("sliding"))  # vLLM's parser: the last --model wins
+    else:
+        decode_model, engine_args = tiny_model, ("--kv-cache-dtype", "fp8")
+        decode_args = engine_args
+    prompt = PROMPTS[-1]
+    reference = reference_table(decode_model, [prompt], MAX_TOKENS, BLOCK, tmp_path_factory.mktemp("colocated-mix"),
+                                engine_args=engine_args)
+    with LocalCluster(model=tiny_model, served_model_name="mixed", block_size=BLOCK,
+                      store_capacity_bytes=64 << 20, decode_local_cache=False,
+                      role_args={"decode": decode_args}, run_dir=tmp_path_factory.mktemp("run-mixed")) as cluster:
+        with StoreClient(cluster.store_address, secret=cluster.secret) as store:
+            stored = []
+            tokens, out = asyncio.run(prefill_then_decode(
+                cluster.prefill_address, cluster.decode_address, prompt, MAX_TOKENS,
+                lambda: stored.append(store.stats().blocks), secret=cluster.secret))
+    # the prefill worker saved the prompt's 9 full blocks, each layer of tiny's 4 a block
+    assert stored == [len(prompt) // BLOCK * SIZES["tiny"].num_layers]
+    assert out.tokens_from_store == 0 and out.kv_bytes == 0
+    assert tokens == reference[tuple(prompt)]
+
+
+def test_engines_with_the_connector_keep_one_group_and_refuse_what_it_cannot_carry(
+        tiny_model, family_model, tmp_path):
+    """Real engines with kvmesh's connector (its store unreachable: every lookup is a miss,
+    which the connector survives). vLLM turns its hybrid allocator off for the hybrid
+    model (the connector lacks ``SupportsHMA``): one full-attention group. Forced on, vLLM
+    itself refuses the connector. A draft model's speculative decoding is refused by the
+    connector, naming the model and the method."""
+    from tests.engine_probe import probe_models
+
+    connector = {"kv_connector": "KvmeshConnector", "kv_connector_module_path": "kvmesh.engine_host.connector",
+                 "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+                 "kv_connector_extra_config": {"store_address": "127.0.0.1:1", "timeout_s": 0.5}}
+    runs = [
+        {"model": family_model("hybrid"), "kv_transfer_config": connector},
+        {"model": family_model("sliding"), "kv_transfer_config": connector},
+        {"model": family_model("hybrid"), "kv_transfer_config": connector, "disable_hybrid_kv_cache_manager": False},
+        {"model": tiny_model, "kv_transfer_config": connector, "speculative_config": {
+            "method": "draft_model", "model": family_model("draft"), "num_speculative_tokens": 2}},
+    ]
+    out = probe_models(runs, [PROMPTS[0]], 4, tmp_path)
+    groups = [[(g["kind"], g["layers"]) for g in o.get("groups", [])] for o in out]
+    assert groups[:2] == [[("FullAttentionSpec", 4)], [("SlidingWindowSpec", 4)]]
+    assert all(len(o["tokens"][0]) == 4 for o in out[:2])
+    assert "does not support HMA" in out[2]["error"]
+    assert f"kvmesh cannot serve {tiny_model}" in out[3]["error"] and "'draft_model'" in out[3]["error"]
