@@ -346,6 +346,12 @@ def cmd_bench_layerwise(args) -> None:
     main(args.json, args.size, args.prompts, tuple(args.backends.split(",")))
 
 
+def cmd_bench_families(args) -> None:
+    from kvmesh.bench.families_bench import main
+
+    main(args.json, tuple(args.families.split(",")), args.prompts, args.prompt_tokens)
+
+
 def cmd_bench_serve(args) -> None:
     from kvmesh.bench.serve_bench import main
 
@@ -468,6 +474,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompts", type=int, default=6, help="timed prompts per backend and load mode")
     b.add_argument("--backends", default="shm,nixl,grpc", help="backends, comma-separated")
     b.set_defaults(func=cmd_bench_layerwise)
+    b = bsub.add_parser("families", help=(
+        "per model family: KV bytes per prompt token through the store; decode TTFT with a "
+        "store hit vs recomputing"))
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--families", default="tiny,mqa,mha,sliding,hybrid",
+                   help="generated models to run, comma-separated (tiny, mqa, mha, sliding, hybrid)")
+    b.add_argument("--prompts", type=int, default=4, help="timed prompts per family and run")
+    b.add_argument("--prompt-tokens", type=int, default=1000, help="tokens per prompt")
+    b.set_defaults(func=cmd_bench_families)
     b = bsub.add_parser("router", help="latency the router adds, against stub workers")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--requests", type=int, default=300, help="requests per path")
