@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from kvmesh.kv_store.block_store import BlockStore, StoredBlock
-from kvmesh.kv_store.eviction import EvictionPolicy, make_policy
+from kvmesh.kv_store.eviction import NO_HINT, BlockHint, EvictionPolicy, make_policy
 from kvmesh.kv_store.integrity import verify
 from kvmesh.kv_store.slab import Slot, adjacent_runs
 from kvmesh.kv_store.tiers import HostTier, Tier
@@ -77,6 +77,7 @@ class _Entry:
     slot: Slot
     pins: int = 0
     dead: bool = False  # dropped or replaced while pinned: free when unpinned
+    hint: BlockHint = NO_HINT  # what the eviction policy weighs (chain position, priority)
     retired: list[tuple[int, Slot]] = field(default_factory=list)  # moved out of while
     # pinned: (tier, slot) pairs still being read, freed with the last pin
 
@@ -292,7 +293,7 @@ class TieredStore(BlockStore):
         if outcome == _NO_ROOM and may_evict and self._can_evict(victim.key):
             self._evict(victim)
             return False
-        self._policies[tier].insert(victim.key)
+        self._policies[tier].insert(victim.key, victim.hint)
         return outcome == _NO_ROOM and victim.pins == 0
 
     # ------------------------------------------------------------------ demoting ahead
@@ -460,7 +461,7 @@ class TieredStore(BlockStore):
         else:
             self._stats[move.tier].promotions += 1
         entry.tier, entry.slot = move.tier, move.slot
-        self._policies[move.tier].insert(entry.key)
+        self._policies[move.tier].insert(entry.key, entry.hint)
         self._room_taken(move.tier)
         self._tell("stored", entry.key, self.tiers[move.tier].name)
         return _MOVED
@@ -623,7 +624,11 @@ class TieredStore(BlockStore):
 
     # ------------------------------------------------------------------ BlockStore
 
-    def put(self, key: bytes, data: bytes, checksum: int, parent: bytes | None = None) -> bool:
+    def put(self, key: bytes, data: bytes, checksum: int, parent: bytes | None = None,
+            priority: float = 0.0) -> bool:
+        """As ``BlockStore.put``; ``priority`` (a session's, 0: none) is handed to the
+        eviction policy with the block's chain position (its parent's plus one where the
+        parent is held; 1 where it is not; 0 for a block without a parent)."""
         if parent is not None:  # counted from now on: making room for the child never evicts it
             with self._lock:
                 self._children[parent] = self._children.get(parent, 0) + 1
@@ -648,9 +653,11 @@ class TieredStore(BlockStore):
             old = self._entries.get(key)
             if old is not None:
                 self._forget(old)
-            entry = _Entry(key, len(data), checksum, parent, 0, slot)
+            above = None if parent is None else self._entries.get(parent)
+            position = 0 if parent is None else 1 if above is None else above.hint.position + 1
+            entry = _Entry(key, len(data), checksum, parent, 0, slot, hint=BlockHint(position, priority))
             self._entries[key] = entry
-            self._policies[0].insert(key)
+            self._policies[0].insert(key, entry.hint)
             self._puts += 1
             self._room_taken(0)
             self._tell("stored", key, self.tiers[0].name)
