@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from kvmesh.kv_store.encoding import make_encoding
 from kvmesh.kv_store.eviction import POLICIES
 from kvmesh.kv_store.integrity import checksum
 from kvmesh.kv_store.tiered_store import TieredStore
@@ -308,17 +309,19 @@ def test_demote_ahead_outside_zero_to_one_is_refused():
             TieredStore([HostTier(PAGE, page_bytes=PAGE)], demote_ahead=share)
 
 
-@pytest.mark.parametrize("policy, write_behind, demote_ahead",
-                         [("lru", 0, 0.0), ("s3fifo", 0, 0.0), ("lru", PAGE, 0.0), ("s3fifo", 0, 0.5),
-                          ("arc", 0, 0.0), ("cost", 0, 0.5)])
-def test_long_random_run_returns_to_baseline(tmp_path, policy, write_behind, demote_ahead):
+@pytest.mark.parametrize("policy, write_behind, demote_ahead, encoding",
+                         [("lru", 0, 0.0, "none"), ("s3fifo", 0, 0.0, "none"), ("lru", PAGE, 0.0, "none"),
+                          ("s3fifo", 0, 0.5, "none"), ("arc", 0, 0.0, "none"), ("cost", 0, 0.5, "none"),
+                          ("lru", 0, 0.5, "zstd"), ("arc", 0, 0.0, "lz4")])
+def test_long_random_run_returns_to_baseline(tmp_path, policy, write_behind, demote_ahead, encoding):
     """Capacities far below the working set; puts, gets, drops, pins and cancelled reads
     from several threads. No wrong bytes ever; pinned blocks never lost; nothing leaked.
     With write-behind (O_DIRECT), a small staging area: writes also wait for room. With
     ``demote_ahead``, the demoter moves blocks down meanwhile."""
     store = TieredStore([HostTier(2 * PAGE, page_bytes=PAGE),
                          DiskTier(tmp_path / "slab", 2 * PAGE, page_bytes=PAGE, direct_io=bool(write_behind),
-                                  write_behind_bytes=write_behind)], policy, demote_ahead=demote_ahead)
+                                  write_behind_bytes=write_behind, encoding=make_encoding(encoding))],
+                         policy, demote_ahead=demote_ahead)
     versions: dict[bytes, set[bytes]] = {}  # every payload ever put under a key
     lock = threading.Lock()
     errors: list[str] = []

@@ -1,0 +1,108 @@
+"""How much the lossy ``int8`` disk encoding changes a model's next-token predictions.
+
+``python -m kvmesh.bench.int8_accuracy [--size bench|smollm2|tiny]`` prints one JSON line.
+
+For each of ``--sequences`` seeded random prompts of ``--prefix`` tokens, the model
+computes the prompt's KV cache; every block of ``--block-size`` tokens of every layer is
+then laid out as the paged cache holds it (``[kv_heads, block_size, 2 * head_dim]``: K
+and V of each head side by side), encoded with the store's ``int8`` encoding (one scale
+per block and head) and decoded, as a block written to and read back from an int8 disk
+tier would be. The baseline, in the same run: the same prompt's cache unencoded. The
+model then greedily continues the prompt for ``--continue`` tokens from the unencoded
+cache; both caches are fed that same continuation, and at every position the
+predictions are compared: top-1 agreement (the share of positions where both caches
+give the same most likely token), the largest difference of the reference token's
+log-probability, and the largest difference over the whole vocabulary. The control: an
+unencoded copy of the cache fed the same way (its difference should be 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+
+import numpy as np
+
+
+def quantized_cache(cache, block_size: int):
+    """A copy of ``cache`` whose K and V went through the int8 encoding block by block."""
+    import torch
+
+    from kvmesh.kv_store.encoding import make_encoding
+
+    enc = make_encoding("int8")
+    out = copy.deepcopy(cache)
+    for layer in out.layers:
+        k, v = layer.keys, layer.values  # [1, kv_heads, tokens, head_dim], bf16
+        heads, tokens, dim = k.shape[1], k.shape[2], k.shape[3]
+        for start in range(0, tokens - block_size + 1, block_size):
+            block = torch.cat([k[0, :, start:start + block_size], v[0, :, start:start + block_size]], dim=-1)
+            raw = block.contiguous().view(torch.int16).numpy().tobytes()
+            back = np.frombuffer(enc.decode(enc.encode(raw, heads)), np.int16).reshape(heads, block_size, 2 * dim)
+            back = torch.from_numpy(back.copy()).view(torch.bfloat16)
+            k[0, :, start:start + block_size] = back[..., :dim]
+            v[0, :, start:start + block_size] = back[..., dim:]
+    return out
+
+
+def measure(size: str, sequences: int, prefix: int, cont: int, block_size: int, seed: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kvmesh.cluster.models import ensure_model
+
+    torch.manual_seed(seed)
+    path = ensure_model(size)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    vocab = model.config.vocab_size
+    rng = np.random.default_rng(seed)
+    agree = positions = 0
+    max_ref_diff = max_any_diff = control = 0.0
+    with torch.inference_mode():
+        for _ in range(sequences):
+            ids = torch.from_numpy(rng.integers(10, vocab, size=(1, prefix)))
+            first = model(ids, use_cache=True)
+            cache = first.past_key_values
+            encoded = quantized_cache(cache, block_size)
+            nxt = int(first.logits[0, -1].argmax())
+            greedy, step_cache = [], copy.deepcopy(cache)
+            for _ in range(cont):  # greedy continuation from the unencoded cache
+                greedy.append(nxt)
+                out = model(torch.tensor([[nxt]]), past_key_values=step_cache, use_cache=True)
+                nxt = int(out.logits[0, -1].argmax())
+            feed = torch.tensor([greedy])
+            ref = torch.log_softmax(model(feed, past_key_values=copy.deepcopy(cache)).logits[0].float(), -1)
+            got = torch.log_softmax(model(feed, past_key_values=encoded).logits[0].float(), -1)
+            same = torch.log_softmax(model(feed, past_key_values=copy.deepcopy(cache)).logits[0].float(), -1)
+            control = max(control, float((ref - same).abs().max()))  # an unencoded copy: 0
+            top = ref.argmax(-1)
+            agree += int((got.argmax(-1) == top).sum())
+            positions += len(greedy)
+            max_ref_diff = max(max_ref_diff, float((ref.gather(1, top[:, None]) - got.gather(1, top[:, None])).abs().max()))
+            max_any_diff = max(max_any_diff, float((ref - got).abs().max()))
+    cfg = model.config
+    return {"bench": "int8_accuracy", "model": size, "layers": cfg.num_hidden_layers,
+            "kv_heads": cfg.num_key_value_heads, "sequences": sequences, "prefix_tokens": prefix,
+            "positions": positions, "block_size": block_size, "top1_agreement": round(agree / positions, 4),
+            "max_ref_token_logprob_diff": round(max_ref_diff, 4), "max_logprob_diff": round(max_any_diff, 4),
+            "control_max_logprob_diff": round(control, 6),
+            "machine": f"{platform.machine()} {platform.processor()}".strip(), "seed": seed}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m kvmesh.bench.int8_accuracy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=["tiny", "bench", "smollm2"], default="bench")
+    p.add_argument("--sequences", type=int, default=8)
+    p.add_argument("--prefix", type=int, default=256, help="prompt tokens (their KV is encoded)")
+    p.add_argument("--continue", dest="cont", type=int, default=40, help="positions compared per sequence")
+    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    print(json.dumps(measure(a.size, a.sequences, a.prefix, a.cont, a.block_size, a.seed)))
+
+
+if __name__ == "__main__":
+    main()
