@@ -79,6 +79,8 @@ class _Entry:
     pins: int = 0
     dead: bool = False  # dropped or replaced while pinned: free when unpinned
     hint: BlockHint = NO_HINT  # what the eviction policy weighs (chain position, priority)
+    retired: list[tuple[int, Slot, int]] = field(default_factory=list)  # moved out of while
+    # pinned: (tier, slot, bytes at rest) still being read, freed with the last pin
     # The bytes at rest in ``slot`` and their checksum: the block's own, unless its tier
     # encodes blocks (then the encoded bytes, header included).
     rest_size: int = -1
@@ -87,8 +89,6 @@ class _Entry:
     def __post_init__(self) -> None:
         if self.rest_size < 0:
             self.rest_size, self.rest_checksum = self.size, self.checksum
-    retired: list[tuple[int, Slot, int]] = field(default_factory=list)  # moved out of while
-    # pinned: (tier, slot, bytes at rest) still being read, freed with the last pin
 
 
 class _Lease(NamedTuple):
@@ -538,20 +538,22 @@ class TieredStore(BlockStore):
         except OSError as e:
             log.warning("%s tier: cannot read a block back: %s", tier.name, e)
             return None
-        return self._decoded(tier, data, source.rest_checksum)
+        return self._decoded(tier, data, source)
 
-    def _decoded(self, tier: Tier, data: bytes, rest_checksum: int) -> bytes | None:
-        """Bytes read from ``tier``, verified against ``rest_checksum`` and decoded; None
-        if they fail either."""
-        if not verify(data, rest_checksum):
+    def _decoded(self, tier: Tier, data: bytes, source: _Read) -> bytes | None:
+        """Bytes of a block read from ``tier``, verified against their checksum at rest
+        and decoded (and, from a lossless encoding, the result verified against the
+        block's own checksum too); None if they fail."""
+        if not verify(data, source.rest_checksum):
             return None
         if not tier.encoding.code:
             return data
         try:
-            return tier.encoding.decode(data)
+            data = tier.encoding.decode(data)
         except ValueError as e:  # the checksum held, so the writer wrote garbage: still a loss
             log.warning("%s tier: a block does not decode: %s", tier.name, e)
             return None
+        return data if tier.encoding.lossy or verify(data, source.checksum) else None
 
     def _run_io(self, jobs: Sequence[Callable[[], object]], parallel: bool) -> list:
         """Run ``jobs`` (block copies that touch only their own slots, never the store's
@@ -891,7 +893,7 @@ class TieredStore(BlockStore):
             return [None] * len(run)
         if tier.name == "host":
             return datas
-        return [self._decoded(tier, d, r.rest_checksum) for d, r in zip(datas, run)]
+        return [self._decoded(tier, d, r) for d, r in zip(datas, run)]
 
     def lookup(self, groups: Sequence[Sequence[bytes]]) -> int:
         with self._lock:
