@@ -29,10 +29,12 @@ CanEvict = Callable[[bytes], bool]
 
 class BlockHint(NamedTuple):
     """What a policy may weigh besides the order of accesses: ``position``, the block's
-    index in its prefix chain (0: the first block of a prompt), and ``priority``, its
-    session's priority (0: none; higher keeps it longer)."""
+    index in its prefix chain (0: the first block of a prompt), ``priority``, its
+    session's priority (0: none; higher keeps it longer), and ``parent``, the key of the
+    block before it in its chain (None: the first, or not known)."""
     position: int = 0
     priority: float = 0.0
+    parent: bytes | None = None
 
 
 NO_HINT = BlockHint()
@@ -250,15 +252,22 @@ class CostAwarePolicy(EvictionPolicy):
       a session's ``priority`` multiplies it by ``1 + priority``.
     * Ageing: a key's value is ``clock + reuse × cost``, and the clock rises to the value
       of each victim, so blocks not hit for a while fall below newly inserted ones.
+    * Chains: a block is worth no more than its parent (where the parent is tracked
+      here): its value is capped at the parent's when set. The store never evicts a
+      parent before its children, so a parent valued below its children would be
+      offered, and refused, on every eviction (measured: a scan of long one-off prompts
+      made each eviction walk every prompt's first blocks). With the cap a chain goes
+      from its tail; among equal values the deepest block goes first, then the oldest.
 
-    The lowest value goes first; ties go oldest first.
+    The lowest value goes first. Cost of an eviction: O(log n), plus the keys refused
+    (pinned, or parents whose children live in another tier).
     """
 
     def __init__(self, position_weight: float = 0.125) -> None:
         self.position_weight = position_weight
         self._clock = 0.0
         self._keys: dict[bytes, tuple[BlockHint, int, float, int]] = {}  # hint, reuse, value, seq
-        self._heap: list[tuple[float, int, bytes]] = []  # (value, seq, key); stale rows skipped
+        self._heap: list[tuple[float, int, int, bytes]] = []  # (value, -position, seq, key); stale rows skipped
         self._ghost: OrderedDict[bytes, int] = OrderedDict()  # evicted key -> its reuse count
         self._seq = itertools.count()
 
@@ -267,11 +276,14 @@ class CostAwarePolicy(EvictionPolicy):
 
     def _set(self, key: bytes, hint: BlockHint, reuse: int) -> None:
         value = self._clock + reuse * self.cost(hint)
+        parent = self._keys.get(hint.parent) if hint.parent is not None else None
+        if parent is not None:
+            value = min(value, parent[2])
         seq = next(self._seq)
         self._keys[key] = (hint, reuse, value, seq)
-        heapq.heappush(self._heap, (value, seq, key))
+        heapq.heappush(self._heap, (value, -hint.position, seq, key))
         if len(self._heap) > 4 * len(self._keys) + 64:  # drop the stale rows now and then
-            self._heap = [(v, s, k) for k, (_, _, v, s) in self._keys.items()]
+            self._heap = [(v, -h.position, s, k) for k, (h, _, v, s) in self._keys.items()]
             heapq.heapify(self._heap)
 
     def insert(self, key: bytes, hint: BlockHint = NO_HINT) -> None:
@@ -289,11 +301,11 @@ class CostAwarePolicy(EvictionPolicy):
         self._keys.pop(key, None)  # its heap rows are stale from now on
 
     def pop_victim(self, can_evict: CanEvict) -> bytes | None:
-        skipped: list[tuple[float, int, bytes]] = []
+        skipped: list[tuple[float, int, int, bytes]] = []
         victim = None
         while self._heap:
             row = heapq.heappop(self._heap)
-            value, seq, key = row
+            value, _, seq, key = row
             current = self._keys.get(key)
             if current is None or current[3] != seq:
                 continue  # stale

@@ -747,7 +747,7 @@ class TieredStore(BlockStore):
                 self._forget(old)
             above = None if parent is None else self._entries.get(parent)
             position = 0 if parent is None else 1 if above is None else above.hint.position + 1
-            entry = _Entry(key, len(data), checksum, parent, 0, slot, hint=BlockHint(position, priority),
+            entry = _Entry(key, len(data), checksum, parent, 0, slot, hint=BlockHint(position, priority, parent),
                            rest_size=len(rest), rest_checksum=rest_checksum)
             self._entries[key] = entry
             self._policies[0].insert(key, entry.hint)

@@ -118,7 +118,7 @@ def test_any_sequence_keeps_the_contract(name, ops, position, priority):
     for kind, k, arg in ops:
         key = bytes([k])
         if kind == "insert":
-            policy.insert(key, BlockHint(position + arg, priority))
+            policy.insert(key, BlockHint(position + arg, priority, bytes([k - 1]) if k else None))
             tracked.add(key)
         elif kind == "access":
             policy.access(key)
@@ -208,3 +208,30 @@ def test_cost_aware_remembers_the_reuse_of_a_key_that_comes_back():
     assert p.pop_victim(lambda k: True) in (b"b", b"c")
     assert p.pop_victim(lambda k: True) in (b"b", b"c")
     assert p.pop_victim(lambda k: True) == b"a"
+
+
+def test_cost_aware_takes_a_chain_from_its_tail_without_walking_its_parents():
+    """Deeper blocks cost more to recompute, but a block is worth no more than its
+    parent: the store refuses parents, so a chain must go tail first, and each eviction
+    asks about one key, not about every parent of every chain."""
+    p = CostAwarePolicy()
+    tracked = set()
+    for chain in range(20):
+        parent = None
+        for pos in range(30):
+            key = b"%d-%d" % (chain, pos)
+            p.insert(key, BlockHint(pos, 0.0, parent))
+            tracked.add(key)
+            parent = key
+    asked = []
+
+    def leaf_only(key):  # what the store allows: no key whose child is still held
+        asked.append(key)
+        chain, pos = key.split(b"-")
+        return b"%s-%d" % (chain, int(pos) + 1) not in tracked
+
+    for _ in range(100):
+        victim = p.pop_victim(leaf_only)
+        assert leaf_only(victim)
+        tracked.discard(victim)
+    assert len(asked) <= 2 * 100  # one refusal at most per eviction, plus the checks above
