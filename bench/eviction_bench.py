@@ -31,11 +31,7 @@ import sys
 import time
 from typing import Callable, Sequence
 
-from kvmesh.kv_store.eviction import POLICIES
-from kvmesh.kv_store.integrity import checksum
-from kvmesh.kv_store.settings import StoreSettings
-from kvmesh.kv_store.tiered_store import TieredStore
-from kvmesh.kv_store.tiers import HostTier
+from kvmesh.kv_store.eviction import POLICIES  # light: the command line imports this module
 
 Request = list[int]  # block contents (ids): two requests share a prefix where their lists do
 SYSTEM_BLOCKS = 4  # the system prompt every request of a trace starts with
@@ -143,6 +139,10 @@ def ceiling_hit_ratio(trace: list[list[bytes]]) -> float:
 def replay(trace: list[list[bytes]], policy: str, capacity_blocks: int, block_bytes: int) -> dict:
     """Replay ``trace`` against a store of one host tier holding ``capacity_blocks``
     blocks of ``block_bytes``, evicting by ``policy``; hits, misses and what it took."""
+    from kvmesh.kv_store.integrity import checksum
+    from kvmesh.kv_store.tiered_store import TieredStore
+    from kvmesh.kv_store.tiers import HostTier
+
     page = max(MIN_SLOT, 1 << (16 * block_bytes - 1).bit_length())  # 16 slots a page
     slot = max(MIN_SLOT, 1 << (block_bytes - 1).bit_length())
     capacity = -(-capacity_blocks * slot // page) * page
@@ -171,6 +171,8 @@ def replay(trace: list[list[bytes]], policy: str, capacity_blocks: int, block_by
 def run(requests: int, shares: Sequence[float], policies: Sequence[str], traces: Sequence[str],
         seed: int, block_bytes: int) -> dict:
     """The whole report (see the module's docstring)."""
+    from kvmesh.kv_store.settings import StoreSettings
+
     report: dict = {"bench": "eviction", "seed": seed, "requests_per_trace": requests,
                     "block_bytes": block_bytes, "machine": f"{platform.machine()} {platform.processor()}".strip(),
                     "default_policy": StoreSettings.model_fields["policy"].default,

@@ -22,7 +22,9 @@ import struct
 import threading
 from abc import ABC, abstractmethod
 
-import numpy as np
+# numpy (and each codec's library) is imported where it is used: the settings, and so the
+# command line, import this module and stay light.
+
 
 HEADER = struct.Struct(">4sBBxxI")  # magic, encoding code, flags, 2 reserved, decoded length
 SHUFFLED = 1  # flag: the payload holds the block's bytes shuffled by 2 (bf16 values)
@@ -68,6 +70,8 @@ class Encoding(ABC):
 
 def shuffle(data: bytes | memoryview) -> bytes:
     """The low bytes of each 16-bit value, then their high bytes (little-endian)."""
+    import numpy as np
+
     values = np.frombuffer(data, np.uint16)
     out = np.empty(len(data), np.uint8)
     np.bitwise_and(values, 0xFF, out=out[:values.size], casting="unsafe")
@@ -77,6 +81,8 @@ def shuffle(data: bytes | memoryview) -> bytes:
 
 def unshuffle(data: bytes | memoryview) -> bytes:
     """What ``shuffle`` took apart, put back together."""
+    import numpy as np
+
     planes = np.frombuffer(data, np.uint8).reshape(2, -1)
     values = planes[1].astype(np.uint16) << 8
     values |= planes[0]
@@ -147,11 +153,15 @@ class LZ4(_Lossless):
 
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     """bf16 bit patterns (uint16) as float32 values."""
+    import numpy as np
+
     return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
 def f32_to_bf16(values: np.ndarray) -> np.ndarray:
     """float32 values rounded to the nearest bf16 (ties to even), as uint16 bit patterns."""
+    import numpy as np
+
     bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
     rounded = bits + 0x7FFF + ((bits >> 16) & 1)
     return (rounded >> 16).astype(np.uint16)
@@ -167,6 +177,8 @@ class Int8(Encoding):
     name, code, lossy = "int8", 3, True
 
     def _encode(self, data, heads):
+        import numpy as np
+
         if len(data) % (2 * heads):
             raise ValueError(f"a block of {len(data)} bytes is not bf16 values in {heads} equal heads")
         values = bf16_to_f32(np.frombuffer(data, dtype=np.uint16)).reshape(heads, -1)
@@ -178,6 +190,8 @@ class Int8(Encoding):
         return struct.pack(">H", heads) + scales.astype("<f4").tobytes() + q.tobytes()
 
     def _decode(self, payload, length):
+        import numpy as np
+
         (heads,) = struct.unpack_from(">H", payload)
         scales = np.frombuffer(payload, dtype="<f4", count=heads, offset=2)
         q = np.frombuffer(payload, dtype=np.int8, offset=2 + 4 * heads)
