@@ -208,6 +208,7 @@ def plot(report: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     names = list(report["traces"])
     fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.8), squeeze=False)
@@ -218,6 +219,9 @@ def plot(report: dict, path: str) -> None:
             ax.plot([r["capacity_blocks"] for r in mine], [r["hit_ratio"] for r in mine], marker="o", label=policy)
         ax.axhline(report["traces"][name]["ceiling_hit_ratio"], color="grey", ls="--", lw=1, label="no eviction")
         ax.set_xscale("log")
+        ticks = sorted({r["capacity_blocks"] for r in rows})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(f"{name} (winner: {report['winners'][name]['policy']})")
         ax.set_xlabel("capacity (blocks)")
         ax.set_ylabel("hit ratio")
