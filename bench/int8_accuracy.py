@@ -13,7 +13,9 @@ cache; both caches are fed that same continuation, and at every position the
 predictions are compared: top-1 agreement (the share of positions where both caches
 give the same most likely token), the largest difference of the reference token's
 log-probability, and the largest difference over the whole vocabulary. The control: an
-unencoded copy of the cache fed the same way (its difference should be 0).
+unencoded copy of the cache fed the same way (its difference should be 0); the negative
+control: the cache replaced by noise of the same scale (its agreement should fall far
+below the encoded cache's, or the comparison could not see a damaged cache).
 """
 
 from __future__ import annotations
@@ -47,6 +49,18 @@ def quantized_cache(cache, block_size: int):
     return out
 
 
+def noisy_cache(cache):
+    """A copy of ``cache`` with K and V replaced by noise of the same scale (the negative
+    control: the predictions must then depend less on the prompt)."""
+    import torch
+
+    out = copy.deepcopy(cache)
+    for layer in out.layers:
+        for t in (layer.keys, layer.values):
+            t.copy_(torch.randn_like(t, dtype=torch.float32).mul_(t.float().std()).to(t.dtype))
+    return out
+
+
 def measure(size: str, sequences: int, prefix: int, cont: int, block_size: int, seed: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -58,7 +72,7 @@ def measure(size: str, sequences: int, prefix: int, cont: int, block_size: int, 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     vocab = model.config.vocab_size
     rng = np.random.default_rng(seed)
-    agree = positions = 0
+    agree = positions = noise_agree = 0
     max_ref_diff = max_any_diff = control = 0.0
     with torch.inference_mode():
         for _ in range(sequences):
@@ -77,7 +91,9 @@ def measure(size: str, sequences: int, prefix: int, cont: int, block_size: int, 
             got = torch.log_softmax(model(feed, past_key_values=encoded).logits[0].float(), -1)
             same = torch.log_softmax(model(feed, past_key_values=copy.deepcopy(cache)).logits[0].float(), -1)
             control = max(control, float((ref - same).abs().max()))  # an unencoded copy: 0
+            noise = torch.log_softmax(model(feed, past_key_values=noisy_cache(cache)).logits[0].float(), -1)
             top = ref.argmax(-1)
+            noise_agree += int((noise.argmax(-1) == top).sum())
             agree += int((got.argmax(-1) == top).sum())
             positions += len(greedy)
             max_ref_diff = max(max_ref_diff, float((ref.gather(1, top[:, None]) - got.gather(1, top[:, None])).abs().max()))
@@ -88,6 +104,7 @@ def measure(size: str, sequences: int, prefix: int, cont: int, block_size: int, 
             "positions": positions, "block_size": block_size, "top1_agreement": round(agree / positions, 4),
             "max_ref_token_logprob_diff": round(max_ref_diff, 4), "max_logprob_diff": round(max_any_diff, 4),
             "control_max_logprob_diff": round(control, 6),
+            "noise_top1_agreement": round(noise_agree / positions, 4),
             "machine": f"{platform.machine()} {platform.processor()}".strip(), "seed": seed}
 
 
