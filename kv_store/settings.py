@@ -36,7 +36,7 @@ class StoreSettings(Settings):
     disk_encoding: DiskEncoding = Field("none", description=(
         "how the disk tier holds blocks at rest: none; zstd or lz4 (lossless, byte-shuffled "
         f"bf16 compressed); {', '.join(LOSSY)} (LOSSY: bf16 quantized to 8 bits with a scale per "
-        "block and KV head, about half the bytes; a block read back is close to, not equal to, "
+        "64 values of each KV head, about half the bytes; a block read back is close to, not equal to, "
         "the one put, so greedy outputs may change; only when asked for)"))
     disk_write_behind: BytesOrZero = Field(0, description=(
         "RAM in which disk writes are staged and written behind the put, adjacent blocks in "

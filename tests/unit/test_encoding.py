@@ -79,12 +79,35 @@ def test_int8_scales_each_head_on_its_own():
     assert np.allclose(out[:64], 0.01, rtol=0.01)  # one scale for both would round these to 0
 
 
+def test_int8_scales_each_group_of_a_head_on_its_own():
+    """Within one head, a group of small values next to a group with an outlier keeps
+    its precision (one scale for the head would round the small ones to 0)."""
+    small = np.full(64, 0.01, np.float32)
+    outlier = np.zeros(64, np.float32)
+    outlier[3] = 500.0
+    data = f32_to_bf16(np.concatenate([small, outlier, small, small])).tobytes()  # one head
+    enc = make_encoding("int8")
+    blob = enc.encode(data, heads=1)
+    out = bf16_to_f32(np.frombuffer(enc.decode(blob), np.uint16))
+    assert np.allclose(out[:64], 0.01, rtol=0.01) and np.allclose(out[128:], 0.01, rtol=0.01)
+    assert out[67] == 500.0
+
+
+def test_int8_head_that_is_not_whole_groups_is_one_group():
+    data = f32_to_bf16(np.linspace(-3, 3, 2 * 96, dtype=np.float32)).tobytes()  # 96 values a head
+    enc = make_encoding("int8")
+    out = bf16_to_f32(np.frombuffer(enc.decode(enc.encode(data, heads=2)), np.uint16))
+    assert np.abs(out - np.linspace(-3, 3, 192)).max() <= 3 / 127
+
+
 def test_int8_refuses_what_it_cannot_hold():
     enc = make_encoding("int8")
     with pytest.raises(ValueError):
         enc.encode(b"\x00" * 6, heads=4)
     with pytest.raises(ValueError):
         enc.encode(f32_to_bf16(np.array([1.0, np.inf], np.float32)).tobytes())
+    with pytest.raises(ValueError):  # a scale beyond float16
+        enc.encode(f32_to_bf16(np.array([1e30, 1.0], np.float32)).tobytes())
 
 
 def test_heads_come_from_the_key():
