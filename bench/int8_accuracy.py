@@ -15,7 +15,9 @@ give the same most likely token), the largest difference of the reference token'
 log-probability, and the largest difference over the whole vocabulary. The control: an
 unencoded copy of the cache fed the same way (its difference should be 0); the negative
 control: the cache replaced by noise of the same scale (its agreement should fall far
-below the encoded cache's, or the comparison could not see a damaged cache).
+below the encoded cache's, or the comparison could not see a damaged cache); and the
+noise floor: every value moved by up to one bf16 step (what rounding alone does; an
+encoding cannot be told apart from it where their agreements are this close).
 """
 
 from __future__ import annotations
@@ -49,6 +51,21 @@ def quantized_cache(cache, block_size: int):
     return out
 
 
+def jittered_cache(cache, seed: int):
+    """A copy of ``cache`` with every value moved by up to one bf16 step (relative
+    uniform noise of +-2**-8): the noise floor, what rounding alone does to the
+    predictions."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = copy.deepcopy(cache)
+    for layer in out.layers:
+        for t in (layer.keys, layer.values):
+            noise = (torch.rand(t.shape, generator=g) - 0.5) * 2 ** -7
+            t.copy_((t.float() * (1 + noise)).to(t.dtype))
+    return out
+
+
 def noisy_cache(cache):
     """A copy of ``cache`` with K and V replaced by noise of the same scale (the negative
     control: the predictions must then depend less on the prompt)."""
@@ -72,7 +89,7 @@ def measure(size: str, sequences: int, prefix: int, cont: int, block_size: int, 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     vocab = model.config.vocab_size
     rng = np.random.default_rng(seed)
-    agree = positions = noise_agree = 0
+    agree = positions = noise_agree = jitter_agree = 0
     max_ref_diff = max_any_diff = control = 0.0
     with torch.inference_mode():
         for _ in range(sequences):
@@ -94,6 +111,8 @@ def measure(size: str, sequences: int, prefix: int, cont: int, block_size: int, 
             noise = torch.log_softmax(model(feed, past_key_values=noisy_cache(cache)).logits[0].float(), -1)
             top = ref.argmax(-1)
             noise_agree += int((noise.argmax(-1) == top).sum())
+            jitter = torch.log_softmax(model(feed, past_key_values=jittered_cache(cache, seed)).logits[0].float(), -1)
+            jitter_agree += int((jitter.argmax(-1) == top).sum())
             agree += int((got.argmax(-1) == top).sum())
             positions += len(greedy)
             max_ref_diff = max(max_ref_diff, float((ref.gather(1, top[:, None]) - got.gather(1, top[:, None])).abs().max()))
@@ -105,6 +124,7 @@ def measure(size: str, sequences: int, prefix: int, cont: int, block_size: int, 
             "max_ref_token_logprob_diff": round(max_ref_diff, 4), "max_logprob_diff": round(max_any_diff, 4),
             "control_max_logprob_diff": round(control, 6),
             "noise_top1_agreement": round(noise_agree / positions, 4),
+            "one_bf16_step_top1_agreement": round(jitter_agree / positions, 4),
             "machine": f"{platform.machine()} {platform.processor()}".strip(), "seed": seed}
 
 
