@@ -33,6 +33,15 @@ keeping a quarter of it free between bursts (``bursty_puts_with_demote_ahead``):
 ratio of their latencies is what moving blocks down ahead of need saves a put; and how
 fast the demoter empties half of a full host tier onto disk, by block size, against raw
 sequential disk writes run just before and after it (``demoter_to_disk``).
+
+Last, the encodings a disk tier may hold blocks in (``encodings``): per encoding, the
+bytes at rest over the blocks' own (the encoded bytes, and the slots the disk tier gives
+them), and encode and decode GB/s (of the blocks' own bytes) against memcpy of the same
+blocks, measured just before. The blocks are bf16 values drawn per KV head from normal
+distributions of different scales (a stand-in for a real KV cache: how much a real one
+compresses depends on the model), and each encoding's blocks also go through a store
+whose disk tier holds them so, read back and compared (lossless: equal; int8: the
+largest error relative to the head's largest value).
 """
 
 from __future__ import annotations
@@ -47,7 +56,10 @@ import tempfile
 import time
 from typing import Callable, NamedTuple
 
+import numpy as np
+
 from kvmesh.bench.stats import percentile
+from kvmesh.kv_store.encoding import bf16_to_f32, f32_to_bf16, make_encoding
 from kvmesh.kv_store.gc_tuning import freeze_startup_objects
 from kvmesh.kv_store.integrity import checksum
 from kvmesh.kv_store.tiered_store import TieredStore
@@ -651,6 +663,80 @@ def _median_ratio(rounds: list[dict]) -> dict:
     return sorted(rounds, key=lambda r: r["ratio_to_ceiling"])[len(rounds) // 2]
 
 
+ENCODED = ("zstd", "lz4", "int8")
+KV_HEADS = 8  # heads of a stand-in KV block
+ENCODED_BLOCK = 64 << 10
+
+
+def kv_blocks(block_bytes: int, count: int, heads: int = KV_HEADS, seed: int = 0) -> list[bytes]:
+    """Stand-in KV blocks: bf16 values, each head's drawn from a normal distribution of
+    its own scale."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        scale = rng.uniform(0.05, 4.0, size=(heads, 1)).astype(np.float32)
+        values = rng.standard_normal((heads, block_bytes // 2 // heads), dtype=np.float32) * scale
+        out.append(f32_to_bf16(values).tobytes())
+    return out
+
+
+def encodings(directory: str, total_bytes: int, block_bytes: int = ENCODED_BLOCK) -> list[dict]:
+    """Per encoding: bytes at rest, encode/decode GB/s against memcpy (see the module's
+    docstring)."""
+    from kvmesh.kv_store.keys import BlockKey
+
+    count = max(GET_BATCH, min(total_bytes // block_bytes, 512))
+    blocks = kv_blocks(block_bytes, 2 * PAGE // block_bytes)  # half of them go to disk
+    keys = [BlockKey(b"n" * 8, i.to_bytes(16, "big"), (0, 1), (0, KV_HEADS)).to_bytes() for i in range(len(blocks))]
+    rows = []
+    for name in ENCODED:
+        enc = make_encoding(name)
+        memcpy = memcpy_gbps(block_bytes, count * block_bytes, blocks, count)
+        start = time.perf_counter()
+        blobs = [enc.encode(blocks[i % len(blocks)], KV_HEADS) for i in range(count)]
+        encode_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for blob in blobs:
+            enc.decode(blob)
+        decode_s = time.perf_counter() - start
+        rest = sum(map(len, blobs[:len(blocks)])) / (len(blocks) * block_bytes)
+        # through a store: a host tier of one page, the rest pushed to a disk tier holding them encoded
+        tier = DiskTier(os.path.join(directory, f"kvmesh-encoded-{name}.bin"),
+                        2 * len(blocks) * block_bytes + 4 * PAGE, PAGE, encoding=enc)
+        store = TieredStore([HostTier(PAGE, PAGE), tier])
+        try:
+            for key, data in zip(keys, blocks):
+                store.put(key, data, checksum(data))
+            disk = store.stats().tiers[1]
+            on_disk = [k for k in keys if store.tier_of(k) == "disk"]
+            slots = tier.allocator.slot_bytes
+            errors = []
+            for key, data in zip(keys, blocks):
+                if key in on_disk:
+                    got = store.get(key).data
+                    if not enc.lossy and got != data:
+                        raise RuntimeError(f"{name}: a block read back from the disk tier differs")
+                    a = bf16_to_f32(np.frombuffer(data, np.uint16)).reshape(KV_HEADS, -1)
+                    b = bf16_to_f32(np.frombuffer(got, np.uint16)).reshape(KV_HEADS, -1)
+                    errors.append(float((np.abs(a - b).max(axis=1) / np.abs(a).max(axis=1)).max()))
+        finally:
+            store.close()
+        rows.append({
+            "encoding": name, "lossy": enc.lossy, "block_bytes": block_bytes, "heads": KV_HEADS,
+            "bytes_at_rest_ratio": round(rest, 4),
+            "disk_payload_ratio": round(disk.used_bytes / disk.block_bytes, 4),
+            "disk_slot_ratio": round(slots / disk.block_bytes, 4),
+            "blocks_on_disk": len(on_disk),
+            "encode_GBps": round(_gbps(count * block_bytes, encode_s), 3),
+            "decode_GBps": round(_gbps(count * block_bytes, decode_s), 3),
+            "memcpy_GBps": round(memcpy, 3),
+            "encode_of_memcpy": round(_gbps(count * block_bytes, encode_s) / memcpy, 4),
+            "decode_of_memcpy": round(_gbps(count * block_bytes, decode_s) / memcpy, 4),
+            "max_relative_error": round(max(errors), 5),
+        })
+    return rows
+
+
 def _run(total_bytes: int, directory: str, sizes: list[int], say) -> dict:
     direct = _direct_io_works(directory)
     filesystem = filesystem_of(directory)
@@ -687,6 +773,8 @@ def _run(total_bytes: int, directory: str, sizes: list[int], say) -> dict:
     bursty = bursty_puts(directory, direct)
     say(f"the demoter emptying half of a full host tier onto disk, {ROUNDS} rounds per block size")
     demoter = demoter_to_disk(directory, direct, total_bytes)
+    say(f"encodings of {ENCODED_BLOCK >> 10} KiB blocks at rest: {', '.join(ENCODED)}")
+    encoded = encodings(directory, total_bytes)
 
     def best(tier: str, op: str) -> dict[str, float]:  # per block size, over its cases
         out: dict[str, float] = {}
@@ -712,6 +800,7 @@ def _run(total_bytes: int, directory: str, sizes: list[int], say) -> dict:
         "puts_demoting_to_disk": demoting,
         "bursty_puts_with_demote_ahead": bursty,
         "demoter_to_disk": demoter,
+        "encodings": encoded,
         "config": {"total_bytes_per_case": total_bytes, "page_bytes": PAGE},
     }
 
@@ -749,6 +838,12 @@ def print_table(report: dict) -> None:
     for r in report["demoter_to_disk"]:
         print(f"the demoter moving {r['block_bytes'] >> 10} KiB blocks to disk: {r['GBps']} GB/s "
               f"({r['ratio_to_ceiling']} of raw sequential writes)")
+    for r in report["encodings"]:
+        print(f"{r['encoding']}{' (LOSSY)' if r['lossy'] else ''} on {r['block_bytes'] >> 10} KiB blocks: "
+              f"{r['bytes_at_rest_ratio']} of the bytes at rest ({r['disk_slot_ratio']} in disk slots); "
+              f"encode {r['encode_GBps']} GB/s ({r['encode_of_memcpy']} of memcpy), decode "
+              f"{r['decode_GBps']} GB/s ({r['decode_of_memcpy']} of memcpy); largest error "
+              f"{r['max_relative_error']} of a head's largest value")
     print(f"host hits of {h['block_bytes'] >> 10} KiB: p50 {h['alone_p50_us']} us alone, "
           f"{h['with_disk_traffic_p50_us']} us while leases promote {h['promoted_GBps']} GB/s from disk "
           f"(x{h['p50_ratio']}; p99 x{h['p99_ratio']})")

@@ -4,6 +4,7 @@
     kvmesh serve                     start a cluster on this machine and serve until Ctrl-C
     kvmesh model make DIR            write the default model (or a generated test model) to DIR
     kvmesh bench store --json        store tier bandwidth against memcpy, raw disk (and host<->GPU copies)
+    kvmesh bench eviction --json     hit ratio of each eviction policy on three traces, by capacity
     kvmesh bench transfer --json     KV transfer backends between processes against memcpy
     kvmesh bench router|routing      router overhead; TTFT of KV-aware routing vs round robin
     kvmesh bench serve               kvmesh against a plain vLLM server, end to end (one JSON line)
@@ -358,6 +359,12 @@ def cmd_bench_serve(args) -> None:
     main(args)
 
 
+def cmd_bench_eviction(args) -> None:
+    from kvmesh.bench.eviction_bench import main
+
+    main(args)
+
+
 def cmd_bench_store(args) -> None:
     from kvmesh.bench.store_bench import main
 
@@ -458,6 +465,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes moved per tier, operation and block size")
     b.add_argument("--dir", default=None, help="directory on the disk to measure (default: temp)")
     b.set_defaults(func=cmd_bench_store)
+    from kvmesh.bench import eviction_bench
+
+    b = bsub.add_parser("eviction", help="hit ratio of each eviction policy on three traces, by capacity",
+                        description=eviction_bench.__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    eviction_bench.add_arguments(b)
+    b.set_defaults(func=cmd_bench_eviction)
     b = bsub.add_parser("transfer", help="KV transfer backends between two processes vs memcpy")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--sizes", default="256KiB,4MiB,64MiB", help="transfer sizes, comma-separated")

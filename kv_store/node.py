@@ -91,7 +91,7 @@ class StoreNode:
                 listener=self.publisher.on_change if self.publisher else None,
                 shm_name=f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}" if "shm" in s.transfer else None,
                 io_threads=s.io_threads, disk_write_behind_bytes=s.disk_write_behind,
-                demote_ahead=s.demote_ahead)
+                demote_ahead=s.demote_ahead, disk_encoding=s.disk_encoding)
             undo.callback(self.store.close)
             sources = open_transfer_sources(
                 self.store, list(s.transfer), s.host, s.transfer_port,

@@ -9,6 +9,7 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import Field, model_validator
 
+from kvmesh.kv_store.encoding import ENCODINGS, LOSSY
 from kvmesh.kv_store.eviction import POLICIES
 from kvmesh.kv_store.settings_base import (
     DEFAULT_HOST, Address, BytesOrZero, Names, Port, PortOrZero, PowerOfTwoBytes, Seconds,
@@ -17,6 +18,7 @@ from kvmesh.kv_store.settings_base import (
 from kvmesh.kv_store.transfer import BACKENDS
 
 Policy = Literal[tuple(POLICIES)]
+DiskEncoding = Literal[tuple(ENCODINGS)]
 
 
 class StoreSettings(Settings):
@@ -31,6 +33,11 @@ class StoreSettings(Settings):
     disk_dir: Optional[str] = Field(None, description=(
         "directory of the disk tier's slab file (default: a new temporary one)"))
     direct_io: bool = Field(False, description="open the slab file with O_DIRECT")
+    disk_encoding: DiskEncoding = Field("none", description=(
+        "how the disk tier holds blocks at rest: none; zstd or lz4 (lossless, byte-shuffled "
+        f"bf16 compressed); {', '.join(LOSSY)} (LOSSY: bf16 quantized to 8 bits with a scale per "
+        "64 values of each KV head, about half the bytes; a block read back is close to, not equal to, "
+        "the one put, so greedy outputs may change; only when asked for)"))
     disk_write_behind: BytesOrZero = Field(0, description=(
         "RAM in which disk writes are staged and written behind the put, adjacent blocks in "
         "one request (0: each write reaches the disk before the put returns)"))
@@ -41,7 +48,9 @@ class StoreSettings(Settings):
     io_threads: int = Field(4, ge=1, description=(
         "block reads and moves of one request that run at once (disk, GPU)"))
     gpu_bytes: BytesOrZero = Field(0, description="GPU tier capacity (needs CUDA; 0: none)")
-    policy: Policy = Field("lru", description="eviction policy of every tier")
+    policy: Policy = Field("lru", description=(
+        "eviction policy of every tier: lru; s3fifo and arc (frequency-aware, scan-resistant); "
+        "cost (expected reuse x cost to recompute, by prefix position)"))
     page_bytes: PowerOfTwoBytes = Field(4 << 20, description=(
         "slab page size, a power of two; also the largest block"))
     metrics_port: Optional[Port] = Field(None, description=(

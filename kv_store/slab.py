@@ -6,6 +6,14 @@ goes back to the free pages when its last slot is freed. A block takes the small
 that holds it. Offsets are multiples of the slot size, so they are aligned for direct
 I/O whenever the slot size is (4 KiB and up).
 
+With ``steps`` above 1 there are that many size classes per doubling instead of one
+(between ``2**k`` and ``2**(k+1)`` times ``min_slot_bytes``, every ``2**k / steps``
+rounded up to ``min_slot_bytes``): for tiers that hold encoded blocks, whose sizes vary
+and rarely fall to a power of two (a block compressed to 0.55 of its size would
+otherwise take a slot as large as the uncompressed one). A page then holds as many
+slots as fit whole; the rest of it is unused. Offsets are then multiples of
+``min_slot_bytes`` (within a page, of the slot size).
+
 Free pages, and the free slots of a page, are handed out lowest offset first (heaps),
 so a tier fills from the start of its region and consecutive blocks land in adjacent
 slots whatever order earlier ones were freed in: a batched read then finds them in one
@@ -38,11 +46,15 @@ class _Page:
 
 
 class SlabAllocator:
-    def __init__(self, capacity_bytes: int, page_bytes: int = 4 << 20, min_slot_bytes: int = 4096):
+    def __init__(self, capacity_bytes: int, page_bytes: int = 4 << 20, min_slot_bytes: int = 4096,
+                 steps: int = 1):
         if page_bytes % min_slot_bytes or page_bytes & (page_bytes - 1):
             raise ValueError("page_bytes must be a power of two and a multiple of min_slot_bytes")
+        if steps < 1:
+            raise ValueError("steps must be at least 1")
         self.page_bytes = page_bytes
         self.min_slot_bytes = min_slot_bytes
+        self.steps = steps
         self.num_pages = capacity_bytes // page_bytes
         self.capacity_bytes = self.num_pages * page_bytes
         self._pages = [_Page() for _ in range(self.num_pages)]
@@ -58,6 +70,9 @@ class SlabAllocator:
         size = self.min_slot_bytes
         while size < nbytes:
             size *= 2
+        if self.steps > 1 and size > self.min_slot_bytes:
+            step = -(-(size // 2 // self.steps) // self.min_slot_bytes) * self.min_slot_bytes
+            size = min(size, -(-nbytes // step) * step)
         return size
 
     def alloc(self, nbytes: int) -> Slot | None:
@@ -73,7 +88,7 @@ class SlabAllocator:
             page = self._pages[index]
             base = index * self.page_bytes
             page.slot_size = size
-            page.free = list(range(base, base + self.page_bytes, size))  # ascending: a heap
+            page.free = list(range(base, base + self.page_bytes - size + 1, size))  # ascending: a heap
             partial.add(index)
         index = next(iter(partial))
         page = self._pages[index]

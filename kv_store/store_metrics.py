@@ -1,4 +1,9 @@
-"""Prometheus metrics of a store node, read from the store's counters at scrape time."""
+"""Prometheus metrics of a store node, read from the store's counters at scrape time.
+
+Every name is ``kvmesh_store_*``; per-tier ones carry a ``tier`` label (``gpu``, ``host``,
+``disk``): a bounded set. Ratios since start are gauges (``hit_ratio``,
+``overall_hit_ratio``); over a window, take ``rate`` of the ``hits`` and ``misses``
+counters (as ``deploy/grafana/kvmesh.json`` does)."""
 
 from __future__ import annotations
 
@@ -44,6 +49,25 @@ class StoreCollector(Collector):
         yield family(GaugeMetricFamily, "write_bandwidth_bytes_per_second",
                      "Average write bandwidth while writing",
                      lambda t: t.write_bytes / t.write_seconds if t.write_seconds else 0.0)
+        yield family(GaugeMetricFamily, "block_bytes",
+                     "Bytes of the blocks held, as put (used_bytes: as held at rest, encoded)",
+                     lambda t: t.block_bytes)
+        yield family(GaugeMetricFamily, "compression_saved_bytes",
+                     "Bytes the tier's encoding saves at rest: block_bytes - used_bytes "
+                     "(0 without an encoding; below 0 where encoding grew the blocks)",
+                     lambda t: t.block_bytes - t.used_bytes)
+        info = GaugeMetricFamily("kvmesh_store_encoding_info", "How each tier holds blocks at rest (1)",
+                                 labels=["tier", "encoding"])
+        for t in s.tiers:
+            info.add_metric([t.name, t.encoding], 1)
+        yield info
+        asked = s.hits + s.misses  # keys asked for by reads since the store started
+        yield family(GaugeMetricFamily, "hit_ratio",
+                     "Share of the keys asked for since start that this tier served",
+                     lambda t: t.hits / asked if asked else 0.0)
+        yield GaugeMetricFamily("kvmesh_store_overall_hit_ratio",
+                                "Share of the keys asked for since start that the store served",
+                                value=s.hits / asked if asked else 0.0)
         for name, doc, value in (("misses", "Keys asked for and not held", s.misses),
                                  ("corrupt", "Blocks whose checksum failed on read-back", s.corrupt),
                                  ("rejected", "Puts refused for lack of room", s.rejected),

@@ -52,8 +52,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from kvmesh.kv_store.block_store import BlockStore, StoredBlock
-from kvmesh.kv_store.eviction import EvictionPolicy, make_policy
-from kvmesh.kv_store.integrity import verify
+from kvmesh.kv_store.eviction import NO_HINT, BlockHint, EvictionPolicy, make_policy
+from kvmesh.kv_store.encoding import heads_of
+from kvmesh.kv_store.integrity import checksum as checksum_of, verify
 from kvmesh.kv_store.slab import Slot, adjacent_runs
 from kvmesh.kv_store.tiers import HostTier, Tier
 
@@ -77,8 +78,17 @@ class _Entry:
     slot: Slot
     pins: int = 0
     dead: bool = False  # dropped or replaced while pinned: free when unpinned
-    retired: list[tuple[int, Slot]] = field(default_factory=list)  # moved out of while
-    # pinned: (tier, slot) pairs still being read, freed with the last pin
+    hint: BlockHint = NO_HINT  # what the eviction policy weighs (chain position, priority)
+    retired: list[tuple[int, Slot, int]] = field(default_factory=list)  # moved out of while
+    # pinned: (tier, slot, bytes at rest) still being read, freed with the last pin
+    # The bytes at rest in ``slot`` and their checksum: the block's own, unless its tier
+    # encodes blocks (then the encoded bytes, header included).
+    rest_size: int = -1
+    rest_checksum: int = -1
+
+    def __post_init__(self) -> None:
+        if self.rest_size < 0:
+            self.rest_size, self.rest_checksum = self.size, self.checksum
 
 
 class _Lease(NamedTuple):
@@ -110,6 +120,8 @@ class _Read(NamedTuple):
     tier: int
     slot: Slot
     checksum: int
+    rest_size: int      # bytes at rest in that slot (encoded, where the tier encodes)
+    rest_checksum: int  # their checksum
 
 
 @dataclass(eq=False)
@@ -121,6 +133,10 @@ class _Move:
     tier: int
     slot: Slot
     data: bytes | None  # its bytes, where the caller already read and verified them
+    # (encoded for ``tier`` where ``rest_checksum`` is set)
+    nbytes: int = 0  # bytes reserved in ``slot``: what it will hold at rest
+    rest_checksum: int | None = None  # of ``data`` as encoded for ``tier``; None: not encoded
+    new_checksum: int | None = None  # the block's checksum after a lossy decode on the way
 
 
 @dataclass
@@ -136,6 +152,8 @@ class TierStats:
     demotions: int = 0   # blocks moved out of this tier to a slower one
     demotions_ahead: int = 0  # of those, moved by the demoter ahead of need
     promotions: int = 0  # blocks moved into this tier from a slower one
+    encoding: str = "none"  # how blocks are held at rest here
+    block_bytes: int = 0  # bytes of the blocks held, as put (used_bytes: as held at rest)
     read_bytes: int = 0
     read_seconds: float = 0.0
     write_bytes: int = 0
@@ -292,7 +310,7 @@ class TieredStore(BlockStore):
         if outcome == _NO_ROOM and may_evict and self._can_evict(victim.key):
             self._evict(victim)
             return False
-        self._policies[tier].insert(victim.key)
+        self._policies[tier].insert(victim.key, victim.hint)
         return outcome == _NO_ROOM and victim.pins == 0
 
     # ------------------------------------------------------------------ demoting ahead
@@ -412,11 +430,28 @@ class TieredStore(BlockStore):
             for i, (source, d) in enumerate(zip(sources, data)):
                 if source.tier == tier:
                     continue
-                slot = self._reserve(tier, source.entry.size)
+                new_checksum = None
+                if d is not None and self.tiers[source.tier].encoding.lossy:
+                    new_checksum = checksum_of(d)  # as decoded on the way (get_many)
+                rest_checksum = None
+                if self.tiers[tier].encoding.code:  # encoded before its room is known
+                    try:
+                        d, new_checksum = self._encoded_for(source, d, tier, new_checksum)
+                    except ValueError as e:  # a block this encoding cannot hold
+                        log.warning("%s tier: cannot encode a block: %s", self.tiers[tier].name, e)
+                        outcomes[i] = _NO_ROOM
+                        continue
+                    if d is None:  # its bytes failed on the way
+                        with self._lock:
+                            outcomes[i] = self._finish_move(_Move(i, source, tier, None, None), False, False)
+                        continue
+                    rest_checksum = checksum_of(d)
+                nbytes = source.entry.size if d is None else len(d)
+                slot = self._reserve(tier, nbytes)
                 if slot is None:
                     outcomes[i] = _NO_ROOM
                 else:
-                    moves.append(_Move(i, source, tier, slot, d))
+                    moves.append(_Move(i, source, tier, slot, d, nbytes, rest_checksum, new_checksum))
             if not moves:
                 return outcomes
             groups = self._copy_groups(moves)
@@ -426,7 +461,7 @@ class TieredStore(BlockStore):
         except BaseException:
             with self._lock:
                 for move in moves:
-                    self.tiers[tier].allocator.free(move.slot, move.source.entry.size)
+                    self.tiers[tier].allocator.free(move.slot, move.nbytes)
             raise
         with self._lock:
             for group, copied in zip(groups, results):
@@ -442,28 +477,83 @@ class TieredStore(BlockStore):
         unchanged = (not entry.dead and entry.tier == was.tier and entry.slot is was.slot
                      and entry.checksum == was.checksum)
         readers = entry.pins - 1  # besides the mover's pin
-        if result is None or not unchanged or (result and yield_to_readers and readers > 0):
-            self.tiers[move.tier].allocator.free(move.slot, entry.size)
+        if move.slot is not None and (result is None or not unchanged or (result and yield_to_readers and readers > 0)):
+            self.tiers[move.tier].allocator.free(move.slot, move.nbytes)
             return _NO_ROOM if result is None else _STAYED
         if not result:
-            self.tiers[move.tier].allocator.free(move.slot, entry.size)
+            if move.slot is not None:
+                self.tiers[move.tier].allocator.free(move.slot, move.nbytes)
+            if not unchanged:
+                return _STAYED
             self._corrupt += 1
             self._forget(entry)
             return _CORRUPT
         if readers > 0:  # still reading the old slot: it goes with the last pin
-            entry.retired.append((was.tier, was.slot))
+            entry.retired.append((was.tier, was.slot, was.rest_size))
         else:
-            self.tiers[was.tier].allocator.free(was.slot, entry.size)
+            self.tiers[was.tier].allocator.free(was.slot, was.rest_size)
+        if move.new_checksum is not None:  # decoded lossily: these are its bytes now
+            entry.checksum = move.new_checksum
+        if move.rest_checksum is None:
+            entry.rest_size, entry.rest_checksum = entry.size, entry.checksum
+        else:
+            entry.rest_size, entry.rest_checksum = move.nbytes, move.rest_checksum
         self._policies[was.tier].remove(entry.key)
         if move.tier > was.tier:
             self._stats[was.tier].demotions += 1
         else:
             self._stats[move.tier].promotions += 1
         entry.tier, entry.slot = move.tier, move.slot
-        self._policies[move.tier].insert(entry.key)
+        self._policies[move.tier].insert(entry.key, entry.hint)
         self._room_taken(move.tier)
         self._tell("stored", entry.key, self.tiers[move.tier].name)
         return _MOVED
+
+    def _encoded_for(self, source: _Read, data: bytes | None, tier: int,
+                     new_checksum: int | None) -> tuple[bytes | None, int | None]:
+        """A pinned block's bytes encoded for ``tier``, and its checksum if it changes on
+        the way (decoded lossily from its tier): ``data`` where the caller has them, else
+        read from where ``source`` says (verified, decoded). ``(None, None)`` when they
+        cannot be read or fail their checksum; ``ValueError`` when the encoding cannot
+        hold them. Call without the lock."""
+        if data is None:
+            src = self.tiers[source.tier]
+            if isinstance(src, HostTier):
+                with src.view(source.slot, source.entry.size) as view:
+                    data = bytes(view)
+            else:
+                data = self._read_decoded(source)
+                if data is None:
+                    return None, None
+                if src.encoding.lossy:
+                    new_checksum = checksum_of(data)
+        return self.tiers[tier].encoding.encode(data, heads_of(source.entry.key)), new_checksum
+
+    def _read_decoded(self, source: _Read) -> bytes | None:
+        """A pinned block read back from a tier that is not host RAM, checked against its
+        checksum at rest and decoded; None if it cannot be read, fails, or will not decode."""
+        tier = self.tiers[source.tier]
+        try:
+            data = tier.read(source.slot, source.rest_size)
+        except OSError as e:
+            log.warning("%s tier: cannot read a block back: %s", tier.name, e)
+            return None
+        return self._decoded(tier, data, source)
+
+    def _decoded(self, tier: Tier, data: bytes, source: _Read) -> bytes | None:
+        """Bytes of a block read from ``tier``, verified against their checksum at rest
+        and decoded (and, from a lossless encoding, the result verified against the
+        block's own checksum too); None if they fail."""
+        if not verify(data, source.rest_checksum):
+            return None
+        if not tier.encoding.code:
+            return data
+        try:
+            data = tier.encoding.decode(data)
+        except ValueError as e:  # the checksum held, so the writer wrote garbage: still a loss
+            log.warning("%s tier: a block does not decode: %s", tier.name, e)
+            return None
+        return data if tier.encoding.lossy or verify(data, source.checksum) else None
 
     def _run_io(self, jobs: Sequence[Callable[[], object]], parallel: bool) -> list:
         """Run ``jobs`` (block copies that touch only their own slots, never the store's
@@ -489,9 +579,11 @@ class TieredStore(BlockStore):
         return [f.result() for f in futures]
 
     def _read_into_host(self, move: _Move) -> bool:
-        """Whether a move reads a block back from a slower tier into host RAM."""
+        """Whether a move reads a block back from a slower tier that holds it as put into
+        host RAM (encoded blocks are decoded on the way: ``_copy``)."""
         return (move.data is None and isinstance(self.tiers[move.tier], HostTier)
-                and not isinstance(self.tiers[move.source.tier], HostTier))
+                and not isinstance(self.tiers[move.source.tier], HostTier)
+                and not self.tiers[move.source.tier].encoding.code)
 
     def _written_from_host(self, move: _Move) -> bool:
         """Whether a move writes a block out of host RAM into a slower tier."""
@@ -550,13 +642,11 @@ class TieredStore(BlockStore):
         was, data = move.source, move.data
         src, dst, size = self.tiers[was.tier], self.tiers[move.tier], was.entry.size
         if data is None and not isinstance(src, HostTier):
-            try:
-                data = src.read(was.slot, size)
-            except OSError as e:
-                log.warning("%s tier: cannot read a block back: %s", src.name, e)
+            data = self._read_decoded(was)
+            if data is None:
                 return False
-            if not verify(data, was.checksum):
-                return False
+            if src.encoding.lossy:
+                move.new_checksum = checksum_of(data)
         try:
             if data is None:  # straight out of the host arena, its whole slot
                 with src.view(was.slot, was.slot.size) as view:
@@ -594,7 +684,7 @@ class TieredStore(BlockStore):
 
     def _free_slot(self, entry: _Entry) -> None:
         if entry.slot is not None:
-            self.tiers[entry.tier].allocator.free(entry.slot, entry.size)
+            self.tiers[entry.tier].allocator.free(entry.slot, entry.rest_size)
             entry.slot = None
 
     def _child_gone(self, parent: bytes) -> None:
@@ -609,33 +699,40 @@ class TieredStore(BlockStore):
         """Under the lock: one more pin on ``entry``, and where it is now with its checksum
         (that slot stays whole until the pin goes, ``_unpin``)."""
         entry.pins += 1
-        return _Read(entry, entry.tier, entry.slot, entry.checksum)
+        return _Read(entry, entry.tier, entry.slot, entry.checksum, entry.rest_size, entry.rest_checksum)
 
     def _unpin(self, entries: Iterable[_Entry]) -> None:
         for entry in entries:
             entry.pins -= 1
             if entry.pins == 0:
-                for tier, slot in entry.retired:
-                    self.tiers[tier].allocator.free(slot, entry.size)
+                for tier, slot, nbytes in entry.retired:
+                    self.tiers[tier].allocator.free(slot, nbytes)
                 entry.retired.clear()
                 if entry.dead:
                     self._free_slot(entry)
 
     # ------------------------------------------------------------------ BlockStore
 
-    def put(self, key: bytes, data: bytes, checksum: int, parent: bytes | None = None) -> bool:
+    def put(self, key: bytes, data: bytes, checksum: int, parent: bytes | None = None,
+            priority: float = 0.0) -> bool:
+        """As ``BlockStore.put``; ``priority`` (a session's, 0: none) is handed to the
+        eviction policy with the block's chain position (its parent's plus one where the
+        parent is held; 1 where it is not; 0 for a block without a parent)."""
         if parent is not None:  # counted from now on: making room for the child never evicts it
             with self._lock:
                 self._children[parent] = self._children.get(parent, 0) + 1
-        slot = None
+        slot, rest, rest_checksum = None, data, checksum
         try:
-            slot = self._reserve(0, len(data))
+            if self.tiers[0].encoding.code:  # a store whose fastest tier encodes (disk only)
+                rest = self.tiers[0].encoding.encode(data, heads_of(key))
+                rest_checksum = checksum_of(rest)
+            slot = self._reserve(0, len(rest))
             if slot is not None:
-                self.tiers[0].write(slot, data)  # the slot is ours alone: no lock needed
+                self.tiers[0].write(slot, rest)  # the slot is ours alone: no lock needed
         except BaseException:
             with self._lock:
                 if slot is not None:
-                    self.tiers[0].allocator.free(slot, len(data))
+                    self.tiers[0].allocator.free(slot, len(rest))
                 if parent is not None:
                     self._child_gone(parent)
             raise
@@ -648,9 +745,12 @@ class TieredStore(BlockStore):
             old = self._entries.get(key)
             if old is not None:
                 self._forget(old)
-            entry = _Entry(key, len(data), checksum, parent, 0, slot)
+            above = None if parent is None else self._entries.get(parent)
+            position = 0 if parent is None else 1 if above is None else above.hint.position + 1
+            entry = _Entry(key, len(data), checksum, parent, 0, slot, hint=BlockHint(position, priority, parent),
+                           rest_size=len(rest), rest_checksum=rest_checksum)
             self._entries[key] = entry
-            self._policies[0].insert(key)
+            self._policies[0].insert(key, entry.hint)
             self._puts += 1
             self._room_taken(0)
             self._tell("stored", key, self.tiers[0].name)
@@ -696,7 +796,7 @@ class TieredStore(BlockStore):
         with self._lock:
             leased: list[_Entry] = []
             where: dict[bytes, tuple[int, int, int]] = {}
-            for key, (entry, served_from, _, _) in wanted.items():
+            for key, (entry, served_from, *_) in wanted.items():
                 if entry.dead or entry.tier != host:  # corrupt or dropped; or no room up there
                     self._misses += entry.dead
                     self._unpin([entry])
@@ -763,7 +863,8 @@ class TieredStore(BlockStore):
                         self._corrupt += 1
                         self._forget(read.entry)
                         continue
-                    found[read.entry.key] = StoredBlock(data, read.checksum)
+                    found[read.entry.key] = StoredBlock(
+                        data, checksum_of(data) if self.tiers[read.tier].encoding.lossy else read.checksum)
                     if read.tier > 0:
                         slower.append((read, data))
                     self._stats[read.tier].hits += 1
@@ -786,13 +887,13 @@ class TieredStore(BlockStore):
         all of them if they cannot be read."""
         tier = self.tiers[run[0].tier]
         try:
-            datas = tier.read_run([(r.slot, r.entry.size) for r in run])
+            datas = tier.read_run([(r.slot, r.rest_size) for r in run])
         except OSError as e:
             log.warning("%s tier: cannot read blocks back: %s", tier.name, e)
             return [None] * len(run)
         if tier.name == "host":
             return datas
-        return [d if verify(d, r.checksum) else None for d, r in zip(datas, run)]
+        return [self._decoded(tier, d, r) for d, r in zip(datas, run)]
 
     def lookup(self, groups: Sequence[Sequence[bytes]]) -> int:
         with self._lock:
@@ -810,13 +911,21 @@ class TieredStore(BlockStore):
             return len(targets)
 
     def replace(self, key: bytes, block: StoredBlock) -> bool:
-        """Overwrite a block's bytes and checksum in place (fault injection)."""
+        """Overwrite a block's bytes and checksum in place (fault injection), as if they
+        had been put (encoded where its tier encodes: False if they do not fit its slot)."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None or len(block.data) != entry.size:
                 return False
-            self.tiers[entry.tier].write(entry.slot, block.data)
+            tier = self.tiers[entry.tier]
+            rest = tier.encoding.encode(block.data, heads_of(key)) if tier.encoding.code else block.data
+            if len(rest) > entry.slot.size:
+                return False
+            tier.allocator.payload_bytes += len(rest) - entry.rest_size  # the same slot, new bytes
+            tier.write(entry.slot, rest)
             entry.checksum = block.checksum
+            entry.rest_size = len(rest)
+            entry.rest_checksum = block.checksum if rest is block.data else checksum_of(rest)
             return True
 
     def keys(self) -> list[bytes]:
@@ -844,8 +953,10 @@ class TieredStore(BlockStore):
             out = TieredStoreStats(misses=self._misses, corrupt=self._corrupt,
                                    rejected=self._rejected, puts=self._puts)
             counts = [0] * len(self.tiers)
+            raw = [0] * len(self.tiers)
             for entry in self._entries.values():
                 counts[entry.tier] += 1
+                raw[entry.tier] += entry.size
             for i, (tier, s) in enumerate(zip(self.tiers, self._stats)):
                 a = tier.allocator
                 out.tiers.append(TierStats(
@@ -853,7 +964,8 @@ class TieredStore(BlockStore):
                     held_bytes=a.held_bytes, blocks=counts[i], fragmentation=a.fragmentation,
                     hits=s.hits, evictions=s.evictions, demotions=s.demotions,
                     demotions_ahead=s.demotions_ahead,
-                    promotions=s.promotions, read_bytes=tier.io.read_bytes,
+                    promotions=s.promotions, encoding=tier.encoding.name, block_bytes=raw[i],
+                    read_bytes=tier.io.read_bytes,
                     read_seconds=tier.io.read_seconds, write_bytes=tier.io.write_bytes,
                     write_seconds=tier.io.write_seconds))
             return out
@@ -897,7 +1009,7 @@ def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = Non
                 gpu_bytes: int = 0, policy: str = "lru", direct_io: bool = False,
                 page_bytes: int = 4 << 20, listener=None, shm_name: str | None = None,
                 io_threads: int = 4, disk_write_behind_bytes: int = 0,
-                demote_ahead: float = 0.0) -> TieredStore:
+                demote_ahead: float = 0.0, disk_encoding: str = "none") -> TieredStore:
     """A store with the tiers whose capacity is positive, fastest first.
 
     The disk tier's slab file is created in ``disk_dir`` (a new temporary directory when
@@ -906,8 +1018,9 @@ def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = Non
     memory, readable by other processes on this host. With ``disk_write_behind_bytes``
     disk writes return once staged in that much RAM (``kv_store.write_behind``). With
     ``demote_ahead`` a thread keeps that share of each faster tier free (``TieredStore``).
+    ``disk_encoding``: how the disk tier holds blocks at rest (``kv_store.encoding``).
     Raises ``ValueError`` for a store with no tier (or write-behind below one page, or a
-    share outside [0, 1)) and ``RuntimeError`` for a GPU tier where no GPU is usable;
+    share outside [0, 1), or an unknown encoding) and ``RuntimeError`` for a GPU tier where no GPU is usable;
     whatever it raises, the tiers it had made are closed first.
     """
     import os
@@ -915,7 +1028,10 @@ def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = Non
 
     import secrets
 
+    from kvmesh.kv_store.encoding import make_encoding
     from kvmesh.kv_store.tiers import DiskTier, GpuTier, reap_orphaned_files
+
+    make_encoding(disk_encoding)  # an unknown name fails before any tier is made
 
     tiers: list[Tier] = []
     try:
@@ -931,7 +1047,8 @@ def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = Non
             # a name of its own: stores in containers of one host may share the directory and a pid
             path = os.path.join(directory, f"{SLAB_PREFIX}{os.getpid()}-{secrets.token_hex(4)}.bin")
             tiers.append(DiskTier(path, disk_bytes, page_bytes, direct_io=direct_io,
-                                  write_behind_bytes=disk_write_behind_bytes))
+                                  write_behind_bytes=disk_write_behind_bytes,
+                                  encoding=make_encoding(disk_encoding)))
         if not tiers:
             raise ValueError("give at least one tier a capacity (host, disk or gpu bytes)")
         return TieredStore(tiers, policy, listener, io_threads, demote_ahead)

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+from kvmesh.kv_store.encoding import Encoding, NoEncoding
 from kvmesh.kv_store.slab import SlabAllocator, Slot
 from kvmesh.kv_store.write_behind import WriteBehind
 
@@ -39,10 +40,22 @@ class IOCounters:
 
 
 class Tier(ABC):
+    """``encoding``: how the store holds blocks at rest here (``kv_store.encoding``; the
+    tier itself only stores the bytes it is given)."""
+
     name: str
 
-    def __init__(self, capacity_bytes: int, page_bytes: int = 4 << 20):
-        self.allocator = SlabAllocator(capacity_bytes, page_bytes)
+    ENCODED_SLOT_STEPS = 16  # size classes per doubling where blocks are held encoded
+
+    def __init__(self, capacity_bytes: int, page_bytes: int = 4 << 20, encoding: Encoding | None = None,
+                 min_slot_bytes: int = 4096):
+        """``min_slot_bytes`` (a tier that holds encoded blocks, whose sizes vary, may take
+        smaller slots than 4 KiB) only matters with an ``encoding``."""
+        self.encoding = encoding or NoEncoding()
+        if self.encoding.code:
+            self.allocator = SlabAllocator(capacity_bytes, page_bytes, min_slot_bytes, self.ENCODED_SLOT_STEPS)
+        else:
+            self.allocator = SlabAllocator(capacity_bytes, page_bytes)
         self.io = IOCounters()
         self._io_lock = threading.Lock()
 
@@ -380,8 +393,9 @@ class DiskTier(Tier):
     name = "disk"
 
     def __init__(self, path: str | os.PathLike, capacity_bytes: int, page_bytes: int = 4 << 20,
-                 direct_io: bool = False, write_behind_bytes: int = 0):
-        super().__init__(capacity_bytes, page_bytes)
+                 direct_io: bool = False, write_behind_bytes: int = 0, encoding: Encoding | None = None):
+        # encoded blocks in 512-byte steps (a sector); with O_DIRECT in whole 4 KiB pages
+        super().__init__(capacity_bytes, page_bytes, encoding, 4096 if direct_io else 512)
         self.path = os.fspath(path)
         self._behind: WriteBehind | None = None
         flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC

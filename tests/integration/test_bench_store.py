@@ -53,7 +53,22 @@ def test_bench_store_prints_one_json_object(tmp_path):
     demoter = report["demoter_to_disk"]  # against raw writes run around it
     assert [r["block_bytes"] for r in demoter] == [64 << 10, 256 << 10, 1 << 20]
     assert all(r["GBps"] > 0 and r["ratio_to_ceiling"] > 0 for r in demoter)
+    assert [r["encoding"] for r in report["encodings"]] == list(store_bench.ENCODED)
     assert list(tmp_path.iterdir()) == []  # the benchmark's files are gone
+
+
+def test_encodings_report_bytes_at_rest_and_speed_against_memcpy(tmp_path):
+    rows = {r["encoding"]: r for r in store_bench.encodings(str(tmp_path), 4 << 20)}
+    assert set(rows) == {"zstd", "lz4", "int8"}
+    for r in rows.values():
+        assert r["blocks_on_disk"] > 0
+        assert 0 < r["bytes_at_rest_ratio"] <= r["disk_slot_ratio"] < 1  # slots round up
+        assert r["encode_GBps"] > 0 and r["decode_GBps"] > 0 and r["memcpy_GBps"] > 0
+        assert abs(r["encode_of_memcpy"] - r["encode_GBps"] / r["memcpy_GBps"]) < 0.01
+        assert (r["max_relative_error"] > 0) == r["lossy"]
+    assert rows["int8"]["lossy"] and rows["int8"]["bytes_at_rest_ratio"] <= 0.55
+    assert rows["int8"]["max_relative_error"] <= 1 / 127  # half a step, plus bf16 rounding
+    assert list(tmp_path.iterdir()) == []
 
 
 MOUNTINFO = """\

@@ -103,7 +103,7 @@ def _error(data) -> str:
     ({"stores": [{"host_bytes": "lots"}]}, "stores[0].host_bytes", "not a size: 'lots'"),
     ({"stores": [{"host_bytes": "0"}]}, "stores[0]", "at least one tier"),
     ({"stores": [{"page_bytes": "3MiB"}]}, "stores[0].page_bytes", "power of two"),
-    ({"stores": [{"policy": "fifo"}]}, "stores[0].policy", "'lru' or 's3fifo'"),
+    ({"stores": [{"policy": "fifo"}]}, "stores[0].policy", "'lru', 's3fifo', 'arc' or 'cost'"),
     ({"stores": [{"port": 0}]}, "stores[0].port", "greater than or equal to 1"),
     ({"stores": [{"demote_ahead": 1.0}]}, "stores[0].demote_ahead", "less than 1"),
     ({"stores": [{"node_resource": "a"}, {"node_resource": "b", "port": 50052}]}, "index",

@@ -32,7 +32,7 @@ COMMANDS = {"store": StoreSettings, "prefill": PrefillSettings, "decode": Decode
 def changed_values(cls) -> dict:
     """A valid value for every field of ``cls`` that differs from its default."""
     special = {"heartbeat": 2.0, "heartbeat_timeout": 7.0, "page_bytes": 8 << 20, "demote_ahead": 0.25,
-               "transfer": ("grpc",), "transfer_preference": ("grpc", "shm"), "policy": "s3fifo",
+               "transfer": ("grpc",), "transfer_preference": ("grpc", "shm"), "policy": "s3fifo", "disk_encoding": "zstd",
                "routing": "round_robin", "advertise": "[fd00::1]:7", "store": "10.0.0.1:1",
                "prefill": ("10.0.0.2:2",), "decode": ("10.0.0.3:3", "10.0.0.4:4"),
                "index": "redis://127.0.0.1:6379/1", "metrics_port": 9999, "disk_bytes": 1 << 30,
@@ -111,7 +111,7 @@ def test_choices_come_from_the_registries():
     assert typing.get_args(StoreSettings.model_fields["policy"].annotation) == tuple(POLICIES)
     assert typing.get_args(RouterSettings.model_fields["routing"].annotation) == ROUTING_POLICIES
     help_text = build_parser()._subparsers._group_actions[0].choices["store"].format_help()
-    assert "{lru,s3fifo}" in help_text and BACKENDS == ("shm", "nixl", "grpc")
+    assert "{lru,s3fifo,arc,cost}" in help_text and "{none,zstd,lz4,int8}" in help_text and BACKENDS == ("shm", "nixl", "grpc")
 
 
 # ------------------------------------------------------------------ the cluster YAML

@@ -1,3 +1,5 @@
+import random
+
 import pytest
 
 from kvmesh.kv_store.slab import SlabAllocator, Slot, adjacent_runs
@@ -54,3 +56,23 @@ def test_adjacent_runs_follow_offsets_and_respect_the_cap():
     assert adjacent_runs(slots, 8192) == [[1, 2], [0], [3], [4], [5]]
     assert adjacent_runs([S(0, 16384)], 4096) == [[0]]  # longer than the cap: alone
     assert adjacent_runs([], 4096) == []
+
+
+def test_finer_size_classes_fit_odd_sizes_and_keep_slots_apart():
+    a = SlabAllocator(8 << 20, 1 << 20, min_slot_bytes=512, steps=16)
+    rng = random.Random(4)
+    held = []
+    for _ in range(400):
+        n = rng.randrange(1, 300_000)
+        size = a.slot_size_for(n)
+        assert n <= size <= max(512, n * (1 + 1 / 16) + 512) and size % 512 == 0
+        slot = a.alloc(n)
+        if slot is None:
+            break
+        assert slot.offset % 512 == 0 and slot.offset + slot.size <= (slot.page + 1) * (1 << 20)
+        held.append((slot, n))
+    spans = sorted((s.offset, s.offset + s.size) for s, _ in held)
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))  # no overlap
+    for slot, n in held:
+        a.free(slot, n)
+    assert a.payload_bytes == 0 and a.free_pages == a.num_pages

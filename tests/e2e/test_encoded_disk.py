@@ -1,0 +1,56 @@
+"""End to end through a compressed disk tier: real vLLM engines on the CPU, a real store
+process whose disk tier holds blocks zstd-compressed, the router over HTTP.
+
+A prompt's blocks are pushed from host RAM to disk by later prompts (a host tier of 64
+blocks), then the prompt comes again: its prefix is read back from disk, decoded and
+loaded, and the greedy tokens must equal a colocated vLLM run's. The disk tier's bytes at
+rest are fewer than its blocks' own (the KV really was compressed on the way down).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kvmesh.cluster.local import LocalCluster
+from kvmesh.kv_store.client import StoreClient
+from tests.colocated import reference_table
+from tests.e2e.test_disaggregation import BLOCK, complete, metric
+
+_rng = random.Random(19)
+PROMPTS = [[_rng.randrange(10, 1000) for _ in range(n)] for n in (300, 200, 260, 230)]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, tmp_path_factory):
+    return reference_table(tiny_model, PROMPTS, 12, BLOCK, tmp_path_factory.mktemp("colocated"))
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model, tmp_path_factory):
+    store_args = ("--page-bytes", "64KiB", "--disk-bytes", "64MiB", "--disk-encoding", "zstd")
+    with LocalCluster(model=tiny_model, served_model_name="tiny", block_size=BLOCK,
+                      store_capacity_bytes=512 * 1024, store_args=store_args,
+                      router_args=("--max-local-prefill-tokens", "0", "--max-decode-prefill-tokens", "0"),
+                      decode_local_cache=False,  # every cached prefix comes through the store
+                      run_dir=tmp_path_factory.mktemp("run")) as c:
+        yield c
+
+
+def test_prefix_read_back_from_a_compressed_disk_tier_matches_colocated(cluster, reference):
+    first = PROMPTS[0]  # 300 tokens: 9 blocks x the model's layers
+    assert complete(cluster, first)["choices"][0]["token_ids"] == reference[tuple(first)]
+    for prompt in PROMPTS[1:]:  # more than the host tier holds: `first` goes to disk
+        assert complete(cluster, prompt)["choices"][0]["token_ids"] == reference[tuple(prompt)]
+    with StoreClient(cluster.store_address, secret=cluster.secret) as client:
+        disk = next(t for t in client.stats().tiers if t.name == "disk")
+    assert disk.encoding == "zstd" and disk.blocks > 0
+    assert 0 < disk.used_bytes < disk.block_bytes  # held compressed
+    disk_hits = lambda: metric(cluster, "kvmesh_store_hits_total", '{tier="disk"}', cluster.store_metrics_url)
+    before = disk_hits()
+    again = complete(cluster, first)
+    assert disk_hits() > before  # read back from disk, decoded
+    assert again["kvmesh"]["prefix_tokens_from_store"]["decode"] == (len(first) - 1) // BLOCK * BLOCK
+    assert again["kvmesh"]["kv_load_failed_tokens"] == 0
+    assert again["choices"][0]["token_ids"] == reference[tuple(first)]

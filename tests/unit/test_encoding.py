@@ -1,0 +1,209 @@
+"""Block encodings at rest: lossless ones give back exactly the bytes, int8 within half
+a quantization step per head; headers name the encoding; the store checks the encoded
+bytes against their checksum before decoding."""
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvmesh.kv_store.encoding import (
+    ENCODINGS, HEADER, LOSSY, SHUFFLED, bf16_to_f32, f32_to_bf16, heads_of, make_encoding,
+)
+from kvmesh.kv_store.integrity import checksum
+from kvmesh.kv_store.keys import BlockKey
+from kvmesh.kv_store.tiered_store import TieredStore
+from kvmesh.kv_store.tiers import DiskTier, HostTier
+
+LOSSLESS = [name for name in ENCODINGS if name not in LOSSY]
+PAGE = 64 * 1024
+
+
+def kv_block(seed: int, heads: int = 2, values: int = 4096) -> bytes:
+    """bf16 values as a KV block holds them: each head its own magnitude."""
+    rng = np.random.default_rng(seed)
+    scale = rng.uniform(0.1, 8.0, size=(heads, 1))
+    return f32_to_bf16((rng.standard_normal((heads, values // heads)) * scale).astype(np.float32)).tobytes()
+
+
+@pytest.mark.parametrize("name", LOSSLESS)
+@settings(max_examples=60, deadline=None)
+@given(data=st.binary(max_size=20000))
+def test_lossless_round_trip(name, data):
+    enc = make_encoding(name)
+    assert enc.decode(enc.encode(data)) == data
+
+
+@pytest.mark.parametrize("name", [n for n in ENCODINGS if n != "none"])
+def test_header_names_the_encoding_and_the_length(name):
+    enc, data = make_encoding(name), kv_block(1)
+    blob = enc.encode(data, heads=2)
+    magic, code, flags, length = HEADER.unpack_from(blob)
+    assert magic == b"KVE1" and code == enc.code and length == len(data)
+    assert flags == (SHUFFLED if name in LOSSLESS else 0)
+    for other in ENCODINGS:
+        if other not in ("none", name):
+            with pytest.raises(ValueError, match="not a"):
+                make_encoding(other).decode(blob)
+    with pytest.raises(ValueError):
+        enc.decode(blob[:HEADER.size - 1])
+
+
+def test_lossless_codecs_shrink_kv_bytes():
+    data = kv_block(2)
+    for name in ("zstd", "lz4"):
+        assert len(make_encoding(name).encode(data)) < len(data)
+
+
+def test_int8_is_within_half_a_step_per_head_and_about_half_the_bytes():
+    heads = 4
+    data = kv_block(3, heads=heads, values=8192)
+    enc = make_encoding("int8")
+    blob = enc.encode(data, heads=heads)
+    assert len(blob) <= 0.55 * len(data)
+    before = bf16_to_f32(np.frombuffer(data, np.uint16)).reshape(heads, -1)
+    after = bf16_to_f32(np.frombuffer(enc.decode(blob), np.uint16)).reshape(heads, -1)
+    step = np.abs(before).max(axis=1, keepdims=True) / 127
+    # half a step of quantization, then bf16 rounding of the result (8 bits of mantissa)
+    assert (np.abs(after - before) <= step / 2 + np.abs(before) / 128 + 1e-6).all()
+    assert not np.array_equal(after, before)  # it is lossy
+
+
+def test_int8_scales_each_head_on_its_own():
+    small = np.full(64, 0.01, np.float32)
+    big = np.linspace(-100, 100, 64, dtype=np.float32)
+    data = f32_to_bf16(np.concatenate([small, big])).tobytes()
+    out = bf16_to_f32(np.frombuffer(make_encoding("int8").decode(make_encoding("int8").encode(data, 2)), np.uint16))
+    assert np.allclose(out[:64], 0.01, rtol=0.01)  # one scale for both would round these to 0
+
+
+def test_int8_scales_each_group_of_a_head_on_its_own():
+    """Within one head, a group of small values next to a group with an outlier keeps
+    its precision (one scale for the head would round the small ones to 0)."""
+    small = np.full(64, 0.01, np.float32)
+    outlier = np.zeros(64, np.float32)
+    outlier[3] = 500.0
+    data = f32_to_bf16(np.concatenate([small, outlier, small, small])).tobytes()  # one head
+    enc = make_encoding("int8")
+    blob = enc.encode(data, heads=1)
+    out = bf16_to_f32(np.frombuffer(enc.decode(blob), np.uint16))
+    assert np.allclose(out[:64], 0.01, rtol=0.01) and np.allclose(out[128:], 0.01, rtol=0.01)
+    assert out[67] == 500.0
+
+
+def test_int8_head_that_is_not_whole_groups_is_one_group():
+    data = f32_to_bf16(np.linspace(-3, 3, 2 * 96, dtype=np.float32)).tobytes()  # 96 values a head
+    enc = make_encoding("int8")
+    out = bf16_to_f32(np.frombuffer(enc.decode(enc.encode(data, heads=2)), np.uint16))
+    assert np.abs(out - np.linspace(-3, 3, 192)).max() <= 3 / 127
+
+
+def test_int8_refuses_what_it_cannot_hold():
+    enc = make_encoding("int8")
+    with pytest.raises(ValueError):
+        enc.encode(b"\x00" * 6, heads=4)
+    with pytest.raises(ValueError):
+        enc.encode(f32_to_bf16(np.array([1.0, np.inf], np.float32)).tobytes())
+    with pytest.raises(ValueError):  # a scale beyond float16
+        enc.encode(f32_to_bf16(np.array([1e30, 1.0], np.float32)).tobytes())
+
+
+def test_heads_come_from_the_key():
+    key = BlockKey(b"n" * 8, b"c" * 16, (3, 4), (2, 6)).to_bytes()
+    assert heads_of(key) == 4 and heads_of(b"k1") == 1
+
+
+def test_unknown_encoding_names_the_choices():
+    with pytest.raises(ValueError, match="zstd"):
+        make_encoding("gzip9")
+
+
+def encoded_store(tmp_path, name):
+    return TieredStore([HostTier(PAGE, page_bytes=PAGE),  # 8 blocks of 8 KiB
+                        DiskTier(tmp_path / "slab", 4 * PAGE, page_bytes=PAGE, encoding=make_encoding(name))])
+
+
+@pytest.mark.parametrize("name", LOSSLESS)
+def test_blocks_round_trip_through_an_encoded_disk_tier(tmp_path, name):
+    store = encoded_store(tmp_path, name)
+    try:
+        blocks = {b"k%d" % i: kv_block(i) for i in range(24)}
+        for key, data in blocks.items():
+            assert store.put(key, data, checksum(data))
+        on_disk = [k for k in blocks if store.tier_of(k) == "disk"]
+        assert len(on_disk) >= 16
+        disk = store.stats().tiers[1]
+        assert disk.encoding == name and disk.block_bytes == len(on_disk) * 8192
+        if name != "none":
+            assert disk.used_bytes < disk.block_bytes  # held compressed
+        got = store.get_many(on_disk[:4])  # read back, decoded, promoted
+        assert {k: b.data for k, b in got.items()} == {k: blocks[k] for k in on_disk[:4]}
+        assert all(b.checksum == checksum(b.data) for b in got.values())
+        lease, where = store.lease(on_disk[4:8], seconds=5)  # promoted for a zero-copy read
+        for key in on_disk[4:8]:
+            offset, size, crc = where[key]
+            assert store.tiers[0].view(store._entries[key].slot, size).tobytes() == blocks[key]
+            assert crc == checksum(blocks[key])
+        store.release(lease)
+        for key, data in blocks.items():  # everything, wherever it went meanwhile
+            got = store.get(key)
+            assert got is None or got.data == data
+        store.drop()
+        assert all(t.used_bytes == 0 and t.held_bytes == 0 for t in store.stats().tiers)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("name", ["zstd", "lz4", "int8"])
+@pytest.mark.parametrize("where", [0, HEADER.size - 1, -1])  # header, its last byte, the payload's end
+def test_the_checksum_covers_the_encoded_bytes(tmp_path, name, where):
+    store = encoded_store(tmp_path, name)
+    try:
+        for i in range(12):
+            data = kv_block(i)
+            store.put(b"k%d" % i, data, checksum(data))
+        entry = store._entries[b"k0"]
+        assert store.tier_of(b"k0") == "disk" and entry.rest_size < entry.size
+        offset = entry.slot.offset + (where % entry.rest_size)
+        byte = os.pread(store.tiers[1]._fd, 1, offset)
+        os.pwrite(store.tiers[1]._fd, bytes([byte[0] ^ 0x01]), offset)  # one bit at rest
+        assert store.get(b"k0") is None
+        assert store.stats().corrupt == 1 and b"k0" not in store.keys()
+    finally:
+        store.close()
+
+
+def test_int8_disk_tier_serves_close_bytes_with_their_own_checksum(tmp_path):
+    store = encoded_store(tmp_path, "int8")
+    try:
+        blocks = {b"k%d" % i: kv_block(i) for i in range(16)}
+        for key, data in blocks.items():
+            store.put(key, data, checksum(data))
+        key = next(k for k in blocks if store.tier_of(k) == "disk")
+        disk = store.stats().tiers[1]
+        assert disk.used_bytes <= 0.55 * disk.block_bytes
+        got = store.get(key)
+        assert got.data != blocks[key] and got.checksum == checksum(got.data)
+        a = bf16_to_f32(np.frombuffer(blocks[key], np.uint16))
+        b = bf16_to_f32(np.frombuffer(got.data, np.uint16))
+        assert np.abs(a - b).max() <= np.abs(a).max() / 127
+        assert store.tier_of(key) == "host" and store.get(key) == got  # promoted as decoded
+        lease, where = store.lease([key], seconds=5)
+        assert where[key][2] == got.checksum
+        store.release(lease)
+    finally:
+        store.close()
+
+
+def test_a_disk_only_store_encodes_its_puts(tmp_path):
+    tier = DiskTier(tmp_path / "slab", 4 * PAGE, page_bytes=PAGE, encoding=make_encoding("zstd"))
+    store = TieredStore([tier])
+    try:
+        data = kv_block(9)
+        assert store.put(b"d", data, checksum(data))
+        assert store.stats().tiers[0].used_bytes < len(data)
+        assert store.get(b"d").data == data
+    finally:
+        store.close()
