@@ -48,9 +48,10 @@ def prepare_environment(settings: WorkerSettings) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
 
 
-def build_engine(settings: WorkerSettings):
-    """Start an AsyncLLM; the caller shuts it down (``engine.shutdown()``)."""
+def build_engine(settings: WorkerSettings, stat_loggers=None):
+    """Start an AsyncLLM (with vLLM ``stat_loggers`` factories besides its own); the caller
+    shuts it down (``engine.shutdown()``)."""
     prepare_environment(settings)
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    return AsyncLLM.from_engine_args(engine_args(settings))
+    return AsyncLLM.from_engine_args(engine_args(settings), stat_loggers=stat_loggers)

@@ -21,6 +21,7 @@ import grpc
 
 from kvmesh.engine_host.engine import build_engine
 from kvmesh.engine_host.engine_args import engine_config_summary
+from kvmesh.engine_host.kv_blocks import KvBlocks
 from kvmesh.engine_host.settings import WorkerSettings
 from kvmesh.kv_store.auth import NO_SECRET_WARNING, load_secret, server_interceptors
 from kvmesh.kv_store.gc_tuning import freeze_startup_objects
@@ -48,8 +49,12 @@ def sampling_params(msg: worker_pb2.SamplingParams):
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, engine, settings: WorkerSettings):
+    """The worker API over ``engine``; ``kv_blocks`` (``KvBlocks``, kept current by the
+    engine's stat logger) gives its health the engine's free KV blocks (none: 0 of 0)."""
+
+    def __init__(self, engine, settings: WorkerSettings, kv_blocks: KvBlocks | None = None):
         self.engine = engine
+        self.kv_blocks = kv_blocks
         self.settings = settings
         config = engine.vllm_config
         self.max_model_len = config.model_config.max_model_len
@@ -115,10 +120,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def Health(self, request, context):
         errored = getattr(self.engine, "errored", False)
+        blocks = self.kv_blocks
         return worker_pb2.HealthReply(
             status="error" if errored else "ok", role=self.settings.role, model=self.model,
             running=self.running, max_model_len=self.max_model_len, block_size=self.block_size,
-            engine_config=self.engine_config)
+            engine_config=self.engine_config,
+            kv_blocks_free=blocks.free() if blocks else 0, kv_blocks_total=blocks.usable if blocks else 0)
 
 
 async def start_worker_server(service: WorkerService, host: str, port: int,
@@ -144,10 +151,11 @@ async def serve_worker(settings: WorkerSettings, shutdown_grace_s: float = 5.0, 
     secret = load_secret(settings.cluster_secret_file)  # ValueError: a file it cannot use
     if secret is None:
         log.warning(NO_SECRET_WARNING.format(what=f"{settings.role} worker"))
-    engine = build_engine(settings)
+    kv_blocks = KvBlocks()
+    engine = build_engine(settings, stat_loggers=[kv_blocks.stat_logger])
     server = service = None
     try:
-        service = WorkerService(engine, settings)
+        service = WorkerService(engine, settings, kv_blocks)
         server, _ = await start_worker_server(service, settings.host, settings.port, secret)
         print(f"kvmesh {settings.role} worker serving on {host_port(settings.host, settings.port)}", flush=True)
         freeze_startup_objects()

@@ -87,7 +87,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("status", "role", "model", "running", "max_model_len", "engine_config", "block_size")
+    __slots__ = ("status", "role", "model", "running", "max_model_len", "engine_config", "block_size", "kv_blocks_free", "kv_blocks_total")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,8 @@ class HealthReply(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     ENGINE_CONFIG_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     status: str
     role: str
     model: str
@@ -102,4 +104,6 @@ class HealthReply(_message.Message):
     max_model_len: int
     engine_config: str
     block_size: int
-    def __init__(self, status: _Optional[str] = ..., role: _Optional[str] = ..., model: _Optional[str] = ..., running: _Optional[int] = ..., max_model_len: _Optional[int] = ..., engine_config: _Optional[str] = ..., block_size: _Optional[int] = ...) -> None: ...
+    kv_blocks_free: int
+    kv_blocks_total: int
+    def __init__(self, status: _Optional[str] = ..., role: _Optional[str] = ..., model: _Optional[str] = ..., running: _Optional[int] = ..., max_model_len: _Optional[int] = ..., engine_config: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ...) -> None: ...
