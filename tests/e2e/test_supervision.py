@@ -68,7 +68,7 @@ def test_a_killed_decode_worker_is_restarted_clean_and_serves(cluster, reference
     own = held - shared
     print(f"decode group {group}: its own segments {sorted(own)}, shared {sorted(held & shared)}")
 
-    os.kill(leader, signal.SIGKILL)  # the worker process only; its engine lives on
+    os.kill(leader, signal.SIGKILL)  # the worker process only; its engine must not outlive it
     assert wait_until(lambda: proc.popen.pid != leader, 60), proc.log_tail()
     assert not shm_reclaim.group_pids(leader), "the dead worker's engine process was left running"
     left = {name for name in own if os.path.exists(f"/dev/shm/{name}")}
