@@ -48,9 +48,9 @@ def prepare_environment(settings: WorkerSettings) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
 
 
-def build_engine(settings: WorkerSettings, stat_loggers: list | None = None):
-    """Start an AsyncLLM (with vLLM ``stat_loggers`` factories, if any); the caller shuts
-    it down (``engine.shutdown()``)."""
+def build_engine(settings: WorkerSettings, stat_loggers=None):
+    """Start an AsyncLLM (with vLLM ``stat_loggers`` factories besides its own); the caller
+    shuts it down (``engine.shutdown()``)."""
     prepare_environment(settings)
     from vllm.v1.engine.async_llm import AsyncLLM
 

@@ -1,17 +1,31 @@
-"""Speculative-decoding figures of a worker's engine, for its health reply.
+"""What a worker's engine reports after each step, kept for its health reply.
 
-``SpecDecodeTotals`` adds up vLLM's per-step ``SpecDecodingStats`` (drafts proposed,
-draft tokens, draft tokens accepted), handed to it by a vLLM stat logger
-(``stat_logger_factory``, given to the engine when it is built). Its ``summary`` is what
-the worker reports: the acceptance rate (accepted over proposed draft tokens) and the
-tokens per step of a request that got a draft (one token the target computes anyway plus
-the accepted ones); both None until a draft was proposed. An engine without speculative
-decoding reports zeros.
+One vLLM stat logger (``EngineStats.stat_logger``, given to the engine when it is built)
+receives the scheduler's stats with the outputs of every step (and after the step that
+frees a finished request's blocks, a delayed free included) and keeps:
+
+* ``spec`` (``SpecDecodeTotals``): vLLM's per-step ``SpecDecodingStats`` added up (drafts
+  proposed, draft tokens, draft tokens accepted). Its ``summary`` is the acceptance rate
+  (accepted over proposed draft tokens) and the tokens per step of a request that got a
+  draft (one token the target computes anyway plus the accepted ones); both None until a
+  draft was proposed. An engine without speculative decoding reports zeros.
+* ``kv`` (``KvBlocks``): the KV cache blocks free at the last step, from the scheduler's
+  ``kv_cache_usage`` (one minus the free share of its blocks, the null block left out).
+  Before the first report every block counts as free; an idle engine whose requests all
+  ended reports all its usable blocks free (vLLM counts a block only its prefix cache
+  holds as free: it can be reused at once). The count is as fresh as the engine's last
+  step, so it may lag a request that started since.
+
+The logger runs on the engine's output loop and logs nothing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
 
 
 @dataclass
@@ -38,20 +52,44 @@ class SpecDecodeTotals:
         }
 
 
-def stat_logger_factory(totals: SpecDecodeTotals):
-    """A vLLM ``StatLoggerFactory`` whose loggers add each step's speculative-decoding
-    stats to ``totals`` (called on the engine's output loop; they log nothing)."""
-    from vllm.v1.metrics.loggers import StatLoggerBase
+@dataclass
+class KvBlocks:
+    usage: float = 0.0  # the scheduler's last kv_cache_usage, in [0, 1]
+    total: int = 0      # the engine's KV blocks (known once the engine is initialized)
 
-    class SpecDecodeLogger(StatLoggerBase):
-        def __init__(self, vllm_config, engine_index: int = 0):
-            pass
+    @property
+    def usable(self) -> int:
+        """Blocks requests can get: all but vLLM's null block."""
+        return max(0, self.total - 1)
 
-        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
-            if scheduler_stats is not None:
-                totals.add(scheduler_stats.spec_decoding_stats)
+    def free(self) -> int:
+        """Usable blocks free at the engine's last step."""
+        return round((1.0 - self.usage) * self.usable)
 
-        def log_engine_initialized(self):
-            pass
 
-    return SpecDecodeLogger
+@dataclass
+class EngineStats:
+    spec: SpecDecodeTotals = field(default_factory=SpecDecodeTotals)
+    kv: KvBlocks = field(default_factory=KvBlocks)
+
+    def stat_logger(self, vllm_config: "VllmConfig", engine_index: int = 0):
+        """A vLLM stat logger (``AsyncLLM(stat_loggers=[stats.stat_logger])``) that keeps
+        this object current."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        stats = self
+
+        class _Recorder(StatLoggerBase):
+            def __init__(self, vllm_config, engine_index: int = 0):
+                self.vllm_config = vllm_config
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+                if scheduler_stats is not None:
+                    stats.kv.usage = scheduler_stats.kv_cache_usage
+                    stats.spec.add(scheduler_stats.spec_decoding_stats)
+
+            def log_engine_initialized(self) -> None:
+                # called once the engine core reported its cache size into the config
+                stats.kv.total = self.vllm_config.cache_config.num_gpu_blocks or 0
+
+        return _Recorder(vllm_config, engine_index)

@@ -21,7 +21,7 @@ import grpc
 
 from kvmesh.engine_host.engine import build_engine
 from kvmesh.engine_host.engine_args import engine_config_summary
-from kvmesh.engine_host.engine_stats import SpecDecodeTotals, stat_logger_factory
+from kvmesh.engine_host.engine_stats import EngineStats
 from kvmesh.engine_host.settings import WorkerSettings
 from kvmesh.kv_store.auth import NO_SECRET_WARNING, load_secret, server_interceptors
 from kvmesh.kv_store.gc_tuning import freeze_startup_objects
@@ -49,10 +49,14 @@ def sampling_params(msg: worker_pb2.SamplingParams):
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, engine, settings: WorkerSettings, spec_totals: SpecDecodeTotals | None = None):
+    """The worker API over ``engine``; ``stats`` (``EngineStats``, kept current by the
+    engine's stat logger) gives its health the engine's free KV blocks and speculative
+    decoding figures (none: 0 of 0 blocks, no drafts)."""
+
+    def __init__(self, engine, settings: WorkerSettings, stats: EngineStats | None = None):
         self.engine = engine
+        self.stats = stats
         self.settings = settings
-        self.spec_totals = spec_totals or SpecDecodeTotals()  # what the engine's stat logger adds
         config = engine.vllm_config
         self.max_model_len = config.model_config.max_model_len
         self.block_size = config.cache_config.block_size
@@ -117,10 +121,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def Health(self, request, context):
         errored = getattr(self.engine, "errored", False)
+        stats = self.stats or EngineStats()
         return worker_pb2.HealthReply(
             status="error" if errored else "ok", role=self.settings.role, model=self.model,
             running=self.running, max_model_len=self.max_model_len, block_size=self.block_size,
-            engine_config=self.engine_config, engine_stats=json.dumps(self.spec_totals.summary()))
+            engine_config=self.engine_config, engine_stats=json.dumps(stats.spec.summary()),
+            kv_blocks_free=stats.kv.free() if self.stats else 0, kv_blocks_total=stats.kv.usable)
 
 
 async def start_worker_server(service: WorkerService, host: str, port: int,
@@ -146,11 +152,11 @@ async def serve_worker(settings: WorkerSettings, shutdown_grace_s: float = 5.0, 
     secret = load_secret(settings.cluster_secret_file)  # ValueError: a file it cannot use
     if secret is None:
         log.warning(NO_SECRET_WARNING.format(what=f"{settings.role} worker"))
-    totals = SpecDecodeTotals()
-    engine = build_engine(settings, stat_loggers=[stat_logger_factory(totals)])
+    stats = EngineStats()
+    engine = build_engine(settings, stat_loggers=[stats.stat_logger])
     server = service = None
     try:
-        service = WorkerService(engine, settings, totals)
+        service = WorkerService(engine, settings, stats)
         server, _ = await start_worker_server(service, settings.host, settings.port, secret)
         print(f"kvmesh {settings.role} worker serving on {host_port(settings.host, settings.port)}", flush=True)
         freeze_startup_objects()

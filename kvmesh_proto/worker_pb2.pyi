@@ -87,7 +87,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("status", "role", "model", "running", "max_model_len", "engine_config", "block_size", "engine_stats")
+    __slots__ = ("status", "role", "model", "running", "max_model_len", "engine_config", "block_size", "engine_stats", "kv_blocks_free", "kv_blocks_total")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,8 @@ class HealthReply(_message.Message):
     ENGINE_CONFIG_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_STATS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     status: str
     role: str
     model: str
@@ -104,4 +106,6 @@ class HealthReply(_message.Message):
     engine_config: str
     block_size: int
     engine_stats: str
-    def __init__(self, status: _Optional[str] = ..., role: _Optional[str] = ..., model: _Optional[str] = ..., running: _Optional[int] = ..., max_model_len: _Optional[int] = ..., engine_config: _Optional[str] = ..., block_size: _Optional[int] = ..., engine_stats: _Optional[str] = ...) -> None: ...
+    kv_blocks_free: int
+    kv_blocks_total: int
+    def __init__(self, status: _Optional[str] = ..., role: _Optional[str] = ..., model: _Optional[str] = ..., running: _Optional[int] = ..., max_model_len: _Optional[int] = ..., engine_config: _Optional[str] = ..., block_size: _Optional[int] = ..., engine_stats: _Optional[str] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ...) -> None: ...

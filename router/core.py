@@ -402,7 +402,9 @@ class RouterCore:
                                           sampling=sampling, cache_salt=p.cache_salt)
 
     async def _prefill(self, worker: Worker, request: worker_pb2.GenerateRequest, trace: Trace,
-                       uncached: int) -> None:
+                       uncached: int, start: float) -> None:
+        """Prefill on ``worker`` within ``prefill_timeout``, and never past the request's
+        own deadline (``request_timeout`` from ``start``); failing or late, it only notes it."""
         pre = worker_pb2.GenerateRequest()
         pre.CopyFrom(request)
         pre.request_id = request.request_id + "-prefill"
@@ -411,7 +413,8 @@ class RouterCore:
         worker.inflight += 1
         worker.pending_tokens += uncached
         try:
-            async for chunk in worker.client.generate(pre, self.settings.prefill_timeout):
+            left = self.settings.request_timeout - (time.monotonic() - start)
+            async for chunk in worker.client.generate(pre, max(0.1, min(self.settings.prefill_timeout, left))):
                 if chunk.finish_reason:
                     trace.prefill_ok = True
                     trace.prefill_tokens_from_store = chunk.tokens_from_store
@@ -447,7 +450,7 @@ class RouterCore:
                     self.metrics.prefill_skipped.inc()
                 else:
                     await self._prefill(route.prefill, request, trace,
-                                        self.routing.uncached_tokens(route, len(p.token_ids)))
+                                        self.routing.uncached_tokens(route, len(p.token_ids)), start)
                     if p.request_id in self._cancel_requested:  # cancelled while prefilling
                         raise asyncio.CancelledError
                 async with aclosing(self._decode(route, request, trace, start)) as chunks:

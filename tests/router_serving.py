@@ -50,11 +50,12 @@ class Router:
 
 @contextmanager
 def serving(model: str, stubs: int = 1, token_delay_s: float = 0.0, discover: bool = False,
-            max_model_len: int = 4096, **settings):
+            max_model_len: int = 4096, prefill_delay_s: float | None = None, **settings):
     """A router serving on an event loop of its own (a thread), as ``router_server`` makes
     it (on a free port), with ``stubs`` stub decode workers of ``max_model_len`` tokens;
     given as its decode addresses unless ``discover`` (then the test announces them in the
-    registry at ``settings["index"]``)."""
+    registry at ``settings["index"]``). With ``prefill_delay_s`` it has a stub prefill
+    worker too, that takes that long before its token."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -66,9 +67,13 @@ def serving(model: str, stubs: int = 1, token_delay_s: float = 0.0, discover: bo
                for _ in range(stubs)]
     servers = [call(start_stub("decode", stub=w)) for w in workers]
     addresses = [address for _, address in servers]
+    prefill = []
+    if prefill_delay_s is not None:
+        servers.append(call(start_stub("prefill", stub=StubWorker("prefill", max_model_len, prefill_delay_s))))
+        prefill.append(servers[-1][1])
     stub_servers = [grpc_server for grpc_server, _ in servers]
     grpc_port = free_port()
-    s = RouterSettings(model=model, served_model_name="tiny", prefill=(),
+    s = RouterSettings(model=model, served_model_name="tiny", prefill=tuple(prefill),
                        decode=() if discover else tuple(addresses), host="127.0.0.1", port=0,
                        grpc_port=grpc_port, **settings)
     server = router_server(s)

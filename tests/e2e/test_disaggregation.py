@@ -119,6 +119,7 @@ def test_shared_prefix_comes_from_store(cluster, store, reference):
     after = metric(cluster, "kvmesh_router_prefix_tokens_from_store_total", '{stage="prefill"}')
     # The 256-token prefix (8 blocks) was computed once, then loaded by the second prefill.
     assert second["kvmesh"]["prefix_tokens_from_store"]["prefill"] == len(PREFIX)
+    assert second["kvmesh"]["kv_load_failed_tokens"] == 0
     assert after - before == len(PREFIX)
     assert first["choices"][0]["token_ids"] == reference[tuple(SHARED[0])]
     assert second["choices"][0]["token_ids"] == reference[tuple(SHARED[1])]
@@ -137,6 +138,7 @@ def test_prefix_demoted_to_disk_is_served_from_disk(cluster, store, reference):
     again = complete(cluster, first)
     assert disk_hits() > before
     assert again["kvmesh"]["prefix_tokens_from_store"]["decode"] == (len(first) - 1) // BLOCK * BLOCK
+    assert again["kvmesh"]["kv_load_failed_tokens"] == 0
     assert again["choices"][0]["token_ids"] == reference[tuple(first)]
 
 

@@ -62,6 +62,7 @@ def test_components_on_separate_addresses_match_colocated(cluster, reference):
                                       cluster.decode_address)} == {"127.0.0.2", "127.0.0.3", "127.0.0.4"}
     r, _ = complete(cluster, PROMPTS[0])
     assert r["kvmesh"]["prefix_tokens_from_store"]["decode"] == (len(PROMPTS[0]) - 1) // BLOCK * BLOCK
+    assert r["kvmesh"]["kv_load_failed_tokens"] == 0  # every one of them loaded
     assert r["choices"][0]["token_ids"] == reference[tuple(PROMPTS[0])]
 
 

@@ -77,3 +77,4 @@ def test_standalone_processes_find_each_other_through_redis(tiny_model, redis_ur
             r = complete(c, prompt)
             assert r["choices"][0]["token_ids"] == reference[tuple(prompt)]
             assert r["kvmesh"]["prefix_tokens_from_store"]["decode"] == (len(prompt) - 1) // BLOCK * BLOCK
+            assert r["kvmesh"]["kv_load_failed_tokens"] == 0

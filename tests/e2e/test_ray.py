@@ -385,6 +385,7 @@ def test_a_killed_store_comes_back_on_its_address_and_serves_again(deployed, dis
         r = complete(deployed.router_urls[0], prompt)
         assert r["choices"][0]["token_ids"] == reference[tuple(prompt)]
         if r["kvmesh"]["prefix_tokens_from_store"]["decode"] == (len(prompt) - 1) // BLOCK * BLOCK:
+            assert r["kvmesh"]["kv_load_failed_tokens"] == 0
             break
         assert time.monotonic() < back + 120, "the workers never used the restarted store"
         time.sleep(0.5)

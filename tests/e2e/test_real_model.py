@@ -64,4 +64,5 @@ def test_a_prompt_from_the_store_gives_the_colocated_answer(cluster, long_prompt
         assert "Paris" in choice["message"]["content"]
         from_store = info["prefix_tokens_from_store"]["decode"]
         assert from_store >= len(long_prompt) - BLOCK, (attempt, info)  # every full block but the last
+        assert info["kv_load_failed_tokens"] == 0, (attempt, info)
         assert info["prefill_skipped"] == (attempt == 2), (attempt, info)

@@ -68,7 +68,7 @@ def test_a_killed_decode_worker_is_restarted_clean_and_serves(cluster, reference
     own = held - shared
     print(f"decode group {group}: its own segments {sorted(own)}, shared {sorted(held & shared)}")
 
-    os.kill(leader, signal.SIGKILL)  # the worker process only; its engine lives on
+    os.kill(leader, signal.SIGKILL)  # the worker process only; its engine must not outlive it
     assert wait_until(lambda: proc.popen.pid != leader, 60), proc.log_tail()
     assert not shm_reclaim.group_pids(leader), "the dead worker's engine process was left running"
     left = {name for name in own if os.path.exists(f"/dev/shm/{name}")}
@@ -163,3 +163,38 @@ def _is_component(pid: int, serve_pid: int, kind: str) -> bool:
     except OSError:
         return False
     return b"kvmesh.cluster.cli" in argv and kind.encode() in argv
+
+
+def test_killing_serve_leaves_no_process_behind(tiny_model, tmp_path):
+    """``kvmesh serve`` SIGKILLed: its components stop (they follow their parent), and
+    an engine whose worker was SIGKILLed at the same moment — nobody left to stop it in
+    order — goes too: it follows its worker (``vllm_plugin.die_with_parent``)."""
+    from kvmesh.cluster.local import free_port
+
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "kvmesh.cluster.cli", "serve", "--model", tiny_model,
+         "--port", str(free_port())],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(serve.stdout), daemon=True)
+    reader.start()
+    components: list[int] = []
+    left = lambda: [p for g in components for p in shm_reclaim.group_pids(g)]
+    try:
+        assert wait_until(lambda: any("Press Ctrl-C to stop" in line for line in lines), 300), "".join(lines)
+        components += [p for p in shm_reclaim.all_pids() if _parent(p) == serve.pid]
+        decode = [p for p in components if _is_component(p, serve.pid, "decode")]
+        assert len(components) == 4 and len(decode) == 1, (components, decode)
+        engines = [p for p in shm_reclaim.group_pids(decode[0]) if p != decode[0]]
+        assert engines, "the decode worker's engine runs in a process of its own"
+        os.kill(serve.pid, signal.SIGKILL)
+        os.kill(decode[0], signal.SIGKILL)
+        serve.wait(10)
+        assert wait_until(lambda: not left(), 60), f"still running: {left()}"
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait(30)
+        for group in components:  # what the test found left, not to burden the next
+            if shm_reclaim.group_pids(group):
+                os.killpg(group, signal.SIGKILL)

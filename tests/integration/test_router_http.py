@@ -299,6 +299,22 @@ def test_a_request_whose_worker_went_down_waits_only_while_it_may_come_back(tiny
         assert r.metric("kvmesh_router_decode_retries_total") >= 2
 
 
+def test_a_hung_prefill_worker_never_holds_a_request_past_its_deadline(tiny_model):
+    """A prefill call gets ``--prefill-timeout`` but never more than the request has left:
+    with a prefill worker that never answers, the request is decoded (the stub decode
+    worker computes the prompt) once its own deadline is near, not after the longer
+    prefill timeout."""
+    with serving(tiny_model, prefill_delay_s=3600, request_timeout=3, prefill_timeout=120,
+                 max_local_prefill_tokens=0, max_decode_prefill_tokens=0) as r:
+        start = time.monotonic()
+        reply = httpx.post(r.url + "/v1/completions", timeout=60, json={
+            "prompt": list(range(10, 60)), "max_tokens": 2, "temperature": 0})
+        elapsed = time.monotonic() - start
+    assert reply.status_code == 200, reply.text
+    assert not reply.json()["kvmesh"]["prefill_ok"]
+    assert 2.5 < elapsed < 10, elapsed
+
+
 def test_chat_without_max_tokens_may_use_the_rest_of_the_context(tiny_model):
     """No ``max_tokens`` (nor ``max_completion_tokens``) on a chat request: the worker is
     asked for what the prompt leaves of the context, as OpenAI and vLLM do, never 16;

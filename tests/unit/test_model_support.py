@@ -110,15 +110,16 @@ def test_the_layout_fingerprint_tells_architectures_apart_but_not_copies_of_one(
 def test_speculative_totals_add_vllm_s_step_stats_into_rates():
     from vllm.v1.spec_decode.metrics import SpecDecodingStats
 
-    from kvmesh.engine_host.engine_stats import SpecDecodeTotals, stat_logger_factory
+    from kvmesh.engine_host.engine_stats import EngineStats
 
-    totals = SpecDecodeTotals()
+    stats = EngineStats()
+    totals = stats.spec
     assert totals.summary()["spec_acceptance_rate"] is None and totals.summary()["spec_drafts"] == 0
-    logger = stat_logger_factory(totals)(vllm_config=None)
+    logger = stats.stat_logger(vllm_config=None)
     for drafts, proposed, accepted in ((2, 6, 3), (1, 3, 0)):
         step = SpecDecodingStats.new(num_spec_tokens=3)
         step.num_drafts, step.num_draft_tokens, step.num_accepted_tokens = drafts, proposed, accepted
-        logger.record(type("SchedulerStats", (), {"spec_decoding_stats": step})(), None)
+        logger.record(type("SchedulerStats", (), {"spec_decoding_stats": step, "kv_cache_usage": 0.0})(), None)
     logger.record(None, None)
     assert totals.summary() == {"spec_drafts": 3, "spec_draft_tokens": 9, "spec_accepted_tokens": 3,
                                 "spec_acceptance_rate": 3 / 9, "spec_tokens_per_step": 2.0}
