@@ -32,13 +32,9 @@ FAMILIES = ("tiny", "mqa", "mha", "sliding", "hybrid")
 MODES = ("recompute", "hit")
 
 
-def _ms(values: list[float]) -> float | None:
-    return round(statistics.median(values) * 1e3, 3) if values else None
-
-
 def _family(size: str, prompts: list[list[int]], max_tokens: int, say) -> dict:
     """One cluster of ``size``: each prompt recomputed, then loaded; the family's row."""
-    from kvmesh.bench.load_path_report import sample
+    from kvmesh.bench.load_path_report import median_ms, sample
     from kvmesh.cluster.local import LocalCluster
     from kvmesh.cluster.models import ensure_model
 
@@ -64,16 +60,16 @@ def _family(size: str, prompts: list[list[int]], max_tokens: int, say) -> dict:
             runs[mode] = [complete(mode, p, mode) for p in prompts[1:]]
     samples = {m: [sample(r["info"]) for r in runs[m]] for m in MODES}
     loaded = [r["info"]["prefix_tokens_from_store"]["decode"] for r in runs["hit"]]
-    computed_at_decode = [r["info"]["prefix_tokens_from_store"]["decode"] for r in runs["recompute"]]
+    loaded_when_recomputing = [r["info"]["prefix_tokens_from_store"]["decode"] for r in runs["recompute"]]
     identical = all(a["tokens"] == b["tokens"] for a, b in zip(runs["recompute"], runs["hit"]))
     prompt_tokens = len(prompts[1])
     bytes_moved = statistics.median(s["bytes"] for s in samples["hit"])
-    ttft = {m: _ms([s["decode_ttft_s"] for s in samples[m]]) for m in MODES}
+    ttft = {m: median_ms([s["decode_ttft_s"] for s in samples[m]]) for m in MODES}
     return {
         "family": size, "prompt_tokens": prompt_tokens, "requests": len(prompts) - 1,
         "outputs_identical": identical,
         "tokens_loaded_p50": statistics.median(loaded),
-        "recompute_tokens_loaded_max": max(computed_at_decode),
+        "recompute_tokens_loaded_max": max(loaded_when_recomputing),
         "kv_bytes_p50": bytes_moved,
         "kv_bytes_per_prompt_token": round(bytes_moved / prompt_tokens, 1),
         "decode_ttft_ms_p50": ttft,

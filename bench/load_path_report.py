@@ -47,7 +47,8 @@ def sample(info: dict) -> dict:
             "decode_ttft_s": stages.get("decode_engine_queue", 0.0) + stages.get("decode_first_step", 0.0)}
 
 
-def _ms(values: Sequence[float]) -> float | None:
+def median_ms(values: Sequence[float]) -> float | None:
+    """The median of ``values`` (seconds) in milliseconds, 3 decimals; None for none."""
     return round(statistics.median(values) * 1e3, 3) if values else None
 
 
@@ -58,12 +59,12 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def _mode(rows: list[dict]) -> dict:
     hidden = [1 - r["waited_s"] / r["transfer_s"] for r in rows if r["transfer_s"] > 0]
     return {"requests": len(rows),
-            "transfer_ms_p50": _ms([r["transfer_s"] for r in rows]),
-            "waited_ms_p50": _ms([r["waited_s"] for r in rows]),
+            "transfer_ms_p50": median_ms([r["transfer_s"] for r in rows]),
+            "waited_ms_p50": median_ms([r["waited_s"] for r in rows]),
             "hidden_share_p50": round(statistics.median(hidden), 3) if hidden else None,
-            "placed_ms_p50": _ms([r["placed_s"] for r in rows]),
-            "ttft_ms_p50": _ms([r["ttft_s"] for r in rows]),
-            "decode_ttft_ms_p50": _ms([r["decode_ttft_s"] for r in rows])}
+            "placed_ms_p50": median_ms([r["placed_s"] for r in rows]),
+            "ttft_ms_p50": median_ms([r["ttft_s"] for r in rows]),
+            "decode_ttft_ms_p50": median_ms([r["decode_ttft_s"] for r in rows])}
 
 
 def summarize(backend: str, by_mode: dict[str, list[dict]], memcpy_s: float) -> dict:
@@ -81,10 +82,10 @@ def summarize(backend: str, by_mode: dict[str, list[dict]], memcpy_s: float) -> 
     memcpy_gbps = round(nbytes / memcpy_s / 1e9, 3) if memcpy_s > 0 else None
     return {
         "backend": backend, "kv_bytes": nbytes,
-        "load_path": {"ms_p50": _ms([path_s]) if path_s is not None else None, "GBps": gbps,
+        "load_path": {"ms_p50": median_ms([path_s]) if path_s is not None else None, "GBps": gbps,
                       "memcpy_ms": round(memcpy_s * 1e3, 3), "memcpy_GBps": memcpy_gbps,
                       "ratio_to_memcpy": _ratio(gbps, memcpy_gbps),
-                      "parts_ms_p50": {p: _ms([r["parts"][p] for r in everything]) for p in PARTS}},
+                      "parts_ms_p50": {p: median_ms([r["parts"][p] for r in everything]) for p in PARTS}},
         **modes,
         "ttft_ratio_layerwise_to_load_all": _ratio(modes["layerwise"]["ttft_ms_p50"],
                                                    modes["load_all"]["ttft_ms_p50"]),

@@ -55,7 +55,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def __init__(self, engine, settings: WorkerSettings, stats: EngineStats | None = None):
         self.engine = engine
-        self.stats = stats
+        self.stats = stats or EngineStats()  # none kept current: 0 of 0 blocks, no drafts
         self.settings = settings
         config = engine.vllm_config
         self.max_model_len = config.model_config.max_model_len
@@ -121,12 +121,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def Health(self, request, context):
         errored = getattr(self.engine, "errored", False)
-        stats = self.stats or EngineStats()
         return worker_pb2.HealthReply(
             status="error" if errored else "ok", role=self.settings.role, model=self.model,
             running=self.running, max_model_len=self.max_model_len, block_size=self.block_size,
-            engine_config=self.engine_config, engine_stats=json.dumps(stats.spec.summary()),
-            kv_blocks_free=stats.kv.free() if self.stats else 0, kv_blocks_total=stats.kv.usable)
+            engine_config=self.engine_config, engine_stats=json.dumps(self.stats.spec.summary()),
+            kv_blocks_free=self.stats.kv.free(), kv_blocks_total=self.stats.kv.usable)
 
 
 async def start_worker_server(service: WorkerService, host: str, port: int,

@@ -69,17 +69,27 @@ def reference_outputs(model: str, prompts: list[list[int]], max_tokens: int,
                       engine_args: tuple[str, ...] = ()) -> list[GreedyTokens]:
     """Token ids each prompt generates greedily in a colocated vLLM run (with more vLLM
     ``engine_args``, e.g. a KV-cache dtype)."""
-    inp, out = workdir / "colocated-in.json", workdir / "colocated-out.json"
-    inp.write_text(json.dumps({"model": model, "block_size": block_size, "max_tokens": max_tokens,
-                               "prompts": prompts, "engine_args": list(engine_args)}))
+    outputs = run_engine_module("tests.colocated", {
+        "model": model, "block_size": block_size, "max_tokens": max_tokens, "prompts": prompts,
+        "engine_args": list(engine_args)}, workdir / "colocated", timeout_s)
+    return [GreedyTokens(o["tokens"], [{int(t): lp for t, lp in step.items()} for step in o["top"]])
+            for o in outputs]
+
+
+def run_engine_module(module: str, payload: dict, stem: Path, timeout_s: float = 600):
+    """``python -m module STEM-in.json STEM-out.json``, ``payload`` the input: a vLLM engine
+    in a process of its own (no engine-core subprocess, 1 GiB of KV cache unless the
+    environment says otherwise). Returns the output file's JSON; ``RuntimeError`` with the
+    process's output tails when it fails, ``subprocess.TimeoutExpired`` past ``timeout_s``."""
+    inp, out = Path(f"{stem}-in.json"), Path(f"{stem}-out.json")
+    inp.write_text(json.dumps(payload))
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    proc = subprocess.run([sys.executable, "-m", "tests.colocated", str(inp), str(out)],
+    proc = subprocess.run([sys.executable, "-m", module, str(inp), str(out)],
                           env=env, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
-        raise RuntimeError(f"colocated run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return [GreedyTokens(o["tokens"], [{int(t): lp for t, lp in step.items()} for step in o["top"]])
-            for o in json.loads(out.read_text())]
+        raise RuntimeError(f"{module} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(out.read_text())
 
 
 def reference_table(model: str, prompts: list[list[int]], max_tokens: int, block_size: int,

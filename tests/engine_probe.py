@@ -11,8 +11,6 @@ an engine that refused to start.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,16 +19,11 @@ def probe_models(runs: list[str | dict], prompts: list[list[int]], max_tokens: i
                  timeout_s: float = 600) -> list[dict]:
     """Each run (a model directory, or ``{"model": dir, **engine keyword arguments}``) in
     turn, in one subprocess."""
-    inp, out = workdir / "probe-in.json", workdir / "probe-out.json"
+    from tests.colocated import run_engine_module
+
     runs = [r if isinstance(r, dict) else {"model": r} for r in runs]
-    inp.write_text(json.dumps({"runs": runs, "prompts": prompts, "max_tokens": max_tokens}))
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    proc = subprocess.run([sys.executable, "-m", "tests.engine_probe", str(inp), str(out)],
-                          env=env, capture_output=True, text=True, timeout=timeout_s)
-    if proc.returncode != 0:
-        raise RuntimeError(f"engine probe failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(out.read_text())
+    return run_engine_module("tests.engine_probe", {"runs": runs, "prompts": prompts, "max_tokens": max_tokens},
+                             workdir / "probe", timeout_s)
 
 
 def main(inp: str, out: str) -> None:
