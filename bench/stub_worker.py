@@ -25,10 +25,12 @@ class StubWorker(worker_pb2_grpc.WorkerServicer):
         self.calls = 0      # Generate calls received
         self.running = 0    # Generate calls in progress
         self.completed = 0  # Generate calls that sent their last chunk
+        self.sessions: list[str] = []  # each Generate call's session id, in order
 
     async def Generate(self, request, context):
         n = request.sampling.max_tokens
         self.calls += 1
+        self.sessions.append(request.session)
         self.running += 1
         try:
             for i in range(n):

@@ -25,6 +25,17 @@ class BlockTransfer:
     block_ids: list[int]
     hashes: list[bytes]
     parent: bytes | None = None  # chain hash of the block before ``hashes[0]``
+    session: str | None = None   # id of the request's session (``kv_store.sessions``), if any
+
+
+# The key of a request's ``kv_transfer_params`` (vLLM's sampling ``extra_args``) that names
+# its session id: the worker sets it, the connector's scheduler side reads it.
+SESSION_PARAM = "kvmesh_session"
+
+
+def session_of(request) -> str | None:
+    """The session id a vLLM request carries, or None."""
+    return (getattr(request, "kv_transfer_params", None) or {}).get(SESSION_PARAM) or None
 
 
 # vLLM's block pool hands out its first block, id 0, as the null block, and a sliding-window
@@ -44,7 +55,7 @@ def skip_null_blocks(transfer: BlockTransfer) -> BlockTransfer | None:
     if skip == 0:
         return transfer
     return BlockTransfer(transfer.req_id, transfer.block_ids[skip:], transfer.hashes[skip:],
-                         transfer.hashes[skip - 1])
+                         transfer.hashes[skip - 1], transfer.session)
 
 
 @dataclass

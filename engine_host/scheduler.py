@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvmesh.engine_host.connector_settings import ConnectorSettings
-from kvmesh.engine_host.metadata import BlockTransfer, KvmeshConnectorMetadata, LoadStats, skip_null_blocks
+from kvmesh.engine_host.metadata import (
+    BlockTransfer, KvmeshConnectorMetadata, LoadStats, session_of, skip_null_blocks,
+)
 from kvmesh.kv_store.client import StoreError
 from kvmesh.kv_store.keys import chain_hashes
 
@@ -42,6 +44,7 @@ class _RequestState:
     """Scheduler-side bookkeeping of one request, dropped when it finishes."""
 
     hashes: list[bytes]
+    session: str | None = None            # its session's id: its saves and lookups name it
     block_ids: list[int] = field(default_factory=list)
     load: tuple[int, int] | None = None  # (first block, number of blocks) to load
     load_pending: bool = False
@@ -72,7 +75,8 @@ class ConnectorScheduler:
     def on_new_request(self, request: "Request") -> None:
         tokens = list(request.prompt_token_ids or [])
         self._requests[request.request_id] = _RequestState(
-            hashes=chain_hashes(tokens, self.block_size, getattr(request, "cache_salt", None)))
+            hashes=chain_hashes(tokens, self.block_size, getattr(request, "cache_salt", None)),
+            session=session_of(request))
 
     def _state(self, request: "Request") -> _RequestState:
         if request.request_id not in self._requests:
@@ -94,7 +98,7 @@ class ConnectorScheduler:
             return 0, False
         started = time.monotonic()
         try:
-            hits = self.store.lookup(self._groups(state.hashes[first:loadable]))
+            hits = self.store.lookup(self._groups(state.hashes[first:loadable]), state.session)
         except StoreError as e:
             log.warning("store lookup failed, computing locally: %s", e)
             return 0, False
@@ -155,7 +159,8 @@ class ConnectorScheduler:
                 first = state.saved_blocks
                 save = skip_null_blocks(BlockTransfer(req_id, state.block_ids[first:full],
                                                       state.hashes[first:full],
-                                                      state.hashes[first - 1] if first else None))
+                                                      state.hashes[first - 1] if first else None,
+                                                      state.session))
                 if save is not None:
                     meta.saves.append(save)
                 state.saved_blocks = full
@@ -208,7 +213,8 @@ class ConnectorScheduler:
         if full <= first:
             return None
         return skip_null_blocks(BlockTransfer(request.request_id, list(block_ids[first:full]),
-                                              hashes[first:full], hashes[first - 1] if first else None))
+                                              hashes[first:full], hashes[first - 1] if first else None,
+                                              state.session))
 
     def shutdown(self) -> None:
         self.store.close()

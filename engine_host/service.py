@@ -22,6 +22,7 @@ import grpc
 from kvmesh.engine_host.engine import build_engine
 from kvmesh.engine_host.engine_args import engine_config_summary
 from kvmesh.engine_host.engine_stats import EngineStats
+from kvmesh.engine_host.metadata import SESSION_PARAM
 from kvmesh.engine_host.settings import WorkerSettings
 from kvmesh.kv_store.auth import NO_SECRET_WARNING, load_secret, server_interceptors
 from kvmesh.kv_store.gc_tuning import freeze_startup_objects
@@ -32,7 +33,9 @@ from kvmesh_proto import worker_pb2, worker_pb2_grpc
 log = logging.getLogger("kvmesh.worker")
 
 
-def sampling_params(msg: worker_pb2.SamplingParams):
+def sampling_params(msg: worker_pb2.SamplingParams, session: str = ""):
+    """vLLM's sampling parameters for ``msg``; a ``session`` id travels in them to the
+    connector (``kv_transfer_params``, ``engine_host.metadata.session_of``)."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -45,6 +48,7 @@ def sampling_params(msg: worker_pb2.SamplingParams):
         stop=list(msg.stop) or None,
         ignore_eos=msg.ignore_eos,
         output_kind=RequestOutputKind.DELTA,
+        extra_args={"kv_transfer_params": {SESSION_PARAM: session}} if session else None,
     )
 
 
@@ -73,7 +77,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"the worker runs {self.running} requests, its most (--max-requests)")
         try:
-            params = sampling_params(request.sampling)
+            params = sampling_params(request.sampling, request.session)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         prompt = {"prompt_token_ids": list(request.prompt_token_ids)}

@@ -61,18 +61,33 @@ class StoreClient:
         except grpc.RpcError as e:
             raise StoreError(f"store {self.address}: {e.code().name}: {e.details()}") from e
 
-    def put(self, blocks: Sequence[tuple[bytes, bytes] | tuple[bytes, bytes, bytes | None]]) -> int:
-        """Store ``(key, data)`` or ``(key, data, parent key)`` blocks, checksumming each;
-        returns how many were stored."""
+    def put(self, blocks: Sequence[tuple]) -> int:
+        """Store ``(key, data)``, ``(key, data, parent key)`` or ``(key, data, parent key,
+        session id)`` blocks (parent and session may be None), checksumming each; returns
+        how many were stored."""
         msg = store_pb2.PutRequest(blocks=[
             store_pb2.Block(key=b[0], data=b[1], checksum=checksum(b[1]),
-                            parent=(b[2] if len(b) > 2 else None) or b"") for b in blocks])
+                            parent=(b[2] if len(b) > 2 else None) or b"",
+                            session=(b[3] if len(b) > 3 else None) or "") for b in blocks])
         return self._call(self._stub.Put, msg).stored
 
-    def lookup(self, groups: Sequence[Sequence[bytes]]) -> int:
-        """Number of leading key groups fully present in the store."""
-        msg = store_pb2.LookupRequest(groups=[store_pb2.KeyGroup(keys=g) for g in groups])
+    def lookup(self, groups: Sequence[Sequence[bytes]], session: str | None = None) -> int:
+        """Number of leading key groups fully present in the store. With a ``session``
+        id, that session is used now and the prefix found is its."""
+        msg = store_pb2.LookupRequest(groups=[store_pb2.KeyGroup(keys=g) for g in groups],
+                                      session=session or "")
         return self._call(self._stub.Lookup, msg).prefix_groups
+
+    def release_session(self, session: str) -> int:
+        """Forget a session (its blocks become ordinary ones); how many blocks it held,
+        -1 if the store did not know it."""
+        reply = self._call(self._stub.ReleaseSession, store_pb2.SessionRequest(session=session))
+        return reply.blocks if reply.released else -1
+
+    def sessions(self, session: str | None = None, limit: int = 0) -> store_pb2.SessionsReply:
+        """Where sessions' blocks are held: one (``session``) or the ones with the most
+        blocks (at most ``limit``; 0: the store's bound, 100)."""
+        return self._call(self._stub.Sessions, store_pb2.SessionsRequest(session=session or "", limit=limit))
 
     def get(self, keys: Sequence[bytes], block_bytes: int | Sequence[int] = 0,
             deadline: float | None = None) -> GetResult:

@@ -55,6 +55,7 @@ class StoreNode:
     def _start(self, say) -> None:
         from kvmesh.kv_store.gc_tuning import freeze_startup_objects
         from kvmesh.kv_store.server import start_store_server
+        from kvmesh.kv_store.sessions import Sessions
         from kvmesh.kv_store.tiered_store import build_store
 
         s, undo = self.settings, self._undo
@@ -91,7 +92,8 @@ class StoreNode:
                 listener=self.publisher.on_change if self.publisher else None,
                 shm_name=f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}" if "shm" in s.transfer else None,
                 io_threads=s.io_threads, disk_write_behind_bytes=s.disk_write_behind,
-                demote_ahead=s.demote_ahead, disk_encoding=s.disk_encoding)
+                demote_ahead=s.demote_ahead, disk_encoding=s.disk_encoding,
+                sessions=Sessions(s.session_ttl, s.max_sessions, s.session_priority))
             undo.callback(self.store.close)
             sources = open_transfer_sources(
                 self.store, list(s.transfer), s.host, s.transfer_port,

@@ -33,6 +33,7 @@ class StoreService(store_pb2_grpc.KVStoreServicer):
     block index and fetched from the peer that holds them (then kept here too)."""
 
     MAX_LEASE_S = 60.0
+    MAX_SESSIONS_LISTED = 100  # a Sessions call without a limit
 
     def __init__(self, store: BlockStore, allow_fault_injection: bool = False,
                  peers: PeerBlocks | None = None, publisher: IndexPublisher | None = None,
@@ -54,7 +55,7 @@ class StoreService(store_pb2_grpc.KVStoreServicer):
         self._stall()
         stored = 0
         for block in request.blocks:
-            if self.store.put(block.key, block.data, block.checksum, block.parent or None):
+            if self._put(block):
                 stored += 1
             with self._lock:
                 self._vanished.discard(block.key)
@@ -62,9 +63,23 @@ class StoreService(store_pb2_grpc.KVStoreServicer):
             self.publisher.flush()
         return store_pb2.PutReply(stored=stored, rejected=len(request.blocks) - stored)
 
+    def _put(self, block) -> bool:
+        if block.session and self.sessions:
+            return self.store.put(block.key, block.data, block.checksum, block.parent or None,
+                                  session=block.session)
+        return self.store.put(block.key, block.data, block.checksum, block.parent or None)
+
+    @property
+    def sessions(self) -> bool:
+        """Whether the store keeps sessions (``kv_store.sessions``)."""
+        return hasattr(self.store, "release_session")
+
     def Lookup(self, request, context):
         groups = [list(g.keys) for g in request.groups]
-        found = self.store.lookup(groups)
+        if request.session and self.sessions:
+            found = self.store.lookup(groups, session=request.session)
+        else:
+            found = self.store.lookup(groups)
         if self.peers is not None and found < len(groups):
             found = max(found, self.peers.longest_prefix(groups))
         return store_pb2.LookupReply(prefix_groups=found)
@@ -143,6 +158,19 @@ class StoreService(store_pb2_grpc.KVStoreServicer):
     def Release(self, request, context):
         released = hasattr(self.store, "release") and self.store.release(request.lease_id)
         return store_pb2.ReleaseReply(released=bool(released))
+
+    def ReleaseSession(self, request, context):
+        blocks = self.store.release_session(request.session) if self.sessions else -1
+        return store_pb2.ReleaseSessionReply(released=blocks >= 0, blocks=max(blocks, 0))
+
+    def Sessions(self, request, context):
+        if not self.sessions:
+            return store_pb2.SessionsReply()
+        found = self.store.session_occupancy(request.session or None, 
+                                            min(request.limit or self.MAX_SESSIONS_LISTED, self.MAX_SESSIONS_LISTED))
+        return store_pb2.SessionsReply(tracked=self.store.sessions_tracked(), sessions=[
+            store_pb2.SessionOccupancy(session=o.session, state=o.state, idle_s=o.idle_s, blocks=o.blocks)
+            for o in found])
 
     def Stats(self, request, context):
         s = self.store.stats()

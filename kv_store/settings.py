@@ -51,6 +51,17 @@ class StoreSettings(Settings):
     policy: Policy = Field("lru", description=(
         "eviction policy of every tier: lru; s3fifo and arc (frequency-aware, scan-resistant); "
         "cost (expected reuse x cost to recompute, by prefix position)"))
+    session_ttl: Seconds = Field(300.0, description=(
+        "idle TTL of a session, in seconds: a session used (a request naming it) within it "
+        "keeps its blocks in the fast tiers; past it, its blocks are the first to move down "
+        "(host -> disk). Active or idle, a session's blocks are evicted only when nothing "
+        "else can go"))
+    session_priority: float = Field(1.0, ge=0.0, description=(
+        "eviction priority of sessions' blocks under the cost policy (their cost to "
+        "recompute is multiplied by 1 + this)"))
+    max_sessions: int = Field(10000, ge=1, description=(
+        "sessions kept at most; past it the least recently used one is forgotten (its "
+        "blocks become ordinary blocks)"))
     page_bytes: PowerOfTwoBytes = Field(4 << 20, description=(
         "slab page size, a power of two; also the largest block"))
     metrics_port: Optional[Port] = Field(None, description=(

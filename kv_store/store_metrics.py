@@ -49,6 +49,10 @@ class StoreCollector(Collector):
         yield family(GaugeMetricFamily, "write_bandwidth_bytes_per_second",
                      "Average write bandwidth while writing",
                      lambda t: t.write_bytes / t.write_seconds if t.write_seconds else 0.0)
+        yield family(GaugeMetricFamily, "sessions_resident",
+                     "Sessions with at least one block held in the tier", lambda t: t.sessions)
+        yield GaugeMetricFamily("kvmesh_store_sessions", "Sessions the store keeps",
+                                value=self.store.sessions_tracked())
         yield family(GaugeMetricFamily, "block_bytes",
                      "Bytes of the blocks held, as put (used_bytes: as held at rest, encoded)",
                      lambda t: t.block_bytes)

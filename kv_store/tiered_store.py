@@ -55,6 +55,7 @@ from kvmesh.kv_store.block_store import BlockStore, StoredBlock
 from kvmesh.kv_store.eviction import NO_HINT, BlockHint, EvictionPolicy, make_policy
 from kvmesh.kv_store.encoding import heads_of
 from kvmesh.kv_store.integrity import checksum as checksum_of, verify
+from kvmesh.kv_store.sessions import ACTIVE, IDLE, Occupancy, Sessions
 from kvmesh.kv_store.slab import Slot, adjacent_runs
 from kvmesh.kv_store.tiers import HostTier, Tier
 
@@ -154,6 +155,7 @@ class TierStats:
     promotions: int = 0  # blocks moved into this tier from a slower one
     encoding: str = "none"  # how blocks are held at rest here
     block_bytes: int = 0  # bytes of the blocks held, as put (used_bytes: as held at rest)
+    sessions: int = 0  # sessions with a block held here
     read_bytes: int = 0
     read_seconds: float = 0.0
     write_bytes: int = 0
@@ -192,7 +194,7 @@ class TieredStoreStats:
 class TieredStore(BlockStore):
     def __init__(self, tiers: Sequence[Tier], policy: str = "lru",
                  listener: Callable[[str, bytes, str | None], None] | None = None,
-                 io_threads: int = 4, demote_ahead: float = 0.0):
+                 io_threads: int = 4, demote_ahead: float = 0.0, sessions: Sessions | None = None):
         """``listener(kind, key, tier)`` hears every change of what is held: ``"stored"``
         (with the tier now holding the key) and ``"removed"``. It is called under the
         store's lock, so it must only record the event (e.g. put it on a queue).
@@ -201,8 +203,10 @@ class TieredStore(BlockStore):
         tier but the slowest that a background thread keeps free by moving the tier's
         victims down ahead of need (0: only a put or promotion that finds no room moves
         them, itself). It never drops a block it cannot move; room below is made as for
-        a put (the slowest tier evicts). Raises ``ValueError`` for no tier, fewer than
-        one I/O thread or a share outside [0, 1)."""
+        a put (the slowest tier evicts). ``sessions``: the session registry whose blocks
+        are kept as ``kv_store.sessions`` says (None: no block belongs to a session).
+        Raises ``ValueError`` for no tier, fewer than one I/O thread or a share outside
+        [0, 1)."""
         if not tiers:
             raise ValueError("a store needs at least one tier")
         if io_threads < 1:
@@ -214,6 +218,7 @@ class TieredStore(BlockStore):
         self._policies: list[EvictionPolicy] = [make_policy(policy) for _ in self.tiers]
         self._stats = [TierStats(t.name) for t in self.tiers]
         self._entries: dict[bytes, _Entry] = {}
+        self._sessions = sessions
         self._children: dict[bytes, int] = {}  # parent key -> stored children naming it
         self._lock = threading.RLock()
         self._misses = self._corrupt = self._rejected = self._puts = 0
@@ -244,12 +249,36 @@ class TieredStore(BlockStore):
         slot of ``size_class`` first (freeing it frees exactly the room wanted). One that
         may be evicted (``evict``, and always from the slowest tier), else one that may
         move."""
-        allowed = self._can_evict if evict or tier == len(self.tiers) - 1 else self._can_move
-        policy = self._policies[tier]
-        key = policy.pop_victim(lambda k: allowed(k) and self._entries[k].slot.size == size_class)
-        if key is None:  # a page may still free up from another size class
-            key = policy.pop_victim(allowed)
+        evict = evict or tier == len(self.tiers) - 1
+        key = self._pop_victim(tier, self._can_evict if evict else self._can_move, evict, size_class)
         return None if key is None else self._entries[key]
+
+    def _pop_victim(self, tier: int, allowed: Callable[[bytes], bool], evict: bool,
+                    size_class: int | None = None) -> bytes | None:
+        """Under the lock: the next key ``tier``'s policy gives up among those ``allowed``,
+        taken off it; one in a slot of ``size_class`` first, where given. Sessions' blocks
+        are weighed as ``kv_store.sessions`` says: to ``evict``, blocks of no session
+        first; to move down, idle sessions' blocks first, then blocks of no session, an
+        active session's last."""
+        policy = self._policies[tier]
+
+        def pop(ok: Callable[[bytes], bool]) -> bytes | None:
+            if size_class is not None:
+                key = policy.pop_victim(lambda k: ok(k) and self._entries[k].slot.size == size_class)
+                if key is not None:
+                    return key
+            return policy.pop_victim(ok)  # a page may still free up from another size class
+
+        if self._sessions is None or not len(self._sessions):
+            return pop(allowed)
+        state = self._sessions.state
+        passes = ((lambda k: state(k) is None), None) if evict else (
+            (lambda k: state(k) == IDLE), (lambda k: state(k) != ACTIVE), None)
+        for wanted in passes:
+            key = pop(allowed if wanted is None else (lambda k, w=wanted: w(k) and allowed(k)))
+            if key is not None:
+                return key
+        return None
 
     def _reserve(self, tier: int, nbytes: int) -> Slot | None:
         """A free slot of ``tier`` for ``nbytes``, reserved for the caller, who fills it and
@@ -382,7 +411,7 @@ class TieredStore(BlockStore):
                     short = 0.0 if self._closing else min(self._room_short(tier), MAX_RUN_BYTES)
                     sources: list[_Read] = []
                     while short > 0:
-                        key = self._policies[tier].pop_victim(self._can_move)
+                        key = self._pop_victim(tier, self._can_move, evict=False)
                         if key is None:
                             break
                         sources.append(self._pin(self._entries[key]))
@@ -668,6 +697,8 @@ class TieredStore(BlockStore):
             del self._entries[entry.key]
             self._tell("removed", entry.key, None)
             self._policies[entry.tier].remove(entry.key)
+            if self._sessions is not None:
+                self._sessions.forget_key(entry.key)
             if entry.parent is not None:
                 self._child_gone(entry.parent)
         entry.dead = True
@@ -714,10 +745,14 @@ class TieredStore(BlockStore):
     # ------------------------------------------------------------------ BlockStore
 
     def put(self, key: bytes, data: bytes, checksum: int, parent: bytes | None = None,
-            priority: float = 0.0) -> bool:
-        """As ``BlockStore.put``; ``priority`` (a session's, 0: none) is handed to the
-        eviction policy with the block's chain position (its parent's plus one where the
-        parent is held; 1 where it is not; 0 for a block without a parent)."""
+            priority: float = 0.0, session: str | None = None) -> bool:
+        """As ``BlockStore.put``; ``priority`` (0: none; a ``session``'s by default) is
+        handed to the eviction policy with the block's chain position (its parent's plus
+        one where the parent is held; 1 where it is not; 0 for a block without a parent).
+        ``session``: the id of the session the block belongs to (it is used now), where
+        the store keeps sessions; ignored where it does not."""
+        if session and self._sessions is not None and not priority:
+            priority = self._sessions.priority
         if parent is not None:  # counted from now on: making room for the child never evicts it
             with self._lock:
                 self._children[parent] = self._children.get(parent, 0) + 1
@@ -751,6 +786,8 @@ class TieredStore(BlockStore):
                            rest_size=len(rest), rest_checksum=rest_checksum)
             self._entries[key] = entry
             self._policies[0].insert(key, entry.hint)
+            if session and self._sessions is not None:
+                self._sessions.touch(session, [key])
             self._puts += 1
             self._room_taken(0)
             self._tell("stored", key, self.tiers[0].name)
@@ -895,12 +932,48 @@ class TieredStore(BlockStore):
             return datas
         return [self._decoded(tier, d, r) for d, r in zip(datas, run)]
 
-    def lookup(self, groups: Sequence[Sequence[bytes]]) -> int:
+    def lookup(self, groups: Sequence[Sequence[bytes]], session: str | None = None) -> int:
+        """As ``BlockStore.lookup``; with a ``session`` (where the store keeps sessions),
+        the session is used now and the blocks of the prefix found are its from now on."""
         with self._lock:
+            found = len(groups)
             for n, group in enumerate(groups):
                 if not all(k in self._entries for k in group):
-                    return n
-            return len(groups)
+                    found = n
+                    break
+            if session and self._sessions is not None:
+                self._sessions.touch(session, (k for group in groups[:found] for k in group))
+            return found
+
+    # ------------------------------------------------------------------ sessions
+
+    def release_session(self, session: str) -> int:
+        """Forget a session: its blocks become ordinary blocks (they stay until evicted).
+        Returns how many held blocks it had; -1 if it is unknown (or sessions are off)."""
+        with self._lock:
+            return -1 if self._sessions is None else self._sessions.release(session)
+
+    def session_occupancy(self, session: str | None = None, limit: int = 0) -> list[Occupancy]:
+        """Per session (only ``session`` if given), where its blocks are held, most
+        blocks first, at most ``limit`` sessions (0: all); empty where sessions are off."""
+        with self._lock:
+            if self._sessions is None:
+                return []
+            return self._sessions.occupancy(self._tier_name, session, limit)
+
+    def sessions_tracked(self) -> int:
+        """Sessions the store keeps now."""
+        with self._lock:
+            return 0 if self._sessions is None else len(self._sessions)
+
+    def sessions_resident(self) -> dict[str, int]:
+        """Tier name -> sessions with a block held there (every tier named, 0 where none)."""
+        with self._lock:
+            counts = {} if self._sessions is None else self._sessions.resident(self._tier_name)
+            return {t.name: counts.get(t.name, 0) for t in self.tiers}
+
+    def _tier_name(self, key: bytes) -> str:
+        return self.tiers[self._entries[key].tier].name
 
     def drop(self, keys: Iterable[bytes] | None = None) -> int:
         with self._lock:
@@ -954,6 +1027,7 @@ class TieredStore(BlockStore):
                                    rejected=self._rejected, puts=self._puts)
             counts = [0] * len(self.tiers)
             raw = [0] * len(self.tiers)
+            resident = {} if self._sessions is None else self._sessions.resident(self._tier_name)
             for entry in self._entries.values():
                 counts[entry.tier] += 1
                 raw[entry.tier] += entry.size
@@ -965,6 +1039,7 @@ class TieredStore(BlockStore):
                     hits=s.hits, evictions=s.evictions, demotions=s.demotions,
                     demotions_ahead=s.demotions_ahead,
                     promotions=s.promotions, encoding=tier.encoding.name, block_bytes=raw[i],
+                    sessions=resident.get(tier.name, 0),
                     read_bytes=tier.io.read_bytes,
                     read_seconds=tier.io.read_seconds, write_bytes=tier.io.write_bytes,
                     write_seconds=tier.io.write_seconds))
@@ -1009,7 +1084,8 @@ def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = Non
                 gpu_bytes: int = 0, policy: str = "lru", direct_io: bool = False,
                 page_bytes: int = 4 << 20, listener=None, shm_name: str | None = None,
                 io_threads: int = 4, disk_write_behind_bytes: int = 0,
-                demote_ahead: float = 0.0, disk_encoding: str = "none") -> TieredStore:
+                demote_ahead: float = 0.0, disk_encoding: str = "none",
+                sessions: Sessions | None = None) -> TieredStore:
     """A store with the tiers whose capacity is positive, fastest first.
 
     The disk tier's slab file is created in ``disk_dir`` (a new temporary directory when
@@ -1019,6 +1095,7 @@ def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = Non
     disk writes return once staged in that much RAM (``kv_store.write_behind``). With
     ``demote_ahead`` a thread keeps that share of each faster tier free (``TieredStore``).
     ``disk_encoding``: how the disk tier holds blocks at rest (``kv_store.encoding``).
+    ``sessions``: the session registry (``TieredStore``).
     Raises ``ValueError`` for a store with no tier (or write-behind below one page, or a
     share outside [0, 1), or an unknown encoding) and ``RuntimeError`` for a GPU tier where no GPU is usable;
     whatever it raises, the tiers it had made are closed first.
@@ -1051,7 +1128,7 @@ def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = Non
                                   encoding=make_encoding(disk_encoding)))
         if not tiers:
             raise ValueError("give at least one tier a capacity (host, disk or gpu bytes)")
-        return TieredStore(tiers, policy, listener, io_threads, demote_ahead)
+        return TieredStore(tiers, policy, listener, io_threads, demote_ahead, sessions)
     except BaseException:  # a tier made before the failure (a shared segment) goes too
         for tier in tiers:
             tier.close()

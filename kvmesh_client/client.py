@@ -51,7 +51,7 @@ class Client:
     def stream(self, prompt: str | Sequence[int], *, timeout_s: float | None = None,
                **params) -> Iterator[Chunk]:
         """Stream an answer. ``params``: max_tokens, temperature, top_p, top_k, seed, stop,
-        ignore_eos, model, cache_salt, request_id. ``timeout_s`` bounds the whole stream,
+        ignore_eos, model, cache_salt, request_id, session. ``timeout_s`` bounds the whole stream,
         from the first attempt (made on the first ``next``) to the last chunk. ValueError
         for a bad ``timeout_s`` and ``InvalidArgument`` for a request over the message
         limit are raised here, before iterating."""

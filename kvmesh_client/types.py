@@ -47,7 +47,7 @@ def build_request(prompt: str | Sequence[int], *, max_tokens: int = 16,
                   temperature: float | None = None, top_p: float | None = None,
                   top_k: int | None = None, seed: int | None = None, stop: Sequence[str] = (),
                   ignore_eos: bool = False, model: str = "", cache_salt: str = "",
-                  request_id: str = "") -> serving_pb2.GenerateRequest:
+                  request_id: str = "", session: str = "") -> serving_pb2.GenerateRequest:
     """The ``GenerateRequest`` of a call; a sampling field left None takes the server's
     default. ``max_tokens=0`` also means the server's default (16): the field is a plain
     proto3 ``uint32``, so 0 is never sent and the server cannot tell it from "not set"."""
@@ -57,7 +57,7 @@ def build_request(prompt: str | Sequence[int], *, max_tokens: int = 16,
         if value is not None:
             setattr(sampling, name, value)
     request = serving_pb2.GenerateRequest(model=model, sampling=sampling, cache_salt=cache_salt,
-                                          request_id=request_id)
+                                          request_id=request_id, session=session)
     if isinstance(prompt, str):
         request.text = prompt
     else:

@@ -10,6 +10,8 @@ from __future__ import annotations
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_CACHE_SALT_CHARS = 256
+MAX_SESSION_CHARS = 256            # a session's name, as a client gives it
+MAX_SESSION_ID_CHARS = 64          # the id the router makes of it (kv_store.sessions: 32)
 MAX_REQUEST_ID_CHARS = 128         # a client's; the router adds suffixes ("-prefill")
 MAX_WORKER_REQUEST_ID_CHARS = 256
 MAX_TEMPERATURE = 2.0
@@ -23,8 +25,9 @@ def worker_problems(request, max_model_len: int, vocab_size: int) -> list[str]:
     are the router's: a non-empty prompt of token ids in the vocabulary, ``max_tokens`` of
     at least 1 that fits the context beside the prompt, temperature within [0, 2], top_p
     within [0, 1] (0: unset, 1), top_k -1 or above (0 and -1: off), at most 16 stop
-    strings of 1 to 256 characters, a cache salt of at most 256 characters and a
-    request id of 1 to 256 characters (a client's 128 and the router's suffix)."""
+    strings of 1 to 256 characters, a cache salt of at most 256 characters, a session
+    id of at most 64 and a request id of 1 to 256 characters (a client's 128 and the
+    router's suffix)."""
     problems = []
     prompt = request.prompt_token_ids
     s = request.sampling
@@ -50,6 +53,8 @@ def worker_problems(request, max_model_len: int, vocab_size: int) -> list[str]:
         problems.append("a stop string must not be empty")
     if len(request.cache_salt) > MAX_CACHE_SALT_CHARS:
         problems.append(f"cache_salt is longer than {MAX_CACHE_SALT_CHARS} characters")
+    if len(request.session) > MAX_SESSION_ID_CHARS:
+        problems.append(f"session is longer than {MAX_SESSION_ID_CHARS} characters")
     if not 1 <= len(request.request_id) <= MAX_WORKER_REQUEST_ID_CHARS:
         problems.append(f"request_id must have 1 to {MAX_WORKER_REQUEST_ID_CHARS} characters")
     return problems

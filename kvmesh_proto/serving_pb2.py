@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akvmesh_proto/serving.proto\x12\x11kvmesh.serving.v1\"\xc2\x01\n\x08Sampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xc3\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x30\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x1b.kvmesh.serving.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.kvmesh.serving.v1.Sampling\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x12\n\ncache_salt\x18\x06 \x01(\tB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x87\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\'\n\x05usage\x18\x05 \x01(\x0b\x32\x18.kvmesh.serving.v1.Usage\"\x89\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12 \n\x18prefix_tokens_from_store\x18\x03 \x01(\r\x12\x1d\n\x15time_to_first_token_s\x18\x04 \x01(\x01\x12\r\n\x05route\x18\x05 \x01(\t\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\x0b\x43\x61ncelReply\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"\x8b\x01\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12<\n\x07workers\x18\x02 \x03(\x0b\x32+.kvmesh.serving.v1.HealthReply.WorkersEntry\x1a.\n\x0cWorkersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x13\n\x11ListModelsRequest\"*\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\";\n\x0fListModelsReply\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.kvmesh.serving.v1.Model2\xcf\x02\n\x06KVMesh\x12U\n\x08Generate\x12\".kvmesh.serving.v1.GenerateRequest\x1a#.kvmesh.serving.v1.GenerateResponse0\x01\x12J\n\x06\x43\x61ncel\x12 .kvmesh.serving.v1.CancelRequest\x1a\x1e.kvmesh.serving.v1.CancelReply\x12J\n\x06Health\x12 .kvmesh.serving.v1.HealthRequest\x1a\x1e.kvmesh.serving.v1.HealthReply\x12V\n\nListModels\x12$.kvmesh.serving.v1.ListModelsRequest\x1a\".kvmesh.serving.v1.ListModelsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akvmesh_proto/serving.proto\x12\x11kvmesh.serving.v1\"\xc2\x01\n\x08Sampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xd4\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x30\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x1b.kvmesh.serving.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.kvmesh.serving.v1.Sampling\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x0f\n\x07session\x18\x07 \x01(\tB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x87\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\'\n\x05usage\x18\x05 \x01(\x0b\x32\x18.kvmesh.serving.v1.Usage\"\x89\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12 \n\x18prefix_tokens_from_store\x18\x03 \x01(\r\x12\x1d\n\x15time_to_first_token_s\x18\x04 \x01(\x01\x12\r\n\x05route\x18\x05 \x01(\t\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\x0b\x43\x61ncelReply\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"\x8b\x01\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12<\n\x07workers\x18\x02 \x03(\x0b\x32+.kvmesh.serving.v1.HealthReply.WorkersEntry\x1a.\n\x0cWorkersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x13\n\x11ListModelsRequest\"*\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\";\n\x0fListModelsReply\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.kvmesh.serving.v1.Model2\xcf\x02\n\x06KVMesh\x12U\n\x08Generate\x12\".kvmesh.serving.v1.GenerateRequest\x1a#.kvmesh.serving.v1.GenerateResponse0\x01\x12J\n\x06\x43\x61ncel\x12 .kvmesh.serving.v1.CancelRequest\x1a\x1e.kvmesh.serving.v1.CancelReply\x12J\n\x06Health\x12 .kvmesh.serving.v1.HealthRequest\x1a\x1e.kvmesh.serving.v1.HealthReply\x12V\n\nListModels\x12$.kvmesh.serving.v1.ListModelsRequest\x1a\".kvmesh.serving.v1.ListModelsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,29 +36,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLING']._serialized_start=50
   _globals['_SAMPLING']._serialized_end=244
   _globals['_GENERATEREQUEST']._serialized_start=247
-  _globals['_GENERATEREQUEST']._serialized_end=442
-  _globals['_TOKENIDS']._serialized_start=444
-  _globals['_TOKENIDS']._serialized_end=467
-  _globals['_GENERATERESPONSE']._serialized_start=470
-  _globals['_GENERATERESPONSE']._serialized_end=605
-  _globals['_USAGE']._serialized_start=608
-  _globals['_USAGE']._serialized_end=745
-  _globals['_CANCELREQUEST']._serialized_start=747
-  _globals['_CANCELREQUEST']._serialized_end=782
-  _globals['_CANCELREPLY']._serialized_start=784
-  _globals['_CANCELREPLY']._serialized_end=816
-  _globals['_HEALTHREQUEST']._serialized_start=818
-  _globals['_HEALTHREQUEST']._serialized_end=833
-  _globals['_HEALTHREPLY']._serialized_start=836
-  _globals['_HEALTHREPLY']._serialized_end=975
-  _globals['_HEALTHREPLY_WORKERSENTRY']._serialized_start=929
-  _globals['_HEALTHREPLY_WORKERSENTRY']._serialized_end=975
-  _globals['_LISTMODELSREQUEST']._serialized_start=977
-  _globals['_LISTMODELSREQUEST']._serialized_end=996
-  _globals['_MODEL']._serialized_start=998
-  _globals['_MODEL']._serialized_end=1040
-  _globals['_LISTMODELSREPLY']._serialized_start=1042
-  _globals['_LISTMODELSREPLY']._serialized_end=1101
-  _globals['_KVMESH']._serialized_start=1104
-  _globals['_KVMESH']._serialized_end=1439
+  _globals['_GENERATEREQUEST']._serialized_end=459
+  _globals['_TOKENIDS']._serialized_start=461
+  _globals['_TOKENIDS']._serialized_end=484
+  _globals['_GENERATERESPONSE']._serialized_start=487
+  _globals['_GENERATERESPONSE']._serialized_end=622
+  _globals['_USAGE']._serialized_start=625
+  _globals['_USAGE']._serialized_end=762
+  _globals['_CANCELREQUEST']._serialized_start=764
+  _globals['_CANCELREQUEST']._serialized_end=799
+  _globals['_CANCELREPLY']._serialized_start=801
+  _globals['_CANCELREPLY']._serialized_end=833
+  _globals['_HEALTHREQUEST']._serialized_start=835
+  _globals['_HEALTHREQUEST']._serialized_end=850
+  _globals['_HEALTHREPLY']._serialized_start=853
+  _globals['_HEALTHREPLY']._serialized_end=992
+  _globals['_HEALTHREPLY_WORKERSENTRY']._serialized_start=946
+  _globals['_HEALTHREPLY_WORKERSENTRY']._serialized_end=992
+  _globals['_LISTMODELSREQUEST']._serialized_start=994
+  _globals['_LISTMODELSREQUEST']._serialized_end=1013
+  _globals['_MODEL']._serialized_start=1015
+  _globals['_MODEL']._serialized_end=1057
+  _globals['_LISTMODELSREPLY']._serialized_start=1059
+  _globals['_LISTMODELSREPLY']._serialized_end=1118
+  _globals['_KVMESH']._serialized_start=1121
+  _globals['_KVMESH']._serialized_end=1456
 # @@protoc_insertion_point(module_scope)

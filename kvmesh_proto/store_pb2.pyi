@@ -7,16 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Block(_message.Message):
-    __slots__ = ("key", "data", "checksum", "parent")
+    __slots__ = ("key", "data", "checksum", "parent", "session")
     KEY_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     data: bytes
     checksum: int
     parent: bytes
-    def __init__(self, key: _Optional[bytes] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ..., parent: _Optional[bytes] = ...) -> None: ...
+    session: str
+    def __init__(self, key: _Optional[bytes] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ..., parent: _Optional[bytes] = ..., session: _Optional[str] = ...) -> None: ...
 
 class PutRequest(_message.Message):
     __slots__ = ("blocks",)
@@ -39,10 +41,12 @@ class KeyGroup(_message.Message):
     def __init__(self, keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("groups",)
+    __slots__ = ("groups", "session")
     GROUPS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     groups: _containers.RepeatedCompositeFieldContainer[KeyGroup]
-    def __init__(self, groups: _Optional[_Iterable[_Union[KeyGroup, _Mapping]]] = ...) -> None: ...
+    session: str
+    def __init__(self, groups: _Optional[_Iterable[_Union[KeyGroup, _Mapping]]] = ..., session: _Optional[str] = ...) -> None: ...
 
 class LookupReply(_message.Message):
     __slots__ = ("prefix_groups",)
@@ -148,7 +152,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("name", "capacity_bytes", "used_bytes", "held_bytes", "blocks", "fragmentation", "hits", "evictions", "demotions", "promotions", "read_bytes", "read_seconds", "write_bytes", "write_seconds", "demotions_ahead", "encoding", "block_bytes")
+    __slots__ = ("name", "capacity_bytes", "used_bytes", "held_bytes", "blocks", "fragmentation", "hits", "evictions", "demotions", "promotions", "read_bytes", "read_seconds", "write_bytes", "write_seconds", "demotions_ahead", "encoding", "block_bytes", "sessions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +170,7 @@ class TierStats(_message.Message):
     DEMOTIONS_AHEAD_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     capacity_bytes: int
     used_bytes: int
@@ -183,7 +188,8 @@ class TierStats(_message.Message):
     demotions_ahead: int
     encoding: str
     block_bytes: int
-    def __init__(self, name: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., held_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., fragmentation: _Optional[float] = ..., hits: _Optional[int] = ..., evictions: _Optional[int] = ..., demotions: _Optional[int] = ..., promotions: _Optional[int] = ..., read_bytes: _Optional[int] = ..., read_seconds: _Optional[float] = ..., write_bytes: _Optional[int] = ..., write_seconds: _Optional[float] = ..., demotions_ahead: _Optional[int] = ..., encoding: _Optional[str] = ..., block_bytes: _Optional[int] = ...) -> None: ...
+    sessions: int
+    def __init__(self, name: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., held_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., fragmentation: _Optional[float] = ..., hits: _Optional[int] = ..., evictions: _Optional[int] = ..., demotions: _Optional[int] = ..., promotions: _Optional[int] = ..., read_bytes: _Optional[int] = ..., read_seconds: _Optional[float] = ..., write_bytes: _Optional[int] = ..., write_seconds: _Optional[float] = ..., demotions_ahead: _Optional[int] = ..., encoding: _Optional[str] = ..., block_bytes: _Optional[int] = ..., sessions: _Optional[int] = ...) -> None: ...
 
 class StatsReply(_message.Message):
     __slots__ = ("capacity_bytes", "used_bytes", "blocks", "hits", "misses", "evictions", "puts", "rejected", "corrupt", "tiers", "leases")
@@ -210,3 +216,52 @@ class StatsReply(_message.Message):
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     leases: int
     def __init__(self, capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., puts: _Optional[int] = ..., rejected: _Optional[int] = ..., corrupt: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., leases: _Optional[int] = ...) -> None: ...
+
+class SessionRequest(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    def __init__(self, session: _Optional[str] = ...) -> None: ...
+
+class ReleaseSessionReply(_message.Message):
+    __slots__ = ("released", "blocks")
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    blocks: int
+    def __init__(self, released: _Optional[bool] = ..., blocks: _Optional[int] = ...) -> None: ...
+
+class SessionsRequest(_message.Message):
+    __slots__ = ("session", "limit")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    limit: int
+    def __init__(self, session: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class SessionOccupancy(_message.Message):
+    __slots__ = ("session", "state", "idle_s", "blocks")
+    class BlocksEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    state: str
+    idle_s: float
+    blocks: _containers.ScalarMap[str, int]
+    def __init__(self, session: _Optional[str] = ..., state: _Optional[str] = ..., idle_s: _Optional[float] = ..., blocks: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class SessionsReply(_message.Message):
+    __slots__ = ("sessions", "tracked")
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    TRACKED_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionOccupancy]
+    tracked: int
+    def __init__(self, sessions: _Optional[_Iterable[_Union[SessionOccupancy, _Mapping]]] = ..., tracked: _Optional[int] = ...) -> None: ...

@@ -74,6 +74,16 @@ class KVStoreStub:
                 request_serializer=kvmesh__proto_dot_store__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=kvmesh__proto_dot_store__pb2.ReleaseReply.FromString,
                 _registered_method=True)
+        self.ReleaseSession = channel.unary_unary(
+                '/kvmesh.store.v1.KVStore/ReleaseSession',
+                request_serializer=kvmesh__proto_dot_store__pb2.SessionRequest.SerializeToString,
+                response_deserializer=kvmesh__proto_dot_store__pb2.ReleaseSessionReply.FromString,
+                _registered_method=True)
+        self.Sessions = channel.unary_unary(
+                '/kvmesh.store.v1.KVStore/Sessions',
+                request_serializer=kvmesh__proto_dot_store__pb2.SessionsRequest.SerializeToString,
+                response_deserializer=kvmesh__proto_dot_store__pb2.SessionsReply.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -127,6 +137,18 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Sessions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +191,16 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=kvmesh__proto_dot_store__pb2.ReleaseRequest.FromString,
                     response_serializer=kvmesh__proto_dot_store__pb2.ReleaseReply.SerializeToString,
+            ),
+            'ReleaseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseSession,
+                    request_deserializer=kvmesh__proto_dot_store__pb2.SessionRequest.FromString,
+                    response_serializer=kvmesh__proto_dot_store__pb2.ReleaseSessionReply.SerializeToString,
+            ),
+            'Sessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.Sessions,
+                    request_deserializer=kvmesh__proto_dot_store__pb2.SessionsRequest.FromString,
+                    response_serializer=kvmesh__proto_dot_store__pb2.SessionsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -387,6 +419,60 @@ class KVStore:
             '/kvmesh.store.v1.KVStore/Release',
             kvmesh__proto_dot_store__pb2.ReleaseRequest.SerializeToString,
             kvmesh__proto_dot_store__pb2.ReleaseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmesh.store.v1.KVStore/ReleaseSession',
+            kvmesh__proto_dot_store__pb2.SessionRequest.SerializeToString,
+            kvmesh__proto_dot_store__pb2.ReleaseSessionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmesh.store.v1.KVStore/Sessions',
+            kvmesh__proto_dot_store__pb2.SessionsRequest.SerializeToString,
+            kvmesh__proto_dot_store__pb2.SessionsReply.FromString,
             options,
             channel_credentials,
             insecure,

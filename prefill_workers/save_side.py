@@ -44,7 +44,7 @@ class SaveSide:
 
     def _items(self, transfer: BlockTransfer, layer: int, data: Sequence[bytes]) -> list[Item]:
         parents = [transfer.parent, *transfer.hashes[:-1]]
-        return [(self.space.key(h, layer), d, p and self.space.key(p, layer))
+        return [(self.space.key(h, layer), d, p and self.space.key(p, layer), transfer.session)
                 for h, d, p in zip(transfer.hashes, data, parents)]
 
     def save_layer(self, layer_name: str, kv_layer: torch.Tensor,

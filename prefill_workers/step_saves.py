@@ -26,7 +26,8 @@ from kvmesh.kv_store.client import StoreError
 
 log = logging.getLogger("kvmesh.connector")
 
-Item = tuple[bytes, bytes, "bytes | None"]  # (key, bytes, parent key): one block of one layer
+# (key, bytes, parent key, session id): one block of one layer
+Item = tuple[bytes, bytes, "bytes | None", "str | None"]
 
 
 class StepSaves:

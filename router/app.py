@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException
 from kvmesh.kv_store.gc_tuning import freeze_startup_objects
 from kvmesh.router.core import ApiError, Prepared, RouterCore, RouterSettings, Trace, bearer_ok
 from kvmesh.router.json_body import JsonRoute
-from kvmesh.router.openai_api import (ChatCompletionRequest, CompletionRequest, chat_chunk,
+from kvmesh.router.openai_api import (ChatCompletionRequest, CompletionRequest, SessionRequest, chat_chunk,
                                chat_completion, completion_chunk, error_body, usage)
 
 __all__ = ["create_app", "router_server", "RouterSettings"]
@@ -175,7 +175,8 @@ def create_app(settings: RouterSettings, core: RouterCore | None = None) -> Fast
     async def prepared(body, prompt) -> Prepared:
         try:
             return await core.prepare(prompt, body.sampling(), model=body.model,
-                                      cache_salt=body.cache_salt)
+                                      cache_salt=body.cache_salt,
+                                      session=body.session(settings.session_from_user))
         except ApiError:
             core.metrics.requests.labels("invalid").inc()
             raise
@@ -271,6 +272,16 @@ def create_app(settings: RouterSettings, core: RouterCore | None = None) -> Fast
             return stream(p, trace, event, body.return_token_ids, body.include_usage)
         return await answer(request, p, trace, body.return_token_ids,
                             lambda text, finish: chat_completion(p.request_id, model, text, finish))
+
+    @app.post("/v1/sessions/release")
+    async def release_session(body: SessionRequest):
+        """Forget a session on every store: its blocks become ordinary blocks."""
+        return await core.session_call(body.session, body.cache_salt, release=True)
+
+    @app.post("/v1/sessions/lookup")
+    async def lookup_session(body: SessionRequest):
+        """Where a session's blocks are held (blocks per tier, summed over the stores)."""
+        return await core.session_call(body.session, body.cache_salt, release=False)
 
     @app.get("/v1/models")
     async def models():

@@ -33,11 +33,13 @@ import grpc
 
 from kvmesh_proto import worker_pb2
 from kvmesh_proto.limits import (  # the bounds both sides of the worker API hold
-    INT32_MAX, INT64_MAX, INT64_MIN, MAX_CACHE_SALT_CHARS, MAX_REQUEST_ID_CHARS, MAX_STOP_CHARS,
+    INT32_MAX, INT64_MAX, INT64_MIN, MAX_CACHE_SALT_CHARS, MAX_REQUEST_ID_CHARS, MAX_SESSION_CHARS,
+    MAX_STOP_CHARS,
     MAX_STOP_STRINGS, MAX_TEMPERATURE,
 )
 from kvmesh.kv_store.auth import load_secret
 from kvmesh.kv_store.keys import chain_hashes
+from kvmesh.kv_store.sessions import session_id
 from kvmesh.router.admission import Admission, Overloaded
 from kvmesh.router.metrics import RouterMetrics
 from kvmesh.router.routing import Route, RoutingPolicy, Worker
@@ -135,6 +137,7 @@ class Prepared:
     token_ids: list[int]
     sampling: Sampling
     cache_salt: str
+    session: str = ""  # the session's id (``kv_store.sessions.session_id``), or empty
 
 
 def load_path(chunk) -> dict[str, float]:
@@ -335,17 +338,19 @@ class RouterCore:
 
     async def prepare(self, prompt: str | Sequence[int] | Tokenized, sampling: Sampling, *,
                       model: str | None = None, cache_salt: str | None = None,
-                      request_id: str | None = None) -> Prepared:
+                      request_id: str | None = None, session: str | None = None) -> Prepared:
         """Validate a request into token ids; raises ``ApiError`` (4xx) and changes nothing.
         ``prompt`` is text (tokenized off the event loop), token ids, or what
         ``encode_chat`` made. ``sampling.max_tokens`` None becomes what the prompt leaves
         of the model's context (in the returned ``Prepared``; ``sampling`` itself is left
         as it is); a prompt that leaves nothing is a 400, as is one that leaves less than
-        a given ``max_tokens``. Cheap checks come before the tokenizer runs."""
+        a given ``max_tokens``. Cheap checks come before the tokenizer runs. ``session``
+        names the conversation the request belongs to, within its ``cache_salt``."""
         self.check_model(model)
         sampling.check()
         if cache_salt is not None and len(cache_salt) > MAX_CACHE_SALT_CHARS:
             raise ApiError(400, f"cache_salt is longer than {MAX_CACHE_SALT_CHARS} characters")
+        self.check_session(session)
         if request_id is not None and (len(request_id) > MAX_REQUEST_ID_CHARS or request_id in self._tasks):
             raise ApiError(400, "request_id must be unique among running requests and at most "
                                 f"{MAX_REQUEST_ID_CHARS} characters")
@@ -377,7 +382,48 @@ class RouterCore:
         elif tokens.count + sampling.max_tokens > limit:
             raise ApiError(400, f"prompt ({tokens.count} tokens) plus max_tokens "
                                 f"({sampling.max_tokens}) exceeds the model's context of {limit} tokens")
-        return Prepared(request_id or f"cmpl-{uuid.uuid4().hex}", tokens.ids, sampling, cache_salt or "")
+        return Prepared(request_id or f"cmpl-{uuid.uuid4().hex}", tokens.ids, sampling, cache_salt or "",
+                        session_id(session, cache_salt) if session else "")
+
+    @staticmethod
+    def check_session(session: str | None) -> None:
+        """``ApiError`` 400 for a session name over ``MAX_SESSION_CHARS`` characters."""
+        if session is not None and len(session) > MAX_SESSION_CHARS:
+            raise ApiError(400, f"session is longer than {MAX_SESSION_CHARS} characters")
+
+    # ------------------------------------------------------------------ sessions
+
+    async def session_call(self, name: str, cache_salt: str | None, release: bool) -> dict:
+        """Release a session, or say where its blocks are, on every store (``--store``).
+        A tenant reaches only the sessions of its own ``cache_salt``: the stores know a
+        session by a hash of the salt and its name. ``ApiError`` 400 for a bad name,
+        503 when no store is configured or one does not answer."""
+        self.check_session(name)
+        if not name:
+            raise ApiError(400, "session must not be empty")
+        if cache_salt is not None and len(cache_salt) > MAX_CACHE_SALT_CHARS:
+            raise ApiError(400, f"cache_salt is longer than {MAX_CACHE_SALT_CHARS} characters")
+        if not self.stores:
+            raise ApiError(503, "this router knows no store (--store): sessions cannot be reached")
+        sid = session_id(name, cache_salt)
+        timeout = self.settings.health_timeout
+        try:
+            replies = await asyncio.gather(*(
+                (s.release_session if release else s.session)(sid, timeout) for s in self.stores))
+        except grpc.aio.AioRpcError as e:
+            raise ApiError(503, f"a store did not answer: {e.code().name}") from None
+        if release:
+            held = [r.blocks for r in replies if r.released]
+            return {"session": name, "released": bool(held), "blocks": sum(held)}
+        found = [o for r in replies for o in r.sessions]
+        if not found:
+            raise ApiError(404, f"no session {name!r} is kept", "not_found_error")
+        blocks: dict[str, int] = {}
+        for o in found:
+            for tier, n in o.blocks.items():
+                blocks[tier] = blocks.get(tier, 0) + n
+        return {"session": name, "state": "active" if any(o.state == "active" for o in found) else "idle",
+                "idle_s": min(o.idle_s for o in found), "blocks": blocks}
 
     # ------------------------------------------------------------------ serving
 
@@ -399,7 +445,7 @@ class RouterCore:
         if s.seed is not None:
             sampling.seed = s.seed
         return worker_pb2.GenerateRequest(request_id=p.request_id, prompt_token_ids=p.token_ids,
-                                          sampling=sampling, cache_salt=p.cache_salt)
+                                          sampling=sampling, cache_salt=p.cache_salt, session=p.session)
 
     async def _prefill(self, worker: Worker, request: worker_pb2.GenerateRequest, trace: Trace,
                        uncached: int, start: float) -> None:

@@ -47,7 +47,7 @@ class ServingService(serving_pb2_grpc.KVMeshServicer):
         prompt = request.text if request.WhichOneof("prompt") == "text" else list(request.token_ids.ids)
         try:
             p = await core.prepare(prompt, self._sampling(request.sampling), model=request.model or None,
-                                   cache_salt=request.cache_salt or None,
+                                   cache_salt=request.cache_salt or None, session=request.session or None,
                                    request_id=request.request_id or None)
         except ApiError as e:
             core.metrics.requests.labels("invalid").inc()

@@ -10,6 +10,27 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 from pydantic_core import PydanticCustomError
 
 from kvmesh.router.core import INT32_MAX, INT64_MAX, INT64_MIN, Sampling
+from kvmesh_proto.limits import MAX_CACHE_SALT_CHARS, MAX_SESSION_CHARS
+
+
+class KvmeshOptions(BaseModel):
+    """``kvmesh``: kvmesh's own request options. ``session`` names the conversation the
+    request belongs to (its KV is kept while it is idle, moving to slower tiers), within
+    the request's ``cache_salt``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    session: str | None = Field(None, min_length=1, max_length=MAX_SESSION_CHARS)
+
+
+class SessionRequest(BaseModel):
+    """``POST /v1/sessions/release`` and ``/v1/sessions/lookup``: a session by its name,
+    within a tenant's ``cache_salt`` (the one its requests carried)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    session: str = Field(..., min_length=1, max_length=MAX_SESSION_CHARS)
+    cache_salt: str | None = Field(None, max_length=MAX_CACHE_SALT_CHARS)
 
 
 class StreamOptions(BaseModel):
@@ -80,6 +101,7 @@ class _Common(BaseModel):
     return_token_ids: bool = False
     cache_salt: str | None = Field(None, max_length=256)
     user: str | None = None
+    kvmesh: KvmeshOptions | None = None
     stream_options: StreamOptions | None = None
     # unimplemented (NEUTRAL)
     logprobs: Any = None
@@ -104,6 +126,12 @@ class _Common(BaseModel):
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
+
+    def session(self, from_user: bool) -> str | None:
+        """The request's session name: ``kvmesh.session``, else (``from_user``) ``user``."""
+        if self.kvmesh is not None and self.kvmesh.session:
+            return self.kvmesh.session
+        return (self.user or None) if from_user else None
 
     @property
     def include_usage(self) -> bool:

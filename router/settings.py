@@ -51,6 +51,9 @@ class RouterSettings(Settings):
         "whole uncached block then goes to an idle prefill worker even under the limits "
         "above, since computing it on the decode worker would hold up every stream's next "
         "token (0: never)"))
+    session_from_user: bool = Field(True, description=(
+        "the OpenAI `user` field names the request's session (its KV is kept while it is "
+        "idle) unless a `kvmesh.session` field does; sessions are scoped by cache_salt"))
     max_inflight: int = Field(256, ge=1, description="requests served at once")
     max_queue: int = Field(1024, ge=0, description=(
         "requests waiting for a slot; more are refused with 429/RESOURCE_EXHAUSTED"))

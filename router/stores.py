@@ -1,10 +1,11 @@
-"""The router's view of the KV stores: whether each one answers.
+"""The router's view of the KV stores: whether each one answers, and its sessions.
 
 ``StoreProbe`` asks one store for its ``Stats`` (carrying the cluster secret) and keeps
 what it found in ``status``: "ok", or why not ("unavailable (UNAVAILABLE)"). A late reply
 is tolerated ``timeouts_to_fail - 1`` times in a row, as for workers (a busy store answers
 late); a refused call or any other error marks the store down at once. A probe never
-raises: every failure becomes a status. ``close`` frees its channel.
+raises: every failure becomes a status. ``release_session`` and ``session`` reach a
+session's blocks on the store (raising what gRPC raises). ``close`` frees its channel.
 """
 
 from __future__ import annotations
@@ -43,6 +44,16 @@ class StoreProbe:
             return self.status
         self.status, self.timeouts = "ok", 0
         return self.status
+
+    async def release_session(self, session: str, timeout_s: float) -> store_pb2.ReleaseSessionReply:
+        """Release a session (by id) on this store; raises ``grpc.aio.AioRpcError``."""
+        return await self._stub.ReleaseSession(store_pb2.SessionRequest(session=session),
+                                               timeout=timeout_s, metadata=self._metadata)
+
+    async def session(self, session: str, timeout_s: float) -> store_pb2.SessionsReply:
+        """Where one session's blocks are held on this store; raises ``grpc.aio.AioRpcError``."""
+        return await self._stub.Sessions(store_pb2.SessionsRequest(session=session, limit=1),
+                                         timeout=timeout_s, metadata=self._metadata)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -90,7 +90,7 @@ def test_every_dashboard_query_names_exported_metrics():
     # with the router's time to first token and throughput
     for name in ("kvmesh_store_hits_total", "kvmesh_store_misses_total", "kvmesh_store_fragmentation_ratio",
                  "kvmesh_store_compression_saved_bytes", "kvmesh_router_time_to_first_token_seconds_bucket",
-                 "kvmesh_router_generated_tokens_total"):
+                 "kvmesh_router_generated_tokens_total", "kvmesh_store_sessions_resident"):
         assert name in used
     assert all(p["datasource"]["uid"] == "${datasource}" for p in dashboard["panels"])
 
