@@ -160,3 +160,17 @@ def test_bad_settings_are_refused():
         Sessions(0, 4)
     with pytest.raises(ValueError):
         Sessions(1.0, 0)
+
+
+def test_the_session_id_travels_with_the_blocks_a_worker_saves():
+    """From vLLM's request (``kv_transfer_params``, set by the worker) to each block the
+    save side puts: ``session_of``, and ``skip_null_blocks`` keeping the session."""
+    from types import SimpleNamespace
+
+    from kvmesh.engine_host.metadata import SESSION_PARAM, BlockTransfer, session_of, skip_null_blocks
+
+    assert session_of(SimpleNamespace(kv_transfer_params={SESSION_PARAM: "abc"})) == "abc"
+    assert session_of(SimpleNamespace(kv_transfer_params=None)) is None
+    assert session_of(SimpleNamespace()) is None
+    kept = skip_null_blocks(BlockTransfer("r", [0, 5, 6], [b"h0", b"h1", b"h2"], None, "abc"))
+    assert (kept.block_ids, kept.parent, kept.session) == ([5, 6], b"h0", "abc")
