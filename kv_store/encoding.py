@@ -194,7 +194,17 @@ class Int8(Encoding):
             raise ValueError("group must be at least 1")
         self.group = group
 
+    LEVELS = 127  # steps each side of 0
+
     def _encode(self, data, heads):
+        return self._quantize(data, heads, self.LEVELS)
+
+    def _decode(self, payload, length):
+        return self._dequantize(payload, length)
+
+    def _quantize(self, data, heads: int, levels: int) -> bytes:
+        """Header of groups, float16 scales (a group's largest magnitude over ``levels``),
+        then one int8 per value, within [-levels, levels]."""
         import numpy as np
 
         if len(data) % (2 * heads) or not data:
@@ -205,14 +215,15 @@ class Int8(Encoding):
         if not np.isfinite(values).all():
             raise ValueError("a block with inf or NaN values cannot be quantized")
         with np.errstate(over="ignore"):  # too large for float16: refused just below
-            scales = (np.abs(values).max(axis=1) / 127.0).astype(np.float16)
+            scales = (np.abs(values).max(axis=1) / levels).astype(np.float16)
         if not np.isfinite(scales).all():
             raise ValueError("values too large for a float16 scale")
         scales[scales == 0] = 1.0
-        q = np.rint(values / scales.astype(np.float32)[:, None]).clip(-127, 127).astype(np.int8)
+        q = np.rint(values / scales.astype(np.float32)[:, None]).clip(-levels, levels).astype(np.int8)
         return self._META.pack(heads, group) + scales.astype("<f2").tobytes() + q.tobytes()
 
-    def _decode(self, payload, length):
+    def _dequantize(self, payload, length: int) -> bytes:
+        """What ``_quantize`` made, as bf16 bytes."""
         import numpy as np
 
         heads, group = self._META.unpack_from(payload)
