@@ -124,6 +124,17 @@ class Sessions:
         cutoff = self.clock() - self.ttl_s
         return ACTIVE if any(self._sessions[s].last_used >= cutoff for s in holders) else IDLE
 
+    def any_idle(self) -> bool:
+        """Whether an idle session holds a block (cheap: sessions are kept in the order of
+        their last use, so only the idle ones are looked at)."""
+        cutoff = self.clock() - self.ttl_s
+        for s in self._sessions.values():
+            if s.last_used >= cutoff:
+                return False
+            if s.keys:
+                return True
+        return False
+
     def occupancy(self, tier_of: Callable[[bytes], str], session: str | None = None,
                   limit: int = 0) -> list[Occupancy]:
         """Per session (only ``session`` if given), its blocks per tier (``tier_of`` a held

@@ -272,8 +272,11 @@ class TieredStore(BlockStore):
         if self._sessions is None or not len(self._sessions):
             return pop(allowed)
         state = self._sessions.state
-        passes = ((lambda k: state(k) is None), None) if evict else (
-            (lambda k: state(k) == IDLE), (lambda k: state(k) != ACTIVE), None)
+        if evict:
+            passes = ((lambda k: state(k) is None), None)
+        else:  # an idle session's blocks are looked for only where one holds any
+            passes = ((lambda k: state(k) == IDLE),) if self._sessions.any_idle() else ()
+            passes += ((lambda k: state(k) != ACTIVE), None)
         for wanted in passes:
             key = pop(allowed if wanted is None else (lambda k, w=wanted: w(k) and allowed(k)))
             if key is not None:

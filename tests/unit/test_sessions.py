@@ -155,6 +155,18 @@ def test_session_ids_are_scoped_by_tenant():
     assert "chat" not in session_id("chat") and len(session_id("chat")) == 32
 
 
+def test_any_idle_looks_only_at_idle_sessions(clock):
+    sessions = Sessions(TTL, 8, clock=clock)
+    sessions.touch("empty")  # idle soon, but holds nothing
+    clock.now += TTL + 1
+    sessions.touch("busy", [b"k1"])
+    assert not sessions.any_idle()
+    clock.now += TTL + 1
+    assert sessions.any_idle()
+    sessions.touch("busy")
+    assert not sessions.any_idle()
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError):
         Sessions(0, 4)
