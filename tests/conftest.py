@@ -23,6 +23,12 @@ def pytest_collection_modifyitems(items) -> None:
             item.add_marker(getattr(pytest.mark, layer))
 
 
+def pytest_sessionfinish(session, exitstatus) -> None:
+    from tests.colocated import ReferenceEngine
+
+    ReferenceEngine.close_all()  # the colocated engines kept for the session
+
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

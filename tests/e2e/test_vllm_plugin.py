@@ -26,7 +26,7 @@ def test_plugin_is_registered_with_vllm():
 
 
 def test_a_fresh_engine_serves_a_short_first_prompt(tiny_model, tmp_path):
-    tokens = reference_outputs(tiny_model, [FIRST_PROMPT], 3, 32, tmp_path)[0]
+    tokens = reference_outputs(tiny_model, [FIRST_PROMPT], 3, 32, tmp_path, fresh=True)[0]
     assert len(tokens) == 3
 
 
@@ -34,7 +34,7 @@ def test_a_fresh_engine_serves_a_short_first_prompt(tiny_model, tmp_path):
 def test_without_the_plugin_the_same_run_dies(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_PLUGINS", "lora_filesystem_resolver")  # every plugin but ours
     with pytest.raises(RuntimeError, match="colocated run failed"):
-        reference_outputs(tiny_model, [FIRST_PROMPT], 3, 32, tmp_path)
+        reference_outputs(tiny_model, [FIRST_PROMPT], 3, 32, tmp_path, fresh=True)
     # ... while one token more takes a torch kernel that asks for AMX itself: it is the
     # short first prompt that fails, not the engine without the plugin.
-    assert len(reference_outputs(tiny_model, [FIRST_PROMPT + [14]], 3, 32, tmp_path)[0]) == 3
+    assert len(reference_outputs(tiny_model, [FIRST_PROMPT + [14]], 3, 32, tmp_path, fresh=True)[0]) == 3
