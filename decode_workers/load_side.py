@@ -12,8 +12,8 @@ scheduler side (``worker_meta``, with how the loaded KV came in), and the reques
 saves this step must be dropped (``take_failed_requests``). Nothing here raises on a
 store or transfer failure, and no wait is without the step's deadline.
 
-An engine of several KV-cache groups loads outside the steps (``start_async``): vLLM can
-recompute only whole requests there. Those loads run one after another on a thread of
+An engine of several KV-cache groups, or of a windowed one, loads outside the steps
+(``start_async``), where a failed load has vLLM recompute the whole request. Those loads run one after another on a thread of
 their own, all layers at once, each within its own deadline; ``take_async_finished``
 names each such request once, when its load is over, and says which failed (vLLM then
 computes them from their first token). Their failed tokens and statistics go to the
@@ -53,7 +53,8 @@ class LoadSide:
         self._load_stats: dict[str, LoadStats] = {}
         self._async = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmesh-load-async")
         self._async_lock = threading.Lock()
-        self._async_done: list[tuple[set[str], dict[str, list[int]], dict[str, LoadStats]]] = []
+        # per finished load: its requests, the failed blocks of each (per transfer), statistics
+        self._async_done: list[tuple[set[str], dict[str, list[list[int]]], dict[str, LoadStats]]] = []
 
     def _new_load(self) -> LayerLoad:
         return LayerLoad(self.store, self._readers, self.space, self.caches.layers, self.caches.tensors,
@@ -94,16 +95,16 @@ class LoadSide:
         self._async.submit(self._load_async, list(transfers))
 
     def _load_async(self, transfers: list[BlockTransfer]) -> None:
-        failed: dict[str, list[int]] = {}
+        failed: dict[str, list[list[int]]] = {}
         stats: dict[str, LoadStats] = {}
         try:
             load = self._new_load()
             load.start(transfers)
-            stats = load.finish(lambda req_id, block_ids: failed.setdefault(req_id, []).extend(block_ids))
+            stats = load.finish(lambda req_id, block_ids: failed.setdefault(req_id, []).append(block_ids))
         except Exception:  # never leave vLLM waiting: the requests count as failed
             log.exception("a load outside the steps failed")
             for t in transfers:
-                failed.setdefault(t.req_id, []).extend(t.block_ids)
+                failed.setdefault(t.req_id, []).append(t.block_ids)
         with self._async_lock:
             self._async_done.append(({t.req_id for t in transfers}, failed, stats))
 
@@ -116,8 +117,9 @@ class LoadSide:
         for req_ids, failures, stats in done:
             loaded |= req_ids
             failed |= set(failures)
-            for req_id, block_ids in failures.items():
-                self._count_failed(req_id, block_ids)
+            for req_id, per_transfer in failures.items():
+                for block_ids in per_transfer:
+                    self._count_failed(req_id, block_ids)
             self._load_stats.update(stats)
         return loaded, failed
 

@@ -33,10 +33,9 @@ constructor, so the engine does not start (``engine_host.model_support``).
 Failure contract: the store is a cache. A lookup that fails counts as zero hits; a block
 that is missing or fails its checksum at load time is reported through
 ``get_block_ids_with_load_errors`` and vLLM recomputes it (the engine must run with
-``kv_load_failure_policy="recompute"``; with several KV-cache groups, where vLLM cannot
-recompute single blocks, the request's load runs outside the steps and a failed one is
-reported through ``get_transfer_results``' ``failed_recving``: vLLM computes the whole
-request); a save that fails or misses its deadline is
+``kv_load_failure_policy="recompute"``; with several KV-cache groups or a windowed one,
+the request's load runs outside the steps and a failed one is reported through
+``get_transfer_results``' ``failed_recving``: vLLM computes the whole request); a save that fails or misses its deadline is
 logged and becomes a future miss; KV computed over a block that failed to load is never
 saved. No call here waits without a deadline.
 

@@ -12,10 +12,11 @@ Each KV-cache group (``engine_host.kv_groups``) moves with its own block table: 
 full-attention group every block, a windowed group only the blocks its window still
 reads (saved: those a hit of the prompt's full blocks, or one fewer, reads; loaded: those
 vLLM did not point at its null block). A lookup reports a hit only as far as every
-group can supply it. With several groups, loads run outside the steps (the lookup says
-so to vLLM; the worker side reports each request loaded or failed through
-``get_finished``), since vLLM recomputes only whole requests there: a request whose
-load failed is computed from its first token and never looked up again.
+group can supply it. With several groups or a windowed one, loads run outside the steps
+(the lookup says so to vLLM; the worker side reports each request loaded or failed
+through ``get_finished``), where a request whose load failed is computed from its first
+token (vLLM cannot recompute single blocks of several groups, and a window recomputed
+from a failed block would read blocks never loaded) and never looked up again.
 
 Every turn's KV is kept: when a request finishes in an engine that saves, the full blocks
 it computed beyond its prompt (the generated tokens, so the next turn of a conversation
@@ -66,9 +67,10 @@ class _RequestState:
 
 class ConnectorScheduler:
     """``groups``: the engine's KV-cache groups (``engine_host.kv_groups``). With several,
-    loads run outside the steps (vLLM's asynchronous loading): vLLM can recompute a
-    whole request whose load failed, but not single blocks of an engine of several
-    groups."""
+    or with a windowed one, loads run outside the steps (vLLM's asynchronous loading),
+    where a failed load has vLLM recompute the whole request: vLLM cannot recompute single
+    blocks of an engine of several groups, and recomputing a window from a failed block
+    on would read the blocks before it, which were never loaded."""
 
     def __init__(self, settings: ConnectorSettings, groups: Sequence[KvGroup]):
         self.store = settings.store_client()
@@ -76,7 +78,10 @@ class ConnectorScheduler:
         self.can_save = settings.can_save
         self.can_load = settings.can_load
         self.groups = tuple(groups)
-        self.load_async = len(self.groups) > 1
+        # vLLM recomputes a failed block's request from that block on, but a window may
+        # read blocks before it that were never loaded (its null block): so with a windowed
+        # group, as with several groups, a failed load recomputes the whole request
+        self.load_async = len(self.groups) > 1 or any(g.window is not None for g in self.groups)
         self._shard_spaces = settings.shard_spaces()
         self._requests: dict[str, _RequestState] = {}
         self._finished_saves: list[BlockTransfer] = []
@@ -233,9 +238,11 @@ class ConnectorScheduler:
             state = self._requests.get(req_id)
             if state is None:
                 continue
-            state.tokens_load_failed += n
-            if self.load_async:  # vLLM computes the whole request again: never look it up again
+            if self.load_async and state.load is not None:
+                # vLLM computes the whole request again: every loaded token; never look it up again
                 state.load_failed = True
+                n = state.load[1] * self.block_size
+            state.tokens_load_failed += n
             if state.load is not None:  # recomputed blocks get saved again, replacing bad ones
                 first, count = state.load
                 state.saved_blocks = min(state.saved_blocks, first + count - n // self.block_size)

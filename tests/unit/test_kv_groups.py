@@ -95,10 +95,10 @@ def test_each_group_saves_and_loads_its_own_blocks():
     assert [(t.group, t.block_ids, t.hashes) for t in loads] == [(0, full_ids, hashes), (1, window_ids[7:], hashes[7:])]
 
 
-def test_one_group_plans_as_before_and_loads_in_the_step():
+def test_one_full_attention_group_plans_as_before_and_loads_in_the_step():
     sched, index = _scheduler((KvGroup((0, 1, 2, 3)),))
     hashes = chain_hashes(list(range(300)), BS)
     _store(index, hashes, range(4), range(4))
     assert sched._hits(hashes, 0, 9) == 4 and index.calls == 1
     assert not sched.load_async
-    assert _scheduler()[0].load_async
+    assert _scheduler()[0].load_async and _scheduler((WINDOWED,))[0].load_async
