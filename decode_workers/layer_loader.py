@@ -38,7 +38,7 @@ class _Request:
     req_id: str
     block_ids: list[int]
     hashes: list[bytes]
-    keys: dict[str, list[bytes]] = field(default_factory=dict)  # per layer, each block's key
+    keys: dict[str, list[bytes]] = field(default_factory=dict)  # per layer of its group, each block's key
     bad: set[int] = field(default_factory=set)  # indices of blocks some layer failed
 
 
@@ -127,8 +127,11 @@ class ReaderCache:
 class LayerLoad:
     def __init__(self, store: StoreClient, readers: ReaderCache, space: KeySpace,
                  layers: dict[str, int], caches: dict[str, torch.Tensor], block_dims: dict[str, int],
-                 executor: cf.Executor, timeout_s: float):
+                 executor: cf.Executor, timeout_s: float, groups: dict[str, int] | None = None):
+        """``groups``: each layer's KV-cache group (None: one group); a transfer moves the
+        layers of its group."""
         self.store, self.readers, self.space = store, readers, space
+        self.groups = groups or {}
         self.layers, self.caches, self.block_dims = layers, caches, block_dims
         self.executor, self.timeout_s = executor, timeout_s
         self.requests: list[_Request] = []
@@ -150,10 +153,11 @@ class LayerLoad:
         self._deadline = self._start + self.timeout_s
         names = sorted(self.caches, key=self.layers.__getitem__)
         self.requests = [_Request(t.req_id, list(t.block_ids), list(t.hashes)) for t in transfers]
-        for r in self.requests:
-            r.keys = {n: [self.space.key(h, self.layers[n]) for h in r.hashes] for n in names}
+        for r, t in zip(self.requests, transfers):
+            r.keys = {n: [self.space.key(h, self.layers[n]) for h in r.hashes] for n in names
+                      if self.groups.get(n, 0) == getattr(t, "group", 0)}
         # blocks first, then layers (the Get path brings whole leading blocks per call)
-        keys = [r.keys[n][i] for r in self.requests for i in range(len(r.hashes)) for n in names]
+        keys = [r.keys[n][i] for r in self.requests for i in range(len(r.hashes)) for n in names if n in r.keys]
         try:
             located = self.store.locate(keys, lease_s=2 * self.timeout_s)
         except StoreError as e:
@@ -169,12 +173,12 @@ class LayerLoad:
         if chosen is None:  # no shared backend: the plain Get API, all layers at once
             self._backend = "get"
             everything = self.executor.submit(self._get, keys, [sizes[n] for r in self.requests
-                                                                for _ in r.hashes for n in names])
+                                                                for _ in r.hashes for n in names if n in r.keys])
             self._futures = {n: everything for n in names}
             return
         self._backend, reader = chosen
         # a block stored at another size (another layout) counts as missing
-        wanted = {n: [(k, e) for r in self.requests for k in r.keys[n]
+        wanted = {n: [(k, e) for r in self.requests for k in r.keys.get(n, ())
                       if (e := located.extents.get(k)) is not None and e[1] == sizes[n]] for n in names}
         total, offset = sum(sizes[n] * len(wanted[n]) for n in names), 0
         for name in names:
@@ -258,7 +262,7 @@ class LayerLoad:
         rows = block_rows(cache, dim, layer.data, layer.count) if layer.count else None
         for r in self.requests:
             ids, picked = [], []
-            for i, key in enumerate(r.keys[name]):
+            for i, key in enumerate(r.keys.get(name, ())):
                 row = layer.rows.get(key)
                 if row is None:
                     r.bad.add(i)
@@ -270,6 +274,8 @@ class LayerLoad:
 
     def _write_got(self, name: str, found: dict[bytes, bytes]) -> None:
         for r in self.requests:
+            if name not in r.keys:
+                continue
             ids, data = [], []
             for i, key in enumerate(r.keys[name]):
                 block = found.get(key)

@@ -23,14 +23,19 @@ that chain: nothing of ours imports it, and nothing the role folders import from
 ``engine_host`` (settings, metadata, the paged layout, the worker service) imports it, so
 there is no cycle.
 
-What the connector cannot carry (several KV-cache groups, a speculative method whose
+The connector declares vLLM's ``SupportsHMA``: vLLM keeps its hybrid allocator on for a
+model with windowed and full-attention layers, and every KV-cache group moves with its
+own block table (``engine_host.kv_groups``; the scheduler side says how). What the
+connector cannot carry (group kinds other than attention KV, a speculative method whose
 draft keeps KV of its own, a KV-cache dtype it does not carry) is refused in the
 constructor, so the engine does not start (``engine_host.model_support``).
 
 Failure contract: the store is a cache. A lookup that fails counts as zero hits; a block
 that is missing or fails its checksum at load time is reported through
 ``get_block_ids_with_load_errors`` and vLLM recomputes it (the engine must run with
-``kv_load_failure_policy="recompute"``); a save that fails or misses its deadline is
+``kv_load_failure_policy="recompute"``; with several KV-cache groups or a windowed one,
+the request's load runs outside the steps and a failed one is reported through
+``get_transfer_results``' ``failed_recving``: vLLM computes the whole request); a save that fails or misses its deadline is
 logged and becomes a future miss; KV computed over a block that failed to load is never
 saved. No call here waits without a deadline.
 
@@ -49,10 +54,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorRole,
+    KVConnectorTransferResults,
+    SupportsHMA,
+)
 
 from kvmesh.decode_workers.load_side import LoadSide
 from kvmesh.engine_host.connector_settings import ConnectorSettings
+from kvmesh.engine_host.kv_groups import kv_groups
 from kvmesh.engine_host.metadata import KvmeshConnectorMetadata, KvmeshWorkerMetadata
 from kvmesh.engine_host.model_support import check_vllm_config
 from kvmesh.engine_host.scheduler import ConnectorScheduler
@@ -69,7 +80,7 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 
-class KvmeshConnector(KVConnectorBase_V1):
+class KvmeshConnector(KVConnectorBase_V1, SupportsHMA):
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
                  kv_cache_config: "KVCacheConfig | None" = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
@@ -82,7 +93,7 @@ class KvmeshConnector(KVConnectorBase_V1):
                                            load_side=LoadSide if settings.can_load else None,
                                            save_side=SaveSide if settings.can_save else None)
         else:
-            self._scheduler = ConnectorScheduler(settings)
+            self._scheduler = ConnectorScheduler(settings, kv_groups(kv_cache_config, settings.num_layers))
 
     # ------------------------------------------------------------------ scheduler side
 
@@ -110,6 +121,10 @@ class KvmeshConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: "Request",
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return self.request_finished_all_groups(request, (block_ids,))
+
+    def request_finished_all_groups(self, request: "Request",
+                                    block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
         return self._scheduler.request_finished(request, block_ids)
 
@@ -143,8 +158,13 @@ class KvmeshConnector(KVConnectorBase_V1):
         self._worker.wait_for_save()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        results = self.get_transfer_results(finished_req_ids)
+        return results.finished_sending or None, results.finished_recving or None
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         assert self._worker is not None
-        return self._worker.get_finished() or None, None
+        sent, loaded, failed = self._worker.get_finished()
+        return KVConnectorTransferResults(finished_sending=sent, finished_recving=loaded, failed_recving=failed)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         assert self._worker is not None

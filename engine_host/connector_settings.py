@@ -41,12 +41,52 @@ def architecture_digest(hf_config) -> str:
                            digest_size=6).hexdigest()
 
 
+SAMPLES_PER_FILE = 16    # of each weights file's tensor bytes, evenly spaced
+SAMPLE_BYTES = 4096
+
+
+def weights_digest(model: str, revision: str | None = None) -> str:
+    """A short digest of which weights a model directory holds, read cheaply (never the
+    whole weights): the snapshot revision when the directory is a Hugging Face cache
+    snapshot (``.../snapshots/<revision>``); for another directory, for each
+    ``*.safetensors`` file, its name, size, header (tensor names, dtypes, shapes,
+    offsets) and ``SAMPLES_PER_FILE`` samples of ``SAMPLE_BYTES`` of its tensor bytes,
+    evenly spaced (1 MiB at most per file read here). Two copies of one model agree;
+    two trainings or seeds of one architecture differ (unless they differ only in bytes
+    no sample reads, such as a fine-tune of a few tensors: serve those under different
+    model ids). A model given by hub id without a local directory: ``revision``, or
+    "unversioned"."""
+    import hashlib
+    import struct
+    from pathlib import Path
+
+    path = Path(model)
+    if path.parent.name == "snapshots":
+        return "rev-" + path.name
+    if not path.is_dir():
+        return "rev-" + revision if revision else "unversioned"
+    digest = hashlib.blake2b(digest_size=6)
+    for file in sorted(path.glob("*.safetensors")):
+        size = file.stat().st_size
+        digest.update(f"{file.name}\x00{size}\x00".encode())
+        with open(file, "rb") as f:
+            raw = f.read(8)
+            header_len = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
+            digest.update(f.read(header_len))
+            start = 8 + header_len
+            span = max(0, size - start - SAMPLE_BYTES)
+            for i in range(SAMPLES_PER_FILE):
+                f.seek(start + span * i // max(1, SAMPLES_PER_FILE - 1))
+                digest.update(f.read(SAMPLE_BYTES))
+    return "w-" + digest.hexdigest()
+
+
 def layout_fingerprint(vllm_config: "VllmConfig") -> str:
     """What must match for a block's bytes to mean the same thing to another worker: the
-    platform's cache layout, the KV dtype (fp8 is not bf16), block and head size, and the
+    platform's cache layout, the KV dtype (fp8 is not bf16), block and head size, the
     model's architecture (two models that differ in heads, layers or attention windows
-    never share blocks, even served under one name). Two models of one architecture with
-    different weights are told apart only by their ``model_id``."""
+    never share blocks, even served under one name) and its weights (``weights_digest``:
+    two models of one architecture with different weights never share blocks either)."""
     import torch
     from vllm.platforms import current_platform
 
@@ -57,7 +97,7 @@ def layout_fingerprint(vllm_config: "VllmConfig") -> str:
     if device == "cpu":  # the CPU kernels pack K by instruction set
         device += "-" + torch.backends.cpu.get_cpu_capability()
     return (f"{device}|{dtype}|bs{cache.block_size}|hd{model.get_head_size()}"
-            f"|arch-{architecture_digest(model.hf_config)}")
+            f"|arch-{architecture_digest(model.hf_config)}|{weights_digest(model.model, model.revision)}")
 
 
 @dataclass(frozen=True)

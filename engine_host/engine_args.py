@@ -80,7 +80,6 @@ def check_engine_args(argv: Sequence[str], role: str | None = None):
         raise EngineArgsError(f"--block-size must be a positive multiple of 32 on the CPU: {ns.block_size}")
     try:
         check_engine_options(ns.model, ns.kv_cache_dtype, ns.speculative_config,
-                             hybrid_forced=ns.disable_hybrid_kv_cache_manager is False,
                              skip_layers=ns.kv_cache_dtype_skip_layers)
     except UnsupportedModel as e:
         raise EngineArgsError(str(e)) from None

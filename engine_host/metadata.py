@@ -19,12 +19,15 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 @dataclass
 class BlockTransfer:
-    """Blocks of one request to move this step: paged block ids and their chain hashes."""
+    """Blocks of one request to move this step: paged block ids and their chain hashes, for
+    the layers of one KV-cache group (``engine_host.kv_groups``; a request's block ids
+    differ from group to group)."""
 
     req_id: str
     block_ids: list[int]
     hashes: list[bytes]
     parent: bytes | None = None  # chain hash of the block before ``hashes[0]``
+    group: int = 0               # index of the KV-cache group whose layers move
     session: str | None = None   # id of the request's session (``kv_store.sessions``), if any
 
 
@@ -55,12 +58,16 @@ def skip_null_blocks(transfer: BlockTransfer) -> BlockTransfer | None:
     if skip == 0:
         return transfer
     return BlockTransfer(transfer.req_id, transfer.block_ids[skip:], transfer.hashes[skip:],
-                         transfer.hashes[skip - 1], transfer.session)
+                         transfer.hashes[skip - 1], transfer.group, transfer.session)
 
 
 @dataclass
 class KvmeshConnectorMetadata(KVConnectorMetadata):
     loads: list[BlockTransfer] = field(default_factory=list)
+    # Loads of requests waiting for their KV outside the steps (an engine of several
+    # KV-cache groups, where vLLM can recompute only a whole request whose load failed):
+    # the worker side reports each request done through ``get_finished``.
+    async_loads: list[BlockTransfer] = field(default_factory=list)
     saves: list[BlockTransfer] = field(default_factory=list)
     # Blocks of requests that finished (their generated tokens' full blocks, and any
     # computed block not saved yet), to save before vLLM frees them: vLLM keeps them

@@ -10,14 +10,16 @@ the engine.
 
 Carried today:
 
-* **KV-cache groups**: exactly one, of full attention (any number of KV heads: GQA, MQA,
-  MHA) or of a sliding window (every layer windowed, as Mistral's). A model with windowed
-  and full-attention layers (Gemma-2/3, Llama-4 local/global) is carried as one group
-  because vLLM turns its hybrid allocator off for a connector without ``SupportsHMA``
-  (this one): every layer keeps every block, and the window still applies in attention.
-  Several groups (vLLM's hybrid allocator forced on), and group kinds whose blocks are
-  not per-head attention KV (Mamba state, MLA latents, chunked local attention, layers
-  whose shapes differ inside a group), are refused.
+* **KV-cache groups**: any number, each of full attention (any number of KV heads: GQA,
+  MQA, MHA) or of a sliding window, all of one block size. A model with windowed and
+  full-attention layers (Gemma-2/3, Llama-4 local/global) keeps vLLM's hybrid allocator
+  (the connector declares ``SupportsHMA``): a full-attention group and a windowed group,
+  each moved with its own block table, the windowed one only the blocks its window
+  still reads (``engine_host.kv_groups``). With the allocator off
+  (``--disable-hybrid-kv-cache-manager``) such a model has one full-attention group that
+  keeps every block, which is carried as well. Group kinds whose blocks are not per-head
+  attention KV (Mamba state, MLA latents, chunked local attention, layers whose shapes
+  differ inside a group) and groups of different block sizes are refused.
 * **Speculative decoding**: ``ngram`` only; it proposes from the tokens, so the cache
   holds the target model's KV alone. Methods with a draft model or head (``draft_model``,
   EAGLE, MTP, Medusa ...) add layers of their own to the same cache, which the keys do
@@ -40,7 +42,6 @@ if TYPE_CHECKING:
 
 SPECULATIVE_METHODS = ("ngram",)
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2")
-HYBRID_FLAG = "--no-disable-hybrid-kv-cache-manager"
 
 
 class UnsupportedModel(ValueError):
@@ -64,18 +65,12 @@ def kv_dtype_refusal(cache_dtype: str) -> str | None:
             f"(carried: {', '.join(KV_CACHE_DTYPES)})")
 
 
-def check_engine_options(model: str, cache_dtype: str, speculative: Any,
-                         hybrid_forced: bool = False, skip_layers: Any = ()) -> None:
+def check_engine_options(model: str, cache_dtype: str, speculative: Any, skip_layers: Any = ()) -> None:
     """Refuse engine options the connector cannot carry (``UnsupportedModel``).
 
     ``speculative`` is vLLM's speculative config: a ``SpeculativeConfig``, the dict
-    ``--speculative-config`` parses to, or None. ``hybrid_forced``: the hybrid KV-cache
-    manager was asked for (``HYBRID_FLAG``)."""
+    ``--speculative-config`` parses to, or None."""
     reasons = []
-    if hybrid_forced:
-        reasons.append(f"{HYBRID_FLAG} asks for vLLM's hybrid KV-cache manager, whose several "
-                       "KV-cache groups kvmesh's connector does not carry (leave the flag out: "
-                       "vLLM then keeps one group and the model still attends with its windows)")
     method = speculative.get("method") if isinstance(speculative, dict) else getattr(speculative, "method", None)
     if isinstance(speculative, dict) and method is None and speculative.get("model"):
         method = "draft_model"  # vLLM's name for a draft given by model alone
@@ -91,23 +86,24 @@ def check_engine_options(model: str, cache_dtype: str, speculative: Any,
 
 def check_kv_cache(model: str, kv_cache_config: "KVCacheConfig | None") -> None:
     """Refuse a KV-cache configuration the connector cannot carry (``UnsupportedModel``):
-    more than one group, or a group whose kind is not plain attention KV."""
+    a group whose kind is not plain attention KV, or groups of different block sizes."""
     from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 
     if kv_cache_config is None:
         return
     groups = kv_cache_config.kv_cache_groups
-    kinds = [type(g.kv_cache_spec).__name__ for g in groups]
-    if len(groups) > 1:
-        raise UnsupportedModel(
-            f"kvmesh cannot serve {model}: its KV cache has {len(groups)} groups ({', '.join(kinds)}), "
-            "and kvmesh's connector carries one (vLLM's hybrid KV-cache manager must stay off)")
-    for group, kind in zip(groups, kinds):
+    for group in groups:
+        kind = type(group.kv_cache_spec).__name__
         if type(group.kv_cache_spec) not in (FullAttentionSpec, SlidingWindowSpec):
             raise UnsupportedModel(
                 f"kvmesh cannot serve {model}: its KV-cache group of kind {kind} (layers "
                 f"{', '.join(group.layer_names[:3])}{' ...' if len(group.layer_names) > 3 else ''}) "
                 "is not per-head attention KV that kvmesh's connector carries")
+    sizes = sorted({g.kv_cache_spec.block_size for g in groups})
+    if len(sizes) > 1:
+        raise UnsupportedModel(
+            f"kvmesh cannot serve {model}: its KV-cache groups have different block sizes "
+            f"({', '.join(map(str, sizes))}), and kvmesh's keys cover one block size")
 
 
 def check_vllm_config(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | None") -> None:

@@ -99,9 +99,12 @@ def write_blocks(cache: torch.Tensor, dim: int, block_ids: Sequence[int],
 @dataclass
 class PagedCaches:
     """The paged KV cache of one model runner, layer by layer: each layer's tensor, its
-    index in the model and the tensor's block dimension. Filled by ``register``."""
+    index in the model, the tensor's block dimension and its KV-cache group (each group
+    has block tables of its own; under vLLM's hybrid allocator layers of different groups
+    share one tensor, each group using the blocks it was given). Filled by ``register``."""
 
     num_blocks: int = 0  # from the engine's KV-cache config; 0: each tensor's first dimension
+    groups: dict[str, int] = field(default_factory=dict)  # layer name -> group (absent: 0)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     layers: dict[str, int] = field(default_factory=dict)
     block_dims: dict[str, int] = field(default_factory=dict)

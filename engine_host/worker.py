@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from kvmesh.engine_host.connector_settings import ConnectorSettings
+from kvmesh.engine_host.kv_groups import kv_groups
 from kvmesh.engine_host.metadata import KvmeshConnectorMetadata, KvmeshWorkerMetadata
 from kvmesh.engine_host.paged_layout import PagedCaches
 from kvmesh.kv_store.client import StoreClient
@@ -45,7 +46,9 @@ class ConnectorWorker:
         self.store = settings.store_client()
         rank = get_tensor_model_parallel_rank() if settings.tensor_parallel_size > 1 else 0
         space = settings.rank_space(rank)
-        self.caches = PagedCaches(kv_cache_config.num_blocks if kv_cache_config is not None else 0)
+        groups = kv_groups(kv_cache_config, settings.num_layers)
+        self.caches = PagedCaches(kv_cache_config.num_blocks if kv_cache_config is not None else 0,
+                                  {name: g for g, group in enumerate(groups) for name in group.layer_names})
         self.loads = load_side(settings, self.store, self.caches, space) if load_side else None
         self.saves = save_side(settings, self.store, self.caches, space) if save_side else None
 
@@ -55,6 +58,8 @@ class ConnectorWorker:
     def start_load_kv(self, meta: KvmeshConnectorMetadata) -> None:
         if meta.finished_saves and self.saves is not None:
             self.saves.save_finished(meta.finished_saves)
+        if meta.async_loads and self.loads is not None:
+            self.loads.start_async(meta.async_loads)
         if not meta.loads:
             return
         self._settle_saves()  # a previous step's load, if its finish was skipped
@@ -84,9 +89,12 @@ class ConnectorWorker:
         if self.saves is not None:
             self.saves.settle(failed)
 
-    def get_finished(self) -> set[str]:
-        """Finished requests whose blocks vLLM may free now (their save is over)."""
-        return self.saves.take_finished() if self.saves is not None else set()
+    def get_finished(self) -> tuple[set[str], set[str], set[str]]:
+        """Finished requests whose blocks vLLM may free now (their save is over); requests
+        whose load outside the steps is over; of those, the ones whose load failed."""
+        sent = self.saves.take_finished() if self.saves is not None else set()
+        loaded, failed = self.loads.take_async_finished() if self.loads is not None else (set(), set())
+        return sent, loaded, failed
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.loads.block_ids_with_load_errors() if self.loads is not None else set()

@@ -8,6 +8,8 @@ has its saves held until its load is done (``settle``), and dropped if the load 
 saved. ``wait`` (vLLM's ``wait_for_save``) waits for the sends with a deadline; a save
 that fails or misses it is logged and becomes a future miss.
 
+Each transfer carries the blocks of one KV-cache group, saved for that group's layers.
+
 ``save_finished`` saves the blocks of requests that finished (every layer at once: no
 forward pass runs over them any more) in the background; ``take_finished`` never blocks
 and names each such request once, when its save is done, has failed, or has missed its
@@ -53,9 +55,12 @@ class SaveSide:
             return
         layer = self.caches.layers[layer_name]
         dim = self.caches.block_dims[layer_name]
+        group = self.caches.groups.get(layer_name, 0)
         loading = {t.req_id for t in meta.loads}
         now = []
         for transfer in meta.saves:
+            if transfer.group != group:  # another group's blocks: not this layer's
+                continue
             items = self._items(transfer, layer, read_blocks(kv_layer, dim, transfer.block_ids))
             if transfer.req_id in loading:
                 self._saves.add(items, held_for=transfer.req_id)
@@ -69,6 +74,8 @@ class SaveSide:
         for transfer in transfers:
             items = []
             for name, cache in self.caches.tensors.items():
+                if self.caches.groups.get(name, 0) != transfer.group:
+                    continue
                 data = read_blocks(cache, self.caches.block_dims[name], transfer.block_ids)
                 items += self._items(transfer, self.caches.layers[name], data)
             future = self._sender.submit(self.store.put, items)

@@ -3,16 +3,17 @@ on the CPU, a real store, the router over HTTP.
 
 For MQA (one KV head), MHA (a KV head per attention head), a sliding-window model (every
 layer windowed: vLLM keeps one ``SlidingWindowSpec`` group and points the blocks that left
-the window at its null block) and a hybrid local/global model (vLLM turns its hybrid
-allocator off for a connector without ``SupportsHMA``, so the model runs with one
-full-attention group, the windows still applied in attention): greedy tokens equal a
-colocated vLLM run of the same model, the tokens loaded from the store and the bytes
-moved are asserted, and a noise negative control shows the decode worker used them.
+the window at its null block) and a hybrid local/global model (the connector declares
+``SupportsHMA``, so vLLM keeps its hybrid allocator: a full-attention group and a windowed
+group, each with its own block table, loaded outside the steps): greedy tokens equal a
+colocated vLLM run of the same model, the tokens loaded from the store, the blocks the
+prefill worker stored and the bytes moved are asserted (a windowed layer's only for the
+blocks its window reads), and a noise negative control shows the decode worker used them.
 The same for n-gram speculative decoding on the decode worker (against non-speculative
 greedy decoding; its health reports the acceptance rate) and for an fp8 KV cache (skipped
 with the engine's reason where the CPU backend has none). Then: a prefill worker of one
-model and a decode worker of another (same tokenizer, heads, head size, dtype and block
-size: only the architecture differs), or of another KV dtype, never share blocks, and engines with options the connector cannot carry refuse to start, with the
+model and a decode worker of the same architecture with other weights, or of another KV
+dtype, never share blocks, and engines with options the connector cannot carry refuse to start, with the
 engine's or kvmesh's text.
 """
 
@@ -33,6 +34,7 @@ from tests.colocated import prefill_then_decode, reference_table
 
 BLOCK = 32
 MAX_TOKENS = 8
+NGRAM_TOKENS = 24
 NGRAM = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
                     "prompt_lookup_max": 4})
 
@@ -42,20 +44,27 @@ class Case(NamedTuple):
     engine_args: tuple[str, ...] = ()  # both workers' and the colocated run's
     decode_args: tuple[str, ...] = ()  # the decode worker's alone (not the colocated run's)
     dtype_bytes: int = 2               # of the KV cache
+    max_tokens: int = MAX_TOKENS       # of every request
 
 
 CASES = {
     "mqa": Case("mqa"), "mha": Case("mha"), "sliding": Case("sliding"), "hybrid": Case("hybrid"),
     # n-gram speculative decoding on the decode worker, against non-speculative greedy
-    "ngram": Case("tiny", decode_args=("--speculative-config", NGRAM)),
+    "ngram": Case("tiny", decode_args=("--speculative-config", NGRAM), max_tokens=NGRAM_TOKENS),
     "fp8": Case("tiny", engine_args=("--kv-cache-dtype", "fp8"), dtype_bytes=1),
 }
+LOOPING_SEED = 1108  # see LOOPING
 _rng = random.Random(11)
 _PATTERN = [_rng.randrange(10, 1000) for _ in range(20)]
 # 1 block + a bit; 3 blocks + a bit, longer than the window, a pattern repeated (n-gram
 # proposals find it); 9 blocks + a bit.
 PROMPTS = [[_rng.randrange(10, 1000) for _ in range(40)], _PATTERN * 5,
            [_rng.randrange(10, 1000) for _ in range(300)]]
+# A prompt whose greedy continuation (tiny, seed 0) repeats pairs of tokens seen before in
+# it or in the continuation, so that n-gram drafts get accepted: a seeded random prompt
+# picked by that property (of 300 tried, the best; random weights rarely repeat within
+# the 8 tokens the other requests ask for).
+LOOPING = [random.Random(LOOPING_SEED).randrange(10, 1000) for _ in range(40)]
 
 
 def loaded_tokens(prompt: list[int]) -> int:
@@ -64,20 +73,43 @@ def loaded_tokens(prompt: list[int]) -> int:
     return (len(prompt) - 1) // BLOCK * BLOCK
 
 
-def moved_blocks(case: Case, prompt: list[int]) -> int:
-    """Blocks whose bytes a decode worker reads from the store. A sliding-window cache
-    reads only those its window still needs for the first token it computes (vLLM skips
-    ``computed - window + 1`` tokens); the others read every loaded block."""
-    loaded = loaded_tokens(prompt)
-    if case.size != "sliding":
-        return loaded // BLOCK
-    return loaded // BLOCK - max(0, loaded - SLIDING_WINDOW + 1) // BLOCK
-
-
-def block_bytes(case: Case) -> int:
-    """One block of every layer: K and V, KV heads x head size."""
+def layers_by_kind(case: Case) -> tuple[int, int]:
+    """(full-attention layers, windowed layers) of the case's model, as vLLM groups them."""
     spec = SIZES[case.size]
-    return spec.num_layers * spec.num_kv_heads * BLOCK * 2 * (spec.hidden_size // spec.num_heads) * case.dtype_bytes
+    if case.size == "sliding":
+        return 0, spec.num_layers
+    windowed = (spec.layer_types or ()).count("sliding_attention")
+    return spec.num_layers - windowed, windowed
+
+
+def window_blocks(blocks: int) -> int:
+    """Of ``blocks`` leading computed blocks, those a window still reads for the next token
+    (vLLM skips ``computed - window + 1`` tokens)."""
+    return blocks - max(0, blocks * BLOCK - SLIDING_WINDOW + 1) // BLOCK
+
+
+def moved_layer_blocks(case: Case, prompt: list[int]) -> int:
+    """Blocks (of one layer each) a decode worker reads from the store: a full-attention
+    layer's every loaded block, a windowed layer's only those its window needs for the
+    first token the decode worker computes."""
+    full, windowed = layers_by_kind(case)
+    loaded = loaded_tokens(prompt) // BLOCK
+    return full * loaded + windowed * window_blocks(loaded)
+
+
+def stored_layer_blocks(case: Case, prompt: list[int]) -> int:
+    """Blocks (of one layer each) the prefill worker stores: a full-attention layer's every
+    full block, a windowed layer's those a hit of every full block, or of one fewer (a
+    reader of the same prompt), reads."""
+    full, windowed = layers_by_kind(case)
+    blocks = len(prompt) // BLOCK
+    return full * blocks + windowed * (window_blocks(blocks - 1) + 1)
+
+
+def layer_block_bytes(case: Case) -> int:
+    """One block of one layer: K and V, KV heads x head size."""
+    spec = SIZES[case.size]
+    return spec.num_kv_heads * BLOCK * 2 * (spec.hidden_size // spec.num_heads) * case.dtype_bytes
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -86,7 +118,8 @@ def family(request, tiny_model, family_model, tmp_path_factory):
     case = CASES[name]
     model = tiny_model if case.size == "tiny" else family_model(case.size)
     try:
-        reference = reference_table(model, PROMPTS, MAX_TOKENS, BLOCK, tmp_path_factory.mktemp(f"colocated-{name}"),
+        reference = reference_table(model, PROMPTS + ([LOOPING] if name == "ngram" else []), case.max_tokens,
+                                    BLOCK, tmp_path_factory.mktemp(f"colocated-{name}"),
                                     engine_args=case.engine_args)
     except RuntimeError as e:
         if name == "fp8":  # where the CPU backend has no fp8 KV cache: the engine's own reason
@@ -101,7 +134,7 @@ def family(request, tiny_model, family_model, tmp_path_factory):
 
 
 def _complete(cluster, size, prompt) -> dict:
-    body = {"model": size, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+    body = {"model": size, "prompt": prompt, "max_tokens": CASES[size].max_tokens, "temperature": 0,
             "return_token_ids": True}
     r = httpx.post(cluster.router_url + "/v1/completions", json=body, timeout=120)
     assert r.status_code == 200, r.text
@@ -120,20 +153,27 @@ def test_greedy_tokens_through_the_store_equal_colocated(family):
         store.drop()
 
 
-def test_bytes_moved_are_the_blocks_the_cache_needs(family):
+def test_bytes_stored_and_moved_are_the_blocks_the_cache_needs(family):
     size, cluster, reference = family
     case = CASES[size]
     with StoreClient(cluster.store_address, secret=cluster.secret) as store:
         for prompt in PROMPTS:
             store.drop()
-            tokens, out = asyncio.run(prefill_then_decode(cluster.prefill_address, cluster.decode_address,
-                                                          prompt, MAX_TOKENS, secret=cluster.secret))
+            stored = []
+            tokens, out = asyncio.run(prefill_then_decode(
+                cluster.prefill_address, cluster.decode_address, prompt, CASES[size].max_tokens,
+                lambda: stored.append(store.stats().blocks), secret=cluster.secret))
             assert tokens == reference[tuple(prompt)]
             assert out.tokens_from_store == loaded_tokens(prompt) and out.tokens_load_failed == 0
-            assert out.kv_bytes == moved_blocks(case, prompt) * block_bytes(case), f"{size}, prompt of {len(prompt)}"
+            assert stored == [stored_layer_blocks(case, prompt)], f"{size}, prompt of {len(prompt)}"
+            assert out.kv_bytes == moved_layer_blocks(case, prompt) * layer_block_bytes(case), \
+                f"{size}, prompt of {len(prompt)}"
         store.drop()
-    if size == "sliding":  # the window left most of the long prompt's blocks in the store
-        assert moved_blocks(case, PROMPTS[-1]) == 2 < loaded_tokens(PROMPTS[-1]) // BLOCK
+    full, windowed = layers_by_kind(case)
+    if windowed:  # the window kept most of the long prompt's blocks of those layers out
+        blocks = len(PROMPTS[-1]) // BLOCK
+        assert window_blocks(loaded_tokens(PROMPTS[-1]) // BLOCK) == 2 and window_blocks(blocks - 1) + 1 == 3
+        assert stored_layer_blocks(case, PROMPTS[-1]) == (full + windowed) * blocks - windowed * 6
 
 
 def test_negative_control_noise_changes_outputs(family):
@@ -142,48 +182,75 @@ def test_negative_control_noise_changes_outputs(family):
         for prompt in PROMPTS[1:]:
             store.drop()
             tokens, out = asyncio.run(prefill_then_decode(
-                cluster.prefill_address, cluster.decode_address, prompt, MAX_TOKENS,
+                cluster.prefill_address, cluster.decode_address, prompt, CASES[size].max_tokens,
                 lambda: store.inject_fault("noise"), secret=cluster.secret))
             assert out.tokens_from_store > 0 and out.tokens_load_failed == 0
             assert tokens != reference[tuple(prompt)], f"{size}, prompt of {len(prompt)}"
         store.drop()
 
 
-def test_speculative_decoding_reports_its_acceptance(family):
-    """The n-gram decode worker proposed drafts and reports how many were accepted (after
-    the tests above sent it their requests). Its drafts come from the context: a random
-    model's next token rarely continues a longer match, so proposals start at one token
-    (``prompt_lookup_min`` 1: the last token seen earlier in the prompt)."""
-    size, cluster, _ = family
+def test_blocks_that_fail_their_checksum_are_recomputed(family):
+    """Every stored block damaged after the prefill (its checksum no longer matches): the
+    decode worker reports the load failed and computes the prompt itself, with the
+    colocated tokens. With a windowed KV-cache group (sliding, hybrid) the load runs
+    outside the engine steps and vLLM recomputes the whole request: recomputed from the
+    failed block on, the window would read the blocks before it, never loaded."""
+    size, cluster, reference = family
+    prompt = PROMPTS[1]
+    with StoreClient(cluster.store_address, secret=cluster.secret) as store:
+        store.drop()
+        tokens, out = asyncio.run(prefill_then_decode(
+            cluster.prefill_address, cluster.decode_address, prompt, CASES[size].max_tokens,
+            lambda: store.inject_fault("flip"), secret=cluster.secret))
+        store.drop()
+    assert out.tokens_load_failed == loaded_tokens(prompt) > 0
+    assert tokens == reference[tuple(prompt)], size
+
+
+def test_speculative_decoding_accepts_drafts_and_reports_its_acceptance(family):
+    """The n-gram decode worker, given a prompt whose greedy continuation repeats pairs of
+    tokens it saw before (``LOOPING``), has drafts accepted, gives the tokens of
+    non-speculative colocated greedy decoding, and its health reports the acceptance rate
+    and tokens per step. Drafts come from the context (``prompt_lookup_min`` 1: the last
+    token seen earlier)."""
+    size, cluster, reference = family
     if size != "ngram":
         pytest.skip("the n-gram case only")
     from kvmesh.router.workers import WorkerClient
 
-    async def health():
+    async def stats():
         client = WorkerClient(cluster.decode_address, cluster.secret)
         try:
-            return await client.health()
+            reply = await client.health()
         finally:
             await client.close()
-    reply = asyncio.run(health())
-    assert json.loads(reply.engine_config)["speculative_method"] == "ngram"
-    stats = json.loads(reply.engine_stats)
-    assert stats["spec_drafts"] > 0 and stats["spec_draft_tokens"] >= stats["spec_drafts"]
-    assert stats["spec_acceptance_rate"] == stats["spec_accepted_tokens"] / stats["spec_draft_tokens"]
-    assert stats["spec_tokens_per_step"] == 1 + stats["spec_accepted_tokens"] / stats["spec_drafts"]
+        assert json.loads(reply.engine_config)["speculative_method"] == "ngram"
+        return json.loads(reply.engine_stats)
+    before = asyncio.run(stats())
+    r = _complete(cluster, size, LOOPING)
+    assert r["choices"][0]["token_ids"] == reference[tuple(LOOPING)]
+    after = asyncio.run(stats())
+    assert after["spec_accepted_tokens"] > before["spec_accepted_tokens"]
+    assert after["spec_drafts"] > 0 and after["spec_draft_tokens"] >= after["spec_drafts"]
+    assert after["spec_acceptance_rate"] == after["spec_accepted_tokens"] / after["spec_draft_tokens"]
+    assert after["spec_tokens_per_step"] == 1 + after["spec_accepted_tokens"] / after["spec_drafts"]
 
 
-@pytest.mark.parametrize("decode_differs", ["architecture", "kv dtype"])
-def test_a_decode_worker_of_another_model_or_kv_dtype_never_loads_the_prefill_worker_s_blocks(
-        decode_differs, tiny_model, family_model, tmp_path_factory):
+@pytest.mark.parametrize("decode_differs", ["weights", "kv dtype"])
+def test_a_decode_worker_of_other_weights_or_kv_dtype_never_loads_the_prefill_worker_s_blocks(
+        decode_differs, tiny_model, tmp_path_factory):
     """The prefill worker runs tiny; the decode worker, served under the same name, runs
-    either the sliding model (same tokenizer, KV heads, head size, dtype and block size:
-    only the architecture tells their blocks apart) or tiny with an fp8 KV cache. It finds
+    either tiny made with another seed (the same architecture, safetensors header and
+    file sizes: only the weights differ, so this covers models of other architectures
+    too, whose layout fingerprints differ in more) or tiny with an fp8 KV cache. It finds
     none of the prefill worker's blocks, computes the prompt itself and gives its own
     colocated tokens."""
-    if decode_differs == "architecture":
-        decode_model, engine_args = family_model("sliding"), ()
-        decode_args = ("--model", family_model("sliding"))  # vLLM's parser: the last --model wins
+    from kvmesh.cluster.models import make_model
+
+    if decode_differs == "weights":
+        decode_model, engine_args = str(make_model(tmp_path_factory.mktemp("models") / "tiny-seed1", "tiny",
+                                                   seed=1)), ()
+        decode_args = ("--model", decode_model)  # vLLM's parser: the last --model wins
     else:
         decode_model, engine_args = tiny_model, ("--kv-cache-dtype", "fp8")
         decode_args = engine_args
@@ -204,13 +271,13 @@ def test_a_decode_worker_of_another_model_or_kv_dtype_never_loads_the_prefill_wo
     assert tokens == reference[tuple(prompt)]
 
 
-def test_engines_with_the_connector_keep_one_group_and_refuse_what_it_cannot_carry(
+def test_engines_with_the_connector_keep_their_groups_and_refuse_what_it_cannot_carry(
         tiny_model, family_model, tmp_path):
     """Real engines with kvmesh's connector (its store unreachable: every lookup is a miss,
-    which the connector survives). vLLM turns its hybrid allocator off for the hybrid
-    model (the connector lacks ``SupportsHMA``): one full-attention group. Forced on, vLLM
-    itself refuses the connector. A draft model's speculative decoding is refused by the
-    connector, naming the model and the method."""
+    which the connector survives). vLLM keeps its hybrid allocator for the hybrid model
+    (the connector declares ``SupportsHMA``): a full-attention and a windowed group; with
+    the allocator turned off, one full-attention group. A draft model's speculative
+    decoding is refused by the connector, naming the model and the method."""
     from tests.engine_probe import probe_models
 
     connector = {"kv_connector": "KvmeshConnector", "kv_connector_module_path": "kvmesh.engine_host.connector",
@@ -219,13 +286,13 @@ def test_engines_with_the_connector_keep_one_group_and_refuse_what_it_cannot_car
     runs = [
         {"model": family_model("hybrid"), "kv_transfer_config": connector},
         {"model": family_model("sliding"), "kv_transfer_config": connector},
-        {"model": family_model("hybrid"), "kv_transfer_config": connector, "disable_hybrid_kv_cache_manager": False},
+        {"model": family_model("hybrid"), "kv_transfer_config": connector, "disable_hybrid_kv_cache_manager": True},
         {"model": tiny_model, "kv_transfer_config": connector, "speculative_config": {
             "method": "draft_model", "model": family_model("draft"), "num_speculative_tokens": 2}},
     ]
     out = probe_models(runs, [PROMPTS[0]], 4, tmp_path)
-    groups = [[(g["kind"], g["layers"]) for g in o.get("groups", [])] for o in out]
-    assert groups[:2] == [[("FullAttentionSpec", 4)], [("SlidingWindowSpec", 4)]]
-    assert all(len(o["tokens"][0]) == 4 for o in out[:2])
-    assert "does not support HMA" in out[2]["error"]
+    groups = [sorted((g["kind"], g["layers"]) for g in o.get("groups", [])) for o in out]
+    assert groups[:3] == [[("FullAttentionSpec", 2), ("SlidingWindowSpec", 2)], [("SlidingWindowSpec", 4)],
+                          [("FullAttentionSpec", 4)]]
+    assert all(len(o["tokens"][0]) == 4 for o in out[:3])
     assert f"kvmesh cannot serve {tiny_model}" in out[3]["error"] and "'draft_model'" in out[3]["error"]

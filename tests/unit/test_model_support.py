@@ -21,7 +21,6 @@ from kvmesh.engine_host.model_support import UnsupportedModel, check_kv_cache
     (["--speculative-config", json.dumps({"model": "/d", "num_speculative_tokens": 2})], "'draft_model'"),
     (["--speculative-config", json.dumps({"method": "eagle3", "model": "/e", "num_speculative_tokens": 2})],
      "'eagle3'"),
-    (["--no-disable-hybrid-kv-cache-manager"], "--no-disable-hybrid-kv-cache-manager"),
     (["--kv-cache-dtype", "int8_per_token_head"], "'int8_per_token_head'"),
     (["--kv-cache-dtype", "turboquant_k8v4"], "'turboquant_k8v4'"),
 ])
@@ -37,6 +36,7 @@ def test_worker_flags_the_connector_cannot_carry_are_refused_naming_model_and_op
     ["--kv-cache-dtype", "fp8"],
     ["--kv-cache-dtype", "fp8_e5m2"],
     ["--disable-hybrid-kv-cache-manager"],
+    ["--no-disable-hybrid-kv-cache-manager"],
 ])
 def test_what_the_connector_carries_is_taken(flags):
     check_engine_args(["--model", "/models/m", *flags], "decode")
@@ -57,16 +57,16 @@ def _config(*specs):
         KVCacheGroupSpec([f"model.layers.{i}.self_attn.attn"], spec) for i, spec in enumerate(specs)])
 
 
-def test_one_group_of_full_or_windowed_attention_is_carried():
+def test_groups_of_full_or_windowed_attention_are_carried():
     check_kv_cache("m", _config(_spec("FullAttentionSpec")))
     check_kv_cache("m", _config(_spec("FullAttentionSpec", sliding_window=64)))  # hybrid, collapsed
     check_kv_cache("m", _config(_spec("SlidingWindowSpec", sliding_window=64)))
+    check_kv_cache("m", _config(_spec("SlidingWindowSpec", sliding_window=64), _spec("FullAttentionSpec")))
     check_kv_cache("m", None)
 
 
 @pytest.mark.parametrize("specs,named", [
-    ((("SlidingWindowSpec", {"sliding_window": 64}), ("FullAttentionSpec", {})),
-     "2 groups (SlidingWindowSpec, FullAttentionSpec)"),
+    ((("SlidingWindowSpec", {"sliding_window": 64}), ("MambaSpec", {})), "MambaSpec"),
     ((("MambaSpec", {}),), "MambaSpec"),
     ((("MLAAttentionSpec", {}),), "MLAAttentionSpec"),
     ((("ChunkedLocalAttentionSpec", {"attention_chunk_size": 64}),), "ChunkedLocalAttentionSpec"),
@@ -123,3 +123,22 @@ def test_speculative_totals_add_vllm_s_step_stats_into_rates():
     logger.record(None, None)
     assert totals.summary() == {"spec_drafts": 3, "spec_draft_tokens": 9, "spec_accepted_tokens": 3,
                                 "spec_acceptance_rate": 3 / 9, "spec_tokens_per_step": 2.0}
+
+
+def test_the_weights_digest_tells_seeds_apart_but_not_copies_of_one(tmp_path):
+    """Two generated models of one size and different seeds (the same architecture, the
+    same safetensors header and size) differ; a copy of one agrees; a cache snapshot is
+    named by its revision."""
+    import shutil
+
+    from kvmesh.cluster.models import make_model
+    from kvmesh.engine_host.connector_settings import architecture_digest, weights_digest
+
+    a, b = make_model(tmp_path / "a", "mqa", seed=0), make_model(tmp_path / "b", "mqa", seed=1)
+    copy = shutil.copytree(a, tmp_path / "copy")
+    from transformers import AutoConfig
+
+    assert architecture_digest(AutoConfig.from_pretrained(a)) == architecture_digest(AutoConfig.from_pretrained(b))
+    assert weights_digest(str(a)) == weights_digest(str(copy)) != weights_digest(str(b))
+    assert weights_digest("/cache/models--org--m/snapshots/abc123") == "rev-abc123"
+    assert weights_digest("org/m", "v2") == "rev-v2" and weights_digest("org/m") == "unversioned"

@@ -184,5 +184,5 @@ def test_the_session_id_travels_with_the_blocks_a_worker_saves():
     assert session_of(SimpleNamespace(kv_transfer_params={SESSION_PARAM: "abc"})) == "abc"
     assert session_of(SimpleNamespace(kv_transfer_params=None)) is None
     assert session_of(SimpleNamespace()) is None
-    kept = skip_null_blocks(BlockTransfer("r", [0, 5, 6], [b"h0", b"h1", b"h2"], None, "abc"))
+    kept = skip_null_blocks(BlockTransfer("r", [0, 5, 6], [b"h0", b"h1", b"h2"], None, session="abc"))
     assert (kept.block_ids, kept.parent, kept.session) == ([5, 6], b"h0", "abc")
