@@ -25,6 +25,9 @@ class BlockTransfer:
     block_ids: list[int]
     hashes: list[bytes]
     parent: bytes | None = None  # chain hash of the block before ``hashes[0]``
+    # a load's: the shard size (``engine_host.head_split``) the blocks are stored in;
+    # 0: each rank's own shards
+    shard_heads: int = 0
 
 
 # vLLM's block pool hands out its first block, id 0, as the null block, and a sliding-window
@@ -44,7 +47,7 @@ def skip_null_blocks(transfer: BlockTransfer) -> BlockTransfer | None:
     if skip == 0:
         return transfer
     return BlockTransfer(transfer.req_id, transfer.block_ids[skip:], transfer.hashes[skip:],
-                         transfer.hashes[skip - 1])
+                         transfer.hashes[skip - 1], transfer.shard_heads)
 
 
 @dataclass

@@ -1,7 +1,11 @@
 """The connector's scheduler side, in the engine core.
 
 It hashes each new request's prompt into chain hashes (``on_new_request``), asks the
-store how many leading blocks it holds (``get_num_new_matched_tokens``), remembers what
+store how many leading blocks it holds (``get_num_new_matched_tokens``: a block counts
+only when every layer of every shard some reading rank needs is there, in the shards of
+this engine's own tensor-parallel split or, failing that, of another split that could
+have written them, ``engine_host.head_split``; the load reads the split with the longest
+prefix, and a block missing any piece ends the prefix), remembers what
 was allocated for them (``update_state_after_alloc``) and, every step, tells the workers
 which blocks to load and which newly computed full blocks to save
 (``build_connector_meta``). A lookup that fails counts as zero hits; prompt tokens whose
@@ -44,6 +48,7 @@ class _RequestState:
     hashes: list[bytes]
     block_ids: list[int] = field(default_factory=list)
     load: tuple[int, int] | None = None  # (first block, number of blocks) to load
+    shard_heads: int = 0                  # the shard size the load reads
     load_pending: bool = False
     saved_blocks: int = 0                 # leading blocks already in the store or sent
     matched: tuple[int, int] = (0, 0)     # (local computed tokens, store tokens) last seen
@@ -59,15 +64,29 @@ class ConnectorScheduler:
         self.block_size = settings.block_size
         self.can_save = settings.can_save
         self.can_load = settings.can_load
-        self._shard_spaces = settings.shard_spaces()
+        self._own_size = settings.heads_per_rank
+        self._splits = {size: settings.split_spaces(size) for size in settings.lookup_sizes()}
         self._all_layers = list(range(settings.num_layers))
         self._requests: dict[str, _RequestState] = {}
         self._finished_saves: list[BlockTransfer] = []
 
-    def _groups(self, hashes: list[bytes]) -> list[list[bytes]]:
-        """Per block, every key a full load needs: all layers of all head shards."""
-        return [[k for space in self._shard_spaces for k in space.block_group(h, self._all_layers)]
+    def _groups(self, hashes: list[bytes], size: int) -> list[list[bytes]]:
+        """Per block, every key a full load from shards of ``size`` heads needs: all layers
+        of all shards (together every KV head, which the reading ranks need between them)."""
+        return [[k for space in self._splits[size] for k in space.block_group(h, self._all_layers)]
                 for h in hashes]
+
+    def _lookup(self, hashes: list[bytes]) -> tuple[int, int]:
+        """(leading blocks held, their shard size): this engine's own split first, then the
+        others, until one holds every block; the longest prefix wins."""
+        best = (0, self._own_size)
+        for size in self._splits:
+            hits = self.store.lookup(self._groups(hashes, size))
+            if hits > best[0]:
+                best = (hits, size)
+            if hits == len(hashes):
+                break
+        return best
 
     def on_new_request(self, request: "Request") -> None:
         tokens = list(request.prompt_token_ids or [])
@@ -94,7 +113,7 @@ class ConnectorScheduler:
             return 0, False
         started = time.monotonic()
         try:
-            hits = self.store.lookup(self._groups(state.hashes[first:loadable]))
+            hits, state.shard_heads = self._lookup(state.hashes[first:loadable])
         except StoreError as e:
             log.warning("store lookup failed, computing locally: %s", e)
             return 0, False
@@ -144,7 +163,8 @@ class ConnectorScheduler:
         if state.load_pending and state.load is not None:
             first, count = state.load
             load = skip_null_blocks(BlockTransfer(req_id, state.block_ids[first:first + count],
-                                                  state.hashes[first:first + count]))
+                                                  state.hashes[first:first + count],
+                                                  shard_heads=state.shard_heads))
             if load is not None:
                 meta.loads.append(load)
             state.load_pending = False
