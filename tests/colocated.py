@@ -76,14 +76,16 @@ def reference_outputs(model: str, prompts: list[list[int]], max_tokens: int,
             for o in outputs]
 
 
-def run_engine_module(module: str, payload: dict, stem: Path, timeout_s: float = 600):
+def run_engine_module(module: str, payload: dict, stem: Path, timeout_s: float = 600,
+                      env: dict[str, str] | None = None):
     """``python -m module STEM-in.json STEM-out.json``, ``payload`` the input: a vLLM engine
     in a process of its own (no engine-core subprocess, 1 GiB of KV cache unless the
-    environment says otherwise). Returns the output file's JSON; ``RuntimeError`` with the
-    process's output tails when it fails, ``subprocess.TimeoutExpired`` past ``timeout_s``."""
+    environment says otherwise; ``env``: more variables). Returns the output file's JSON;
+    ``RuntimeError`` with the process's output tails when it fails,
+    ``subprocess.TimeoutExpired`` past ``timeout_s``."""
     inp, out = Path(f"{stem}-in.json"), Path(f"{stem}-out.json")
     inp.write_text(json.dumps(payload))
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", **(env or {}))
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     proc = subprocess.run([sys.executable, "-m", module, str(inp), str(out)],
                           env=env, capture_output=True, text=True, timeout=timeout_s)
