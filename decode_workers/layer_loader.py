@@ -33,7 +33,7 @@ import torch
 from kvmesh.engine_host import head_split
 from kvmesh.engine_host.metadata import LoadStats
 from kvmesh.engine_host.paged_layout import (block_nbytes, block_rows, gather_heads, head_axis,
-                                             place_blocks, write_blocks)
+                                             place_blocks, place_heads, write_blocks)
 from kvmesh.kv_store.client import StoreClient, StoreError
 from kvmesh.kv_store.integrity import verify
 from kvmesh.kv_store.keys import KeySpace
@@ -300,14 +300,9 @@ class LayerLoad:
         layer = by_size.get(block_nbytes(cache, dim), _NOTHING)
         rows = block_rows(cache, dim, layer.data, layer.count) if layer.count else None
 
-        def fetch(key: bytes, nbytes: int):
-            got = by_size.get(nbytes, _NOTHING)
-            row = got.rows.get(key)
-            return None if row is None else got.data[row * nbytes:(row + 1) * nbytes]
-
         for r in self.requests:
             if r.parts:
-                self._gather(name, r, fetch)
+                self._place_parts(name, r, by_size)
                 continue
             ids, picked = [], []
             for i, key in enumerate(r.keys[name]):
@@ -319,6 +314,38 @@ class LayerLoad:
                     picked.append(row)
             if ids:
                 place_blocks(cache, dim, ids, rows, picked)
+
+    def _place_parts(self, name: str, r: _Request, by_size: dict[int, _LayerBytes]) -> None:
+        """Copy each block of ``r`` in layer ``name`` from another split's shards as read:
+        part by part (the same parts for every block), one copy per part for all blocks
+        that have it; a block missing any part fails (it is recomputed whole, so the
+        parts that did land in it are overwritten)."""
+        cache, dim = self.caches[name], self.block_dims[name]
+        nbytes = block_nbytes(cache, dim) * r.shard_heads // self._own_heads
+        got = by_size.get(nbytes, _NOTHING)
+        try:
+            axis = head_axis(cache, dim, self._own_heads)
+        except ValueError as e:  # a layout this cannot re-slice: treat as missing
+            log.warning("layer %s: %s", name, e)
+            r.bad.update(range(len(r.hashes)))
+            return
+        shape = [n for d, n in enumerate(cache.shape) if d != dim]
+        shape[axis] = r.shard_heads
+        shards = (torch.frombuffer(got.data, dtype=torch.uint8)[:got.count * nbytes].view(cache.dtype)
+                  .reshape(got.count, *shape)) if got.count else None
+        at = 0
+        for j, (_, part) in enumerate(r.parts[name][0] if r.parts[name] else []):
+            ids, picked = [], []
+            for i, parts in enumerate(r.parts[name]):
+                row = got.rows.get(parts[j][0])
+                if row is None:
+                    r.bad.add(i)
+                else:
+                    ids.append(r.block_ids[i])
+                    picked.append(row)
+            if ids:
+                place_heads(cache, dim, axis, ids, shards, picked, part.lo, part.hi, at)
+            at += part.hi - part.lo
 
     def _write_got(self, name: str, found: dict[bytes, bytes]) -> None:
         for r in self.requests:
@@ -341,8 +368,8 @@ class LayerLoad:
 
     def _gather(self, name: str, r: _Request, fetch) -> None:
         """Build each block of ``r`` in layer ``name`` from another split's shards (``fetch(key,
-        nbytes)``: a shard's verified bytes, or None) and copy it into the cache; a block
-        missing any shard fails."""
+        nbytes)``: a shard's verified bytes, or None; the ``Get`` path's) and copy it into
+        the cache; a block missing any shard fails."""
         cache, dim = self.caches[name], self.block_dims[name]
         nbytes = block_nbytes(cache, dim) * r.shard_heads // self._own_heads
         ids, blocks = [], []

@@ -150,6 +150,27 @@ def gather_heads(cache: torch.Tensor, dim: int, axis: int, shard_heads: int, pie
     return torch.cat(taken, dim=axis)
 
 
+def place_heads(cache: torch.Tensor, dim: int, axis: int, block_ids: Sequence[int], shards: torch.Tensor,
+                picked: Sequence[int], lo: int, hi: int, at: int) -> None:
+    """Copy heads ``[lo, hi)`` of rows ``picked`` of ``shards`` (whole shard blocks, a row
+    each, the head axis ``axis`` of a block) into heads ``[at, at + hi - lo)`` of blocks
+    ``block_ids`` of ``cache``: one copy for all the blocks. The CPU layout's head range is
+    a contiguous byte range of each block, copied with numpy on this thread (as
+    ``place_blocks`` does); others by torch, across devices too."""
+    n = hi - lo
+    if cache.device.type == "cpu" and dim == 0 and axis == 0 and cache.is_contiguous():
+        dst = cache.view(torch.uint8).numpy().reshape(cache.shape[0], -1)
+        src = shards.view(torch.uint8).numpy().reshape(shards.shape[0], -1)
+        per_head = src.shape[1] // shards.shape[1]
+        dst[list(block_ids), at * per_head:(at + n) * per_head] = src[list(picked), lo * per_head:hi * per_head]
+        return
+    rows = torch.tensor(list(picked), dtype=torch.long)
+    ids = torch.tensor(list(block_ids), dtype=torch.long, device=cache.device)
+    src = shards.index_select(0, rows).narrow(axis + 1, lo, n).movedim(0, dim).to(cache.device)
+    cache_axis = axis if axis < dim else axis + 1
+    cache.narrow(cache_axis, at, n).index_copy_(dim, ids, src)
+
+
 @dataclass
 class PagedCaches:
     """The paged KV cache of one model runner, layer by layer: each layer's tensor, its

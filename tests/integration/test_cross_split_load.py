@@ -18,7 +18,7 @@ import torch
 from kvmesh.decode_workers.layer_loader import LayerLoad, ReaderCache
 from kvmesh.engine_host import head_split
 from kvmesh.engine_host.connector_settings import ConnectorSettings
-from kvmesh.engine_host.paged_layout import gather_heads, read_blocks
+from kvmesh.engine_host.paged_layout import gather_heads, place_heads, read_blocks
 from kvmesh.engine_host.scheduler import ConnectorScheduler
 from kvmesh.kv_store.client import StoreClient
 from kvmesh.kv_store.keys import KeySpace, chain_hashes, namespace
@@ -172,3 +172,19 @@ def test_gathering_heads_in_the_flash_attention_layout():
     parts = head_split.covering((1, 3), 1)
     block = gather_heads(mine, 1, 2, 1, [(bytearray(shards[p.shard[0]]), p) for p in parts])
     assert torch.equal(block, full[:, 5, :, 1:3])
+
+
+def test_placing_heads_in_the_flash_attention_layout():
+    """The same, a part at a time for several blocks (the load's path for a transfer
+    backend), through torch's copy: a reader of heads 1..3 from one-head shards."""
+    full = torch.randn(2, NUM_BLOCKS, TOKENS, HEADS, CHANNELS)
+    mine = torch.zeros(2, NUM_BLOCKS, TOKENS, 2, CHANNELS)
+    blocks = [5, 9]
+    at = 0
+    for part in head_split.covering((1, 3), 1):
+        first = part.shard[0]
+        rows = full[:, blocks, :, first:first + 1].movedim(1, 0).contiguous()  # a shard block a row
+        place_heads(mine, 1, 2, blocks, rows, [0, 1], part.lo, part.hi, at)
+        at += part.hi - part.lo
+    assert torch.equal(mine[:, blocks], full[:, blocks, :, 1:3])
+    assert not mine[:, [b for b in range(NUM_BLOCKS) if b not in blocks]].any()
