@@ -63,7 +63,8 @@ def store():
     """A real store server in this process, offering shared memory to the engines."""
     tiered = TieredStore([HostTier(64 << 20, page_bytes=1 << 16, shm_name="kvmesh-test-" + uuid.uuid4().hex[:8])])
     source = open_source("shm", tiered.tiers[0])
-    server, port = start_store_server("127.0.0.1", 0, tiered, offers={"shm": source.descriptor()})
+    server, port = start_store_server("127.0.0.1", 0, tiered, offers={"shm": source.descriptor()},
+                                      allow_fault_injection=True)
     with StoreClient(f"127.0.0.1:{port}", timeout_s=10) as client:
         yield client
     server.stop(0)
