@@ -28,7 +28,13 @@ def run_connector_engine(spec: dict, stem: Path, timeout_s: float = 600) -> dict
     world = spec.get("tensor_parallel_size", 1) * spec.get("pipeline_parallel_size", 1)
     env = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(str(i % (os.cpu_count() or 1)) for i in range(world))} \
         if world > 1 else {}
-    return run_engine_module("tests.connector_runs", spec, stem, timeout_s, env=env)
+    try:
+        return run_engine_module("tests.connector_runs", spec, stem, timeout_s, env=env)
+    except RuntimeError as e:  # the engine failed: its error, and each error line its processes wrote
+        out = Path(f"{stem}-out.json")
+        first = json.loads(out.read_text())["error"] if out.exists() else ""
+        lines = [line.strip() for line in str(e).splitlines() if "Error" in line or " assert " in line]
+        return {"error": "\n".join(dict.fromkeys([first, *lines]))}
 
 
 def main(inp: str, out: str) -> None:
@@ -55,9 +61,12 @@ def main(inp: str, out: str) -> None:
             o = llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0]
             results.append({"tokens": list(o.outputs[0].token_ids),
                             "kvmesh": (o.kv_transfer_params or {}).get("kvmesh", {})})
-    except Exception as e:  # the engine's own refusal or failure, reported
+    except Exception as e:  # the engine's own refusal or failure, reported (with what its
+        import traceback  # processes wrote: the root cause may be in a rank's process)
+
+        traceback.print_exc()
         Path(out).write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}))
-        return
+        sys.exit(1)
     from kvmesh.engine_host.connector_settings import ConnectorSettings
 
     namespace = ConnectorSettings.from_vllm_config(llm.llm_engine.vllm_config).namespace
