@@ -6,6 +6,7 @@
     kvmesh bench store --json        store tier bandwidth against memcpy, raw disk (and host<->GPU copies)
     kvmesh bench eviction --json     hit ratio of each eviction policy on three traces, by capacity
     kvmesh bench transfer --json     KV transfer backends between processes against memcpy
+    kvmesh bench splits --json       a rank's KV load from another tensor-parallel split vs its own
     kvmesh bench router|routing      router overhead; TTFT of KV-aware routing vs round robin
     kvmesh bench serve               kvmesh against a plain vLLM server, end to end (one JSON line)
     kvmesh store|prefill|decode|router   run one component (what containers run)
@@ -341,6 +342,12 @@ def cmd_bench_transfer(args) -> None:
          args.case_seconds, args.backends.split(","))
 
 
+def cmd_bench_splits(args) -> None:
+    from kvmesh.bench.split_bench import main
+
+    main(args.json, args.blocks, args.rounds, args.backends.split(","))
+
+
 def cmd_bench_layerwise(args) -> None:
     from kvmesh.bench.layerwise_bench import main
 
@@ -480,6 +487,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--case-seconds", type=seconds, default=0.8, help="time spent on each case")
     b.add_argument("--backends", default="shm,nixl,grpc", help="backends, comma-separated")
     b.set_defaults(func=cmd_bench_transfer)
+    b = bsub.add_parser("splits", help=(
+        "a decode rank's KV load when the prefill's tensor-parallel split differs, vs the same split"))
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--blocks", type=int, default=64, help="blocks of the prompt loaded (32 tokens each)")
+    b.add_argument("--rounds", type=int, default=7, help="timed loads per case")
+    b.add_argument("--backends", default="shm,get", help="shm and/or get, comma-separated")
+    b.set_defaults(func=cmd_bench_splits)
     b = bsub.add_parser("layerwise", help=(
         "decode-side KV load path against memcpy; TTFT with layer-wise loading vs everything first"))
     b.add_argument("--json", action="store_true", help="print one JSON object")

@@ -12,6 +12,12 @@ flight (``write_all``: every layer, before the forward pass computes).
 ``finish`` waits out the rest, releases the lease and says which blocks failed: a block
 fails if any of its layers did, and every block after it in its request fails too (vLLM
 recomputes from the first failed block). Nothing here raises on a transfer failure.
+
+A load whose blocks another tensor-parallel split stored (its ``shard_heads`` not this
+rank's) reads, per block and layer, every shard of that split that holds some of this
+rank's heads (``engine_host.head_split.covering``) and builds the rank's block from them
+on the way into the cache (``engine_host.paged_layout.gather_heads``): a slice of one
+shard, or several gathered. A block missing any of those shards fails like a missing one.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
+from kvmesh.engine_host import head_split
 from kvmesh.engine_host.metadata import LoadStats
-from kvmesh.engine_host.paged_layout import block_nbytes, block_rows, place_blocks, write_blocks
+from kvmesh.engine_host.paged_layout import (block_nbytes, block_rows, gather_heads, head_axis,
+                                             place_blocks, place_heads, write_blocks)
 from kvmesh.kv_store.client import StoreClient, StoreError
 from kvmesh.kv_store.integrity import verify
 from kvmesh.kv_store.keys import KeySpace
@@ -40,6 +48,16 @@ class _Request:
     hashes: list[bytes]
     keys: dict[str, list[bytes]] = field(default_factory=dict)  # per layer of its group, each block's key
     bad: set[int] = field(default_factory=set)  # indices of blocks some layer failed
+    shard_heads: int = 0  # the shard size the blocks are stored in
+    # per layer, per block, the other split's shards to gather: (key, part); empty when
+    # the blocks are stored in this rank's own shards
+    parts: dict[str, list[list[tuple[bytes, head_split.Part]]]] = field(default_factory=dict)
+
+    def read_keys(self, name: str, i: int) -> list[bytes]:
+        """The keys block ``i`` of layer ``name`` is read from."""
+        if self.parts:
+            return [k for k, _ in self.parts[name][i]]
+        return [self.keys[name][i]]
 
 
 class _LayerBytes(NamedTuple):
@@ -134,6 +152,7 @@ class LayerLoad:
         self.groups = groups or {}
         self.layers, self.caches, self.block_dims = layers, caches, block_dims
         self.executor, self.timeout_s = executor, timeout_s
+        self._own_heads = space.heads[1] - space.heads[0]
         self.requests: list[_Request] = []
         self._futures: dict[str, cf.Future] = {}
         self._written: set[str] = set()
@@ -152,12 +171,19 @@ class LayerLoad:
         self._start = time.monotonic()
         self._deadline = self._start + self.timeout_s
         names = sorted(self.caches, key=self.layers.__getitem__)
-        self.requests = [_Request(t.req_id, list(t.block_ids), list(t.hashes)) for t in transfers]
+        self.requests = [_Request(t.req_id, list(t.block_ids), list(t.hashes),
+                                  shard_heads=getattr(t, "shard_heads", 0) or self._own_heads)
+                         for t in transfers]
         for r, t in zip(self.requests, transfers):
-            r.keys = {n: [self.space.key(h, self.layers[n]) for h in r.hashes] for n in names
-                      if self.groups.get(n, 0) == getattr(t, "group", 0)}
+            mine = [n for n in names if self.groups.get(n, 0) == getattr(t, "group", 0)]  # its group's layers
+            r.keys = {n: [self.space.key(h, self.layers[n]) for h in r.hashes] for n in mine}
+            if r.shard_heads != self._own_heads:  # another split's shards: the parts to gather
+                r.parts = {n: [[(KeySpace(self.space.namespace, p.shard).key(h, self.layers[n]), p)
+                                for p in head_split.covering(self.space.heads, r.shard_heads)]
+                               for h in r.hashes] for n in mine}
         # blocks first, then layers (the Get path brings whole leading blocks per call)
-        keys = [r.keys[n][i] for r in self.requests for i in range(len(r.hashes)) for n in names if n in r.keys]
+        keys = [k for r in self.requests for i in range(len(r.hashes)) for n in names if n in r.keys
+                for k in r.read_keys(n, i)]
         try:
             located = self.store.locate(keys, lease_s=2 * self.timeout_s)
         except StoreError as e:
@@ -169,22 +195,38 @@ class LayerLoad:
             self._spent["locate"] += time.monotonic() - self._start
         self._lease = located.lease_id or None
         sizes = {n: block_nbytes(self.caches[n], self.block_dims[n]) for n in names}
+        # each key's size: a shard of s heads is s/own of a block of this rank's
+        expected = {k: sizes[n] * r.shard_heads // self._own_heads for r in self.requests
+                    for i in range(len(r.hashes)) for n in r.keys for k in r.read_keys(n, i)}
         chosen = self.readers.reader_for(located.offers) if located.offers else None
         if chosen is None:  # no shared backend: the plain Get API, all layers at once
             self._backend = "get"
-            everything = self.executor.submit(self._get, keys, [sizes[n] for r in self.requests
-                                                                for _ in r.hashes for n in names if n in r.keys])
+            everything = self.executor.submit(self._get, keys, [expected[k] for k in keys])
             self._futures = {n: everything for n in names}
             return
         self._backend, reader = chosen
-        # a block stored at another size (another layout) counts as missing
-        wanted = {n: [(k, e) for r in self.requests for k in r.keys.get(n, ())
-                      if (e := located.extents.get(k)) is not None and e[1] == sizes[n]] for n in names}
-        total, offset = sum(sizes[n] * len(wanted[n]) for n in names), 0
+        # a block stored at another size (another layout) counts as missing; each layer's
+        # blocks are read in runs of one size (own blocks, then each other shard size)
+        runs: dict[str, dict[int, list]] = {n: {} for n in names}
+        for n in names:
+            for r in self.requests:
+                for i in range(len(r.hashes) if n in r.keys else 0):
+                    for k in r.read_keys(n, i):
+                        if (e := located.extents.get(k)) is not None and e[1] == expected[k]:
+                            runs[n].setdefault(expected[k], []).append((k, e))
+        total = sum(size * len(wanted) for n in names for size, wanted in runs[n].items())
+        offset = 0
         for name in names:
-            self._futures[name] = self.executor.submit(self._read, reader, wanted[name], sizes[name],
-                                                       total, offset)
-            offset += sizes[name] * len(wanted[name])
+            self._futures[name] = self.executor.submit(self._read_runs, reader, runs[name], total, offset)
+            offset += sum(size * len(wanted) for size, wanted in runs[name].items())
+
+    def _read_runs(self, reader, runs: dict[int, list], total: int, offset: int) -> dict[int, _LayerBytes]:
+        """One layer's blocks, a run per block size (``_read``), back to back from ``offset``."""
+        out = {}
+        for size, wanted in runs.items():
+            out[size] = self._read(reader, wanted, size, total, offset)
+            offset += size * len(wanted)
+        return out
 
     def _remaining(self) -> float:
         return max(0.0, self._deadline - time.monotonic())
@@ -247,7 +289,7 @@ class LayerLoad:
             found = future.result(timeout=self._remaining())
         except (cf.TimeoutError, StoreError) as e:
             log.warning("layer %s did not arrive in time: %s", name, e)
-            found = _NOTHING if self._backend != "get" else {}
+            found = {}
         copying = time.monotonic()
         self._wait_s += copying - waited
         if self._backend == "get":
@@ -257,12 +299,19 @@ class LayerLoad:
         self._placed_at = time.monotonic()
         self._spent["copy"] += self._placed_at - copying
 
-    def _place(self, name: str, layer: _LayerBytes) -> None:
+    def _place(self, name: str, by_size: dict[int, _LayerBytes]) -> None:
         cache, dim = self.caches[name], self.block_dims[name]
+        layer = by_size.get(block_nbytes(cache, dim), _NOTHING)
         rows = block_rows(cache, dim, layer.data, layer.count) if layer.count else None
+
         for r in self.requests:
+            if name not in r.keys:  # another group's layer
+                continue
+            if r.parts:
+                self._place_parts(name, r, by_size)
+                continue
             ids, picked = [], []
-            for i, key in enumerate(r.keys.get(name, ())):
+            for i, key in enumerate(r.keys[name]):
                 row = layer.rows.get(key)
                 if row is None:
                     r.bad.add(i)
@@ -272,9 +321,44 @@ class LayerLoad:
             if ids:
                 place_blocks(cache, dim, ids, rows, picked)
 
+    def _place_parts(self, name: str, r: _Request, by_size: dict[int, _LayerBytes]) -> None:
+        """Copy each block of ``r`` in layer ``name`` from another split's shards as read:
+        part by part (the same parts for every block), one copy per part for all blocks
+        that have it; a block missing any part fails (it is recomputed whole, so the
+        parts that did land in it are overwritten)."""
+        cache, dim = self.caches[name], self.block_dims[name]
+        nbytes = block_nbytes(cache, dim) * r.shard_heads // self._own_heads
+        got = by_size.get(nbytes, _NOTHING)
+        try:
+            axis = head_axis(cache, dim, self._own_heads)
+        except ValueError as e:  # a layout this cannot re-slice: treat as missing
+            log.warning("layer %s: %s", name, e)
+            r.bad.update(range(len(r.hashes)))
+            return
+        shape = [n for d, n in enumerate(cache.shape) if d != dim]
+        shape[axis] = r.shard_heads
+        shards = (torch.frombuffer(got.data, dtype=torch.uint8)[:got.count * nbytes].view(cache.dtype)
+                  .reshape(got.count, *shape)) if got.count else None
+        at = 0
+        for j, (_, part) in enumerate(r.parts[name][0] if r.parts[name] else []):
+            ids, picked = [], []
+            for i, parts in enumerate(r.parts[name]):
+                row = got.rows.get(parts[j][0])
+                if row is None:
+                    r.bad.add(i)
+                else:
+                    ids.append(r.block_ids[i])
+                    picked.append(row)
+            if ids:
+                place_heads(cache, dim, axis, ids, shards, picked, part.lo, part.hi, at)
+            at += part.hi - part.lo
+
     def _write_got(self, name: str, found: dict[bytes, bytes]) -> None:
         for r in self.requests:
             if name not in r.keys:
+                continue
+            if r.parts:
+                self._gather(name, r, lambda key, nbytes: bytearray(found[key]) if key in found else None)
                 continue
             ids, data = [], []
             for i, key in enumerate(r.keys[name]):
@@ -289,6 +373,29 @@ class LayerLoad:
             except ValueError as e:  # a layout mismatch: treat as missing
                 log.warning("layer %s: %s", name, e)
                 r.bad.update(range(len(r.hashes)))
+
+    def _gather(self, name: str, r: _Request, fetch) -> None:
+        """Build each block of ``r`` in layer ``name`` from another split's shards (``fetch(key,
+        nbytes)``: a shard's verified bytes, or None; the ``Get`` path's) and copy it into
+        the cache; a block missing any shard fails."""
+        cache, dim = self.caches[name], self.block_dims[name]
+        nbytes = block_nbytes(cache, dim) * r.shard_heads // self._own_heads
+        ids, blocks = [], []
+        try:
+            axis = head_axis(cache, dim, self._own_heads)
+            for i, parts in enumerate(r.parts[name]):
+                pieces = [(fetch(key, nbytes), part) for key, part in parts]
+                if any(data is None for data, _ in pieces):
+                    r.bad.add(i)
+                    continue
+                ids.append(r.block_ids[i])
+                blocks.append(gather_heads(cache, dim, axis, r.shard_heads, pieces))
+        except ValueError as e:  # a layout this cannot re-slice: treat as missing
+            log.warning("layer %s: %s", name, e)
+            r.bad.update(range(len(r.hashes)))
+            return
+        if ids:
+            place_blocks(cache, dim, ids, torch.stack(blocks), range(len(ids)))
 
     def finish(self, on_failed: Callable[[str, list[int]], None]) -> dict[str, LoadStats]:
         """Complete every layer, release the lease, report failed blocks per request."""

@@ -3,7 +3,9 @@
 From ``kv_connector_extra_config`` the connector's own settings (listed in
 ``engine_host.connector``; the cluster secret only as the path of its file); from the engine the rest: whether this engine loads and
 saves (its ``kv_role``), the block size, the keys' namespace (model id and cache layout)
-and how the KV heads split over tensor-parallel ranks (keys carry head ranges, not ranks).
+and how the KV heads split over tensor-parallel ranks (keys carry head ranges, not ranks;
+``engine_host.head_split``). The namespace holds nothing of the split, so a reader of any
+split finds a writer's blocks.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kvmesh.engine_host import head_split
 from kvmesh.engine_host.settings import LAYERWISE_DEFAULT
 from kvmesh.kv_store.auth import load_secret
 from kvmesh.kv_store.client import StoreClient
@@ -110,7 +113,7 @@ class ConnectorSettings:
     block_size: int
     namespace: bytes
     total_heads: int                    # KV heads of the whole model
-    heads_per_rank: int
+    heads_per_rank: int                 # this engine's shard size (head_split)
     tensor_parallel_size: int
     num_layers: int
     cluster_secret_file: str | None = None  # None: the environment's (``kv_store.auth``)
@@ -142,22 +145,26 @@ class ConnectorSettings:
             block_size=vllm_config.cache_config.block_size,
             namespace=namespace(str(extra.get("model_id") or model.model), layout_fingerprint(vllm_config)),
             total_heads=total_heads,
-            heads_per_rank=max(1, total_heads // tp),
+            heads_per_rank=head_split.shard_size(total_heads, tp),
             tensor_parallel_size=tp,
             num_layers=model.get_total_num_hidden_layers(),
             cluster_secret_file=extra.get("cluster_secret_file") or None,
             layerwise=_flag(extra.get("layerwise", LAYERWISE_DEFAULT)),
         )
 
-    def _heads(self, rank: int) -> tuple[int, int]:
-        start = rank * self.heads_per_rank % self.total_heads
-        return start, start + self.heads_per_rank
-
     def rank_space(self, rank: int) -> KeySpace:
-        """The keys tensor-parallel rank ``rank`` reads and writes: its KV heads' range."""
-        return KeySpace(self.namespace, self._heads(rank))
+        """The keys tensor-parallel rank ``rank`` writes (its shard): its KV heads' range."""
+        return KeySpace(self.namespace, head_split.rank_heads(rank, self.tensor_parallel_size,
+                                                              self.total_heads))
 
-    def shard_spaces(self) -> list[KeySpace]:
-        """Every rank's key space, each head range once (ranks may share heads)."""
-        return [KeySpace(self.namespace, heads)
-                for heads in sorted({self._heads(r) for r in range(self.tensor_parallel_size)})]
+    def rank_writes(self, rank: int) -> bool:
+        """Whether ``rank`` stores its shard (a replicated head is stored by one rank)."""
+        return head_split.rank_writes(rank, self.tensor_parallel_size, self.total_heads)
+
+    def split_spaces(self, size: int) -> list[KeySpace]:
+        """The key spaces of every shard of shard size ``size``: together, all KV heads."""
+        return [KeySpace(self.namespace, heads) for heads in head_split.shards(self.total_heads, size)]
+
+    def lookup_sizes(self) -> list[int]:
+        """The shard sizes a reader looks for, this engine's own first."""
+        return head_split.shard_sizes(self.total_heads, self.heads_per_rank)

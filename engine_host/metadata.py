@@ -8,7 +8,7 @@ came in).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -29,6 +29,9 @@ class BlockTransfer:
     parent: bytes | None = None  # chain hash of the block before ``hashes[0]``
     group: int = 0               # index of the KV-cache group whose layers move
     session: str | None = None   # id of the request's session (``kv_store.sessions``), if any
+    # a load's: the shard size (``engine_host.head_split``) the blocks are stored in;
+    # 0: each rank's own shards
+    shard_heads: int = 0
 
 
 # The key of a request's ``kv_transfer_params`` (vLLM's sampling ``extra_args``) that names
@@ -57,8 +60,8 @@ def skip_null_blocks(transfer: BlockTransfer) -> BlockTransfer | None:
         return None
     if skip == 0:
         return transfer
-    return BlockTransfer(transfer.req_id, transfer.block_ids[skip:], transfer.hashes[skip:],
-                         transfer.hashes[skip - 1], transfer.group, transfer.session)
+    return replace(transfer, block_ids=transfer.block_ids[skip:], hashes=transfer.hashes[skip:],
+                   parent=transfer.hashes[skip - 1])
 
 
 @dataclass

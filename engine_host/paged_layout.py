@@ -7,6 +7,23 @@ depends on the attention backend (the CPU backend uses
 packed in a kernel-specific way, so kvmesh always copies *whole* blocks, never token rows.
 ``PagedCaches`` is the engine's cache as vLLM registers it with the connector, which both
 of the connector's worker-side halves (loads and saves) read.
+
+**Layout contract per device, for re-slicing by KV head.** A block as stored (``read_blocks``)
+is the cache's slice at one block id, the block dimension removed, in the cache's
+dimension order. A tensor-parallel rank's block holds its own KV heads only; a reader of
+another split rebuilds its block from the writers' shards along the block's **head axis**
+(``head_axis``, ``gather_heads``), and needs nothing else of the packing:
+
+* CPU (vLLM's ``CPU_ATTN``, layout ``LBHNC``): a block is ``[kv_heads, block_size,
+  2*head_dim]``, head-major; the kernels pack K within each head's rows by instruction
+  set (part of the keys' namespace), never across heads. The head axis is the block's
+  first, so a head range is one contiguous byte range and gathering is concatenation.
+* CUDA, flash-attention (``NHD``): a block is ``[2, block_size, kv_heads, head_dim]``
+  (K and V, then tokens); the head axis is the third, so each head range is strided
+  (``2*block_size`` runs of ``heads*head_dim`` elements), gathered by a strided copy.
+* Any other layout is not re-sliced: ``head_axis`` raises ``ValueError`` and a load from
+  another split's shards counts as a miss (the engine recomputes), while a load of the
+  rank's own shards is unaffected.
 """
 
 from __future__ import annotations
@@ -94,6 +111,64 @@ def write_blocks(cache: torch.Tensor, dim: int, block_ids: Sequence[int],
     for i, b in enumerate(blocks):
         view[i * size:(i + 1) * size] = b
     place_blocks(cache, dim, block_ids, block_rows(cache, dim, joined, len(blocks)), range(len(blocks)))
+
+
+def head_axis(cache: torch.Tensor, dim: int, kv_heads: int) -> int:
+    """The axis of a block (``cache`` without its block dimension ``dim``) that indexes KV
+    heads, by the device's layout (above); ``ValueError`` when the layout is not one of
+    those or that axis is not ``kv_heads`` long."""
+    block_shape = [n for d, n in enumerate(cache.shape) if d != dim]
+    if cache.device.type == "cpu" and len(block_shape) == 3:
+        axis = 0                      # [kv_heads, block_size, 2*head_dim]
+    elif cache.device.type == "cuda" and len(block_shape) == 4 and dim == 1:
+        axis = 2                      # [2, block_size, kv_heads, head_dim]
+    else:
+        raise ValueError(f"no known head axis in a {cache.device.type} KV cache of shape {tuple(cache.shape)}")
+    if block_shape[axis] != kv_heads:
+        raise ValueError(f"KV cache of shape {tuple(cache.shape)}: axis {axis} of a block is not "
+                         f"{kv_heads} heads")
+    return axis
+
+
+def gather_heads(cache: torch.Tensor, dim: int, axis: int, shard_heads: int, pieces) -> torch.Tensor:
+    """One block of ``cache``'s layout built from shards of ``shard_heads`` heads each:
+    ``pieces`` is ``(bytes, part)`` per shard in head order (``head_split.covering``), the
+    bytes a whole shard's block (as ``read_blocks`` makes them, at ``shard_heads``), the
+    part the heads taken. Returns a new tensor of the block's shape, on the CPU;
+    ``ValueError`` when a shard's bytes are not of that size."""
+    shape = [n for d, n in enumerate(cache.shape) if d != dim]
+    shape[axis] = shard_heads
+    expected = cache.element_size()
+    for n in shape:
+        expected *= n
+    taken = []
+    for data, part in pieces:
+        raw = torch.frombuffer(data, dtype=torch.uint8)
+        if raw.numel() != expected:
+            raise ValueError(f"a shard block of {raw.numel()} bytes, expected {expected}")
+        taken.append(raw.view(cache.dtype).reshape(shape).narrow(axis, part.lo, part.hi - part.lo))
+    return torch.cat(taken, dim=axis)
+
+
+def place_heads(cache: torch.Tensor, dim: int, axis: int, block_ids: Sequence[int], shards: torch.Tensor,
+                picked: Sequence[int], lo: int, hi: int, at: int) -> None:
+    """Copy heads ``[lo, hi)`` of rows ``picked`` of ``shards`` (whole shard blocks, a row
+    each, the head axis ``axis`` of a block) into heads ``[at, at + hi - lo)`` of blocks
+    ``block_ids`` of ``cache``: one copy for all the blocks. The CPU layout's head range is
+    a contiguous byte range of each block, copied with numpy on this thread (as
+    ``place_blocks`` does); others by torch, across devices too."""
+    n = hi - lo
+    if cache.device.type == "cpu" and dim == 0 and axis == 0 and cache.is_contiguous():
+        dst = cache.view(torch.uint8).numpy().reshape(cache.shape[0], -1)
+        src = shards.view(torch.uint8).numpy().reshape(shards.shape[0], -1)
+        per_head = src.shape[1] // shards.shape[1]
+        dst[list(block_ids), at * per_head:(at + n) * per_head] = src[list(picked), lo * per_head:hi * per_head]
+        return
+    rows = torch.tensor(list(picked), dtype=torch.long)
+    ids = torch.tensor(list(block_ids), dtype=torch.long, device=cache.device)
+    src = shards.index_select(0, rows).narrow(axis + 1, lo, n).movedim(0, dim).to(cache.device)
+    cache_axis = axis if axis < dim else axis + 1
+    cache.narrow(cache_axis, at, n).index_copy_(dim, ids, src)
 
 
 @dataclass

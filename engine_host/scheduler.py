@@ -1,7 +1,11 @@
 """The connector's scheduler side, in the engine core.
 
 It hashes each new request's prompt into chain hashes (``on_new_request``), asks the
-store how many leading blocks it holds (``get_num_new_matched_tokens``), remembers what
+store how many leading blocks it holds (``get_num_new_matched_tokens``: a block counts
+only when every layer of every shard some reading rank needs is there, in the shards of
+this engine's own tensor-parallel split or, failing that, of another split that could
+have written them, ``engine_host.head_split``; the load reads the split with the longest
+prefix, and a block missing any piece ends the prefix), remembers what
 was allocated for them (``update_state_after_alloc``) and, every step, tells the workers
 which blocks to load and which newly computed full blocks to save
 (``build_connector_meta``). A lookup that fails counts as zero hits; prompt tokens whose
@@ -58,6 +62,7 @@ class _RequestState:
     session: str | None = None            # its session's id: its saves and lookups name it
     block_ids: list[list[int]] = field(default_factory=list)  # per KV-cache group
     load: tuple[int, int] | None = None  # (first block, number of blocks) to load
+    shard_heads: int = 0                  # the shard size the load reads
     load_pending: bool = False
     load_failed: bool = False             # a load outside the steps failed: compute it all
     saved_blocks: int = 0                 # leading blocks already in the store or sent
@@ -85,14 +90,30 @@ class ConnectorScheduler:
         # read blocks before it that were never loaded (its null block): so with a windowed
         # group, as with several groups, a failed load recomputes the whole request
         self.load_async = len(self.groups) > 1 or any(g.window is not None for g in self.groups)
-        self._shard_spaces = settings.shard_spaces()
+        self._own_size = settings.heads_per_rank
+        self._splits = {size: settings.split_spaces(size) for size in settings.lookup_sizes()}
         self._requests: dict[str, _RequestState] = {}
         self._finished_saves: list[BlockTransfer] = []
         self._async_loads: list[BlockTransfer] = []
 
-    def _keys(self, groups: Sequence[KvGroup], chain_hash: bytes) -> list[bytes]:
-        """Every key of one block in ``groups``' layers, of all head shards."""
-        return [k for space in self._shard_spaces for g in groups for k in space.block_group(chain_hash, g.layers)]
+    def _keys(self, groups: Sequence[KvGroup], chain_hash: bytes, size: int) -> list[bytes]:
+        """Every key of one block in ``groups``' layers, of all shards of ``size`` heads
+        (together every KV head, which the reading ranks need between them)."""
+        return [k for space in self._splits[size] for g in groups for k in space.block_group(chain_hash, g.layers)]
+
+    def _lookup(self, hashes: list[bytes], first: int, loadable: int,
+                session: str | None = None) -> tuple[int, int]:
+        """(leading blocks from ``first`` every group can supply, their shard size): this
+        engine's own split first, then the others, until one holds every block; the longest
+        prefix wins. Raises ``StoreError``."""
+        best = (0, self._own_size)
+        for size in self._splits:
+            hits = self._hits(hashes, first, loadable, session, size)
+            if hits > best[0]:
+                best = (hits, size)
+            if hits == loadable - first:
+                break
+        return best
 
     def on_new_request(self, request: "Request") -> None:
         tokens = list(request.prompt_token_ids or [])
@@ -105,22 +126,24 @@ class ConnectorScheduler:
             self.on_new_request(request)
         return self._requests[request.request_id]
 
-    def _hits(self, hashes: list[bytes], first: int, loadable: int, session: str | None = None) -> int:
+    def _hits(self, hashes: list[bytes], first: int, loadable: int, session: str | None = None,
+              size: int | None = None) -> int:
         """How many leading blocks (at most ``loadable``, the first ``first`` held already)
-        every group can supply: full-attention groups every block from ``first`` on, a
-        windowed group the blocks its window still reads when the hit ends. Raises
-        ``StoreError``."""
+        every group can supply in shards of ``size`` heads (None: this engine's own):
+        full-attention groups every block from ``first`` on, a windowed group the blocks
+        its window still reads when the hit ends. Raises ``StoreError``."""
+        size = size or self._own_size
         full = [g for g in self.groups if g.window is None]
         windowed = [g for g in self.groups if g.window is not None]
         end = loadable
         if full:
-            end = first + self.store.lookup([self._keys(full, h) for h in hashes[first:loadable]], session)
+            end = first + self.store.lookup([self._keys(full, h, size) for h in hashes[first:loadable]], session)
         while windowed and end > first:
             # the window's blocks, last first: how many of them, up to the hit's end, are held
             needed = [(i, [g for g in windowed if i >= g.first_needed(end, self.block_size)])
                       for i in range(end - 1, first - 1, -1)]
             needed = [(i, gs) for i, gs in needed if gs]
-            held = self.store.lookup([self._keys(gs, hashes[i]) for i, gs in needed], session)
+            held = self.store.lookup([self._keys(gs, hashes[i], size) for i, gs in needed], session)
             if held == len(needed):
                 break
             end = needed[held][0]  # a shorter hit must end before the block missing
@@ -141,7 +164,7 @@ class ConnectorScheduler:
             return 0, False
         started = time.monotonic()
         try:
-            hits = self._hits(state.hashes, first, loadable, state.session)
+            hits, state.shard_heads = self._lookup(state.hashes, first, loadable, state.session)
         except StoreError as e:
             log.warning("store lookup failed, computing locally: %s", e)
             return 0, False
@@ -172,18 +195,21 @@ class ConnectorScheduler:
         end = first + count
         return self._transfers(req_id, state.block_ids, state.hashes,
                                [max(first, g.first_needed(end, self.block_size)) for g in self.groups], end,
-                               state.session)
+                               state.session, state.shard_heads)
 
     def _transfers(self, req_id: str, block_ids: Sequence[Sequence[int]], hashes: list[bytes],
-                   starts: Sequence[int], end: int, session: str | None = None) -> list[BlockTransfer]:
-        """Per group ``g``, blocks ``starts[g]`` to ``end`` (short of vLLM's null blocks)."""
+                   starts: Sequence[int], end: int, session: str | None = None,
+                   shard_heads: int = 0) -> list[BlockTransfer]:
+        """Per group ``g``, blocks ``starts[g]`` to ``end`` (short of vLLM's null blocks);
+        a load's read from shards of ``shard_heads`` heads."""
         out = []
         for g, (ids, start) in enumerate(zip(block_ids, starts)):
             stop = min(end, len(ids), len(hashes))
             if stop <= start:
                 continue
             transfer = skip_null_blocks(BlockTransfer(req_id, list(ids[start:stop]), hashes[start:stop],
-                                                      hashes[start - 1] if start else None, g, session))
+                                                      hashes[start - 1] if start else None, g, session,
+                                                      shard_heads))
             if transfer is not None:
                 out.append(transfer)
         return out

@@ -16,7 +16,10 @@ for it.
 
 The sides come in as classes (the facade picks them by the engine's ``kv_role``), each
 built with the same arguments: the settings, the store client, the paged cache and this
-rank's key space.
+rank's key space (its own KV heads, ``engine_host.head_split``); the save side also with
+whether this rank stores its shard (of ranks that hold a replicated head, one does).
+A pipeline-parallel stage registers only its own layers' caches, so it reads and writes
+only those; the scheduler side looks up every layer of every stage.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ class ConnectorWorker:
         self.caches = PagedCaches(kv_cache_config.num_blocks if kv_cache_config is not None else 0,
                                   {name: g for g, group in enumerate(groups) for name in group.layer_names})
         self.loads = load_side(settings, self.store, self.caches, space) if load_side else None
-        self.saves = save_side(settings, self.store, self.caches, space) if save_side else None
+        self.saves = (save_side(settings, self.store, self.caches, space, writes=settings.rank_writes(rank))
+                      if save_side else None)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.caches.register(kv_caches)

@@ -14,6 +14,9 @@ Each transfer carries the blocks of one KV-cache group, saved for that group's l
 forward pass runs over them any more) in the background; ``take_finished`` never blocks
 and names each such request once, when its save is done, has failed, or has missed its
 deadline — then vLLM may free its blocks.
+
+A rank built with ``writes`` false (a replica of a KV head another rank stores) copies
+and sends nothing, and names each finished request at once: vLLM waits for every rank.
 """
 
 from __future__ import annotations
@@ -34,11 +37,14 @@ from kvmesh.prefill_workers.step_saves import Item, StepSaves
 
 log = logging.getLogger("kvmesh.connector")
 
+_DONE: cf.Future = cf.Future()  # a save with nothing to send
+_DONE.set_result(0)
+
 
 class SaveSide:
     def __init__(self, settings: ConnectorSettings, store: StoreClient, caches: PagedCaches,
-                 space: KeySpace):
-        self.caches, self.space = caches, space
+                 space: KeySpace, writes: bool = True):
+        self.caches, self.space, self.writes = caches, space, writes
         self.store, self.timeout_s = store, settings.timeout_s
         self._sender = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvmesh-save")
         self._saves = StepSaves(store.put, self._sender, settings.timeout_s)
@@ -51,7 +57,7 @@ class SaveSide:
 
     def save_layer(self, layer_name: str, kv_layer: torch.Tensor,
                    meta: KvmeshConnectorMetadata) -> None:
-        if not meta.saves or layer_name not in self.caches.layers:
+        if not self.writes or not meta.saves or layer_name not in self.caches.layers:
             return
         layer = self.caches.layers[layer_name]
         dim = self.caches.block_dims[layer_name]
@@ -72,6 +78,9 @@ class SaveSide:
         """Copy out every layer of each finished request's blocks now (they are not freed
         until ``take_finished`` names the request) and send them in the background."""
         for transfer in transfers:
+            if not self.writes:
+                self._finishing[transfer.req_id] = (_DONE, 0.0)
+                continue
             items = []
             for name, cache in self.caches.tensors.items():
                 if self.caches.groups.get(name, 0) != transfer.group:

@@ -179,23 +179,25 @@ class ReferenceEngine:
 atexit.register(ReferenceEngine.close_all)
 
 
-def _engine_env() -> dict[str, str]:
+def _engine_env(more: dict[str, str] | None = None) -> dict[str, str]:
     """A vLLM engine in the process itself (no engine-core subprocess), 1 GiB of KV cache
-    unless the environment says otherwise."""
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    unless the environment (or ``more``) says otherwise."""
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", **(more or {}))
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     return env
 
 
-def run_engine_module(module: str, payload: dict, stem: Path, timeout_s: float = 600):
+def run_engine_module(module: str, payload: dict, stem: Path, timeout_s: float = 600,
+                      env: dict[str, str] | None = None):
     """``python -m module STEM-in.json STEM-out.json``, ``payload`` the input: a vLLM engine
     in a process of its own (no engine-core subprocess, 1 GiB of KV cache unless the
-    environment says otherwise). Returns the output file's JSON; ``RuntimeError`` with the
-    process's output tails when it fails, ``subprocess.TimeoutExpired`` past ``timeout_s``."""
+    environment says otherwise; ``env``: more variables). Returns the output file's JSON;
+    ``RuntimeError`` with the process's output tails when it fails,
+    ``subprocess.TimeoutExpired`` past ``timeout_s``."""
     inp, out = Path(f"{stem}-in.json"), Path(f"{stem}-out.json")
     inp.write_text(json.dumps(payload))
     proc = subprocess.run([sys.executable, "-m", module, str(inp), str(out)],
-                          env=_engine_env(), capture_output=True, text=True, timeout=timeout_s)
+                          env=_engine_env(env), capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"{module} failed (colocated run failed):\n{proc.stdout[-3000:]}\n"
                            f"{proc.stderr[-3000:]}")

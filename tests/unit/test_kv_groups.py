@@ -90,7 +90,7 @@ def test_each_group_saves_and_loads_its_own_blocks():
     assert [(t.group, t.block_ids, t.parent) for t in saves] == [
         (0, full_ids, None), (1, window_ids[6:], hashes[5])]  # the window of a hit of 8 or 9 blocks
     # vLLM pointed the blocks left of a loaded window at its null block (id 0)
-    state = SimpleNamespace(session=None, load=(0, 9), block_ids=[full_ids, [0] * 7 + window_ids[7:]], hashes=hashes)
+    state = SimpleNamespace(session=None, shard_heads=0, load=(0, 9), block_ids=[full_ids, [0] * 7 + window_ids[7:]], hashes=hashes)
     loads = sched._loads("r", state)
     assert [(t.group, t.block_ids, t.hashes) for t in loads] == [(0, full_ids, hashes), (1, window_ids[7:], hashes[7:])]
 
