@@ -207,3 +207,31 @@ def test_a_disk_only_store_encodes_its_puts(tmp_path):
         assert store.get(b"d").data == data
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("how", ["header", "record"])
+def test_a_block_in_another_encoding_than_its_tiers_is_corrupt(tmp_path, how):
+    """The header of the bytes at rest and the store's record of them both name the
+    encoding; where either names another than the tier's, the block is dropped as
+    corrupt (and so recomputed), even though its checksum at rest holds."""
+    store = encoded_store(tmp_path, "zstd")
+    try:
+        for i in range(12):
+            data = kv_block(i)
+            store.put(b"k%d" % i, data, checksum(data))
+        entry = store._entries[b"k0"]
+        assert store.tier_of(b"k0") == "disk"
+        assert entry.rest_encoding == make_encoding("zstd").code  # recorded as written
+        fd = store.tiers[1]._fd
+        if how == "header":  # the bytes say lz4, their checksum made to match
+            blob = bytearray(os.pread(fd, entry.rest_size, entry.slot.offset))
+            blob[4] = make_encoding("lz4").code  # the header's encoding code
+            os.pwrite(fd, bytes(blob), entry.slot.offset)
+            entry.rest_checksum = checksum(bytes(blob))
+        else:  # the record says lz4, the bytes untouched
+            entry.rest_encoding = make_encoding("lz4").code
+        assert store.get(b"k0") is None
+        assert store.stats().corrupt == 1 and b"k0" not in store.keys()
+        assert store.get(b"k1").data == kv_block(1)  # the others still read back
+    finally:
+        store.close()
