@@ -1,13 +1,14 @@
 """How much a lossy encoding changes a model's next-token predictions: the store's
-``int8``, or the 4-bit candidate ``int4`` (defined here; the store does not offer it).
+``int8`` or ``int4``, or another 4-bit grouping (``CANDIDATES``, defined here; the store
+does not offer them).
 
-``python -m kvmesh.bench.int8_accuracy [--size bench|smollm2|tiny] [--encoding int8|int4]``
+``python -m kvmesh.bench.int8_accuracy [--size bench|smollm2|tiny] [--encoding int8|int4|...]``
 prints one JSON line (``bytes_at_rest``: the encoded blocks' bytes over their bf16 bytes).
 
 For each of ``--sequences`` seeded random prompts of ``--prefix`` tokens, the model
 computes the prompt's KV cache; every block of ``--block-size`` tokens of every layer is
-then laid out as the paged cache holds it (``[kv_heads, block_size, 2 * head_dim]``: K
-and V of each head side by side), encoded with the store's lossy encoding (``--encoding``;
+then laid out as vLLM's CPU cache holds it (each head's K channel-major, then its V
+token by token: ``cpu_block``), encoded with the store's lossy encoding (``--encoding``;
 its scales per group of values of each head) and decoded, as a block written to and read back from an int8 disk
 tier would be. The baseline, in the same run: the same prompt's cache unencoded. The
 model then greedily continues the prompt for ``--continue`` tokens from the unencoded
@@ -31,47 +32,38 @@ import platform
 
 import numpy as np
 
-from kvmesh.kv_store.encoding import LOSSY, Int8, make_encoding
+from kvmesh.kv_store.encoding import LOSSY, Int4, make_encoding
 
 
-class Int4(Int8):
-    """A candidate, measured here and not offered by the store (SmolLM2's top-1
-    agreement fell to 0.944, below the 0.97 asked; bench/README.md). LOSSY: bf16 values
-    as 4-bit integers (-7 to 7, two to a byte), with a float16
-    scale for each group of ``group`` (32) consecutive values of a head, as ``Int8`` does
-    with 8 bits: each value is off by at most half of its group's largest magnitude over
-    7. At rest: about 0.28 of the bytes of bf16 (a half byte per value, 2 per group, and
-    the header). Refuses what ``Int8`` refuses, and a head of an odd number of values."""
-
-    name, code = "int4", 4  # a code no store encoding uses
-    GROUP = 32
-    LEVELS = 7
-
-    def __init__(self, group: int = GROUP) -> None:
-        super().__init__(group)
-
-    def _encode(self, data, heads):
-        blob = self._quantize(data, heads, self.LEVELS)
-        meta, q = blob[:-(len(data) // 2)], np.frombuffer(blob[-(len(data) // 2):], np.int8)
-        if q.size % 2:
-            raise ValueError("a block of an odd number of values cannot be packed two to a byte")
-        nibbles = (q + self.LEVELS).astype(np.uint8)  # 0 .. 14
-        return meta + (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
-
-    def _decode(self, payload, length):
-        packed = np.frombuffer(payload, np.uint8, count=length // 4, offset=len(payload) - length // 4)
-        q = np.empty(length // 2, np.int8)
-        q[0::2] = (packed & 0x0F).astype(np.int8) - self.LEVELS
-        q[1::2] = (packed >> 4).astype(np.int8) - self.LEVELS
-        return self._dequantize(bytes(payload[:len(payload) - length // 4]) + q.tobytes(), length)
+# Other 4-bit groupings, measured here and not offered by the store (bench/README.md)
+CANDIDATES = {
+    "int4-sym32": lambda: Int4(32, 32, asymmetric=False),  # a scale per 32 values
+    "int4-asym64": lambda: Int4(64, 64, asymmetric=True),  # a scale and zero point per 64
+    "int4-kivi-sym": lambda: Int4(32, 64, asymmetric=False),  # the store's groups, scales only
+}
 
 
-CANDIDATES = {"int4": Int4}  # measured here, not offered by the store
+def cpu_block(k, v):
+    """One block of K and V (``[kv_heads, tokens, head_dim]`` each) laid out as vLLM's
+    CPU cache holds it with its ``vec`` kernels (x86 without AMX): each head's K
+    channel-major (``[head_dim, tokens]``), then its V token by token."""
+    import torch
+
+    heads = k.shape[0]
+    return torch.cat([k.transpose(1, 2).reshape(heads, -1), v.reshape(heads, -1)], dim=1)
+
+
+def from_cpu_block(block, tokens: int, dim: int):
+    """K and V back out of ``cpu_block``'s layout."""
+    heads = block.shape[0]
+    k = block[:, :tokens * dim].reshape(heads, dim, tokens).transpose(1, 2)
+    return k, block[:, tokens * dim:].reshape(heads, tokens, dim)
 
 
 def quantized_cache(cache, block_size: int, encoding: str = "int8", sizes: list | None = None):
-    """A copy of ``cache`` whose K and V went through ``encoding`` block by block; each
-    block's (bf16 bytes, encoded bytes) appended to ``sizes`` where given."""
+    """A copy of ``cache`` whose K and V went through ``encoding`` block by block, each
+    block laid out as the CPU cache holds it (``cpu_block``); each block's (bf16 bytes,
+    encoded bytes) appended to ``sizes`` where given."""
     import torch
 
     enc = CANDIDATES[encoding]() if encoding in CANDIDATES else make_encoding(encoding)
@@ -80,15 +72,15 @@ def quantized_cache(cache, block_size: int, encoding: str = "int8", sizes: list 
         k, v = layer.keys, layer.values  # [1, kv_heads, tokens, head_dim], bf16
         heads, tokens, dim = k.shape[1], k.shape[2], k.shape[3]
         for start in range(0, tokens - block_size + 1, block_size):
-            block = torch.cat([k[0, :, start:start + block_size], v[0, :, start:start + block_size]], dim=-1)
+            block = cpu_block(k[0, :, start:start + block_size], v[0, :, start:start + block_size])
             raw = block.contiguous().view(torch.int16).numpy().tobytes()
             blob = enc.encode(raw, heads)
             if sizes is not None:
                 sizes.append((len(raw), len(blob)))
-            back = np.frombuffer(enc.decode(blob), np.int16).reshape(heads, block_size, 2 * dim)
-            back = torch.from_numpy(back.copy()).view(torch.bfloat16)
-            k[0, :, start:start + block_size] = back[..., :dim]
-            v[0, :, start:start + block_size] = back[..., dim:]
+            back = np.frombuffer(enc.decode(blob), np.int16).reshape(heads, -1)
+            back_k, back_v = from_cpu_block(torch.from_numpy(back.copy()).view(torch.bfloat16), block_size, dim)
+            k[0, :, start:start + block_size] = back_k
+            v[0, :, start:start + block_size] = back_v
     return out
 
 

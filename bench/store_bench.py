@@ -40,7 +40,7 @@ them), and encode and decode GB/s (of the blocks' own bytes) against memcpy of t
 blocks, measured just before. The blocks are bf16 values drawn per KV head from normal
 distributions of different scales (a stand-in for a real KV cache: how much a real one
 compresses depends on the model), and each encoding's blocks also go through a store
-whose disk tier holds them so, read back and compared (lossless: equal; int8: the
+whose disk tier holds them so, read back and compared (lossless: equal; int8 and int4: the
 largest error relative to the head's largest value).
 """
 
@@ -663,7 +663,7 @@ def _median_ratio(rounds: list[dict]) -> dict:
     return sorted(rounds, key=lambda r: r["ratio_to_ceiling"])[len(rounds) // 2]
 
 
-ENCODED = ("zstd", "lz4", "int8")
+ENCODED = ("zstd", "lz4", "int8", "int4")
 KV_HEADS = 8  # heads of a stand-in KV block
 ENCODED_BLOCK = 64 << 10
 

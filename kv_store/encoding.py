@@ -7,7 +7,8 @@ bytes of its values, sign and exponent, apart from the low ones, as Blosc's shuf
 filter does, which is what lets the codecs find the exponents' redundancy), and the *lossy* ``int8`` (bf16 values quantized to 8 bits with a float16 scale per
 group of 64 values within each KV head of the block: a block of ``heads`` heads is
 ``heads`` equal contiguous spans, the layout of the paged KV cache, whose head axis
-comes first).
+comes first), and the *lossy* ``int4`` (4 bits a value, keys grouped per channel and
+values per token, with a float16 scale and zero point per group: ``Int4``).
 Lossy encodings are never chosen unless asked for.
 
 Every encoded block starts with a header that names its encoding and the length of the
@@ -238,6 +239,118 @@ class Int8(Encoding):
         return f32_to_bf16(values).tobytes()
 
 
+def _quantize4(values: np.ndarray, asymmetric: bool) -> bytes:
+    """Groups of values (the rows of ``values``, float32) as 4-bit integers, two to a
+    byte, after the groups' float16 parameters: asymmetric, a scale and a zero point per
+    group (its range over 15 and its smallest value; integers 0 to 15); symmetric, a
+    scale only (its largest magnitude over 7; integers -7 to 7). ``ValueError`` where a
+    parameter is too large for float16."""
+    import numpy as np
+
+    with np.errstate(over="ignore", invalid="ignore"):  # too large for float16: refused below
+        if asymmetric:
+            low = values.min(axis=1).astype(np.float16)
+            scale = ((values.max(axis=1) - low.astype(np.float32)) / 15).astype(np.float16)
+            params = np.stack([scale, low], axis=1)
+        else:
+            scale = (np.abs(values).max(axis=1) / 7).astype(np.float16)
+            params = scale[:, None]
+    if not np.isfinite(params).all():
+        raise ValueError("values too large for float16 scales")
+    params[:, 0][params[:, 0] == 0] = 1.0
+    steps = params[:, :1].astype(np.float32)
+    if asymmetric:
+        q = np.rint((values - params[:, 1:].astype(np.float32)) / steps).clip(0, 15)
+    else:
+        q = np.rint(values / steps).clip(-7, 7) + 7
+    nibbles = q.astype(np.uint8).reshape(-1)
+    return params.astype("<f2").tobytes() + (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
+
+
+def _dequantize4(blob: memoryview, groups: int, group: int, asymmetric: bool) -> tuple[np.ndarray, int]:
+    """What ``_quantize4`` made of ``groups`` groups of ``group`` values: float32 rows,
+    and how many bytes of ``blob`` they took. ``ValueError`` if ``blob`` is too short."""
+    import numpy as np
+
+    width = 2 if asymmetric else 1
+    start = groups * width * 2
+    if len(blob) < start + groups * group // 2:
+        raise ValueError("int4 block shorter than its groups")
+    params = np.frombuffer(blob, "<f2", count=groups * width).astype(np.float32).reshape(groups, width)
+    packed = np.frombuffer(blob, np.uint8, count=groups * group // 2, offset=start)
+    q = np.empty(groups * group, np.float32)
+    q[0::2] = packed & 0x0F
+    q[1::2] = packed >> 4
+    q = q.reshape(groups, group)
+    values = q * params[:, :1] + params[:, 1:] if asymmetric else (q - 7) * params
+    return values, start + packed.size
+
+
+class Int4(Encoding):
+    """LOSSY: bf16 values as 4-bit integers (two to a byte), grouped the way KIVI groups
+    them: keys per channel across tokens (keys have outlier channels), values per token.
+    Each head of the block is taken as its K half then its V half, as vLLM's CPU cache
+    holds a head of a block (``[2 * block_size, head_dim]`` rows: K then V); a group is
+    ``k_group`` (32) consecutive values of the K half, or ``v_group`` (64) of the V half,
+    with a float16 scale and zero point (``asymmetric``; a scale only otherwise). On the
+    CPU backend's ``vec`` kernels (x86 without AMX), the K half is channel-major
+    (``[head_dim, block_size]``: each channel's tokens consecutive), so a K group is one
+    channel over 32 tokens, and a V group one token's values of a 64-wide head; on
+    kernels that pack K otherwise the groups are still runs of one head's K or V, only
+    not along a channel. A half that is not whole groups is one group.
+
+    Each value is off by at most half its group's step (plus float16 rounding of the
+    parameters). At rest: 0.297 of bf16 (a half byte per value, 4 bytes per group; the
+    header). Refuses what ``Int8`` refuses, and a half of an odd number of values."""
+
+    name, code, lossy = "int4", 4, True
+    _META = struct.Struct(">HIIB")  # heads, K group, V group, asymmetric
+
+    def __init__(self, k_group: int = 32, v_group: int = 64, asymmetric: bool = True) -> None:
+        if k_group < 1 or v_group < 1:
+            raise ValueError("groups must hold at least 1 value")
+        self.k_group, self.v_group, self.asymmetric = k_group, v_group, asymmetric
+
+    def _encode(self, data, heads):
+        import numpy as np
+
+        if len(data) % (4 * heads) or not data:
+            raise ValueError(f"a block of {len(data)} bytes is not bf16 K and V halves in {heads} equal heads")
+        half = len(data) // 4 // heads
+        if half % 2:
+            raise ValueError("a half of an odd number of values cannot be packed two to a byte")
+        values = bf16_to_f32(np.frombuffer(data, np.uint16)).reshape(heads, 2, half)
+        if not np.isfinite(values).all():
+            raise ValueError("a block with inf or NaN values cannot be quantized")
+        kg, vg = self._groups(half)
+        return (self._META.pack(heads, kg, vg, self.asymmetric)
+                + _quantize4(values[:, 0].reshape(-1, kg), self.asymmetric)
+                + _quantize4(values[:, 1].reshape(-1, vg), self.asymmetric))
+
+    def _groups(self, half: int) -> tuple[int, int]:
+        return (self.k_group if half % self.k_group == 0 else half,
+                self.v_group if half % self.v_group == 0 else half)
+
+    def _decode(self, payload, length):
+        import numpy as np
+
+        heads, kg, vg, asymmetric = self._META.unpack_from(payload)
+        if not heads or length % (4 * heads):
+            raise ValueError("int4 block with a bad head count")
+        half = length // 4 // heads
+        if kg < 1 or vg < 1 or half % kg or half % vg:
+            raise ValueError("int4 block with bad group sizes")
+        body = payload[self._META.size:]
+        k, used = _dequantize4(body, heads * half // kg, kg, bool(asymmetric))
+        v, rest = _dequantize4(body[used:], heads * half // vg, vg, bool(asymmetric))
+        if used + rest != len(body):
+            raise ValueError("int4 block of the wrong size")
+        block = np.empty((heads, 2, half), np.float32)
+        block[:, 0] = k.reshape(heads, half)
+        block[:, 1] = v.reshape(heads, half)
+        return f32_to_bf16(block).tobytes()
+
+
 class NoEncoding(Encoding):
     """The bytes as put: no header, no work (``encode`` and ``decode`` return them)."""
 
@@ -256,7 +369,7 @@ class NoEncoding(Encoding):
         raise NotImplementedError
 
 
-ENCODINGS: dict[str, type[Encoding]] = {"none": NoEncoding, "zstd": Zstd, "lz4": LZ4, "int8": Int8}
+ENCODINGS: dict[str, type[Encoding]] = {"none": NoEncoding, "zstd": Zstd, "lz4": LZ4, "int8": Int8, "int4": Int4}
 LOSSY = tuple(name for name, cls in ENCODINGS.items() if cls.lossy)
 
 

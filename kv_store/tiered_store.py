@@ -83,9 +83,12 @@ class _Entry:
     retired: list[tuple[int, Slot, int]] = field(default_factory=list)  # moved out of while
     # pinned: (tier, slot, bytes at rest) still being read, freed with the last pin
     # The bytes at rest in ``slot`` and their checksum: the block's own, unless its tier
-    # encodes blocks (then the encoded bytes, header included).
+    # encodes blocks (then the encoded bytes, header included), and the code of the
+    # encoding they were written in (``Encoding.code``; 0: none). A read back checks it
+    # against both its tier's encoding and the header of the bytes it finds.
     rest_size: int = -1
     rest_checksum: int = -1
+    rest_encoding: int = 0
 
     def __post_init__(self) -> None:
         if self.rest_size < 0:
@@ -123,6 +126,7 @@ class _Read(NamedTuple):
     checksum: int
     rest_size: int      # bytes at rest in that slot (encoded, where the tier encodes)
     rest_checksum: int  # their checksum
+    rest_encoding: int  # the code of the encoding they were written in (0: none)
 
 
 @dataclass(eq=False)
@@ -527,9 +531,10 @@ class TieredStore(BlockStore):
         if move.new_checksum is not None:  # decoded lossily: these are its bytes now
             entry.checksum = move.new_checksum
         if move.rest_checksum is None:
-            entry.rest_size, entry.rest_checksum = entry.size, entry.checksum
+            entry.rest_size, entry.rest_checksum, entry.rest_encoding = entry.size, entry.checksum, 0
         else:
             entry.rest_size, entry.rest_checksum = move.nbytes, move.rest_checksum
+            entry.rest_encoding = self.tiers[move.tier].encoding.code
         self._policies[was.tier].remove(entry.key)
         if move.tier > was.tier:
             self._stats[was.tier].demotions += 1
@@ -575,8 +580,15 @@ class TieredStore(BlockStore):
     def _decoded(self, tier: Tier, data: bytes, source: _Read) -> bytes | None:
         """Bytes of a block read from ``tier``, verified against their checksum at rest
         and decoded (and, from a lossless encoding, the result verified against the
-        block's own checksum too); None if they fail."""
+        block's own checksum too); None if they fail. Bytes recorded as written in another
+        encoding than the tier's, or whose header names another (``Encoding.decode``
+        refuses it), fail too, even where their checksum holds: they are not decoded as
+        something they are not."""
         if not verify(data, source.rest_checksum):
+            return None
+        if source.rest_encoding != tier.encoding.code:
+            log.warning("%s tier: a block recorded as encoding %d, the tier's is %d (%s)", tier.name,
+                        source.rest_encoding, tier.encoding.code, tier.encoding.name)
             return None
         if not tier.encoding.code:
             return data
@@ -733,7 +745,8 @@ class TieredStore(BlockStore):
         """Under the lock: one more pin on ``entry``, and where it is now with its checksum
         (that slot stays whole until the pin goes, ``_unpin``)."""
         entry.pins += 1
-        return _Read(entry, entry.tier, entry.slot, entry.checksum, entry.rest_size, entry.rest_checksum)
+        return _Read(entry, entry.tier, entry.slot, entry.checksum, entry.rest_size, entry.rest_checksum,
+                     entry.rest_encoding)
 
     def _unpin(self, entries: Iterable[_Entry]) -> None:
         for entry in entries:
@@ -786,7 +799,8 @@ class TieredStore(BlockStore):
             above = None if parent is None else self._entries.get(parent)
             position = 0 if parent is None else 1 if above is None else above.hint.position + 1
             entry = _Entry(key, len(data), checksum, parent, 0, slot, hint=BlockHint(position, priority, parent),
-                           rest_size=len(rest), rest_checksum=rest_checksum)
+                           rest_size=len(rest), rest_checksum=rest_checksum,
+                           rest_encoding=self.tiers[0].encoding.code if rest is not data else 0)
             self._entries[key] = entry
             self._policies[0].insert(key, entry.hint)
             if session and self._sessions is not None:
@@ -1002,6 +1016,7 @@ class TieredStore(BlockStore):
             entry.checksum = block.checksum
             entry.rest_size = len(rest)
             entry.rest_checksum = block.checksum if rest is block.data else checksum_of(rest)
+            entry.rest_encoding = 0 if rest is block.data else tier.encoding.code
             return True
 
     def keys(self) -> list[bytes]:

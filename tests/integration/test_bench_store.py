@@ -59,7 +59,7 @@ def test_bench_store_prints_one_json_object(tmp_path):
 
 def test_encodings_report_bytes_at_rest_and_speed_against_memcpy(tmp_path):
     rows = {r["encoding"]: r for r in store_bench.encodings(str(tmp_path), 4 << 20)}
-    assert set(rows) == {"zstd", "lz4", "int8"}
+    assert set(rows) == {"zstd", "lz4", "int8", "int4"}
     for r in rows.values():
         assert r["blocks_on_disk"] > 0
         assert 0 < r["bytes_at_rest_ratio"] <= r["disk_slot_ratio"] < 1  # slots round up
@@ -68,6 +68,8 @@ def test_encodings_report_bytes_at_rest_and_speed_against_memcpy(tmp_path):
         assert (r["max_relative_error"] > 0) == r["lossy"]
     assert rows["int8"]["lossy"] and rows["int8"]["bytes_at_rest_ratio"] <= 0.55
     assert rows["int8"]["max_relative_error"] <= 1 / 127  # half a step, plus bf16 rounding
+    assert rows["int4"]["lossy"] and rows["int4"]["bytes_at_rest_ratio"] <= 0.3
+    assert rows["int4"]["max_relative_error"] <= 2 / 15  # half a step of a group's range, at most
     assert list(tmp_path.iterdir()) == []
 
 

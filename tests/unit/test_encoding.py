@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvmesh.kv_store.encoding import (
-    ENCODINGS, HEADER, LOSSY, SHUFFLED, bf16_to_f32, f32_to_bf16, heads_of, make_encoding,
+    ENCODINGS, HEADER, LOSSY, Int4, SHUFFLED, bf16_to_f32, f32_to_bf16, heads_of, make_encoding,
 )
 from kvmesh.kv_store.integrity import checksum
 from kvmesh.kv_store.keys import BlockKey
@@ -110,6 +110,84 @@ def test_int8_refuses_what_it_cannot_hold():
         enc.encode(f32_to_bf16(np.array([1e30, 1.0], np.float32)).tobytes())
 
 
+def cpu_block(k: np.ndarray, v: np.ndarray) -> bytes:
+    """K and V (``[heads, tokens, head_dim]``) as vLLM's CPU cache holds a block with its
+    ``vec`` kernels: each head's K channel-major, then its V token by token."""
+    heads = k.shape[0]
+    return f32_to_bf16(np.concatenate([k.transpose(0, 2, 1).reshape(heads, -1),
+                                       v.reshape(heads, -1)], axis=1)).tobytes()
+
+
+def test_int4_is_within_half_a_step_per_group_and_under_0_3_of_the_bytes():
+    heads, tokens, dim = 3, 32, 64
+    rng = np.random.default_rng(4)
+    k, v = rng.standard_normal((2, heads, tokens, dim)).astype(np.float32) * 3
+    data = cpu_block(k, v)
+    enc = make_encoding("int4")
+    assert enc.lossy and "int4" in LOSSY
+    blob = enc.encode(data, heads=heads)
+    assert len(blob) <= 0.3 * len(data)
+    before = bf16_to_f32(np.frombuffer(data, np.uint16)).reshape(heads, 2, -1)
+    after = bf16_to_f32(np.frombuffer(enc.decode(blob), np.uint16)).reshape(heads, 2, -1)
+    for half, group in ((0, 32), (1, 64)):  # K groups: one channel's 32 tokens; V: one token
+        b, a = before[:, half].reshape(-1, group), after[:, half].reshape(-1, group)
+        step = (b.max(axis=1, keepdims=True) - b.min(axis=1, keepdims=True)) / 15
+        assert (np.abs(a - b) <= step / 2 * 1.01 + np.abs(b) / 128 + 1e-3).all()
+    assert not np.array_equal(after, before)  # it is lossy
+
+
+def test_int4_groups_keys_per_channel_and_values_per_token():
+    """An outlier channel of K (every token of it) widens only its own groups' steps,
+    as does an outlier token of V: the other channels and tokens keep their precision
+    (groups of consecutive K rows, or of channels across a token, would not)."""
+    heads, tokens, dim = 1, 32, 64
+    k = np.tile(np.linspace(-0.05, 0.05, dim, dtype=np.float32), (heads, tokens, 1))
+    k[:, :, 5] = 300.0  # an outlier channel
+    v = np.tile(np.linspace(-0.05, 0.05, dim, dtype=np.float32), (heads, tokens, 1))
+    v[:, 7, :] = 300.0  # an outlier token
+    data = cpu_block(k, v)
+    enc = make_encoding("int4")
+    out = bf16_to_f32(np.frombuffer(enc.decode(enc.encode(data, heads)), np.uint16)).reshape(heads, 2, dim, tokens)
+    back_k = out[:, 0].transpose(0, 2, 1)
+    back_v = out[:, 1].reshape(heads, tokens, dim)
+    keep_k = np.ones(dim, bool)
+    keep_k[5] = False
+    assert np.abs(back_k[:, :, keep_k] - k[:, :, keep_k]).max() <= 0.1 / 15
+    assert np.allclose(back_k[:, :, 5], 300.0, rtol=0.01)
+    keep_v = np.ones(tokens, bool)
+    keep_v[7] = False
+    assert np.abs(back_v[:, keep_v] - v[:, keep_v]).max() <= 0.1 / 15
+    assert np.allclose(back_v[:, 7], 300.0, rtol=0.01)
+
+
+def test_int4_zero_point_keeps_an_offset_group_precise():
+    """A group far from 0 and narrow (1 to 1.1) keeps steps of its range over 15, not
+    of its largest magnitude over 7 (which would be off by up to 0.08)."""
+    data = f32_to_bf16(np.linspace(1, 1.1, 128, dtype=np.float32)).tobytes()  # K, then V: one head
+    values = bf16_to_f32(np.frombuffer(data, np.uint16))
+    enc = make_encoding("int4")
+    out = bf16_to_f32(np.frombuffer(enc.decode(enc.encode(data, 1)), np.uint16))
+    assert np.abs(out - values).max() <= 0.1 / 30 + 2 ** -8  # half a step, then bf16 rounding
+    sym = Int4(asymmetric=False)  # the control: a scale only
+    out = bf16_to_f32(np.frombuffer(sym.decode(sym.encode(data, 1)), np.uint16))
+    assert np.abs(out - values).max() > 0.02
+
+
+def test_int4_refuses_what_it_cannot_hold():
+    enc = make_encoding("int4")
+    with pytest.raises(ValueError):  # not two equal halves per head
+        enc.encode(b"\x00" * 12, heads=2)
+    with pytest.raises(ValueError):  # a half of an odd number of values
+        enc.encode(b"\x00" * 12, heads=1)
+    with pytest.raises(ValueError):
+        enc.encode(f32_to_bf16(np.array([1.0, np.inf, 0, 0], np.float32)).tobytes())
+    with pytest.raises(ValueError):  # a scale beyond float16
+        enc.encode(f32_to_bf16(np.array([1e30, 1.0, 0, 0], np.float32)).tobytes())
+    blob = enc.encode(f32_to_bf16(np.arange(8, dtype=np.float32)).tobytes())
+    with pytest.raises(ValueError):  # cut short
+        enc.decode(blob[:-1])
+
+
 def test_heads_come_from_the_key():
     key = BlockKey(b"n" * 8, b"c" * 16, (3, 4), (2, 6)).to_bytes()
     assert heads_of(key) == 4 and heads_of(b"k1") == 1
@@ -156,7 +234,7 @@ def test_blocks_round_trip_through_an_encoded_disk_tier(tmp_path, name):
         store.close()
 
 
-@pytest.mark.parametrize("name", ["zstd", "lz4", "int8"])
+@pytest.mark.parametrize("name", ["zstd", "lz4", "int8", "int4"])
 @pytest.mark.parametrize("where", [0, HEADER.size - 1, -1])  # header, its last byte, the payload's end
 def test_the_checksum_covers_the_encoded_bytes(tmp_path, name, where):
     store = encoded_store(tmp_path, name)
@@ -197,6 +275,25 @@ def test_int8_disk_tier_serves_close_bytes_with_their_own_checksum(tmp_path):
         store.close()
 
 
+def test_int4_disk_tier_serves_close_bytes_with_their_own_checksum(tmp_path):
+    store = encoded_store(tmp_path, "int4")
+    try:
+        blocks = {b"k%d" % i: kv_block(i) for i in range(16)}
+        for key, data in blocks.items():
+            store.put(key, data, checksum(data))
+        key = next(k for k in blocks if store.tier_of(k) == "disk")
+        disk = store.stats().tiers[1]
+        assert disk.encoding == "int4" and disk.used_bytes <= 0.35 * disk.block_bytes  # in 512-byte slots
+        got = store.get(key)
+        assert got.data != blocks[key] and got.checksum == checksum(got.data)
+        a = bf16_to_f32(np.frombuffer(blocks[key], np.uint16))
+        b = bf16_to_f32(np.frombuffer(got.data, np.uint16))
+        assert np.abs(a - b).max() <= 2 * np.abs(a).max() / 15
+        assert store.tier_of(key) == "host" and store.get(key) == got  # promoted as decoded
+    finally:
+        store.close()
+
+
 def test_a_disk_only_store_encodes_its_puts(tmp_path):
     tier = DiskTier(tmp_path / "slab", 4 * PAGE, page_bytes=PAGE, encoding=make_encoding("zstd"))
     store = TieredStore([tier])
@@ -205,5 +302,33 @@ def test_a_disk_only_store_encodes_its_puts(tmp_path):
         assert store.put(b"d", data, checksum(data))
         assert store.stats().tiers[0].used_bytes < len(data)
         assert store.get(b"d").data == data
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("how", ["header", "record"])
+def test_a_block_in_another_encoding_than_its_tiers_is_corrupt(tmp_path, how):
+    """The header of the bytes at rest and the store's record of them both name the
+    encoding; where either names another than the tier's, the block is dropped as
+    corrupt (and so recomputed), even though its checksum at rest holds."""
+    store = encoded_store(tmp_path, "zstd")
+    try:
+        for i in range(12):
+            data = kv_block(i)
+            store.put(b"k%d" % i, data, checksum(data))
+        entry = store._entries[b"k0"]
+        assert store.tier_of(b"k0") == "disk"
+        assert entry.rest_encoding == make_encoding("zstd").code  # recorded as written
+        fd = store.tiers[1]._fd
+        if how == "header":  # the bytes say lz4, their checksum made to match
+            blob = bytearray(os.pread(fd, entry.rest_size, entry.slot.offset))
+            blob[4] = make_encoding("lz4").code  # the header's encoding code
+            os.pwrite(fd, bytes(blob), entry.slot.offset)
+            entry.rest_checksum = checksum(bytes(blob))
+        else:  # the record says lz4, the bytes untouched
+            entry.rest_encoding = make_encoding("lz4").code
+        assert store.get(b"k0") is None
+        assert store.stats().corrupt == 1 and b"k0" not in store.keys()
+        assert store.get(b"k1").data == kv_block(1)  # the others still read back
     finally:
         store.close()

@@ -111,7 +111,7 @@ def test_choices_come_from_the_registries():
     assert typing.get_args(StoreSettings.model_fields["policy"].annotation) == tuple(POLICIES)
     assert typing.get_args(RouterSettings.model_fields["routing"].annotation) == ROUTING_POLICIES
     help_text = build_parser()._subparsers._group_actions[0].choices["store"].format_help()
-    assert "{lru,s3fifo,arc,cost}" in help_text and "{none,zstd,lz4,int8}" in help_text and BACKENDS == ("shm", "nixl", "grpc")
+    assert "{lru,s3fifo,arc,cost}" in help_text and "{none,zstd,lz4,int8,int4}" in help_text and BACKENDS == ("shm", "nixl", "grpc")
 
 
 # ------------------------------------------------------------------ the cluster YAML
