@@ -26,7 +26,7 @@ import concurrent.futures as cf
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 
@@ -58,6 +58,21 @@ class _Request:
         if self.parts:
             return [k for k, _ in self.parts[name][i]]
         return [self.keys[name][i]]
+
+
+def _present(r: _Request, keys: Iterable[bytes], rows: dict[bytes, int]) -> tuple[list[int], list[int]]:
+    """For each block of ``r`` in order, its key in ``keys``: the block ids whose key was
+    read (in ``rows``) and the rows holding them; the blocks whose key was not are marked
+    bad."""
+    ids, picked = [], []
+    for i, key in enumerate(keys):
+        row = rows.get(key)
+        if row is None:
+            r.bad.add(i)
+        else:
+            ids.append(r.block_ids[i])
+            picked.append(row)
+    return ids, picked
 
 
 class _LayerBytes(NamedTuple):
@@ -310,14 +325,7 @@ class LayerLoad:
             if r.parts:
                 self._place_parts(name, r, by_size)
                 continue
-            ids, picked = [], []
-            for i, key in enumerate(r.keys[name]):
-                row = layer.rows.get(key)
-                if row is None:
-                    r.bad.add(i)
-                else:
-                    ids.append(r.block_ids[i])
-                    picked.append(row)
+            ids, picked = _present(r, r.keys[name], layer.rows)
             if ids:
                 place_blocks(cache, dim, ids, rows, picked)
 
@@ -341,14 +349,7 @@ class LayerLoad:
                   .reshape(got.count, *shape)) if got.count else None
         at = 0
         for j, (_, part) in enumerate(r.parts[name][0] if r.parts[name] else []):
-            ids, picked = [], []
-            for i, parts in enumerate(r.parts[name]):
-                row = got.rows.get(parts[j][0])
-                if row is None:
-                    r.bad.add(i)
-                else:
-                    ids.append(r.block_ids[i])
-                    picked.append(row)
+            ids, picked = _present(r, (parts[j][0] for parts in r.parts[name]), got.rows)
             if ids:
                 place_heads(cache, dim, axis, ids, shards, picked, part.lo, part.hi, at)
             at += part.hi - part.lo
