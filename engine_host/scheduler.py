@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 from kvmesh.engine_host.connector_settings import ConnectorSettings
-from kvmesh.engine_host.kv_groups import KvGroup
+from kvmesh.engine_host.kv_groups import KvGroup, kv_groups
 from kvmesh.engine_host.metadata import (
     BlockTransfer, KvmeshConnectorMetadata, LoadStats, session_of, skip_null_blocks,
 )
@@ -80,12 +80,14 @@ class ConnectorScheduler:
     blocks of an engine of several groups, and recomputing a window from a failed block
     on would read the blocks before it, which were never loaded."""
 
-    def __init__(self, settings: ConnectorSettings, groups: Sequence[KvGroup]):
+    def __init__(self, settings: ConnectorSettings, groups: Sequence[KvGroup] | None = None):
+        """``groups``: the engine's KV-cache groups (``kv_groups``; None: one full-attention
+        group of every layer)."""
         self.store = settings.store_client()
         self.block_size = settings.block_size
         self.can_save = settings.can_save
         self.can_load = settings.can_load
-        self.groups = tuple(groups)
+        self.groups = tuple(groups or kv_groups(None, settings.num_layers))
         # vLLM recomputes a failed block's request from that block on, but a window may
         # read blocks before it that were never loaded (its null block): so with a windowed
         # group, as with several groups, a failed load recomputes the whole request

@@ -137,11 +137,11 @@ def test_the_lookup_finds_another_split_and_stops_at_a_missing_shard(store):
             heads_per_rank=head_split.shard_size(HEADS, tp), tensor_parallel_size=tp, num_layers=LAYERS)
         scheduler = ConnectorScheduler(settings)
         try:
-            assert scheduler._lookup(HASHES) == (3, 2)
+            assert scheduler._lookup(HASHES, 0, len(HASHES)) == (3, 2)
             client.drop([KeySpace(NS, (0, 2)).key(HASHES[2], 0)])
-            assert scheduler._lookup(HASHES) == (2, 2)
+            assert scheduler._lookup(HASHES, 0, len(HASHES)) == (2, 2)
             client.drop([KeySpace(NS, (2, 4)).key(HASHES[0], 1)])
-            assert scheduler._lookup(HASHES)[0] == 0
+            assert scheduler._lookup(HASHES, 0, len(HASHES))[0] == 0
         finally:
             scheduler.shutdown()
         write_split(client, full_caches(), 2, HASHES, IDS)
@@ -158,8 +158,8 @@ def test_the_lookup_takes_the_split_with_the_longest_prefix(store):
         tensor_parallel_size=1, num_layers=LAYERS)
     scheduler = ConnectorScheduler(settings)
     try:
-        assert scheduler._lookup(HASHES) == (3, 2)
-        assert scheduler._lookup(HASHES[:1]) == (1, 4)  # its own split first
+        assert scheduler._lookup(HASHES, 0, len(HASHES)) == (3, 2)
+        assert scheduler._lookup(HASHES[:1], 0, 1) == (1, 4)  # its own split first
     finally:
         scheduler.shutdown()
 
