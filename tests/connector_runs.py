@@ -30,11 +30,11 @@ def run_connector_engine(spec: dict, stem: Path, timeout_s: float = 600) -> dict
         if world > 1 else {}
     try:
         return run_engine_module("tests.connector_runs", spec, stem, timeout_s, env=env)
-    except RuntimeError as e:  # the engine failed: its error, and each error line its processes wrote
-        out = Path(f"{stem}-out.json")
+    except RuntimeError as e:  # the engine failed: each error line its processes wrote (the
+        out = Path(f"{stem}-out.json")  # root cause may be in a rank's), then its own error
         first = json.loads(out.read_text())["error"] if out.exists() else ""
         lines = [line.strip() for line in str(e).splitlines() if "Error" in line or " assert " in line]
-        return {"error": "\n".join(dict.fromkeys([first, *lines]))}
+        return {"error": "\n".join(dict.fromkeys([*lines, first]))}
 
 
 def main(inp: str, out: str) -> None:
