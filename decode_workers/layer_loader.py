@@ -26,7 +26,7 @@ import concurrent.futures as cf
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence, TypeVar
 
 import torch
 
@@ -39,6 +39,7 @@ from kvmesh.kv_store.integrity import verify
 from kvmesh.kv_store.keys import KeySpace
 
 log = logging.getLogger("kvmesh.connector")
+T = TypeVar("T")
 
 
 @dataclass
@@ -60,13 +61,13 @@ class _Request:
         return [self.keys[name][i]]
 
 
-def _present(r: _Request, keys: Iterable[bytes], rows: dict[bytes, int]) -> tuple[list[int], list[int]]:
+def _present(r: _Request, keys: Iterable[bytes], got: Mapping[bytes, T]) -> tuple[list[int], list[T]]:
     """For each block of ``r`` in order, its key in ``keys``: the block ids whose key was
-    read (in ``rows``) and the rows holding them; the blocks whose key was not are marked
-    bad."""
+    read (in ``got``: its row, or its bytes) and what ``got`` holds for them; the blocks
+    whose key was not are marked bad."""
     ids, picked = [], []
     for i, key in enumerate(keys):
-        row = rows.get(key)
+        row = got.get(key)
         if row is None:
             r.bad.add(i)
         else:
@@ -361,14 +362,7 @@ class LayerLoad:
             if r.parts:
                 self._gather(name, r, lambda key, nbytes: bytearray(found[key]) if key in found else None)
                 continue
-            ids, data = [], []
-            for i, key in enumerate(r.keys[name]):
-                block = found.get(key)
-                if block is None:
-                    r.bad.add(i)
-                else:
-                    ids.append(r.block_ids[i])
-                    data.append(block)
+            ids, data = _present(r, r.keys[name], found)
             try:
                 write_blocks(self.caches[name], self.block_dims[name], ids, data)
             except ValueError as e:  # a layout mismatch: treat as missing
