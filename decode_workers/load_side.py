@@ -13,11 +13,11 @@ saves this step must be dropped (``take_failed_requests``). Nothing here raises 
 store or transfer failure, and no wait is without the step's deadline.
 
 An engine of several KV-cache groups, or of a windowed one, loads outside the steps
-(``start_async``), where a failed load has vLLM recompute the whole request. Those loads run one after another on a thread of
-their own, all layers at once, each within its own deadline; ``take_async_finished``
-names each such request once, when its load is over, and says which failed (vLLM then
-computes them from their first token). Their failed tokens and statistics go to the
-scheduler side as the steps' do.
+(``start_async``), where a failed load has vLLM recompute the whole request. Those loads
+run one after another on a thread of their own, all layers at once, each within its own
+deadline; ``take_async_finished`` names each such request once, when its load is over,
+and says which failed (vLLM then computes them from their first token). Their failed
+tokens and statistics go to the scheduler side as the steps' do.
 """
 
 from __future__ import annotations

@@ -35,9 +35,9 @@ that is missing or fails its checksum at load time is reported through
 ``get_block_ids_with_load_errors`` and vLLM recomputes it (the engine must run with
 ``kv_load_failure_policy="recompute"``; with several KV-cache groups or a windowed one,
 the request's load runs outside the steps and a failed one is reported through
-``get_transfer_results``' ``failed_recving``: vLLM computes the whole request); a save that fails or misses its deadline is
-logged and becomes a future miss; KV computed over a block that failed to load is never
-saved. No call here waits without a deadline.
+``get_transfer_results``' ``failed_recving``: vLLM computes the whole request); a save
+that fails or misses its deadline is logged and becomes a future miss; KV computed over
+a block that failed to load is never saved. No call here waits without a deadline.
 
 Configuration (``kv_connector_extra_config``): ``store_address`` (required),
 ``model_id`` (defaults to the model path), ``timeout_s`` (per store call and per step's

@@ -74,23 +74,19 @@ class _RequestState:
 
 
 class ConnectorScheduler:
-    """``groups``: the engine's KV-cache groups (``engine_host.kv_groups``). With several,
-    or with a windowed one, loads run outside the steps (vLLM's asynchronous loading),
-    where a failed load has vLLM recompute the whole request: vLLM cannot recompute single
-    blocks of an engine of several groups, and recomputing a window from a failed block
-    on would read the blocks before it, which were never loaded."""
+    """``groups``: the engine's KV-cache groups (``engine_host.kv_groups``; None: one
+    full-attention group of every layer). With several, or with a windowed one, loads run
+    outside the steps (vLLM's asynchronous loading), where a failed load has vLLM
+    recompute the whole request: vLLM cannot recompute single blocks of an engine of
+    several groups, and recomputing a window from a failed block on would read the blocks
+    before it, which were never loaded."""
 
     def __init__(self, settings: ConnectorSettings, groups: Sequence[KvGroup] | None = None):
-        """``groups``: the engine's KV-cache groups (``kv_groups``; None: one full-attention
-        group of every layer)."""
         self.store = settings.store_client()
         self.block_size = settings.block_size
         self.can_save = settings.can_save
         self.can_load = settings.can_load
         self.groups = tuple(groups or kv_groups(None, settings.num_layers))
-        # vLLM recomputes a failed block's request from that block on, but a window may
-        # read blocks before it that were never loaded (its null block): so with a windowed
-        # group, as with several groups, a failed load recomputes the whole request
         self.load_async = len(self.groups) > 1 or any(g.window is not None for g in self.groups)
         self._own_size = settings.heads_per_rank
         self._splits = {size: settings.split_spaces(size) for size in settings.lookup_sizes()}
