@@ -25,16 +25,19 @@ class StoredBlock(NamedTuple):
 
 class BlockStore(ABC):
     @abstractmethod
-    def put(self, key: bytes, data: bytes, checksum: int, parent: bytes | None = None) -> bool:
-        """Store a block; False if it was rejected."""
+    def put(self, key: bytes, data: bytes, checksum: int, parent: bytes | None = None,
+            session: str | None = None) -> bool:
+        """Store a block (of ``session``, the id of the session it belongs to, where the
+        store keeps sessions; ignored where it does not); False if it was rejected."""
 
     @abstractmethod
     def get_many(self, keys: Sequence[bytes]) -> dict[bytes, StoredBlock]:
         """The blocks held among ``keys``; the others are misses."""
 
     @abstractmethod
-    def lookup(self, groups: Sequence[Sequence[bytes]]) -> int:
-        """Number of leading groups whose keys are all present."""
+    def lookup(self, groups: Sequence[Sequence[bytes]], session: str | None = None) -> int:
+        """Number of leading groups whose keys are all present (for ``session``, as ``put``
+        says)."""
 
     @abstractmethod
     def drop(self, keys: Iterable[bytes] | None = None) -> int:

@@ -55,19 +55,14 @@ class StoreService(store_pb2_grpc.KVStoreServicer):
         self._stall()
         stored = 0
         for block in request.blocks:
-            if self._put(block):
+            if self.store.put(block.key, block.data, block.checksum, block.parent or None,
+                              session=block.session or None):
                 stored += 1
             with self._lock:
                 self._vanished.discard(block.key)
         if self.publisher is not None:  # if the index is down, it publishes them later
             self.publisher.flush()
         return store_pb2.PutReply(stored=stored, rejected=len(request.blocks) - stored)
-
-    def _put(self, block) -> bool:
-        if block.session and self.sessions:
-            return self.store.put(block.key, block.data, block.checksum, block.parent or None,
-                                  session=block.session)
-        return self.store.put(block.key, block.data, block.checksum, block.parent or None)
 
     @property
     def sessions(self) -> bool:
@@ -76,10 +71,7 @@ class StoreService(store_pb2_grpc.KVStoreServicer):
 
     def Lookup(self, request, context):
         groups = [list(g.keys) for g in request.groups]
-        if request.session and self.sessions:
-            found = self.store.lookup(groups, session=request.session)
-        else:
-            found = self.store.lookup(groups)
+        found = self.store.lookup(groups, session=request.session or None)
         if self.peers is not None and found < len(groups):
             found = max(found, self.peers.longest_prefix(groups))
         return store_pb2.LookupReply(prefix_groups=found)
@@ -166,8 +158,8 @@ class StoreService(store_pb2_grpc.KVStoreServicer):
     def Sessions(self, request, context):
         if not self.sessions:
             return store_pb2.SessionsReply()
-        found = self.store.session_occupancy(request.session or None, 
-                                            min(request.limit or self.MAX_SESSIONS_LISTED, self.MAX_SESSIONS_LISTED))
+        found = self.store.session_occupancy(request.session or None,
+                                             min(request.limit or self.MAX_SESSIONS_LISTED, self.MAX_SESSIONS_LISTED))
         return store_pb2.SessionsReply(tracked=self.store.sessions_tracked(), sessions=[
             store_pb2.SessionOccupancy(session=o.session, state=o.state, idle_s=o.idle_s, blocks=o.blocks)
             for o in found])

@@ -761,7 +761,7 @@ class TieredStore(BlockStore):
     # ------------------------------------------------------------------ BlockStore
 
     def put(self, key: bytes, data: bytes, checksum: int, parent: bytes | None = None,
-            priority: float = 0.0, session: str | None = None) -> bool:
+            session: str | None = None, priority: float = 0.0) -> bool:
         """As ``BlockStore.put``; ``priority`` (0: none; a ``session``'s by default) is
         handed to the eviction policy with the block's chain position (its parent's plus
         one where the parent is held; 1 where it is not; 0 for a block without a parent).
