@@ -34,8 +34,7 @@ import grpc
 from kvmesh_proto import worker_pb2
 from kvmesh_proto.limits import (  # the bounds both sides of the worker API hold
     INT32_MAX, INT64_MAX, INT64_MIN, MAX_CACHE_SALT_CHARS, MAX_REQUEST_ID_CHARS, MAX_SESSION_CHARS,
-    MAX_STOP_CHARS,
-    MAX_STOP_STRINGS, MAX_TEMPERATURE,
+    MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TEMPERATURE,
 )
 from kvmesh.kv_store.auth import load_secret
 from kvmesh.kv_store.keys import chain_hashes
@@ -348,8 +347,7 @@ class RouterCore:
         names the conversation the request belongs to, within its ``cache_salt``."""
         self.check_model(model)
         sampling.check()
-        if cache_salt is not None and len(cache_salt) > MAX_CACHE_SALT_CHARS:
-            raise ApiError(400, f"cache_salt is longer than {MAX_CACHE_SALT_CHARS} characters")
+        self.check_cache_salt(cache_salt)
         self.check_session(session)
         if request_id is not None and (len(request_id) > MAX_REQUEST_ID_CHARS or request_id in self._tasks):
             raise ApiError(400, "request_id must be unique among running requests and at most "
@@ -386,6 +384,12 @@ class RouterCore:
                         session_id(session, cache_salt) if session else "")
 
     @staticmethod
+    def check_cache_salt(cache_salt: str | None) -> None:
+        """``ApiError`` 400 for a cache salt over ``MAX_CACHE_SALT_CHARS`` characters."""
+        if cache_salt is not None and len(cache_salt) > MAX_CACHE_SALT_CHARS:
+            raise ApiError(400, f"cache_salt is longer than {MAX_CACHE_SALT_CHARS} characters")
+
+    @staticmethod
     def check_session(session: str | None) -> None:
         """``ApiError`` 400 for a session name over ``MAX_SESSION_CHARS`` characters."""
         if session is not None and len(session) > MAX_SESSION_CHARS:
@@ -401,8 +405,7 @@ class RouterCore:
         self.check_session(name)
         if not name:
             raise ApiError(400, "session must not be empty")
-        if cache_salt is not None and len(cache_salt) > MAX_CACHE_SALT_CHARS:
-            raise ApiError(400, f"cache_salt is longer than {MAX_CACHE_SALT_CHARS} characters")
+        self.check_cache_salt(cache_salt)
         if not self.stores:
             raise ApiError(503, "this router knows no store (--store): sessions cannot be reached")
         sid = session_id(name, cache_salt)
