@@ -35,9 +35,9 @@ class StoreSettings(Settings):
     direct_io: bool = Field(False, description="open the slab file with O_DIRECT")
     disk_encoding: DiskEncoding = Field("none", description=(
         "how the disk tier holds blocks at rest: none; zstd or lz4 (lossless, byte-shuffled "
-        "bf16 compressed); int8 (LOSSY: bf16 quantized to 8 bits with a scale per "
-        "64 values of each KV head, about half the bytes); int4 (LOSSY: 4 bits a value, keys per "
-        "channel and values per token with a scale and zero point per group, 0.3 of the bytes); "
+        "bf16 compressed); int8 (LOSSY: 8 bits a value) and int4 (LOSSY: 4 bits a value), keys "
+        "per channel and values per token with a scale and zero point per group, 0.55 and 0.3 "
+        "of the bytes; "
         f"lossy ones ({', '.join(LOSSY)}) read a block back close to, not equal to, "
         "the one put, so greedy outputs may change; only when asked for"))
     disk_write_behind: BytesOrZero = Field(0, description=(
