@@ -192,10 +192,16 @@ def _quantize(values: np.ndarray, bits: int, asymmetric: bool) -> bytes:
         raise ValueError("values too large for float16 scales")
     params[:, 0][params[:, 0] == 0] = 1.0
     steps = params[:, :1].astype(np.float32)
-    if asymmetric:
-        q = np.rint((values - params[:, 1:].astype(np.float32)) / steps).clip(0, top)
+    if asymmetric:  # in place: one temporary array of the values' size
+        q = values - params[:, 1:].astype(np.float32)
+        q /= steps
+        np.rint(q, out=q)
+        np.clip(q, 0, top, out=q)
     else:
-        q = np.rint(values / steps).clip(-top, top) + top
+        q = values / steps
+        np.rint(q, out=q)
+        np.clip(q, -top, top, out=q)
+        q += top
     ints = q.astype(np.uint8).reshape(-1)
     if bits == 4:
         ints = ints[0::2] | (ints[1::2] << 4)
@@ -222,8 +228,13 @@ def _dequantize(blob: memoryview, groups: int, group: int, bits: int,
     else:
         q = packed.astype(np.float32)
     q = q.reshape(groups, group)
-    values = q * params[:, :1] + params[:, 1:] if asymmetric else (q - ((1 << (bits - 1)) - 1)) * params
-    return values, start + count
+    if asymmetric:  # in place
+        q *= params[:, :1]
+        q += params[:, 1:]
+    else:
+        q -= (1 << (bits - 1)) - 1
+        q *= params
+    return q, start + count
 
 
 class Grouped(Encoding):
