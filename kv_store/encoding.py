@@ -4,11 +4,12 @@ A tier may hold its blocks encoded (``Tier.encoding``): ``none`` (the bytes as p
 the lossless codecs ``zstd`` and ``lz4`` (the block's bytes compressed, decoded to
 exactly the bytes put; a block of whole bf16 values is byte-shuffled first, the high
 bytes of its values, sign and exponent, apart from the low ones, as Blosc's shuffle
-filter does, which is what lets the codecs find the exponents' redundancy), and the *lossy* ``int8`` (bf16 values quantized to 8 bits with a float16 scale per
-group of 64 values within each KV head of the block: a block of ``heads`` heads is
-``heads`` equal contiguous spans, the layout of the paged KV cache, whose head axis
-comes first), and the *lossy* ``int4`` (4 bits a value, keys grouped per channel and
-values per token, with a float16 scale and zero point per group: ``Int4``).
+filter does, which is what lets the codecs find the exponents' redundancy), and the
+*lossy* ``int8`` and ``int4`` (bf16 values quantized to 8 or 4 bits, keys grouped per
+channel and values per token, with a float16 scale and zero point per group, within
+each KV head of the block: a block of ``heads`` heads is ``heads`` equal contiguous
+spans, the layout of the paged KV cache, whose head axis comes first; one quantizer,
+``Grouped``, parametrized by its bits).
 Lossy encodings are never chosen unless asked for.
 
 Every encoded block starts with a header that names its encoding and the length of the
@@ -169,141 +170,94 @@ def f32_to_bf16(values: np.ndarray) -> np.ndarray:
     return (rounded >> 16).astype(np.uint16)
 
 
-class Int8(Encoding):
-    """LOSSY: bf16 values as int8, with a float16 scale for each group of ``group``
-    consecutive values of a head (a group never spans two heads: where a head's values
-    are not a whole number of groups, the head is one group). A scale is its group's
-    largest magnitude over 127; values round to the nearest step, so each is off by at
-    most half a step (plus float16 rounding of the scale). At rest: about half the bytes
-    of bf16 (plus 2 per group and the header; 0.516 with groups of 64).
-
-    Why groups, not one scale per head: an outlier then widens the steps of its own 64
-    values only (the largest error on stand-in KV fell from 0.0073 to 0.0065 of a head's
-    largest value). On SmolLM2 the two measured alike: top-1 agreement with uncompressed
-    KV within the measurement's own noise (bench/README.md).
-
-    A block whose length is not a whole number of bf16 values per head, or with values
-    that are not finite or too large for a float16 scale, is refused with ``ValueError``
-    (the store then keeps it where it was, or drops it)."""
-
-    name, code, lossy = "int8", 3, True
-    GROUP = 64
-    _META = struct.Struct(">HI")  # heads, values per group
-
-    def __init__(self, group: int = GROUP) -> None:
-        if group < 1:
-            raise ValueError("group must be at least 1")
-        self.group = group
-
-    LEVELS = 127  # steps each side of 0
-
-    def _encode(self, data, heads):
-        return self._quantize(data, heads, self.LEVELS)
-
-    def _decode(self, payload, length):
-        return self._dequantize(payload, length)
-
-    def _quantize(self, data, heads: int, levels: int) -> bytes:
-        """Header of groups, float16 scales (a group's largest magnitude over ``levels``),
-        then one int8 per value, within [-levels, levels]."""
-        import numpy as np
-
-        if len(data) % (2 * heads) or not data:
-            raise ValueError(f"a block of {len(data)} bytes is not bf16 values in {heads} equal heads")
-        per_head = len(data) // 2 // heads
-        group = self.group if per_head % self.group == 0 else per_head
-        values = bf16_to_f32(np.frombuffer(data, dtype=np.uint16)).reshape(-1, group)
-        if not np.isfinite(values).all():
-            raise ValueError("a block with inf or NaN values cannot be quantized")
-        with np.errstate(over="ignore"):  # too large for float16: refused just below
-            scales = (np.abs(values).max(axis=1) / levels).astype(np.float16)
-        if not np.isfinite(scales).all():
-            raise ValueError("values too large for a float16 scale")
-        scales[scales == 0] = 1.0
-        q = np.rint(values / scales.astype(np.float32)[:, None]).clip(-levels, levels).astype(np.int8)
-        return self._META.pack(heads, group) + scales.astype("<f2").tobytes() + q.tobytes()
-
-    def _dequantize(self, payload, length: int) -> bytes:
-        """What ``_quantize`` made, as bf16 bytes."""
-        import numpy as np
-
-        heads, group = self._META.unpack_from(payload)
-        if group < 1 or length % (2 * group):
-            raise ValueError("int8 block with a bad group size")
-        groups = length // 2 // group
-        scales = np.frombuffer(payload, dtype="<f2", count=groups, offset=self._META.size)
-        q = np.frombuffer(payload, dtype=np.int8, offset=self._META.size + 2 * groups)
-        if q.size * 2 != length:
-            raise ValueError("int8 block of the wrong size")
-        values = q.reshape(groups, group).astype(np.float32) * scales.astype(np.float32)[:, None]
-        return f32_to_bf16(values).tobytes()
-
-
-def _quantize4(values: np.ndarray, asymmetric: bool) -> bytes:
-    """Groups of values (the rows of ``values``, float32) as 4-bit integers, two to a
-    byte, after the groups' float16 parameters: asymmetric, a scale and a zero point per
-    group (its range over 15 and its smallest value; integers 0 to 15); symmetric, a
-    scale only (its largest magnitude over 7; integers -7 to 7). ``ValueError`` where a
-    parameter is too large for float16."""
+def _quantize(values: np.ndarray, bits: int, asymmetric: bool) -> bytes:
+    """Groups of values (the rows of ``values``, float32) as ``bits``-bit integers (8,
+    or 4: two to a byte), after the groups' float16 parameters: asymmetric, a scale and
+    a zero point per group (its range over ``2**bits - 1`` and its smallest value;
+    integers 0 to ``2**bits - 1``); symmetric, a scale only (its largest magnitude over
+    ``2**(bits-1) - 1``; integers that far each side of 0, stored offset by that much).
+    ``ValueError`` where a parameter is too large for float16."""
     import numpy as np
 
+    top = (1 << bits) - 1 if asymmetric else (1 << (bits - 1)) - 1
     with np.errstate(over="ignore", invalid="ignore"):  # too large for float16: refused below
         if asymmetric:
             low = values.min(axis=1).astype(np.float16)
-            scale = ((values.max(axis=1) - low.astype(np.float32)) / 15).astype(np.float16)
+            scale = ((values.max(axis=1) - low.astype(np.float32)) / top).astype(np.float16)
             params = np.stack([scale, low], axis=1)
         else:
-            scale = (np.abs(values).max(axis=1) / 7).astype(np.float16)
+            scale = (np.abs(values).max(axis=1) / top).astype(np.float16)
             params = scale[:, None]
     if not np.isfinite(params).all():
         raise ValueError("values too large for float16 scales")
     params[:, 0][params[:, 0] == 0] = 1.0
     steps = params[:, :1].astype(np.float32)
-    if asymmetric:
-        q = np.rint((values - params[:, 1:].astype(np.float32)) / steps).clip(0, 15)
+    if asymmetric:  # in place: one temporary array of the values' size
+        q = values - params[:, 1:].astype(np.float32)
+        q /= steps
+        np.rint(q, out=q)
+        np.clip(q, 0, top, out=q)
     else:
-        q = np.rint(values / steps).clip(-7, 7) + 7
-    nibbles = q.astype(np.uint8).reshape(-1)
-    return params.astype("<f2").tobytes() + (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
+        q = values / steps
+        np.rint(q, out=q)
+        np.clip(q, -top, top, out=q)
+        q += top
+    ints = q.astype(np.uint8).reshape(-1)
+    if bits == 4:
+        ints = ints[0::2] | (ints[1::2] << 4)
+    return params.astype("<f2").tobytes() + ints.tobytes()
 
 
-def _dequantize4(blob: memoryview, groups: int, group: int, asymmetric: bool) -> tuple[np.ndarray, int]:
-    """What ``_quantize4`` made of ``groups`` groups of ``group`` values: float32 rows,
+def _dequantize(blob: memoryview, groups: int, group: int, bits: int,
+                asymmetric: bool) -> tuple[np.ndarray, int]:
+    """What ``_quantize`` made of ``groups`` groups of ``group`` values: float32 rows,
     and how many bytes of ``blob`` they took. ``ValueError`` if ``blob`` is too short."""
     import numpy as np
 
     width = 2 if asymmetric else 1
     start = groups * width * 2
-    if len(blob) < start + groups * group // 2:
-        raise ValueError("int4 block shorter than its groups")
+    count = groups * group * bits // 8
+    if len(blob) < start + count:
+        raise ValueError("quantized block shorter than its groups")
     params = np.frombuffer(blob, "<f2", count=groups * width).astype(np.float32).reshape(groups, width)
-    packed = np.frombuffer(blob, np.uint8, count=groups * group // 2, offset=start)
-    q = np.empty(groups * group, np.float32)
-    q[0::2] = packed & 0x0F
-    q[1::2] = packed >> 4
+    packed = np.frombuffer(blob, np.uint8, count=count, offset=start)
+    if bits == 4:
+        q = np.empty(groups * group, np.float32)
+        q[0::2] = packed & 0x0F
+        q[1::2] = packed >> 4
+    else:
+        q = packed.astype(np.float32)
     q = q.reshape(groups, group)
-    values = q * params[:, :1] + params[:, 1:] if asymmetric else (q - 7) * params
-    return values, start + packed.size
+    if asymmetric:  # in place
+        q *= params[:, :1]
+        q += params[:, 1:]
+    else:
+        q -= (1 << (bits - 1)) - 1
+        q *= params
+    return q, start + count
 
 
-class Int4(Encoding):
-    """LOSSY: bf16 values as 4-bit integers (two to a byte), grouped the way KIVI groups
-    them: keys per channel across tokens (keys have outlier channels), values per token.
-    Each head of the block is taken as its K half then its V half, as vLLM's CPU cache
-    holds a head of a block (``[2 * block_size, head_dim]`` rows: K then V); a group is
-    ``k_group`` (32) consecutive values of the K half, or ``v_group`` (64) of the V half,
-    with a float16 scale and zero point (``asymmetric``; a scale only otherwise). On the
-    CPU backend's ``vec`` kernels (x86 without AMX), the K half is channel-major
-    (``[head_dim, block_size]``: each channel's tokens consecutive), so a K group is one
-    channel over 32 tokens, and a V group one token's values of a 64-wide head; on
-    kernels that pack K otherwise the groups are still runs of one head's K or V, only
-    not along a channel. A half that is not whole groups is one group.
+class Grouped(Encoding):
+    """LOSSY: bf16 values as ``bits``-bit integers (8, or 4: two to a byte), grouped the
+    way KIVI groups them: keys per channel across tokens (keys have outlier channels),
+    values per token. Each head of the block is taken as its K half then its V half, as
+    vLLM's CPU cache holds a head of a block (``[2 * block_size, head_dim]`` rows: K then
+    V); a group is ``k_group`` (32) consecutive values of the K half, or ``v_group`` (64)
+    of the V half, with a float16 scale and zero point (``asymmetric``; a scale only
+    otherwise). On the CPU backend's ``vec`` kernels (x86 without AMX), the K half is
+    channel-major (``[head_dim, block_size]``: each channel's tokens consecutive), so a K
+    group is one channel over 32 tokens, and a V group one token's values of a 64-wide
+    head; on kernels that pack K otherwise the groups are still runs of one head's K or
+    V, only not along a channel. A half that is not whole groups is one group.
 
     Each value is off by at most half its group's step (plus float16 rounding of the
-    parameters). At rest: 0.297 of bf16 (a half byte per value, 4 bytes per group; the
-    header). Refuses what ``Int8`` refuses, and a half of an odd number of values."""
+    parameters). A block whose length is not bf16 K and V halves of equal heads (for 4
+    bits, of an even number of values each), or with values that are not finite or too
+    large for float16 parameters, is refused with ``ValueError`` (the store then keeps
+    it where it was, or drops it)."""
 
-    name, code, lossy = "int4", 4, True
+    bits: int
+    lossy = True
     _META = struct.Struct(">HIIB")  # heads, K group, V group, asymmetric
 
     def __init__(self, k_group: int = 32, v_group: int = 64, asymmetric: bool = True) -> None:
@@ -317,15 +271,15 @@ class Int4(Encoding):
         if len(data) % (4 * heads) or not data:
             raise ValueError(f"a block of {len(data)} bytes is not bf16 K and V halves in {heads} equal heads")
         half = len(data) // 4 // heads
-        if half % 2:
-            raise ValueError("a half of an odd number of values cannot be packed two to a byte")
+        if half * self.bits % 8:
+            raise ValueError(f"a half of {half} values cannot be packed {8 // self.bits} to a byte")
         values = bf16_to_f32(np.frombuffer(data, np.uint16)).reshape(heads, 2, half)
         if not np.isfinite(values).all():
             raise ValueError("a block with inf or NaN values cannot be quantized")
         kg, vg = self._groups(half)
         return (self._META.pack(heads, kg, vg, self.asymmetric)
-                + _quantize4(values[:, 0].reshape(-1, kg), self.asymmetric)
-                + _quantize4(values[:, 1].reshape(-1, vg), self.asymmetric))
+                + _quantize(values[:, 0].reshape(-1, kg), self.bits, self.asymmetric)
+                + _quantize(values[:, 1].reshape(-1, vg), self.bits, self.asymmetric))
 
     def _groups(self, half: int) -> tuple[int, int]:
         return (self.k_group if half % self.k_group == 0 else half,
@@ -336,19 +290,35 @@ class Int4(Encoding):
 
         heads, kg, vg, asymmetric = self._META.unpack_from(payload)
         if not heads or length % (4 * heads):
-            raise ValueError("int4 block with a bad head count")
+            raise ValueError(f"{self.name} block with a bad head count")
         half = length // 4 // heads
         if kg < 1 or vg < 1 or half % kg or half % vg:
-            raise ValueError("int4 block with bad group sizes")
+            raise ValueError(f"{self.name} block with bad group sizes")
         body = payload[self._META.size:]
-        k, used = _dequantize4(body, heads * half // kg, kg, bool(asymmetric))
-        v, rest = _dequantize4(body[used:], heads * half // vg, vg, bool(asymmetric))
+        k, used = _dequantize(body, heads * half // kg, kg, self.bits, bool(asymmetric))
+        v, rest = _dequantize(body[used:], heads * half // vg, vg, self.bits, bool(asymmetric))
         if used + rest != len(body):
-            raise ValueError("int4 block of the wrong size")
+            raise ValueError(f"{self.name} block of the wrong size")
         block = np.empty((heads, 2, half), np.float32)
         block[:, 0] = k.reshape(heads, half)
         block[:, 1] = v.reshape(heads, half)
         return f32_to_bf16(block).tobytes()
+
+
+class Int8(Grouped):
+    """LOSSY ``Grouped`` at 8 bits a value. At rest: 0.547 of bf16 (a byte per value, 4
+    bytes per group: 1/8 more on K, 1/16 on V; the header). Its code is 5: blocks of
+    the earlier int8 (code 3: a scale per 64 values of a head, no zero point) are
+    refused, not read as this one, so a store drops them as corrupt (recomputed)."""
+
+    name, code, bits = "int8", 5, 8
+
+
+class Int4(Grouped):
+    """LOSSY ``Grouped`` at 4 bits a value (two to a byte). At rest: 0.297 of bf16 (a
+    half byte per value, 4 bytes per group; the header)."""
+
+    name, code, bits = "int4", 4, 4
 
 
 class NoEncoding(Encoding):

@@ -92,7 +92,7 @@ class StoreNode:
                 listener=self.publisher.on_change if self.publisher else None,
                 shm_name=f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}" if "shm" in s.transfer else None,
                 io_threads=s.io_threads, disk_write_behind_bytes=s.disk_write_behind,
-                demote_ahead=s.demote_ahead, disk_encoding=s.disk_encoding,
+                demote_ahead=s.demote_ahead, disk_encoding=s.disk_encoding, host_encoding=s.host_encoding,
                 sessions=Sessions(s.session_ttl, s.max_sessions, s.session_priority))
             undo.callback(self.store.close)
             sources = open_transfer_sources(

@@ -18,7 +18,20 @@ from kvmesh.kv_store.settings_base import (
 from kvmesh.kv_store.transfer import BACKENDS
 
 Policy = Literal[tuple(POLICIES)]
-DiskEncoding = Literal[tuple(ENCODINGS)]
+TierEncoding = Literal[tuple(ENCODINGS)]
+
+
+def encoding_field(tier: str):
+    """The setting of how ``tier`` ("host" or "disk") holds blocks at rest: one text of
+    the choices for every tier."""
+    return Field("none", description=(
+        f"how the {tier} tier holds blocks at rest (encoded as they are written or moved "
+        "there, decoded as they are read back or moved out): none; zstd or lz4 (lossless, "
+        "byte-shuffled bf16 compressed); int8 (LOSSY: 8 bits a value) and int4 (LOSSY: 4 bits "
+        "a value), keys per channel and values per token with a scale and zero point per "
+        "group, 0.55 and 0.3 of the bytes; "
+        f"lossy ones ({', '.join(LOSSY)}) read a block back close to, not equal to, "
+        "the one put, so greedy outputs may change; only when asked for"))
 
 
 class StoreSettings(Settings):
@@ -29,17 +42,12 @@ class StoreSettings(Settings):
     port: PortOrZero = Field(50051, description="gRPC port of the store API (0: any free port)")
     host_bytes: BytesOrZero = Field(2 << 30, description=(
         "host RAM tier capacity, e.g. 512MiB or 8GiB (0: no host tier)"))
+    host_encoding: TierEncoding = encoding_field("host")
     disk_bytes: BytesOrZero = Field(0, description="local disk tier capacity (0: no disk tier)")
     disk_dir: Optional[str] = Field(None, description=(
         "directory of the disk tier's slab file (default: a new temporary one)"))
     direct_io: bool = Field(False, description="open the slab file with O_DIRECT")
-    disk_encoding: DiskEncoding = Field("none", description=(
-        "how the disk tier holds blocks at rest: none; zstd or lz4 (lossless, byte-shuffled "
-        "bf16 compressed); int8 (LOSSY: bf16 quantized to 8 bits with a scale per "
-        "64 values of each KV head, about half the bytes); int4 (LOSSY: 4 bits a value, keys per "
-        "channel and values per token with a scale and zero point per group, 0.3 of the bytes); "
-        f"lossy ones ({', '.join(LOSSY)}) read a block back close to, not equal to, "
-        "the one put, so greedy outputs may change; only when asked for"))
+    disk_encoding: TierEncoding = encoding_field("disk")
     disk_write_behind: BytesOrZero = Field(0, description=(
         "RAM in which disk writes are staged and written behind the put, adjacent blocks in "
         "one request (0: each write reaches the disk before the put returns)"))

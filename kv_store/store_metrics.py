@@ -57,9 +57,12 @@ class StoreCollector(Collector):
                      "Bytes of the blocks held, as put (used_bytes: as held at rest, encoded)",
                      lambda t: t.block_bytes)
         yield family(GaugeMetricFamily, "compression_saved_bytes",
-                     "Bytes the tier's encoding saves at rest: block_bytes - used_bytes "
-                     "(0 without an encoding; below 0 where encoding grew the blocks)",
-                     lambda t: t.block_bytes - t.used_bytes)
+                     "Bytes the tier's encoding saves at rest: block_bytes - (used_bytes - "
+                     "lease_copy_bytes) (0 without an encoding; below 0 where encoding grew the blocks)",
+                     lambda t: t.block_bytes - (t.used_bytes - t.lease_copy_bytes))
+        yield family(GaugeMetricFamily, "lease_copy_bytes",
+                     "Bytes of decoded copies of an encoded host tier's blocks that leases hold "
+                     "(part of used_bytes; 0 elsewhere)", lambda t: t.lease_copy_bytes)
         info = GaugeMetricFamily("kvmesh_store_encoding_info", "How each tier holds blocks at rest (1)",
                                  labels=["tier", "encoding"])
         for t in s.tiers:

@@ -26,7 +26,9 @@ Guarantees:
   releases expired leases before it gives up. Lease ids are 128 random bits: one reader
   cannot guess another's to release it or to read through it (``lease_covers``).
 * Every slot is freed exactly once: after everything is dropped and unpinned, every
-  tier's used bytes are back to zero.
+  tier's used bytes are back to zero. That includes the decoded copies a lease of an
+  encoded host tier's blocks holds in the host region: they go when it is released or
+  expires.
 
 Thread-safe: only bookkeeping happens under the store's one lock; every copy of bytes
 (a put's write, a get's read, a move between tiers) runs outside it, on slots that pins
@@ -99,6 +101,8 @@ class _Lease(NamedTuple):
     deadline: float               # time.monotonic() after which it expires
     entries: list[_Entry]         # the blocks it pins
     spans: list[tuple[int, int]]  # their bytes in the host region: sorted, merged [start, end)
+    copies: list[tuple[Slot, int]]  # decoded copies it holds in the host region (an encoded
+    # host tier): (slot, bytes), freed with the lease
 
 
 def merged_spans(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -159,6 +163,7 @@ class TierStats:
     promotions: int = 0  # blocks moved into this tier from a slower one
     encoding: str = "none"  # how blocks are held at rest here
     block_bytes: int = 0  # bytes of the blocks held, as put (used_bytes: as held at rest)
+    lease_copy_bytes: int = 0  # of used_bytes, those of leases' decoded copies (an encoded host tier)
     sessions: int = 0  # sessions with a block held here
     read_bytes: int = 0
     read_seconds: float = 0.0
@@ -227,6 +232,7 @@ class TieredStore(BlockStore):
         self._lock = threading.RLock()
         self._misses = self._corrupt = self._rejected = self._puts = 0
         self._leases: dict[bytes, _Lease] = {}
+        self._copy_bytes = 0  # in leases' decoded copies (``lease``)
         self._room_wanted = threading.Event()
         self._closing = False
         self._demoter: threading.Thread | None = None
@@ -247,6 +253,12 @@ class TieredStore(BlockStore):
 
     def _can_move(self, key: bytes) -> bool:
         return self._entries[key].pins == 0
+
+    def _raw_host(self, tier: int) -> bool:
+        """Whether ``tier`` is host RAM holding blocks as put (no encoding): its slots can
+        be read, and copied out of, in place, without a check or a decode."""
+        t = self.tiers[tier]
+        return isinstance(t, HostTier) and not t.encoding.code
 
     def _victim(self, tier: int, size_class: int, evict: bool = False) -> _Entry | None:
         """Under the lock: the block ``tier`` gives up next, taken off its policy; one in a
@@ -555,7 +567,7 @@ class TieredStore(BlockStore):
         hold them. Call without the lock."""
         if data is None:
             src = self.tiers[source.tier]
-            if isinstance(src, HostTier):
+            if self._raw_host(source.tier):
                 with src.view(source.slot, source.entry.size) as view:
                     data = bytes(view)
             else:
@@ -567,8 +579,9 @@ class TieredStore(BlockStore):
         return self.tiers[tier].encoding.encode(data, heads_of(source.entry.key)), new_checksum
 
     def _read_decoded(self, source: _Read) -> bytes | None:
-        """A pinned block read back from a tier that is not host RAM, checked against its
-        checksum at rest and decoded; None if it cannot be read, fails, or will not decode."""
+        """A pinned block read back from a tier that is not raw host RAM, checked against
+        its checksum at rest and decoded; None if it cannot be read, fails, or will not
+        decode."""
         tier = self.tiers[source.tier]
         try:
             data = tier.read(source.slot, source.rest_size)
@@ -624,14 +637,15 @@ class TieredStore(BlockStore):
 
     def _read_into_host(self, move: _Move) -> bool:
         """Whether a move reads a block back from a slower tier that holds it as put into
-        host RAM (encoded blocks are decoded on the way: ``_copy``)."""
-        return (move.data is None and isinstance(self.tiers[move.tier], HostTier)
+        host RAM that does too (encoded blocks are decoded on the way: ``_copy``)."""
+        return (move.data is None and self._raw_host(move.tier)
                 and not isinstance(self.tiers[move.source.tier], HostTier)
                 and not self.tiers[move.source.tier].encoding.code)
 
     def _written_from_host(self, move: _Move) -> bool:
-        """Whether a move writes a block out of host RAM into a slower tier."""
-        return (move.data is None and isinstance(self.tiers[move.source.tier], HostTier)
+        """Whether a move writes a block out of host RAM that holds it as put into a
+        slower tier."""
+        return (move.data is None and self._raw_host(move.source.tier)
                 and not isinstance(self.tiers[move.tier], HostTier))
 
     def _copy_groups(self, moves: list[_Move]) -> list[list[_Move]]:
@@ -679,13 +693,13 @@ class TieredStore(BlockStore):
 
     def _copy(self, move: _Move) -> bool | None:
         """Copy one block into its new slot (reads back into host RAM go through
-        ``_copy_run``): straight out of the host arena where it is there, else its bytes
-        as given, or read back and verified. True when copied; False when its bytes fail
-        (or cannot be read), and nothing is written; None when the new tier failed to
-        write them (its slot is then left to be freed)."""
+        ``_copy_run``): straight out of the host arena where it is there as put, else its
+        bytes as given, or read back, verified and decoded. True when copied; False when
+        its bytes fail (or cannot be read), and nothing is written; None when the new tier
+        failed to write them (its slot is then left to be freed)."""
         was, data = move.source, move.data
         src, dst, size = self.tiers[was.tier], self.tiers[move.tier], was.entry.size
-        if data is None and not isinstance(src, HostTier):
+        if data is None and not self._raw_host(was.tier):
             data = self._read_decoded(was)
             if data is None:
                 return False
@@ -766,7 +780,9 @@ class TieredStore(BlockStore):
         handed to the eviction policy with the block's chain position (its parent's plus
         one where the parent is held; 1 where it is not; 0 for a block without a parent).
         ``session``: the id of the session the block belongs to (it is used now), where
-        the store keeps sessions; ignored where it does not."""
+        the store keeps sessions; ignored where it does not. Where the fastest tier
+        encodes, a block its encoding cannot hold (``ValueError``: a lossy one's, for
+        bytes that are not bf16 K and V) is rejected (False), as one with no room is."""
         if session and self._sessions is not None and not priority:
             priority = self._sessions.priority
         if parent is not None:  # counted from now on: making room for the child never evicts it
@@ -774,10 +790,15 @@ class TieredStore(BlockStore):
                 self._children[parent] = self._children.get(parent, 0) + 1
         slot, rest, rest_checksum = None, data, checksum
         try:
-            if self.tiers[0].encoding.code:  # a store whose fastest tier encodes (disk only)
-                rest = self.tiers[0].encoding.encode(data, heads_of(key))
-                rest_checksum = checksum_of(rest)
-            slot = self._reserve(0, len(rest))
+            if self.tiers[0].encoding.code:  # a store whose fastest tier encodes
+                try:
+                    rest = self.tiers[0].encoding.encode(data, heads_of(key))
+                except ValueError as e:
+                    log.warning("%s tier: cannot encode a block: %s", self.tiers[0].name, e)
+                    rest = None
+                if rest is not None:
+                    rest_checksum = checksum_of(rest)
+            slot = None if rest is None else self._reserve(0, len(rest))
             if slot is not None:
                 self.tiers[0].write(slot, rest)  # the slot is ours alone: no lock needed
         except BaseException:
@@ -829,7 +850,14 @@ class TieredStore(BlockStore):
         promoted first. Returns the lease id (16 random bytes) and, per key leased,
         ``(offset, size, checksum)`` in the host tier's region. The caller ``release``s the
         lease when done; a lease not released in time expires (``expire_leases``), so a
-        reader that dies leaks nothing."""
+        reader that dies leaks nothing.
+
+        Where the host tier holds blocks encoded, each leased block is decoded into a slot
+        of the host region of its own (a copy the lease holds, freed when it is released
+        or expires, ``lease_copy_bytes``): the offsets returned are the copies'. A block
+        for which no room for a copy can be made, or whose bytes fail their checks, is
+        not leased (the reader recomputes it). The checksum is the copy's (a lossy
+        encoding's decoded bytes differ from those put)."""
         host = next((i for i, t in enumerate(self.tiers) if t.name == "host"), None)
         wanted: dict[bytes, _Read] = {}
         with self._lock:
@@ -841,36 +869,99 @@ class TieredStore(BlockStore):
                         self._misses += 1
                     else:
                         wanted[key] = self._pin(entry)  # the lease's pin, from now on
+        copies: dict[bytes, tuple[Slot, int, int]] = {}
         try:  # promote what is slower, several at a time (read and verified on the way)
             self._move_many([r for r in wanted.values() if r.tier != host], host)
+            if host is not None and self.tiers[host].encoding.code:
+                copies = self._decoded_copies(list(wanted.values()), host)
         except BaseException:
             with self._lock:
                 self._unpin(r.entry for r in wanted.values())
+                for slot, _, nbytes in copies.values():
+                    self.tiers[host].allocator.free(slot, nbytes)
             raise
         with self._lock:
             leased: list[_Entry] = []
             where: dict[bytes, tuple[int, int, int]] = {}
             for key, (entry, served_from, *_) in wanted.items():
-                if entry.dead or entry.tier != host:  # corrupt or dropped; or no room up there
+                copy = copies.get(key)
+                if entry.dead or entry.tier != host or (self.tiers[host].encoding.code and copy is None):
+                    # corrupt or dropped; or no room up there (for it, or for its copy)
                     self._misses += entry.dead
                     self._unpin([entry])
                     continue
                 self._stats[served_from].hits += 1
                 self._policies[host].access(key)
                 leased.append(entry)
-                where[key] = (entry.slot.offset, entry.size, entry.checksum)
+                if copy is None:
+                    where[key] = (entry.slot.offset, entry.size, entry.checksum)
+                else:
+                    where[key] = (copy[0].offset, entry.size, copy[1])
+            held = [(slot, nbytes) for key, (slot, _, nbytes) in copies.items() if key in where]
+            for key, (slot, _, nbytes) in copies.items():
+                if key not in where:  # its block went meanwhile: the copy goes too
+                    self.tiers[host].allocator.free(slot, nbytes)
+            self._copy_bytes += sum(nbytes for _, nbytes in held)
             lease_id = secrets.token_bytes(16)
             spans = merged_spans((offset, size) for offset, size, _ in where.values())
-            self._leases[lease_id] = _Lease(time.monotonic() + seconds, leased, spans)
+            self._leases[lease_id] = _Lease(time.monotonic() + seconds, leased, spans, held)
             return lease_id, where
 
+    def _decoded_copies(self, reads: list[_Read], host: int) -> dict[bytes, tuple[Slot, int, int]]:
+        """Decoded copies, in slots of the host region, of the pinned blocks among
+        ``reads`` that are in the (encoding) host tier now: key -> (slot, checksum of the
+        copy, bytes reserved). A block that fails its checks is dropped and counted as
+        corrupt; one for which no room can be made gets no copy. The caller frees the
+        slots (``_free_copies``) once readers are done. Call without the lock."""
+        with self._lock:  # where each is now (promoted meanwhile, or moved by another)
+            now = [self._pin(r.entry) for r in reads if not r.entry.dead and r.entry.tier == host]
+        copies: dict[bytes, tuple[Slot, int, int]] = {}
+        try:
+            for read in now:
+                data = self._read_decoded(read)
+                if data is None:
+                    with self._lock:
+                        if self._entries.get(read.entry.key) is read.entry and read.entry.slot is read.slot:
+                            self._corrupt += 1
+                            self._forget(read.entry)
+                    continue
+                slot = self._reserve(host, len(data))
+                if slot is None:
+                    continue
+                copies[read.entry.key] = (slot, checksum_of(data), len(data))
+                self.tiers[host].write(slot, data)  # the slot is ours alone: no lock needed
+        except BaseException:
+            with self._lock:
+                for slot, _, nbytes in copies.values():
+                    self.tiers[host].allocator.free(slot, nbytes)
+            raise
+        finally:
+            with self._lock:
+                self._unpin([r.entry for r in now])
+        return copies
+
+    def _free_copies(self, lease: _Lease) -> None:
+        """Under the lock: free the decoded copies ``lease`` holds."""
+        host = next((i for i, t in enumerate(self.tiers) if t.name == "host"), None)
+        for slot, nbytes in lease.copies:
+            self.tiers[host].allocator.free(slot, nbytes)
+            self._copy_bytes -= nbytes
+
+    @property
+    def lease_copy_bytes(self) -> int:
+        """Bytes of the decoded copies leases hold now (an encoded host tier's; 0 otherwise)."""
+        with self._lock:
+            return self._copy_bytes
+
     def release(self, lease_id: bytes) -> bool:
-        """End a lease: its blocks may move and go again. False if unknown or expired."""
+        """End a lease: its blocks may move and go again, its decoded copies are freed.
+        False if unknown or expired."""
         with self._lock:
             lease = self._leases.pop(bytes(lease_id), None)
             if lease is None:
                 return False
             self._unpin(lease.entries)
+            self._free_copies(lease)
             return True
 
     def lease_covers(self, lease_id: bytes, extents: Iterable[tuple[int, int]]) -> bool:
@@ -888,9 +979,10 @@ class TieredStore(BlockStore):
         """Release the leases past their deadline; returns how many."""
         now = time.monotonic()
         with self._lock:
-            expired = [i for i, lease in self._leases.items() if lease.deadline < now]
-            for i in expired:
-                self._unpin(self._leases.pop(i).entries)
+            expired = [self._leases.pop(i) for i, lease in list(self._leases.items()) if lease.deadline < now]
+            for lease in expired:
+                self._unpin(lease.entries)
+                self._free_copies(lease)
             return len(expired)
 
     def get_many(self, keys: Sequence[bytes]) -> dict[bytes, StoredBlock]:
@@ -937,15 +1029,15 @@ class TieredStore(BlockStore):
 
     def _read_verified(self, run: list[_Read]) -> list[bytes | None]:
         """The bytes of pinned blocks in adjacent slots of one tier, each checked against
-        its checksum unless they come from host RAM; None for one that fails it, and for
-        all of them if they cannot be read."""
+        its checksum (and decoded) unless they come from host RAM that holds them as put;
+        None for one that fails it, and for all of them if they cannot be read."""
         tier = self.tiers[run[0].tier]
         try:
             datas = tier.read_run([(r.slot, r.rest_size) for r in run])
         except OSError as e:
             log.warning("%s tier: cannot read blocks back: %s", tier.name, e)
             return [None] * len(run)
-        if tier.name == "host":
+        if self._raw_host(run[0].tier):
             return datas
         return [self._decoded(tier, d, r) for d, r in zip(datas, run)]
 
@@ -1057,6 +1149,7 @@ class TieredStore(BlockStore):
                     hits=s.hits, evictions=s.evictions, demotions=s.demotions,
                     demotions_ahead=s.demotions_ahead,
                     promotions=s.promotions, encoding=tier.encoding.name, block_bytes=raw[i],
+                    lease_copy_bytes=self._copy_bytes if tier.name == "host" else 0,
                     sessions=resident.get(tier.name, 0),
                     read_bytes=tier.io.read_bytes,
                     read_seconds=tier.io.read_seconds, write_bytes=tier.io.write_bytes,
@@ -1103,7 +1196,7 @@ def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = Non
                 page_bytes: int = 4 << 20, listener=None, shm_name: str | None = None,
                 io_threads: int = 4, disk_write_behind_bytes: int = 0,
                 demote_ahead: float = 0.0, disk_encoding: str = "none",
-                sessions: Sessions | None = None) -> TieredStore:
+                sessions: Sessions | None = None, host_encoding: str = "none") -> TieredStore:
     """A store with the tiers whose capacity is positive, fastest first.
 
     The disk tier's slab file is created in ``disk_dir`` (a new temporary directory when
@@ -1112,7 +1205,8 @@ def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = Non
     memory, readable by other processes on this host. With ``disk_write_behind_bytes``
     disk writes return once staged in that much RAM (``kv_store.write_behind``). With
     ``demote_ahead`` a thread keeps that share of each faster tier free (``TieredStore``).
-    ``disk_encoding``: how the disk tier holds blocks at rest (``kv_store.encoding``).
+    ``disk_encoding``, ``host_encoding``: how the disk and host tiers hold blocks at rest
+    (``kv_store.encoding``).
     ``sessions``: the session registry (``TieredStore``).
     Raises ``ValueError`` for a store with no tier (or write-behind below one page, or a
     share outside [0, 1), or an unknown encoding) and ``RuntimeError`` for a GPU tier where no GPU is usable;
@@ -1126,14 +1220,14 @@ def build_store(host_bytes: int, disk_bytes: int = 0, disk_dir: str | None = Non
     from kvmesh.kv_store.encoding import make_encoding
     from kvmesh.kv_store.tiers import DiskTier, GpuTier, reap_orphaned_files
 
-    make_encoding(disk_encoding)  # an unknown name fails before any tier is made
+    make_encoding(disk_encoding), make_encoding(host_encoding)  # an unknown name fails before any tier is made
 
     tiers: list[Tier] = []
     try:
         if gpu_bytes > 0:
             tiers.append(GpuTier(gpu_bytes, page_bytes))
         if host_bytes > 0:
-            tiers.append(HostTier(host_bytes, page_bytes, shm_name=shm_name))
+            tiers.append(HostTier(host_bytes, page_bytes, shm_name=shm_name, encoding=make_encoding(host_encoding)))
         if disk_bytes > 0:
             directory = disk_dir or tempfile.mkdtemp(prefix="kvmesh-disk-")
             os.makedirs(directory, exist_ok=True)

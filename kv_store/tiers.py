@@ -201,13 +201,17 @@ class HostTier(Tier):
 
     Where CUDA is present the region is registered as pinned memory, so copies to and
     from the GPU run at full speed.
+
+    With an ``encoding`` the store holds its blocks encoded here (slots from 512 bytes,
+    as encoded sizes vary); readers of the region then read decoded copies that the
+    store makes in it for the length of their lease (``TieredStore.lease``).
     """
 
     name = "host"
 
     def __init__(self, capacity_bytes: int, page_bytes: int = 4 << 20, populate: bool = True,
-                 shm_name: str | None = None):
-        super().__init__(capacity_bytes, page_bytes)
+                 shm_name: str | None = None, encoding: Encoding | None = None):
+        super().__init__(capacity_bytes, page_bytes, encoding, 512)
         size = max(self.capacity_bytes, mmap.PAGESIZE)
         self.shm_name = shm_name
         self._shm_fd: int | None = None

@@ -152,7 +152,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TierStats(_message.Message):
-    __slots__ = ("name", "capacity_bytes", "used_bytes", "held_bytes", "blocks", "fragmentation", "hits", "evictions", "demotions", "promotions", "read_bytes", "read_seconds", "write_bytes", "write_seconds", "demotions_ahead", "encoding", "block_bytes", "sessions")
+    __slots__ = ("name", "capacity_bytes", "used_bytes", "held_bytes", "blocks", "fragmentation", "hits", "evictions", "demotions", "promotions", "read_bytes", "read_seconds", "write_bytes", "write_seconds", "demotions_ahead", "encoding", "block_bytes", "sessions", "lease_copy_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,7 @@ class TierStats(_message.Message):
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_COPY_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     capacity_bytes: int
     used_bytes: int
@@ -189,7 +190,8 @@ class TierStats(_message.Message):
     encoding: str
     block_bytes: int
     sessions: int
-    def __init__(self, name: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., held_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., fragmentation: _Optional[float] = ..., hits: _Optional[int] = ..., evictions: _Optional[int] = ..., demotions: _Optional[int] = ..., promotions: _Optional[int] = ..., read_bytes: _Optional[int] = ..., read_seconds: _Optional[float] = ..., write_bytes: _Optional[int] = ..., write_seconds: _Optional[float] = ..., demotions_ahead: _Optional[int] = ..., encoding: _Optional[str] = ..., block_bytes: _Optional[int] = ..., sessions: _Optional[int] = ...) -> None: ...
+    lease_copy_bytes: int
+    def __init__(self, name: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., held_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., fragmentation: _Optional[float] = ..., hits: _Optional[int] = ..., evictions: _Optional[int] = ..., demotions: _Optional[int] = ..., promotions: _Optional[int] = ..., read_bytes: _Optional[int] = ..., read_seconds: _Optional[float] = ..., write_bytes: _Optional[int] = ..., write_seconds: _Optional[float] = ..., demotions_ahead: _Optional[int] = ..., encoding: _Optional[str] = ..., block_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., lease_copy_bytes: _Optional[int] = ...) -> None: ...
 
 class StatsReply(_message.Message):
     __slots__ = ("capacity_bytes", "used_bytes", "blocks", "hits", "misses", "evictions", "puts", "rejected", "corrupt", "tiers", "leases")

@@ -33,7 +33,7 @@ def changed_values(cls) -> dict:
     """A valid value for every field of ``cls`` that differs from its default."""
     special = {"heartbeat": 2.0, "heartbeat_timeout": 7.0, "page_bytes": 8 << 20, "demote_ahead": 0.25,
                "transfer": ("grpc",), "transfer_preference": ("grpc", "shm"), "policy": "s3fifo", "disk_encoding": "zstd",
-               "routing": "round_robin", "advertise": "[fd00::1]:7", "store": "10.0.0.1:1",
+               "host_encoding": "lz4", "routing": "round_robin", "advertise": "[fd00::1]:7", "store": "10.0.0.1:1",
                "prefill": ("10.0.0.2:2",), "decode": ("10.0.0.3:3", "10.0.0.4:4"),
                "index": "redis://127.0.0.1:6379/1", "metrics_port": 9999, "disk_bytes": 1 << 30,
                "engine_args": ("--max-num-seqs", "8")}
