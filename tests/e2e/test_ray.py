@@ -3,12 +3,17 @@
 The head node (127.0.0.2) offers the custom resource ``prefill``, the second node
 (127.0.0.3) ``decode``: ``deploy/configs/two-node.yaml`` puts the prefill worker (and the
 router) on the head, the decode worker and the store on the second node, so every KV
-block the decode worker loads crossed from one Ray node to the other over gRPC.
-Greedy outputs must equal a colocated vLLM run. Then failures: the decode worker's
+block the decode worker loads crossed from one Ray node to the other over gRPC. The
+prefill group runs at tensor-parallel size 2 and the decode group at 1: each group's
+ranks are packed in one placement group, each rank (a process of vLLM's own) bound to a
+core of its own, and the blocks two ranks saved are loaded by one.
+Greedy outputs must equal a colocated TP=1 vLLM run. Then failures: the decode worker's
 actor is killed while requests are sent (Ray restarts it on the same address and every
-request still ends with the right tokens), the prefill worker's engine process dies (the
-actor exits so that Ray restarts it), the store is killed (it comes back empty on its
-address). Last, ``down`` leaves no actor or placement group.
+request still ends with the right tokens), the prefill worker's engine process dies (its
+ranks with it; the actor exits so that Ray restarts it), the store is killed (it comes
+back empty on its address). Then ``down`` leaves no actor, placement group or process.
+Last, the reverse split (prefill TP=1, decode TP=2) is deployed on the same Ray cluster,
+checked the same way and removed.
 
 The tests share one deployment (starting engines costs most of the time) and run in
 file order; each also works alone.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import secrets
 import shutil
@@ -118,16 +124,17 @@ def disk_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("store-disk")
 
 
-@pytest.fixture(scope="module")
-def config(tiny_model, disk_dir):
-    """The shipped two-node config with the test model, free ports and a small store."""
+def two_node_config(model: str, disk_dir: Path, prefill_tp: int = 1, decode_tp: int = 1):
+    """The shipped two-node config with ``model``, free ports, a small store and the
+    groups' tensor-parallel sizes."""
     data = yaml.safe_load((REPO / "deploy/configs/two-node.yaml").read_text())
     ports = set()
     while len(ports) < 5:
         ports.add(free_port(HEAD_IP))
     prefill, decode, store, http, grpc_port = sorted(ports)
-    data["model"].update(path=tiny_model, served_name="tiny", block_size=BLOCK)
-    data["prefill"]["port"], data["decode"]["port"] = prefill, decode
+    data["model"].update(path=model, served_name="tiny", block_size=BLOCK)
+    data["prefill"].update(port=prefill, tensor_parallel_size=prefill_tp)
+    data["decode"].update(port=decode, tensor_parallel_size=decode_tp)
     data["stores"][0].update(port=store, host_bytes="64MiB", disk_bytes="64MiB", disk_dir=str(disk_dir))
     # Always disaggregate (but for prompts shorter than a block), so blocks cross nodes, and
     # no local prefix cache on the decode worker: every cached prefix comes through the store.
@@ -138,7 +145,27 @@ def config(tiny_model, disk_dir):
 
 
 @pytest.fixture(scope="module")
-def deployed(ray_cluster, config, reference):
+def config(tiny_model, disk_dir):
+    """Prefill at TP=2 (two ranks, two bundles), decode at TP=1: KV saved by two shards,
+    loaded whole (the reverse split has a test of its own, after ``down``)."""
+    return two_node_config(tiny_model, disk_dir, prefill_tp=2, decode_tp=1)
+
+
+@pytest.fixture(scope="module")
+def secret():
+    """The cluster secret ``up`` hands the actors (from its environment), so that the tests
+    can ask the workers themselves."""
+    from kvmesh.kv_store.auth import new_secret
+    from kvmesh.kv_store.settings_base import SECRET_ENV
+
+    with pytest.MonkeyPatch.context() as mp:
+        value = new_secret()
+        mp.setenv(SECRET_ENV, value)
+        yield value
+
+
+@pytest.fixture(scope="module")
+def deployed(ray_cluster, config, reference, secret):
     from kvmesh.cluster import ray_deploy
 
     ray_deploy.connect(ray_cluster)
@@ -165,28 +192,93 @@ def _rows() -> dict[str, dict]:
     return {row["name"]: row for row in ray_deploy.status()}
 
 
-def test_up_places_each_component_and_serves_the_colocated_tokens(deployed, config, reference, capsys):
+def _engine_config(address: str, secret: str) -> dict:
+    """What the worker at ``address`` reports its engine runs with (its health reply)."""
+    import grpc
+
+    from kvmesh.kv_store.auth import call_metadata
+    from kvmesh_proto import worker_pb2, worker_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        reply = worker_pb2_grpc.WorkerStub(channel).Health(
+            worker_pb2.HealthRequest(), timeout=10, metadata=call_metadata(secret))
+    return json.loads(reply.engine_config)
+
+
+def _thread_cores(process) -> set[int]:
+    """The cores the threads of ``process`` may run on, together."""
+    cores: set[int] = set()
+    for thread in process.threads():
+        try:
+            cores |= os.sched_getaffinity(thread.id)
+        except OSError:  # the thread ended meanwhile
+            pass
+    return cores
+
+
+def _running(processes) -> list[int]:
+    """The pids of ``processes`` still running (an exited one not yet reaped is not)."""
+    import psutil
+
+    out = []
+    for p in processes:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def assert_gone(processes, timeout_s: float = 30.0) -> None:
+    """Every one of ``processes`` exits within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while _running(processes) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _running(processes), "processes left running"
+
+
+def _ranks(actor_pid: int) -> list:
+    """The rank processes (vLLM's ``VLLM::Worker...``) under a worker actor's engine."""
+    import psutil
+
+    return [p for p in psutil.Process(actor_pid).children(recursive=True)
+            if p.name().startswith("VLLM::Worker")]
+
+
+def check_worker_groups(rows: dict[str, dict], tp: dict[str, int], secret: str) -> list:
+    """Each worker group's ranks are packed in one placement group (STRICT_PACK, a bundle
+    per rank, the first with the role's resource, all on the worker's node); its engine
+    reports the group's tensor-parallel size and runs that many rank processes, each
+    bound to cores no other rank of it uses. Returns the worker actors' processes and
+    everything under them."""
+    import psutil
     from ray.util.placement_group import placement_group_table
 
-    rows = _rows()
-    assert set(rows) == {"store-0", "prefill-0", "decode-0", "router-0"}
-    where = {name: row["node_ip"] for name, row in rows.items()}
-    assert where == {"store-0": NODE_IP, "decode-0": NODE_IP, "prefill-0": HEAD_IP, "router-0": HEAD_IP}
-    assert rows["prefill-0"]["address"] == f"{HEAD_IP}:{config.prefill.port}"
-    assert rows["decode-0"]["address"] == f"{NODE_IP}:{config.decode.port}"
-    assert rows["store-0"]["address"] == f"{NODE_IP}:{config.stores[0].port}"
-    assert all(row["health"] == "ok" and row["state"] == "ALIVE" for row in rows.values()), rows
     node_ids = {row["node_ip"]: row["node_id"] for row in rows.values()}
     groups = {pg["name"]: pg for pg in placement_group_table().values() if pg["state"] == "CREATED"}
+    processes = []
     for role, ip in (("prefill", HEAD_IP), ("decode", NODE_IP)):
+        row = rows[f"{role}-0"]
         pg = groups[f"kvmesh:{role}-0"]
         assert pg["strategy"] == "STRICT_PACK"
-        assert list(pg["bundles"].values()) == [{"CPU": 1.0, role: 1.0}]
-        assert set(pg["bundles_to_node_id"].values()) == {node_ids[ip]}
+        assert list(pg["bundles"].values()) == [{"CPU": 1.0, role: 1.0}] + [{"CPU": 1.0}] * (tp[role] - 1)
+        assert set(pg["bundles_to_node_id"].values()) == {node_ids[ip]} and row["node_ip"] == ip
+        engine = _engine_config(row["address"], secret)
+        assert engine["tensor_parallel_size"] == tp[role], engine
+        ranks = _ranks(row["pid"])
+        cores = [_thread_cores(p) for p in ranks]
+        assert len(ranks) == tp[role], [(p.pid, p.name()) for p in ranks]
+        assert all(cores) and len(set().union(*cores)) == sum(map(len, cores)), (role, cores)
+        actor = psutil.Process(row["pid"])
+        processes += [actor, *actor.children(recursive=True)]
+    return processes
 
-    url = deployed.router_urls[0]
-    assert url == f"http://{HEAD_IP}:{config.router.port}"
-    for prompt in PROMPTS:
+
+def serves_the_colocated_tokens(url: str, prompts: list[list[int]], reference: dict) -> None:
+    """Each prompt through the router: the colocated run's greedy tokens, its whole blocks
+    loaded from the store."""
+    for prompt in prompts:
         r = complete(url, prompt)
         assert r["choices"][0]["token_ids"] == reference[tuple(prompt)], len(prompt)
         # Whole blocks of the prompt (but its last token) came from the other node's store,
@@ -198,6 +290,22 @@ def test_up_places_each_component_and_serves_the_colocated_tokens(deployed, conf
         assert r["kvmesh"]["kv_load_failed_tokens"] == 0
         if whole:
             assert r["kvmesh"]["kv_transfer"]["backend"] == "shm", r["kvmesh"]
+
+
+def test_up_places_each_component_and_serves_the_colocated_tokens(deployed, config, reference, secret, capsys):
+    rows = _rows()
+    assert set(rows) == {"store-0", "prefill-0", "decode-0", "router-0"}
+    where = {name: row["node_ip"] for name, row in rows.items()}
+    assert where == {"store-0": NODE_IP, "decode-0": NODE_IP, "prefill-0": HEAD_IP, "router-0": HEAD_IP}
+    assert rows["prefill-0"]["address"] == f"{HEAD_IP}:{config.prefill.port}"
+    assert rows["decode-0"]["address"] == f"{NODE_IP}:{config.decode.port}"
+    assert rows["store-0"]["address"] == f"{NODE_IP}:{config.stores[0].port}"
+    assert all(row["health"] == "ok" and row["state"] == "ALIVE" for row in rows.values()), rows
+    check_worker_groups(rows, {"prefill": 2, "decode": 1}, secret)
+
+    url = deployed.router_urls[0]
+    assert url == f"http://{HEAD_IP}:{config.router.port}"
+    serves_the_colocated_tokens(url, PROMPTS, reference)  # saved by two TP ranks, loaded by one
 
     from kvmesh.cluster.ray_cli import register
 
@@ -333,6 +441,8 @@ def test_a_worker_whose_engine_dies_is_restarted_by_ray(deployed, reference):
     children = psutil.Process(before["pid"]).children()
     engines = [p for p in children if "resource_tracker" not in " ".join(p.cmdline())]
     assert len(engines) == 1, [(p.pid, p.name(), p.cmdline()[:4]) for p in children]
+    ranks = _ranks(before["pid"])
+    assert len(ranks) == 2  # prefill runs at TP=2
     engines[0].kill()
     killed = time.monotonic()
     deadline = killed + 150
@@ -346,6 +456,7 @@ def test_a_worker_whose_engine_dies_is_restarted_by_ray(deployed, reference):
         time.sleep(1)
     assert after["restarted"] is True, (before, seen)
     assert after["address"] == before["address"]
+    assert not _running(ranks), "the dead engine's rank processes are left"
     # Until the router's connection to it is back, requests skip the failed prefill and
     # the decode worker computes the prompt: right tokens all along.
     back, prompt = time.monotonic(), PROMPTS[3]
@@ -393,12 +504,14 @@ def test_a_killed_store_comes_back_on_its_address_and_serves_again(deployed, dis
 
 
 def test_down_removes_every_actor_and_placement_group(deployed):
+    import psutil
     import ray
-
-    from kvmesh.cluster import ray_deploy
     from ray.util.placement_group import placement_group_table
 
-    pids = [row["pid"] for row in _rows().values()]
+    from kvmesh.cluster import ray_deploy
+
+    actors = [psutil.Process(row["pid"]) for row in _rows().values()]
+    processes = actors + [p for a in actors for p in a.children(recursive=True)]  # engines, ranks
     removed = ray_deploy.down(timeout_s=60, say=lambda m: None)
     assert set(removed["actors"]) == {"deployment", "store-0", "prefill-0", "decode-0", "router-0"}
     assert sorted(removed["placement_groups"]) == ["kvmesh:decode-0", "kvmesh:prefill-0"]
@@ -406,10 +519,34 @@ def test_down_removes_every_actor_and_placement_group(deployed):
     assert {pg["state"] for pg in placement_group_table().values()
             if pg["name"].startswith("kvmesh:")} == {"REMOVED"}
     assert ray_deploy.status() == []
-    deadline = time.monotonic() + 30
-    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()], "actor processes left running"
+    assert_gone(processes)
+
+
+def test_the_reverse_split_prefill_tp1_decode_tp2_serves_the_colocated_tokens(
+        ray_cluster, tiny_model, reference, secret, tmp_path):
+    """The reverse of the deployment above, on the same Ray cluster after its ``down``:
+    prefill at TP=1, decode at TP=2 (its two ranks packed on the decode node); each
+    decode rank reads its KV head out of the blocks one rank saved, and ``down`` leaves
+    no actor, placement group or process."""
+    from kvmesh.cluster import ray_deploy
+
+    ray_deploy.connect(ray_cluster)
+    if ray_deploy.status():  # the tests above ran without their down
+        ray_deploy.down(timeout_s=60, say=lambda m: None)
+    config = two_node_config(tiny_model, tmp_path, prefill_tp=1, decode_tp=2)
+    started = time.monotonic()
+    deployment = ray_deploy.up(config, ray_cluster, timeout_s=300, say=lambda m: None)
+    print(f"\nup (prefill TP=1, decode TP=2) took {time.monotonic() - started:.1f}s")
+    try:
+        processes = check_worker_groups(_rows(), {"prefill": 1, "decode": 2}, secret)
+        serves_the_colocated_tokens(deployment.router_urls[0], PROMPTS[1:3], reference)
+    except BaseException:
+        ray_deploy.down(timeout_s=60, say=lambda m: None)
+        raise
+    removed = ray_deploy.down(timeout_s=60, say=lambda m: None)
+    assert sorted(removed["placement_groups"]) == ["kvmesh:decode-0", "kvmesh:prefill-0"]
+    assert ray_deploy.status() == [] and not ray_deploy._placement_groups()
+    assert_gone(processes)
 
 
 def test_auto_cpu_bind_gives_each_role_and_rank_its_own_cores(monkeypatch):
