@@ -236,39 +236,40 @@ def test_speculative_decoding_accepts_drafts_and_reports_its_acceptance(family):
     assert after["spec_tokens_per_step"] == 1 + after["spec_accepted_tokens"] / after["spec_drafts"]
 
 
-@pytest.mark.parametrize("decode_differs", ["weights", "kv dtype"])
 def test_a_decode_worker_of_other_weights_or_kv_dtype_never_loads_the_prefill_worker_s_blocks(
-        decode_differs, tiny_model, tmp_path_factory):
-    """The prefill worker runs tiny; the decode worker, served under the same name, runs
-    either tiny made with another seed (the same architecture, safetensors header and
-    file sizes: only the weights differ, so this covers models of other architectures
-    too, whose layout fingerprints differ in more) or tiny with an fp8 KV cache. It finds
-    none of the prefill worker's blocks, computes the prompt itself and gives its own
-    colocated tokens."""
+        tiny_model, tmp_path_factory):
+    """The prefill worker runs tiny; two decode workers, served under the same name, run
+    tiny made with another seed (the same architecture, safetensors header and file
+    sizes: only the weights differ, so this covers models of other architectures too,
+    whose layout fingerprints differ in more) and tiny with an fp8 KV cache. Neither
+    finds any of the prefill worker's blocks: each computes the prompt itself and gives
+    its own colocated tokens."""
     from kvmesh.cluster.models import make_model
 
-    if decode_differs == "weights":
-        decode_model, engine_args = str(make_model(tmp_path_factory.mktemp("models") / "tiny-seed1", "tiny",
-                                                   seed=1)), ()
-        decode_args = ("--model", decode_model)  # vLLM's parser: the last --model wins
-    else:
-        decode_model, engine_args = tiny_model, ("--kv-cache-dtype", "fp8")
-        decode_args = engine_args
+    other_weights = str(make_model(tmp_path_factory.mktemp("models") / "tiny-seed1", "tiny", seed=1))
+    fp8 = ("--kv-cache-dtype", "fp8")
+    # (the decode worker's flags, its colocated run's model and engine flags); vLLM's
+    # parser: the last --model wins
+    decoders = {"weights": (("--model", other_weights), other_weights, ()), "kv dtype": (fp8, tiny_model, fp8)}
     prompt = PROMPTS[-1]
-    reference = reference_table(decode_model, [prompt], MAX_TOKENS, BLOCK, tmp_path_factory.mktemp("colocated-mix"),
-                                engine_args=engine_args)
+    references = {differs: reference_table(model, [prompt], MAX_TOKENS, BLOCK,
+                                           tmp_path_factory.mktemp("colocated-mix"), engine_args=args)
+                  for differs, (_, model, args) in decoders.items()}
     with LocalCluster(model=tiny_model, served_model_name="mixed", block_size=BLOCK,
                       store_capacity_bytes=64 << 20, decode_local_cache=False,
-                      role_args={"decode": decode_args}, run_dir=tmp_path_factory.mktemp("run-mixed")) as cluster:
+                      decode_workers=len(decoders), decode_worker_args=tuple(d[0] for d in decoders.values()),
+                      run_dir=tmp_path_factory.mktemp("run-mixed")) as cluster:
         with StoreClient(cluster.store_address, secret=cluster.secret) as store:
-            stored = []
-            tokens, out = asyncio.run(prefill_then_decode(
-                cluster.prefill_address, cluster.decode_address, prompt, MAX_TOKENS,
-                lambda: stored.append(store.stats().blocks), secret=cluster.secret))
-    # the prefill worker saved the prompt's 9 full blocks, each layer of tiny's 4 a block
-    assert stored == [len(prompt) // BLOCK * SIZES["tiny"].num_layers]
-    assert out.tokens_from_store == 0 and out.kv_bytes == 0
-    assert tokens == reference[tuple(prompt)]
+            for differs, address in zip(decoders, cluster.decode_addresses):
+                store.drop()
+                stored = []
+                tokens, out = asyncio.run(prefill_then_decode(
+                    cluster.prefill_address, address, prompt, MAX_TOKENS,
+                    lambda: stored.append(store.stats().blocks), secret=cluster.secret))
+                # the prefill worker saved the prompt's 9 full blocks, each layer of tiny's 4 a block
+                assert stored == [len(prompt) // BLOCK * SIZES["tiny"].num_layers], differs
+                assert out.tokens_from_store == 0 and out.kv_bytes == 0, differs
+                assert tokens == references[differs][tuple(prompt)], differs
 
 
 def test_engines_with_the_connector_keep_their_groups_and_refuse_what_it_cannot_carry(

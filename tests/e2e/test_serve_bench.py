@@ -103,7 +103,7 @@ def test_output_check_catches_outputs_made_different(small_run):
 
 def test_interrupt_stops_everything(tiny_model, tmp_path):
     """Ctrl-C once kvmesh serves: exit status 130 and no process of the run left."""
-    proc = subprocess.Popen([*CLI, "--model", tiny_model, *SMALL, "--systems", "vllm,kvmesh"],
+    proc = subprocess.Popen([*CLI, "--model", tiny_model, *SMALL, "--systems", "kvmesh,vllm"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         seen = []
