@@ -22,6 +22,7 @@ from whoever holds ``secret``, as the tests do).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import signal
@@ -154,12 +155,15 @@ def worker_ready(address: str, secret: str | None = None) -> Callable[[], bool]:
         worker_pb2.HealthRequest(), timeout=1.0, metadata=call_metadata(secret)).status == "ok")
 
 
-def http_ready(url: str) -> Callable[[], bool]:
+def http_ready(url: str, status: str | None = None) -> Callable[[], bool]:
+    """Whether ``url`` answers 200 (and, given ``status``, a JSON body whose ``status``
+    is that: a router's ``/health`` says "ok" only once it has found every worker and
+    store healthy)."""
     def ready() -> bool:
         try:
             with urllib.request.urlopen(url, timeout=2.0) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
+                return r.status == 200 and (status is None or json.loads(r.read()).get("status") == status)
+        except (urllib.error.URLError, OSError, ValueError):
             return False
     return ready
 
@@ -441,11 +445,14 @@ class LocalCluster:
         ready = {"store": lambda address: store_ready(address, self.secret),
                  "prefill": lambda address: worker_ready(address, self.secret),
                  "decode": lambda address: worker_ready(address, self.secret),
-                 "router": lambda address: http_ready(self.router_url + "/health")}
+                 "router": lambda address: http_ready(self.router_url + "/health", "ok")}
         self._say(f"starting stores, prefill and decode workers (logs in {self.run_dir})")
         try:
-            for kinds in (("store",), ("prefill", "decode"), ("router",)):
-                if kinds == ("prefill", "decode"):
+            # Stores first (a worker's connector calls its store from its start); the
+            # router starts beside the workers and is ready once its health poll has
+            # found all of them (and every store) healthy.
+            for kinds in (("store",), ("prefill", "decode", "router")):
+                if "prefill" in kinds:
                     self._say("loading the model in the workers (this takes a little while)")
                 pending = {c.name: (self._start(c), ready[c.kind](c.address))
                            for c in self.components if c.kind in kinds}
