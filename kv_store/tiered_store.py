@@ -831,34 +831,43 @@ class TieredStore(BlockStore):
         lease when done; a lease not released in time expires (``expire_leases``), so a
         reader that dies leaks nothing."""
         host = next((i for i, t in enumerate(self.tiers) if t.name == "host"), None)
-        wanted: dict[bytes, _Read] = {}
+        wanted: list[_Entry] = []  # each with the lease's pin, from now on
+        slower: list[_Read] = []   # those of them in a slower tier, where each was
         with self._lock:
             self.expire_leases()
             if host is not None:
+                entries = self._entries
                 for key in dict.fromkeys(keys):
-                    entry = self._entries.get(key)
+                    entry = entries.get(key)
                     if entry is None:
                         self._misses += 1
+                    elif entry.tier == host:  # a pinned block stays where it is: no snapshot
+                        entry.pins += 1
+                        wanted.append(entry)
                     else:
-                        wanted[key] = self._pin(entry)  # the lease's pin, from now on
+                        slower.append(self._pin(entry))
+                        wanted.append(entry)
         try:  # promote what is slower, several at a time (read and verified on the way)
-            self._move_many([r for r in wanted.values() if r.tier != host], host)
+            if slower:
+                self._move_many(slower, host)
         except BaseException:
             with self._lock:
-                self._unpin(r.entry for r in wanted.values())
+                self._unpin(wanted)
             raise
         with self._lock:
             leased: list[_Entry] = []
             where: dict[bytes, tuple[int, int, int]] = {}
-            for key, (entry, served_from, *_) in wanted.items():
+            promoted = {id(r.entry): r.tier for r in slower}
+            stats, access = self._stats, self._policies[host].access if host is not None else None
+            for entry in wanted:
                 if entry.dead or entry.tier != host:  # corrupt or dropped; or no room up there
                     self._misses += entry.dead
                     self._unpin([entry])
                     continue
-                self._stats[served_from].hits += 1
-                self._policies[host].access(key)
+                stats[promoted.get(id(entry), host)].hits += 1
+                access(entry.key)
                 leased.append(entry)
-                where[key] = (entry.slot.offset, entry.size, entry.checksum)
+                where[entry.key] = (entry.slot.offset, entry.size, entry.checksum)
             lease_id = secrets.token_bytes(16)
             spans = merged_spans((offset, size) for offset, size, _ in where.values())
             self._leases[lease_id] = _Lease(time.monotonic() + seconds, leased, spans)
