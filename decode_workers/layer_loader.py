@@ -217,13 +217,16 @@ class LayerLoad:
             self._spent["locate"] += time.monotonic() - self._start
         self._lease = located.lease_id or None
         sizes = {n: block_nbytes(self.caches[n], self.block_dims[n]) for n in names}
-        # each key's size: a shard of s heads is s/own of a block of this rank's
-        expected = {k: sizes[n] * r.shard_heads // self._own_heads for r in self.requests
-                    for i in range(len(r.hashes)) for n in r.keys for k in r.read_keys(n, i)}
+
+        def expected(r: _Request, n: str) -> int:  # a shard of s heads is s/own of a block of this rank's
+            return sizes[n] * r.shard_heads // self._own_heads
+
         chosen = self.readers.reader_for(located.offers) if located.offers else None
         if chosen is None:  # no shared backend: the plain Get API, all layers at once
             self._backend = "get"
-            everything = self.executor.submit(self._get, keys, [expected[k] for k in keys])
+            expect = {k: expected(r, n) for r in self.requests for i in range(len(r.hashes))
+                      for n in r.keys for k in r.read_keys(n, i)}
+            everything = self.executor.submit(self._get, keys, [expect[k] for k in keys])
             self._futures = {n: everything for n in names}
             return
         self._backend, reader = chosen
@@ -232,12 +235,17 @@ class LayerLoad:
         # a block stored at another size (another layout) counts as missing; each layer's
         # blocks are read in runs of one size (own blocks, then each other shard size)
         runs: dict[str, dict[int, list]] = {n: {} for n in names}
+        extents = located.extents
         for n in names:
             for r in self.requests:
-                for i in range(len(r.hashes) if n in r.keys else 0):
-                    for k in r.read_keys(n, i):
-                        if (e := located.extents.get(k)) is not None and e[1] == expected[k]:
-                            runs[n].setdefault(expected[k], []).append((k, e))
+                if n not in r.keys:
+                    continue
+                size = expected(r, n)
+                wanted = runs[n].setdefault(size, [])
+                for k in (k for parts in r.parts[n] for k, _ in parts) if r.parts else r.keys[n]:
+                    if (e := extents.get(k)) is not None and e[1] == size:
+                        wanted.append((k, e))
+        runs = {n: {size: w for size, w in by_size.items() if w} for n, by_size in runs.items()}
         total = sum(size * len(wanted) for n in names for size, wanted in runs[n].items())
         offset = 0
         for name in names:
