@@ -142,7 +142,12 @@ class StoreClient:
         reply = self._call(self._stub.Locate, store_pb2.LocateRequest(keys=keys, lease_s=lease_s))
         try:
             extents = extent_table.unpack(keys, reply.extents)
-        except ValueError as e:  # the lease goes when it expires
+        except ValueError as e:
+            if reply.lease_id:  # nothing will read under it (it would expire anyway)
+                try:
+                    self.release(reply.lease_id)
+                except StoreError:
+                    pass
             raise StoreError(f"store {self.address}: a malformed Locate reply: {e}") from None
         return Located(reply.lease_id, extents, dict(reply.offers))
 
