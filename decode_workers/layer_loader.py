@@ -5,10 +5,14 @@ each layer's blocks in layer order on a background thread, with the transfer bac
 worker and the store share (shared memory, NIXL or gRPC streaming; plain ``Get`` when the
 store offers none, in as many calls as keep each reply within the message limit), each
 layer into a region of its own of one receive buffer, and verifies each block's checksum
-where it landed. ``write_layer`` waits for one layer's bytes (until the step's deadline)
-and copies the good blocks from that buffer into the paged cache, one copy per run of
-consecutive blocks, so the forward pass computes layer *l* while layer *l+1* is still in
-flight (``write_all``: every layer, before the forward pass computes).
+where it landed. Where the reader lends the store's arena itself (shared memory:
+``Reader.mapped``) nothing is copied on that thread: each block's checksum is verified
+where the block lies in the arena, which the lease keeps still until ``finish``.
+``write_layer`` waits for one layer's bytes (until the step's deadline) and copies the
+good blocks from that buffer, or from the arena, into the paged cache, one copy per run
+of consecutive blocks, so the forward pass computes layer *l* while layer *l+1* is still
+in flight (``write_all``: every layer, before the forward pass computes). A block is
+copied only once its checksum held; one that failed is never copied.
 ``finish`` waits out the rest, releases the lease and says which blocks failed: a block
 fails if any of its layers did, and every block after it in its request fails too (vLLM
 recomputes from the first failed block). Nothing here raises on a transfer failure.
@@ -32,7 +36,7 @@ import torch
 
 from kvmesh.engine_host import head_split
 from kvmesh.engine_host.metadata import LoadStats
-from kvmesh.engine_host.paged_layout import (block_nbytes, block_rows, gather_heads, head_axis,
+from kvmesh.engine_host.paged_layout import (block_nbytes, gather_heads, head_axis, place_at,
                                              place_blocks, place_heads, write_blocks)
 from kvmesh.kv_store.client import StoreClient, StoreError
 from kvmesh.kv_store.integrity import verify
@@ -63,8 +67,8 @@ class _Request:
 
 def _present(r: _Request, keys: Iterable[bytes], got: Mapping[bytes, T]) -> tuple[list[int], list[T]]:
     """For each block of ``r`` in order, its key in ``keys``: the block ids whose key was
-    read (in ``got``: its row, or its bytes) and what ``got`` holds for them; the blocks
-    whose key was not are marked bad."""
+    read (in ``got``: its offset, or its bytes) and what ``got`` holds for them; the
+    blocks whose key was not are marked bad."""
     ids, picked = [], []
     for i, key in enumerate(keys):
         row = got.get(key)
@@ -77,9 +81,10 @@ def _present(r: _Request, keys: Iterable[bytes], got: Mapping[bytes, T]) -> tupl
 
 
 class _LayerBytes(NamedTuple):
-    """One layer's blocks as read: ``data`` holds them back to back, whole blocks of the
-    layer's size; ``rows`` maps the key of each block that arrived and verified to its
-    place in ``data``."""
+    """One layer's blocks of one size as read: ``data`` holds them, whole blocks (back to
+    back in the receive buffer, ``count`` of them; or where they lie in the store's
+    arena); ``rows`` maps the key of each block that arrived and verified to its byte
+    offset in ``data``."""
 
     data: memoryview | bytearray
     count: int
@@ -174,6 +179,7 @@ class LayerLoad:
         self._written: set[str] = set()
         self._lease: bytes | None = None
         self._backend = "get"
+        self._in_place = False  # blocks verified and copied where they lie in the store's arena
         self._nbytes = 0
         self._wait_s = 0.0
         self._start = 0.0
@@ -211,25 +217,35 @@ class LayerLoad:
             self._spent["locate"] += time.monotonic() - self._start
         self._lease = located.lease_id or None
         sizes = {n: block_nbytes(self.caches[n], self.block_dims[n]) for n in names}
-        # each key's size: a shard of s heads is s/own of a block of this rank's
-        expected = {k: sizes[n] * r.shard_heads // self._own_heads for r in self.requests
-                    for i in range(len(r.hashes)) for n in r.keys for k in r.read_keys(n, i)}
+
+        def expected(r: _Request, n: str) -> int:  # a shard of s heads is s/own of a block of this rank's
+            return sizes[n] * r.shard_heads // self._own_heads
+
         chosen = self.readers.reader_for(located.offers) if located.offers else None
         if chosen is None:  # no shared backend: the plain Get API, all layers at once
             self._backend = "get"
-            everything = self.executor.submit(self._get, keys, [expected[k] for k in keys])
+            expect = {k: expected(r, n) for r in self.requests for i in range(len(r.hashes))
+                      for n in r.keys for k in r.read_keys(n, i)}
+            everything = self.executor.submit(self._get, keys, [expect[k] for k in keys])
             self._futures = {n: everything for n in names}
             return
         self._backend, reader = chosen
+        # another split's shards are gathered from the receive buffer, where they lie back to back
+        self._in_place = not any(r.parts for r in self.requests)
         # a block stored at another size (another layout) counts as missing; each layer's
         # blocks are read in runs of one size (own blocks, then each other shard size)
         runs: dict[str, dict[int, list]] = {n: {} for n in names}
+        extents = located.extents
         for n in names:
             for r in self.requests:
-                for i in range(len(r.hashes) if n in r.keys else 0):
-                    for k in r.read_keys(n, i):
-                        if (e := located.extents.get(k)) is not None and e[1] == expected[k]:
-                            runs[n].setdefault(expected[k], []).append((k, e))
+                if n not in r.keys:
+                    continue
+                size = expected(r, n)
+                wanted = runs[n].setdefault(size, [])
+                for k in (k for parts in r.parts[n] for k, _ in parts) if r.parts else r.keys[n]:
+                    if (e := extents.get(k)) is not None and e[1] == size:
+                        wanted.append((k, e))
+        runs = {n: {size: w for size, w in by_size.items() if w} for n, by_size in runs.items()}
         total = sum(size * len(wanted) for n in names for size, wanted in runs[n].items())
         offset = 0
         for name in names:
@@ -262,15 +278,24 @@ class LayerLoad:
               total: int, offset: int) -> _LayerBytes:
         """One layer's blocks (each ``block_bytes`` long), read back to back into the
         layer's region of the step's receive buffer (``total`` bytes, the region from
-        ``offset``) and verified there. On the loader's thread, as every read and every
-        change of the buffer is (a reader that registers it sees one at a time)."""
+        ``offset``) and verified there; or, where the reader lends the store's arena and
+        the load reads in place, verified where they lie in it (the lease keeps them
+        still), nothing copied. On the loader's thread, as every read and every change of
+        the buffer is (a reader that registers it sees one at a time)."""
         from kvmesh.kv_store.transfer import Extent, ReaderBroken, TransferError
 
-        region = self.readers.scratch(total)[offset:offset + block_bytes * len(wanted)]
+        extents = coalesce([Extent(off, size) for _, (off, size, _) in wanted])
         began = time.monotonic()
+        data = None
         try:
-            reader.read(coalesce([Extent(off, size) for _, (off, size, _) in wanted]), region,
-                        deadline_s=self._remaining(), lease=self._lease or b"")
+            if self._in_place:
+                data = reader.mapped(extents, self._remaining())  # checked; nothing moves
+            if data is None:
+                data = self.readers.scratch(total)[offset:offset + block_bytes * len(wanted)]
+                reader.read(extents, data, deadline_s=self._remaining(), lease=self._lease or b"")
+                starts = range(0, block_bytes * len(wanted), block_bytes)
+            else:
+                starts = [off for _, (off, _, _) in wanted]
         except TransferError as e:
             log.warning("%s transfer failed, blocks will be recomputed: %s", self._backend, e)
             if isinstance(e, ReaderBroken):  # the next load attaches a new one
@@ -279,14 +304,12 @@ class LayerLoad:
         finally:
             read_at = time.monotonic()
             self._spent["read"] += read_at - began
-        rows = {}
-        for row, (key, (_, _, crc)) in enumerate(wanted):
-            if verify(region[row * block_bytes:(row + 1) * block_bytes], crc):
-                rows[key] = row
-        self._nbytes += len(region)
+        rows = {key: at for (key, (_, _, crc)), at in zip(wanted, starts)
+                if verify(data[at:at + block_bytes], crc)}
+        self._nbytes += block_bytes * len(wanted)
         self._done_at = time.monotonic()
         self._spent["verify"] += self._done_at - read_at
-        return _LayerBytes(region, len(wanted), rows)
+        return _LayerBytes(data, len(wanted), rows)
 
     def write_all(self) -> None:
         """Wait for every layer's bytes and copy them into the cache, first layer first
@@ -318,17 +341,15 @@ class LayerLoad:
     def _place(self, name: str, by_size: dict[int, _LayerBytes]) -> None:
         cache, dim = self.caches[name], self.block_dims[name]
         layer = by_size.get(block_nbytes(cache, dim), _NOTHING)
-        rows = block_rows(cache, dim, layer.data, layer.count) if layer.count else None
-
         for r in self.requests:
             if name not in r.keys:  # another group's layer
                 continue
             if r.parts:
                 self._place_parts(name, r, by_size)
                 continue
-            ids, picked = _present(r, r.keys[name], layer.rows)
+            ids, offsets = _present(r, r.keys[name], layer.rows)
             if ids:
-                place_blocks(cache, dim, ids, rows, picked)
+                place_at(cache, dim, ids, layer.data, offsets)
 
     def _place_parts(self, name: str, r: _Request, by_size: dict[int, _LayerBytes]) -> None:
         """Copy each block of ``r`` in layer ``name`` from another split's shards as read:
@@ -350,9 +371,9 @@ class LayerLoad:
                   .reshape(got.count, *shape)) if got.count else None
         at = 0
         for j, (_, part) in enumerate(r.parts[name][0] if r.parts[name] else []):
-            ids, picked = _present(r, (parts[j][0] for parts in r.parts[name]), got.rows)
-            if ids:
-                place_heads(cache, dim, axis, ids, shards, picked, part.lo, part.hi, at)
+            ids, offsets = _present(r, (parts[j][0] for parts in r.parts[name]), got.rows)
+            if ids:  # the shards were read into the buffer, back to back (never in place)
+                place_heads(cache, dim, axis, ids, shards, [o // nbytes for o in offsets], part.lo, part.hi, at)
             at += part.hi - part.lo
 
     def _write_got(self, name: str, found: dict[bytes, bytes]) -> None:
@@ -411,4 +432,5 @@ class LayerLoad:
             stats[r.req_id] = LoadStats(self._backend, self._nbytes, transfer_s, self._wait_s, placed_s,
                                         spent["locate"], spent["read"], spent["verify"], spent["copy"])
         self.requests = []
+        self._futures = {}  # the layers' bytes (a view of a lent arena among them) go now
         return stats

@@ -29,8 +29,10 @@ another split rebuilds its block from the writers' shards along the block's **he
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import warnings
 from typing import Sequence
 
+import numpy as np
 import torch
 
 
@@ -68,23 +70,34 @@ def block_rows(cache: torch.Tensor, dim: int, data, count: int) -> torch.Tensor:
     return raw.view(cache.dtype).reshape(count, *shape)
 
 
+def _runs(block_ids: Sequence[int], starts: Sequence[int], step: int) -> list[tuple[int, int, int]]:
+    """``(first block id, first start, count)`` per run of consecutive block ids whose
+    ``starts`` follow one another by ``step``."""
+    runs = []
+    i, n = 0, len(block_ids)
+    while i < n:
+        j = i + 1
+        while j < n and block_ids[j] == block_ids[j - 1] + 1 and starts[j] == starts[j - 1] + step:
+            j += 1
+        runs.append((block_ids[i], starts[i], j - i))
+        i = j
+    return runs
+
+
+def _plain(cache: torch.Tensor, dim: int) -> bool:
+    """Whether blocks of ``cache`` are copied as plain memory on this thread, through numpy
+    views (a copy per block costs about a microsecond; torch splits a large copy over its
+    threads, which on a busy CPU, a loader thread beside them, took 40 times as long)."""
+    return cache.device.type == "cpu" and dim == 0 and cache.is_contiguous()
+
+
 def place_blocks(cache: torch.Tensor, dim: int, block_ids: Sequence[int], rows: torch.Tensor,
                  picked: Sequence[int]) -> None:
     """Copy rows ``picked`` of ``rows`` (``block_rows``) into blocks ``block_ids`` of
     ``cache``, the i-th row into the i-th block: one copy per run of consecutive block ids
     that are consecutive rows too, straight from ``rows``' memory."""
-    runs = []
-    i, n = 0, len(block_ids)
-    while i < n:
-        j = i + 1
-        while j < n and block_ids[j] == block_ids[j - 1] + 1 and picked[j] == picked[j - 1] + 1:
-            j += 1
-        runs.append((block_ids[i], picked[i], j - i))
-        i = j
-    if cache.device.type == "cpu" and dim == 0 and cache.is_contiguous():
-        # plain memory copies on this thread, through numpy views made once (a copy per
-        # block costs about a microsecond; torch splits a large copy over its threads,
-        # which on a busy CPU, a loader thread beside them, took 40 times as long)
+    runs = _runs(block_ids, picked, 1)
+    if _plain(cache, dim):
         dst = cache.view(torch.uint8).numpy().reshape(cache.shape[0], -1)
         src = rows.view(torch.uint8).numpy().reshape(rows.shape[0], -1)
         for block, row, count in runs:
@@ -93,6 +106,34 @@ def place_blocks(cache: torch.Tensor, dim: int, block_ids: Sequence[int], rows: 
     for block, row, count in runs:
         run = rows.narrow(0, row, count).movedim(0, dim).view(torch.uint8)
         cache.narrow(dim, block, count).view(torch.uint8).copy_(run)  # across devices too
+
+
+def place_at(cache: torch.Tensor, dim: int, block_ids: Sequence[int], data, offsets: Sequence[int]) -> None:
+    """Copy the whole block at byte offset ``offsets[i]`` of the buffer ``data`` (as
+    ``read_blocks`` lays a block out) into block ``block_ids[i]`` of ``cache``: one copy
+    per run of consecutive block ids whose bytes follow one another in ``data``, straight
+    from ``data``'s memory, which may be read-only (a mapped store arena). Every block
+    must lie within ``data`` (``ValueError`` otherwise, before anything is copied)."""
+    if not block_ids:
+        return
+    nbytes = block_nbytes(cache, dim)
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if min(offsets) < 0 or max(offsets) + nbytes > raw.size:
+        raise ValueError(f"a block at offsets {min(offsets)}..{max(offsets)} goes past a "
+                         f"{raw.size}-byte buffer")
+    runs = _runs(block_ids, offsets, nbytes)
+    if _plain(cache, dim):
+        dst = cache.view(torch.uint8).numpy().reshape(cache.shape[0], -1)
+        for block, at, count in runs:
+            dst[block:block + count] = raw[at:at + count * nbytes].reshape(count, nbytes)
+        return
+    shape = [n for d, n in enumerate(cache.shape) if d != dim]
+    with warnings.catch_warnings():  # read-only memory is only read here
+        warnings.simplefilter("ignore", UserWarning)
+        src = torch.from_numpy(raw)
+    for block, at, count in runs:
+        run = src[at:at + count * nbytes].view(cache.dtype).reshape(count, *shape).movedim(0, dim)
+        cache.narrow(dim, block, count).copy_(run)  # across devices too
 
 
 def write_blocks(cache: torch.Tensor, dim: int, block_ids: Sequence[int],
@@ -158,7 +199,7 @@ def place_heads(cache: torch.Tensor, dim: int, axis: int, block_ids: Sequence[in
     a contiguous byte range of each block, copied with numpy on this thread (as
     ``place_blocks`` does); others by torch, across devices too."""
     n = hi - lo
-    if cache.device.type == "cpu" and dim == 0 and axis == 0 and cache.is_contiguous():
+    if _plain(cache, dim) and axis == 0:
         dst = cache.view(torch.uint8).numpy().reshape(cache.shape[0], -1)
         src = shards.view(torch.uint8).numpy().reshape(shards.shape[0], -1)
         per_head = src.shape[1] // shards.shape[1]

@@ -17,6 +17,7 @@ from typing import Iterator, NamedTuple, Sequence
 import grpc
 
 from kvmesh_proto.options import DEFAULT_MAX_MESSAGE_BYTES, message_options
+from kvmesh.kv_store import extent_table
 from kvmesh.kv_store.auth import call_metadata
 from kvmesh.kv_store.block_store import StoredBlock
 from kvmesh.kv_store.integrity import checksum, verify
@@ -139,8 +140,16 @@ class StoreClient:
     def locate(self, keys: Sequence[bytes], lease_s: float) -> Located:
         """Lease the held ``keys`` for a zero-copy read (empty offers: use ``get``)."""
         reply = self._call(self._stub.Locate, store_pb2.LocateRequest(keys=keys, lease_s=lease_s))
-        return Located(reply.lease_id, {e.key: (e.offset, e.size, e.checksum) for e in reply.extents},
-                       dict(reply.offers))
+        try:
+            extents = extent_table.unpack(keys, reply.extents)
+        except ValueError as e:
+            if reply.lease_id:  # nothing will read under it (it would expire anyway)
+                try:
+                    self.release(reply.lease_id)
+                except StoreError:
+                    pass
+            raise StoreError(f"store {self.address}: a malformed Locate reply: {e}") from None
+        return Located(reply.lease_id, extents, dict(reply.offers))
 
     def release(self, lease_id: bytes) -> bool:
         return self._call(self._stub.Release, store_pb2.ReleaseRequest(lease_id=lease_id)).released

@@ -75,8 +75,11 @@ class KeySpace:
     heads: tuple[int, int]
 
     def key(self, chain_hash: bytes, layer: int) -> bytes:
-        return BlockKey(self.namespace, chain_hash, (layer, layer + 1), self.heads).to_bytes()
+        """``BlockKey(namespace, chain_hash, (layer, layer + 1), heads).to_bytes()``, packed
+        without the dataclass (a load builds one per block and layer, hundreds a request)."""
+        return _KEY.pack(self.namespace, chain_hash, layer, layer + 1, *self.heads)
 
     def block_group(self, chain_hash: bytes, layers: Sequence[int]) -> list[bytes]:
         """The keys of one block across ``layers``: the block is usable only if all exist."""
-        return [self.key(chain_hash, layer) for layer in layers]
+        pack, ns, (h0, h1) = _KEY.pack, self.namespace, self.heads
+        return [pack(ns, chain_hash, layer, layer + 1, h0, h1) for layer in layers]

@@ -16,6 +16,7 @@ from concurrent import futures
 
 import grpc
 
+from kvmesh.kv_store import extent_table
 from kvmesh.kv_store.auth import server_interceptors
 from kvmesh.kv_store.block_store import BlockStore, StoredBlock
 from kvmesh.kv_store.store_node import IndexPublisher, PeerBlocks
@@ -139,13 +140,15 @@ class StoreService(store_pb2_grpc.KVStoreServicer):
             return store_pb2.LocateReply()  # no zero-copy path: the reader uses Get
         self._stall()
         lease_s = min(max(request.lease_s, 0.1), self.MAX_LEASE_S)
+        asked = list(request.keys)
         with self._lock:
             vanished = set(self._vanished)
-        keys = [k for k in request.keys if k not in vanished]
-        self._from_peers([k for k in keys if self.store.tier_of(k) is None])  # then leased here
+        keys = [k for k in asked if k not in vanished] if vanished else asked
+        if self.peers is not None:
+            self._from_peers([k for k in keys if self.store.tier_of(k) is None])  # then leased here
         lease_id, where = self.store.lease(keys, lease_s)  # 16 random bytes
-        return store_pb2.LocateReply(lease_id=lease_id, offers=self.offers, extents=[
-            store_pb2.BlockExtent(key=k, offset=o, size=n, checksum=c) for k, (o, n, c) in where.items()])
+        return store_pb2.LocateReply(lease_id=lease_id, offers=self.offers,
+                                     extents=extent_table.pack(asked, where))
 
     def Release(self, request, context):
         released = hasattr(self.store, "release") and self.store.release(request.lease_id)

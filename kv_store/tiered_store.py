@@ -859,44 +859,54 @@ class TieredStore(BlockStore):
         not leased (the reader recomputes it). The checksum is the copy's (a lossy
         encoding's decoded bytes differ from those put)."""
         host = next((i for i, t in enumerate(self.tiers) if t.name == "host"), None)
-        wanted: dict[bytes, _Read] = {}
+        wanted: list[_Entry] = []  # each with the lease's pin, from now on
+        slower: list[_Read] = []   # those of them in a slower tier, where each was
         with self._lock:
             self.expire_leases()
             if host is not None:
+                entries = self._entries
                 for key in dict.fromkeys(keys):
-                    entry = self._entries.get(key)
+                    entry = entries.get(key)
                     if entry is None:
                         self._misses += 1
+                    elif entry.tier == host:  # a pinned block stays where it is: no snapshot
+                        entry.pins += 1
+                        wanted.append(entry)
                     else:
-                        wanted[key] = self._pin(entry)  # the lease's pin, from now on
+                        slower.append(self._pin(entry))
+                        wanted.append(entry)
+        encoded = host is not None and bool(self.tiers[host].encoding.code)
         copies: dict[bytes, tuple[Slot, int, int]] = {}
         try:  # promote what is slower, several at a time (read and verified on the way)
-            self._move_many([r for r in wanted.values() if r.tier != host], host)
-            if host is not None and self.tiers[host].encoding.code:
-                copies = self._decoded_copies(list(wanted.values()), host)
+            if slower:
+                self._move_many(slower, host)
+            if encoded:
+                copies = self._decoded_copies(wanted, host)
         except BaseException:
             with self._lock:
-                self._unpin(r.entry for r in wanted.values())
+                self._unpin(wanted)
                 for slot, _, nbytes in copies.values():
                     self.tiers[host].allocator.free(slot, nbytes)
             raise
         with self._lock:
             leased: list[_Entry] = []
             where: dict[bytes, tuple[int, int, int]] = {}
-            for key, (entry, served_from, *_) in wanted.items():
-                copy = copies.get(key)
-                if entry.dead or entry.tier != host or (self.tiers[host].encoding.code and copy is None):
+            promoted = {id(r.entry): r.tier for r in slower}
+            stats, access = self._stats, self._policies[host].access if host is not None else None
+            for entry in wanted:
+                copy = copies.get(entry.key)
+                if entry.dead or entry.tier != host or (encoded and copy is None):
                     # corrupt or dropped; or no room up there (for it, or for its copy)
                     self._misses += entry.dead
                     self._unpin([entry])
                     continue
-                self._stats[served_from].hits += 1
-                self._policies[host].access(key)
+                stats[promoted.get(id(entry), host)].hits += 1
+                access(entry.key)
                 leased.append(entry)
                 if copy is None:
-                    where[key] = (entry.slot.offset, entry.size, entry.checksum)
+                    where[entry.key] = (entry.slot.offset, entry.size, entry.checksum)
                 else:
-                    where[key] = (copy[0].offset, entry.size, copy[1])
+                    where[entry.key] = (copy[0].offset, entry.size, copy[1])
             held = [(slot, nbytes) for key, (slot, _, nbytes) in copies.items() if key in where]
             for key, (slot, _, nbytes) in copies.items():
                 if key not in where:  # its block went meanwhile: the copy goes too
@@ -907,14 +917,14 @@ class TieredStore(BlockStore):
             self._leases[lease_id] = _Lease(time.monotonic() + seconds, leased, spans, held)
             return lease_id, where
 
-    def _decoded_copies(self, reads: list[_Read], host: int) -> dict[bytes, tuple[Slot, int, int]]:
+    def _decoded_copies(self, entries: list[_Entry], host: int) -> dict[bytes, tuple[Slot, int, int]]:
         """Decoded copies, in slots of the host region, of the pinned blocks among
-        ``reads`` that are in the (encoding) host tier now: key -> (slot, checksum of the
+        ``entries`` that are in the (encoding) host tier now: key -> (slot, checksum of the
         copy, bytes reserved). A block that fails its checks is dropped and counted as
         corrupt; one for which no room can be made gets no copy. The caller frees the
         slots (``_free_copies``) once readers are done. Call without the lock."""
         with self._lock:  # where each is now (promoted meanwhile, or moved by another)
-            now = [self._pin(r.entry) for r in reads if not r.entry.dead and r.entry.tier == host]
+            now = [self._pin(e) for e in entries if not e.dead and e.tier == host]
         copies: dict[bytes, tuple[Slot, int, int]] = {}
         try:
             for read in now:

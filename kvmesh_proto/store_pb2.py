@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvmesh_proto/store.proto\x12\x0fkvmesh.store.v1\"U\n\x05\x42lock\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x06\x12\x0e\n\x06parent\x18\x04 \x01(\x0c\x12\x0f\n\x07session\x18\x05 \x01(\t\"4\n\nPutRequest\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.kvmesh.store.v1.Block\",\n\x08PutReply\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x10\n\x08rejected\x18\x02 \x01(\r\"\x18\n\x08KeyGroup\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"K\n\rLookupRequest\x12)\n\x06groups\x18\x01 \x03(\x0b\x32\x19.kvmesh.store.v1.KeyGroup\x12\x0f\n\x07session\x18\x02 \x01(\t\"$\n\x0bLookupReply\x12\x15\n\rprefix_groups\x18\x01 \x01(\r\"\x1a\n\nGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"2\n\x08GetReply\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.kvmesh.store.v1.Block\"(\n\x0b\x44ropRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"\x1c\n\tDropReply\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\r\"H\n\x0c\x46\x61ultRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\x1e\n\nFaultReply\x12\x10\n\x08\x61\x66\x66\x65\x63ted\x18\x01 \x01(\r\".\n\rLocateRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x0f\n\x07lease_s\x18\x02 \x01(\x01\"J\n\x0b\x42lockExtent\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x06\"\xbd\x01\n\x0bLocateReply\x12\x10\n\x08lease_id\x18\x04 \x01(\x0c\x12-\n\x07\x65xtents\x18\x02 \x03(\x0b\x32\x1c.kvmesh.store.v1.BlockExtent\x12\x38\n\x06offers\x18\x03 \x03(\x0b\x32(.kvmesh.store.v1.LocateReply.OffersEntry\x1a-\n\x0bOffersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01J\x04\x08\x01\x10\x02\"(\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x02 \x01(\x0cJ\x04\x08\x01\x10\x02\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\x8a\x03\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x12\n\nheld_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x05 \x01(\x04\x12\x15\n\rfragmentation\x18\x06 \x01(\x01\x12\x0c\n\x04hits\x18\x07 \x01(\x04\x12\x11\n\tevictions\x18\x08 \x01(\x04\x12\x11\n\tdemotions\x18\t \x01(\x04\x12\x12\n\npromotions\x18\n \x01(\x04\x12\x12\n\nread_bytes\x18\x0b \x01(\x04\x12\x14\n\x0cread_seconds\x18\x0c \x01(\x01\x12\x13\n\x0bwrite_bytes\x18\r \x01(\x04\x12\x15\n\rwrite_seconds\x18\x0e \x01(\x01\x12\x17\n\x0f\x64\x65motions_ahead\x18\x0f \x01(\x04\x12\x10\n\x08\x65ncoding\x18\x10 \x01(\t\x12\x13\n\x0b\x62lock_bytes\x18\x11 \x01(\x04\x12\x10\n\x08sessions\x18\x12 \x01(\x04\x12\x18\n\x10lease_copy_bytes\x18\x13 \x01(\x04\"\xe5\x01\n\nStatsReply\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x01 \x01(\x04\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x03 \x01(\x04\x12\x0c\n\x04hits\x18\x04 \x01(\x04\x12\x0e\n\x06misses\x18\x05 \x01(\x04\x12\x11\n\tevictions\x18\x06 \x01(\x04\x12\x0c\n\x04puts\x18\x07 \x01(\x04\x12\x10\n\x08rejected\x18\x08 \x01(\x04\x12\x0f\n\x07\x63orrupt\x18\t \x01(\x04\x12)\n\x05tiers\x18\n \x03(\x0b\x32\x1a.kvmesh.store.v1.TierStats\x12\x0e\n\x06leases\x18\x0b \x01(\x04\"!\n\x0eSessionRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"7\n\x13ReleaseSessionReply\x12\x10\n\x08released\x18\x01 \x01(\x08\x12\x0e\n\x06\x62locks\x18\x02 \x01(\r\"1\n\x0fSessionsRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"\xb0\x01\n\x10SessionOccupancy\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06idle_s\x18\x03 \x01(\x01\x12=\n\x06\x62locks\x18\x04 \x03(\x0b\x32-.kvmesh.store.v1.SessionOccupancy.BlocksEntry\x1a-\n\x0b\x42locksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"U\n\rSessionsReply\x12\x33\n\x08sessions\x18\x01 \x03(\x0b\x32!.kvmesh.store.v1.SessionOccupancy\x12\x0f\n\x07tracked\x18\x02 \x01(\r2\xdb\x05\n\x07KVStore\x12=\n\x03Put\x12\x1b.kvmesh.store.v1.PutRequest\x1a\x19.kvmesh.store.v1.PutReply\x12\x46\n\x06Lookup\x12\x1e.kvmesh.store.v1.LookupRequest\x1a\x1c.kvmesh.store.v1.LookupReply\x12=\n\x03Get\x12\x1b.kvmesh.store.v1.GetRequest\x1a\x19.kvmesh.store.v1.GetReply\x12@\n\x04\x44rop\x12\x1c.kvmesh.store.v1.DropRequest\x1a\x1a.kvmesh.store.v1.DropReply\x12I\n\x0bInjectFault\x12\x1d.kvmesh.store.v1.FaultRequest\x1a\x1b.kvmesh.store.v1.FaultReply\x12\x43\n\x05Stats\x12\x1d.kvmesh.store.v1.StatsRequest\x1a\x1b.kvmesh.store.v1.StatsReply\x12\x46\n\x06Locate\x12\x1e.kvmesh.store.v1.LocateRequest\x1a\x1c.kvmesh.store.v1.LocateReply\x12I\n\x07Release\x12\x1f.kvmesh.store.v1.ReleaseRequest\x1a\x1d.kvmesh.store.v1.ReleaseReply\x12W\n\x0eReleaseSession\x12\x1f.kvmesh.store.v1.SessionRequest\x1a$.kvmesh.store.v1.ReleaseSessionReply\x12L\n\x08Sessions\x12 .kvmesh.store.v1.SessionsRequest\x1a\x1e.kvmesh.store.v1.SessionsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvmesh_proto/store.proto\x12\x0fkvmesh.store.v1\"U\n\x05\x42lock\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x06\x12\x0e\n\x06parent\x18\x04 \x01(\x0c\x12\x0f\n\x07session\x18\x05 \x01(\t\"4\n\nPutRequest\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.kvmesh.store.v1.Block\",\n\x08PutReply\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x10\n\x08rejected\x18\x02 \x01(\r\"\x18\n\x08KeyGroup\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"K\n\rLookupRequest\x12)\n\x06groups\x18\x01 \x03(\x0b\x32\x19.kvmesh.store.v1.KeyGroup\x12\x0f\n\x07session\x18\x02 \x01(\t\"$\n\x0bLookupReply\x12\x15\n\rprefix_groups\x18\x01 \x01(\r\"\x1a\n\nGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"2\n\x08GetReply\x12&\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x16.kvmesh.store.v1.Block\"(\n\x0b\x44ropRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"\x1c\n\tDropReply\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\r\"H\n\x0c\x46\x61ultRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\x1e\n\nFaultReply\x12\x10\n\x08\x61\x66\x66\x65\x63ted\x18\x01 \x01(\r\".\n\rLocateRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x0f\n\x07lease_s\x18\x02 \x01(\x01\"\xa5\x01\n\x0bLocateReply\x12\x10\n\x08lease_id\x18\x04 \x01(\x0c\x12\x38\n\x06offers\x18\x03 \x03(\x0b\x32(.kvmesh.store.v1.LocateReply.OffersEntry\x12\x0f\n\x07\x65xtents\x18\x05 \x01(\x0c\x1a-\n\x0bOffersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01J\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03\"(\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x02 \x01(\x0cJ\x04\x08\x01\x10\x02\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\x8a\x03\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x12\n\nheld_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x05 \x01(\x04\x12\x15\n\rfragmentation\x18\x06 \x01(\x01\x12\x0c\n\x04hits\x18\x07 \x01(\x04\x12\x11\n\tevictions\x18\x08 \x01(\x04\x12\x11\n\tdemotions\x18\t \x01(\x04\x12\x12\n\npromotions\x18\n \x01(\x04\x12\x12\n\nread_bytes\x18\x0b \x01(\x04\x12\x14\n\x0cread_seconds\x18\x0c \x01(\x01\x12\x13\n\x0bwrite_bytes\x18\r \x01(\x04\x12\x15\n\rwrite_seconds\x18\x0e \x01(\x01\x12\x17\n\x0f\x64\x65motions_ahead\x18\x0f \x01(\x04\x12\x10\n\x08\x65ncoding\x18\x10 \x01(\t\x12\x13\n\x0b\x62lock_bytes\x18\x11 \x01(\x04\x12\x10\n\x08sessions\x18\x12 \x01(\x04\x12\x18\n\x10lease_copy_bytes\x18\x13 \x01(\x04\"\xe5\x01\n\nStatsReply\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x01 \x01(\x04\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x03 \x01(\x04\x12\x0c\n\x04hits\x18\x04 \x01(\x04\x12\x0e\n\x06misses\x18\x05 \x01(\x04\x12\x11\n\tevictions\x18\x06 \x01(\x04\x12\x0c\n\x04puts\x18\x07 \x01(\x04\x12\x10\n\x08rejected\x18\x08 \x01(\x04\x12\x0f\n\x07\x63orrupt\x18\t \x01(\x04\x12)\n\x05tiers\x18\n \x03(\x0b\x32\x1a.kvmesh.store.v1.TierStats\x12\x0e\n\x06leases\x18\x0b \x01(\x04\"!\n\x0eSessionRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"7\n\x13ReleaseSessionReply\x12\x10\n\x08released\x18\x01 \x01(\x08\x12\x0e\n\x06\x62locks\x18\x02 \x01(\r\"1\n\x0fSessionsRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"\xb0\x01\n\x10SessionOccupancy\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06idle_s\x18\x03 \x01(\x01\x12=\n\x06\x62locks\x18\x04 \x03(\x0b\x32-.kvmesh.store.v1.SessionOccupancy.BlocksEntry\x1a-\n\x0b\x42locksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"U\n\rSessionsReply\x12\x33\n\x08sessions\x18\x01 \x03(\x0b\x32!.kvmesh.store.v1.SessionOccupancy\x12\x0f\n\x07tracked\x18\x02 \x01(\r2\xdb\x05\n\x07KVStore\x12=\n\x03Put\x12\x1b.kvmesh.store.v1.PutRequest\x1a\x19.kvmesh.store.v1.PutReply\x12\x46\n\x06Lookup\x12\x1e.kvmesh.store.v1.LookupRequest\x1a\x1c.kvmesh.store.v1.LookupReply\x12=\n\x03Get\x12\x1b.kvmesh.store.v1.GetRequest\x1a\x19.kvmesh.store.v1.GetReply\x12@\n\x04\x44rop\x12\x1c.kvmesh.store.v1.DropRequest\x1a\x1a.kvmesh.store.v1.DropReply\x12I\n\x0bInjectFault\x12\x1d.kvmesh.store.v1.FaultRequest\x1a\x1b.kvmesh.store.v1.FaultReply\x12\x43\n\x05Stats\x12\x1d.kvmesh.store.v1.StatsRequest\x1a\x1b.kvmesh.store.v1.StatsReply\x12\x46\n\x06Locate\x12\x1e.kvmesh.store.v1.LocateRequest\x1a\x1c.kvmesh.store.v1.LocateReply\x12I\n\x07Release\x12\x1f.kvmesh.store.v1.ReleaseRequest\x1a\x1d.kvmesh.store.v1.ReleaseReply\x12W\n\x0eReleaseSession\x12\x1f.kvmesh.store.v1.SessionRequest\x1a$.kvmesh.store.v1.ReleaseSessionReply\x12L\n\x08Sessions\x12 .kvmesh.store.v1.SessionsRequest\x1a\x1e.kvmesh.store.v1.SessionsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -61,34 +61,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FAULTREPLY']._serialized_end=629
   _globals['_LOCATEREQUEST']._serialized_start=631
   _globals['_LOCATEREQUEST']._serialized_end=677
-  _globals['_BLOCKEXTENT']._serialized_start=679
-  _globals['_BLOCKEXTENT']._serialized_end=753
-  _globals['_LOCATEREPLY']._serialized_start=756
-  _globals['_LOCATEREPLY']._serialized_end=945
-  _globals['_LOCATEREPLY_OFFERSENTRY']._serialized_start=894
-  _globals['_LOCATEREPLY_OFFERSENTRY']._serialized_end=939
-  _globals['_RELEASEREQUEST']._serialized_start=947
-  _globals['_RELEASEREQUEST']._serialized_end=987
-  _globals['_RELEASEREPLY']._serialized_start=989
-  _globals['_RELEASEREPLY']._serialized_end=1021
-  _globals['_STATSREQUEST']._serialized_start=1023
-  _globals['_STATSREQUEST']._serialized_end=1037
-  _globals['_TIERSTATS']._serialized_start=1040
-  _globals['_TIERSTATS']._serialized_end=1434
-  _globals['_STATSREPLY']._serialized_start=1437
-  _globals['_STATSREPLY']._serialized_end=1666
-  _globals['_SESSIONREQUEST']._serialized_start=1668
-  _globals['_SESSIONREQUEST']._serialized_end=1701
-  _globals['_RELEASESESSIONREPLY']._serialized_start=1703
-  _globals['_RELEASESESSIONREPLY']._serialized_end=1758
-  _globals['_SESSIONSREQUEST']._serialized_start=1760
-  _globals['_SESSIONSREQUEST']._serialized_end=1809
-  _globals['_SESSIONOCCUPANCY']._serialized_start=1812
-  _globals['_SESSIONOCCUPANCY']._serialized_end=1988
-  _globals['_SESSIONOCCUPANCY_BLOCKSENTRY']._serialized_start=1943
-  _globals['_SESSIONOCCUPANCY_BLOCKSENTRY']._serialized_end=1988
-  _globals['_SESSIONSREPLY']._serialized_start=1990
-  _globals['_SESSIONSREPLY']._serialized_end=2075
-  _globals['_KVSTORE']._serialized_start=2078
-  _globals['_KVSTORE']._serialized_end=2809
+  _globals['_LOCATEREPLY']._serialized_start=680
+  _globals['_LOCATEREPLY']._serialized_end=845
+  _globals['_LOCATEREPLY_OFFERSENTRY']._serialized_start=788
+  _globals['_LOCATEREPLY_OFFERSENTRY']._serialized_end=833
+  _globals['_RELEASEREQUEST']._serialized_start=847
+  _globals['_RELEASEREQUEST']._serialized_end=887
+  _globals['_RELEASEREPLY']._serialized_start=889
+  _globals['_RELEASEREPLY']._serialized_end=921
+  _globals['_STATSREQUEST']._serialized_start=923
+  _globals['_STATSREQUEST']._serialized_end=937
+  _globals['_TIERSTATS']._serialized_start=940
+  _globals['_TIERSTATS']._serialized_end=1334
+  _globals['_STATSREPLY']._serialized_start=1337
+  _globals['_STATSREPLY']._serialized_end=1566
+  _globals['_SESSIONREQUEST']._serialized_start=1568
+  _globals['_SESSIONREQUEST']._serialized_end=1601
+  _globals['_RELEASESESSIONREPLY']._serialized_start=1603
+  _globals['_RELEASESESSIONREPLY']._serialized_end=1658
+  _globals['_SESSIONSREQUEST']._serialized_start=1660
+  _globals['_SESSIONSREQUEST']._serialized_end=1709
+  _globals['_SESSIONOCCUPANCY']._serialized_start=1712
+  _globals['_SESSIONOCCUPANCY']._serialized_end=1888
+  _globals['_SESSIONOCCUPANCY_BLOCKSENTRY']._serialized_start=1843
+  _globals['_SESSIONOCCUPANCY_BLOCKSENTRY']._serialized_end=1888
+  _globals['_SESSIONSREPLY']._serialized_start=1890
+  _globals['_SESSIONSREPLY']._serialized_end=1975
+  _globals['_KVSTORE']._serialized_start=1978
+  _globals['_KVSTORE']._serialized_end=2709
 # @@protoc_insertion_point(module_scope)

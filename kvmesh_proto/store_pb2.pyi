@@ -106,20 +106,8 @@ class LocateRequest(_message.Message):
     lease_s: float
     def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., lease_s: _Optional[float] = ...) -> None: ...
 
-class BlockExtent(_message.Message):
-    __slots__ = ("key", "offset", "size", "checksum")
-    KEY_FIELD_NUMBER: _ClassVar[int]
-    OFFSET_FIELD_NUMBER: _ClassVar[int]
-    SIZE_FIELD_NUMBER: _ClassVar[int]
-    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
-    key: bytes
-    offset: int
-    size: int
-    checksum: int
-    def __init__(self, key: _Optional[bytes] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
-
 class LocateReply(_message.Message):
-    __slots__ = ("lease_id", "extents", "offers")
+    __slots__ = ("lease_id", "offers", "extents")
     class OffersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -128,12 +116,12 @@ class LocateReply(_message.Message):
         value: bytes
         def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
-    EXTENTS_FIELD_NUMBER: _ClassVar[int]
     OFFERS_FIELD_NUMBER: _ClassVar[int]
+    EXTENTS_FIELD_NUMBER: _ClassVar[int]
     lease_id: bytes
-    extents: _containers.RepeatedCompositeFieldContainer[BlockExtent]
     offers: _containers.ScalarMap[str, bytes]
-    def __init__(self, lease_id: _Optional[bytes] = ..., extents: _Optional[_Iterable[_Union[BlockExtent, _Mapping]]] = ..., offers: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+    extents: bytes
+    def __init__(self, lease_id: _Optional[bytes] = ..., offers: _Optional[_Mapping[str, bytes]] = ..., extents: _Optional[bytes] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("lease_id",)

@@ -26,6 +26,9 @@ Contract of ``Reader.read(extents, dest, deadline_s, lease=b"")``:
 * When the reader itself is done for (the source went away, or it was closed) the error
   is ``ReaderBroken``; every later read raises it too.
 * ``close`` is idempotent; a read after close raises ``ReaderBroken``.
+
+A reader whose source is memory mapped into its own process (``shm``) may also lend that
+memory (``Reader.mapped``): the caller then reads the extents in place, with no copy.
 """
 
 from __future__ import annotations
@@ -91,6 +94,17 @@ class Reader(ABC):
     @abstractmethod
     def close(self) -> None:
         """Detach; idempotent."""
+
+    def mapped(self, extents: Sequence[Extent], deadline_s: float) -> memoryview | None:
+        """The source region itself, read-only and mapped into this process, for reading
+        ``extents`` where they lie (each at its own offset) instead of copying them out:
+        ``None`` where the backend cannot lend it (the default; use ``read``). Checks what
+        ``read`` checks before anything moves (``ValueError`` for bad extents,
+        ``TransferError`` for a passed deadline, ``ReaderBroken`` for a source gone).
+        The bytes hold still only while a lease pins them: the caller verifies their
+        checksums before using them, and drops the view, and every array made from it,
+        before the reader closes (one still held keeps the mapping alive after ``close``)."""
+        return None
 
     def stats(self) -> dict[str, int]:
         """Bookkeeping for tests and metrics: at least ``registered`` (memory regions this

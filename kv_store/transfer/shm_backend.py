@@ -5,7 +5,8 @@ file ``/dev/shm/NAME``. The descriptor names that file and identifies it (device
 size, the host's boot id), so a reader never maps a different segment that took the
 name later, nor one on another host. The reader maps it read-only, with its page tables
 populated up front, and a read is plain memory copies (memoryview slices) cut into
-pieces of at most ``piece_bytes``, with the deadline checked between pieces.
+pieces of at most ``piece_bytes``, with the deadline checked between pieces; or no copy
+at all (``mapped``: the reader lends the mapping, read in place).
 
 Liveness: the tier holds a shared ``flock`` on the segment while it is open. Before and
 after copying, the reader tries an exclusive non-blocking lock: if it gets it, no owner
@@ -159,11 +160,22 @@ class ShmReader(Reader):
         deadline.check("shm read")
         self._check_owner()
 
+    def mapped(self, extents: Sequence[Extent], deadline_s: float) -> memoryview:
+        """The mapped segment (read-only), after the checks ``read`` makes before it copies:
+        the extents lie within it, the deadline has not passed, its owner is alive."""
+        check_extents(extents, self.region_bytes)
+        Deadline(deadline_s).check("shm read")
+        self._check_owner()
+        return self._view
+
     def close(self) -> None:
         with self._close_lock:
             if self._fd is None:
                 return
-            self._view.release()
-            self._map.close()
+            try:
+                self._view.release()
+                self._map.close()
+            except BufferError:  # a view lent by ``mapped`` is still held: its last user unmaps
+                pass
             os.close(self._fd)
             self._fd = None

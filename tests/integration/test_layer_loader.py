@@ -131,6 +131,7 @@ def test_blocks_land_in_place_and_bad_ones_are_reported(shm_store, everything_fi
                 load.write_layer(name)
         failed = {}
         stats = load.finish(lambda req_id, ids: failed.setdefault(req_id, ids))
+        assert len(readers._scratch) == 0  # read in place: nothing went through the receive buffer
     finally:
         executor.shutdown()
         readers.close()
@@ -138,6 +139,7 @@ def test_blocks_land_in_place_and_bad_ones_are_reported(shm_store, everything_fi
     for name in names:
         for block_id in (10, 11, 12, 3, 20, 21):
             assert torch.equal(caches[name][block_id], source[name][block_id])
+    assert not caches[names[1]][4].any()  # the block whose checksum failed was never copied
     s = stats["a"]
     assert s.backend == "shm" and s.nbytes > 0
     assert s.placed_s >= s.transfer_s >= s.locate_s > 0

@@ -450,3 +450,30 @@ def test_segments_of_dead_stores_are_reaped_and_live_ones_kept():
         assert not os.path.exists(f"/dev/shm/{orphan}") and os.path.exists(live.shm_path)
     finally:
         live.close()
+
+
+def test_shm_lends_its_mapping_checked_as_a_read_is():
+    """The shm reader lends the segment itself (read in place, no copy): the extents'
+    bytes are the source's, at their own offsets; bad extents, a passed deadline and a
+    closed reader are refused as ``read`` refuses them; a view still held when the
+    reader closes does not make ``close`` fail. The other backends lend nothing."""
+    with SourceProcess(8 << 20, BACKENDS) as proc:
+        for backend in ("nixl", "grpc"):
+            with open_reader(_require(proc, backend)) as other:
+                assert other.mapped([Extent(0, 16)], deadline_s=5) is None
+        reader = open_reader(_require(proc, "shm"))
+        extents = [Extent(4096, 100), Extent(12345, 7)]
+        view = reader.mapped(extents, deadline_s=5)
+        assert view.readonly
+        for offset, size in extents:
+            assert bytes(view[offset:offset + size]) == pattern(offset, size).tobytes()
+        with pytest.raises(ValueError, match="past the end"):
+            reader.mapped([Extent((8 << 20) - 4, 8)], deadline_s=5)
+        with pytest.raises(TransferError, match="deadline"):
+            reader.mapped(extents, deadline_s=0)
+        held = np.frombuffer(view, dtype=np.uint8)  # an array made from the lent view
+        reader.close()
+        assert held[4096:4196].tobytes() == pattern(4096, 100).tobytes()
+        with pytest.raises(ReaderBroken, match="closed"):
+            reader.mapped(extents, deadline_s=5)
+        reader.close()

@@ -29,3 +29,5 @@ def test_block_key_round_trip_and_namespaces():
     space = KeySpace(ns, (0, 2))
     assert space.key(b"h" * 16, 3) == key.to_bytes()
     assert len(set(space.block_group(b"h" * 16, range(4)))) == 4
+    assert space.block_group(b"h" * 16, [3, 7]) == [key.to_bytes(),
+                                                   BlockKey(ns, b"h" * 16, (7, 8), (0, 2)).to_bytes()]
