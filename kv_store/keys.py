@@ -68,13 +68,30 @@ class BlockKey:
 
 
 @dataclass(frozen=True)
-class KeySpace:
-    """Everything but the chain hash: builds the keys one worker reads and writes."""
+class DraftSpace:
+    """Where a draft model's layers are keyed (speculative decoding): in the draft's own
+    namespace (its model id and layout), under its own layer indices and KV heads, so its
+    blocks never mix with the target's and any target served with the same draft shares
+    them. The worker numbers the draft's layers after the target's, from ``first_layer``."""
 
+    first_layer: int
     namespace: bytes
     heads: tuple[int, int]
 
+
+@dataclass(frozen=True)
+class KeySpace:
+    """Everything but the chain hash: builds the keys one worker reads and writes.
+    Layer ``first_layer`` of ``draft`` and above are the draft model's (``DraftSpace``)."""
+
+    namespace: bytes
+    heads: tuple[int, int]
+    draft: DraftSpace | None = None
+
     def key(self, chain_hash: bytes, layer: int) -> bytes:
+        if self.draft is not None and layer >= self.draft.first_layer:
+            layer -= self.draft.first_layer
+            return BlockKey(self.draft.namespace, chain_hash, (layer, layer + 1), self.draft.heads).to_bytes()
         return BlockKey(self.namespace, chain_hash, (layer, layer + 1), self.heads).to_bytes()
 
     def block_group(self, chain_hash: bytes, layers: Sequence[int]) -> list[bytes]:
