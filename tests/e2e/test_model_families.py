@@ -245,7 +245,8 @@ def test_speculative_decoding_accepts_drafts_and_reports_its_acceptance(family):
     last token seen earlier), on a prompt whose greedy continuation repeats pairs of tokens
     it saw before (``LOOPING``); the draft model's (tiny's first layers) from its own
     forward pass over the draft KV it loaded, on the repeated pattern (``PROMPTS[1]``),
-    whose continuation it partly agrees with (6 of 54 draft tokens colocated)."""
+    whose continuation it partly agrees with (6 of 54 draft tokens colocated), as many
+    as when it computes the prompt itself."""
     size, cluster, reference = family
     if size not in SPECULATIVE:
         pytest.skip("the speculative cases only")
@@ -269,6 +270,19 @@ def test_speculative_decoding_accepts_drafts_and_reports_its_acceptance(family):
     assert after["spec_drafts"] > 0 and after["spec_draft_tokens"] >= after["spec_drafts"]
     assert after["spec_acceptance_rate"] == after["spec_accepted_tokens"] / after["spec_draft_tokens"]
     assert after["spec_tokens_per_step"] == 1 + after["spec_accepted_tokens"] / after["spec_drafts"]
+    if size == "draft":
+        # The draft read the prompt's draft KV from the store: it accepts as many tokens as
+        # when the decode worker computes the prompt itself (the store emptied first).
+        # With that KV left at zeros the draft's acceptance fell to 1 of 66 draft tokens
+        # on this prompt, from 6 of 54 (colocated, vLLM's prefix cache, zeroed by hand).
+        with StoreClient(cluster.store_address, secret=cluster.secret) as store:
+            tokens, out = asyncio.run(prefill_then_decode(
+                cluster.prefill_address, cluster.decode_address, prompt, CASES[size].max_tokens,
+                store.drop, secret=cluster.secret))
+        computed = asyncio.run(stats())
+        assert out.tokens_from_store == 0 and tokens == reference[tuple(prompt)]
+        assert (after["spec_accepted_tokens"] - before["spec_accepted_tokens"]
+                == computed["spec_accepted_tokens"] - after["spec_accepted_tokens"])
 
 
 @pytest.mark.parametrize("decode_differs", ["weights", "kv dtype"])
