@@ -3,7 +3,9 @@ and the decode worker's time to first token with a store hit against recomputing
 
 For each family (the generated test models: ``tiny`` grouped-query, ``mqa`` one KV head,
 ``mha`` a KV head per attention head, ``sliding`` every layer windowed, ``hybrid``
-local and global layers) one cluster on this machine serves the same prompts twice,
+local and global layers; and ``draft``: tiny with speculative decoding by the ``draft``
+model on both workers, whose KV goes through the store beside tiny's) one cluster on
+this machine serves the same prompts twice,
 under two cache salts so that neither run finds the other's blocks:
 
 * **recompute**: through a second router whose ``--max-local-prefill-tokens`` covers the
@@ -28,7 +30,8 @@ import sys
 
 import httpx
 
-FAMILIES = ("tiny", "mqa", "mha", "sliding", "hybrid")
+FAMILIES = ("tiny", "mqa", "mha", "sliding", "hybrid", "draft")
+DRAFT_TOKENS = 3  # the draft row's speculative tokens per step
 MODES = ("recompute", "hit")
 
 
@@ -39,7 +42,12 @@ def _family(size: str, prompts: list[list[int]], max_tokens: int, say) -> dict:
     from kvmesh.cluster.models import ensure_model
 
     limit = max(len(p) for p in prompts) + 1
-    with LocalCluster(model=str(ensure_model(size)), served_model_name=size,
+    model, worker_args = str(ensure_model(size)), ()
+    if size == "draft":  # tiny, drafted for by the draft model on both workers
+        draft, model = model, str(ensure_model("tiny"))
+        worker_args = ("--speculative-config", json.dumps(
+            {"method": "draft_model", "model": draft, "num_speculative_tokens": DRAFT_TOKENS}))
+    with LocalCluster(model=model, served_model_name=size, worker_args=worker_args,
                       decode_local_cache=False, verbose=False) as cluster:
         urls = {"hit": cluster.router_url,
                 "recompute": cluster.add_router("recompute", "--max-local-prefill-tokens", str(limit))[0]}

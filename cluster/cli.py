@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "tests), bench (prefill costs real time on a CPU), and tiny's model "
                          "families mqa (1 KV head), mha (a KV head per attention head), sliding "
                          "(Mistral, every layer windowed), hybrid (Gemma-3, local and global "
-                         "layers) and draft (a draft model for tiny, same tokenizer)")
+                         "layers) and draft (tiny's first two layers: a draft model for tiny, same tokenizer)")
     mk.add_argument("--seed", type=int, default=0, help="seed of a generated model (all but smollm2)")
     mk.set_defaults(func=cmd_model_make)
 
@@ -506,8 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
         "per model family: KV bytes per prompt token through the store; decode TTFT with a "
         "store hit vs recomputing"))
     b.add_argument("--json", action="store_true", help="print one JSON object")
-    b.add_argument("--families", default="tiny,mqa,mha,sliding,hybrid",
-                   help="generated models to run, comma-separated (tiny, mqa, mha, sliding, hybrid)")
+    b.add_argument("--families", default="tiny,mqa,mha,sliding,hybrid,draft",
+                   help="generated models to run, comma-separated (tiny, mqa, mha, sliding, hybrid; "
+                        "draft: tiny with the draft model's speculative decoding)")
     b.add_argument("--prompts", type=int, default=4, help="timed prompts per family and run")
     b.add_argument("--prompt-tokens", type=int, default=1000, help="tokens per prompt")
     b.set_defaults(func=cmd_bench_families)

@@ -13,8 +13,10 @@
   ``mqa`` (one KV head for all attention heads), ``mha`` (a KV head per attention head),
   ``sliding`` (a Mistral model whose every layer attends to a window of the last
   ``SLIDING_WINDOW`` tokens), ``hybrid`` (a Gemma-3 text model: windowed "local" layers
-  and full-attention "global" ones) and ``draft`` (a 2-layer Llama, a draft model for
-  ``tiny`` in speculative decoding).
+  and full-attention "global" ones) and ``draft`` (a draft model for ``tiny`` in
+  speculative decoding: tiny's embeddings, first two layers, final norm and head, an
+  early exit of tiny, so that its drafts agree with tiny's tokens often enough to be
+  accepted, which a draft of independent random weights almost never does).
 
 Every one is saved as a Hugging Face directory that vLLM loads. ``ensure_model`` keeps one
 of each in a cache and makes it once.
@@ -53,6 +55,7 @@ class ModelSize:
     family: str = "llama"              # "llama", "mistral" or "gemma3" (``_config``)
     sliding_window: int | None = None  # tokens a windowed layer attends to
     layer_types: tuple[str, ...] | None = None  # per layer: "sliding_attention" or "full_attention"
+    early_exit_of: str | None = None   # a size whose weights this one keeps its first layers of
 
 
 SLIDING_WINDOW = 64  # two of the tests' 32-token blocks
@@ -77,8 +80,8 @@ SIZES = {
                         num_layers=4, num_heads=4, num_kv_heads=2, max_positions=4096,
                         family="gemma3", sliding_window=SLIDING_WINDOW,
                         layer_types=("sliding_attention", "full_attention") * 2),
-    "draft": ModelSize(vocab_size=1024, hidden_size=64, intermediate_size=128,
-                       num_layers=2, num_heads=2, num_kv_heads=1, max_positions=4096),
+    "draft": ModelSize(vocab_size=1024, hidden_size=128, intermediate_size=256,
+                       num_layers=2, num_heads=4, num_kv_heads=2, max_positions=4096, early_exit_of="tiny"),
 }
 
 DEFAULT_MODEL = "smollm2"
@@ -198,11 +201,21 @@ def _write_model(tmp: Path, size: str, seed: int) -> None:
     spec = SIZES[size]
     tokenizer = make_tokenizer(spec.vocab_size, seed)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_config(spec, tokenizer)).to(torch.bfloat16)
+    source = SIZES[spec.early_exit_of] if spec.early_exit_of else spec
+    model = AutoModelForCausalLM.from_config(_config(source, tokenizer)).to(torch.bfloat16)
+    if spec.early_exit_of:  # the source model's weights (same seed), its first layers kept
+        model.model.layers = model.model.layers[:spec.num_layers]
+        model.config.num_hidden_layers = spec.num_layers
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    (tmp / "kvmesh_model.json").write_text(json.dumps({"size": size, "seed": seed}))
+    (tmp / "kvmesh_model.json").write_text(json.dumps(_stamp(size, seed)))
+
+
+def _stamp(size: str, seed: int) -> dict:
+    """What ``kvmesh_model.json`` says of a generated model: how it was made."""
+    spec = SIZES[size]
+    return {"size": size, "seed": seed, **({"early_exit_of": spec.early_exit_of} if spec.early_exit_of else {})}
 
 
 def _config(spec: ModelSize, tokenizer):
@@ -264,11 +277,11 @@ def ensure_model(size: str) -> Path:
     installed (the message says how to install it).
     """
     path = default_model_dir(size)
-    if _complete(path):
+    if _complete(path, size):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path.with_name(path.name + ".lock"), size):
-        if _complete(path):  # another process made it while we waited
+        if _complete(path, size):  # another process made it while we waited
             return path
         for stale in path.parent.glob(path.name + ".tmp*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -282,8 +295,17 @@ def ensure_model(size: str) -> Path:
     return path
 
 
-def _complete(path: Path) -> bool:
-    return is_model_dir(path) and (path / "kvmesh_model.json").is_file()
+def _complete(path: Path, size: str | None = None) -> bool:
+    """A whole model directory; of ``size`` (a generated one, seed 0): made as it is made
+    now (a cached one made otherwise by an earlier version is made again)."""
+    if not (is_model_dir(path) and (path / "kvmesh_model.json").is_file()):
+        return False
+    if size in SIZES:
+        try:
+            return json.loads((path / "kvmesh_model.json").read_text()) == _stamp(size, 0)
+        except ValueError:
+            return False
+    return True
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Mapping, NamedTuple, Sequence, TypeVar
 
 import torch
@@ -200,7 +200,7 @@ class LayerLoad:
             mine = [n for n in names if self.groups.get(n, 0) == getattr(t, "group", 0)]  # its group's layers
             r.keys = {n: [self.space.key(h, self.layers[n]) for h in r.hashes] for n in mine}
             if r.shard_heads != self._own_heads:  # another split's shards: the parts to gather
-                r.parts = {n: [[(KeySpace(self.space.namespace, p.shard).key(h, self.layers[n]), p)
+                r.parts = {n: [[(replace(self.space, heads=p.shard).key(h, self.layers[n]), p)
                                 for p in head_split.covering(self.space.heads, r.shard_heads)]
                                for h in r.hashes] for n in mine}
         # blocks first, then layers (the Get path brings whole leading blocks per call)

@@ -25,10 +25,12 @@ there is no cycle.
 
 The connector declares vLLM's ``SupportsHMA``: vLLM keeps its hybrid allocator on for a
 model with windowed and full-attention layers, and every KV-cache group moves with its
-own block table (``engine_host.kv_groups``; the scheduler side says how). What the
-connector cannot carry (group kinds other than attention KV, a speculative method whose
-draft keeps KV of its own, a KV-cache dtype it does not carry) is refused in the
-constructor, so the engine does not start (``engine_host.model_support``).
+own block table (``engine_host.kv_groups``; the scheduler side says how). A draft
+model's layers (speculative decoding) are saved and loaded with the target's, keyed in
+the draft's own namespace. What the connector cannot carry (group kinds other than
+attention KV, a speculative method whose draft reads the target's hidden states, a
+KV-cache dtype it does not carry) is refused in the constructor, so the engine does not
+start (``engine_host.model_support``).
 
 Failure contract: the store is a cache. A lookup that fails counts as zero hits; a block
 that is missing or fails its checksum at load time is reported through

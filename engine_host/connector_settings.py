@@ -2,7 +2,9 @@
 
 From ``kv_connector_extra_config`` the connector's own settings (listed in
 ``engine_host.connector``; the cluster secret only as the path of its file); from the engine the rest: whether this engine loads and
-saves (its ``kv_role``), the block size, the keys' namespace (model id and cache layout)
+saves (its ``kv_role``), the block size, the keys' namespace (model id and cache layout),
+a draft model's own namespace (``kv_store.keys.DraftSpace``: speculative decoding with a
+draft model keeps the draft's KV in the same paged cache, carried like the target's)
 and how the KV heads split over tensor-parallel ranks (keys carry head ranges, not ranks;
 ``engine_host.head_split``). The namespace holds nothing of the split, so a reader of any
 split finds a writer's blocks.
@@ -17,10 +19,10 @@ from kvmesh.engine_host import head_split
 from kvmesh.engine_host.settings import LAYERWISE_DEFAULT
 from kvmesh.kv_store.auth import load_secret
 from kvmesh.kv_store.client import StoreClient
-from kvmesh.kv_store.keys import KeySpace, namespace
+from kvmesh.kv_store.keys import DraftSpace, KeySpace, namespace
 
 if TYPE_CHECKING:
-    from vllm.config import VllmConfig
+    from vllm.config import ModelConfig, VllmConfig
 
 
 
@@ -84,16 +86,17 @@ def weights_digest(model: str, revision: str | None = None) -> str:
     return "w-" + digest.hexdigest()
 
 
-def layout_fingerprint(vllm_config: "VllmConfig") -> str:
+def layout_fingerprint(vllm_config: "VllmConfig", model: "ModelConfig | None" = None) -> str:
     """What must match for a block's bytes to mean the same thing to another worker: the
     platform's cache layout, the KV dtype (fp8 is not bf16), block and head size, the
     model's architecture (two models that differ in heads, layers or attention windows
     never share blocks, even served under one name) and its weights (``weights_digest``:
-    two models of one architecture with different weights never share blocks either)."""
+    two models of one architecture with different weights never share blocks either).
+    ``model``: another model of the engine than its target (a draft model)."""
     import torch
     from vllm.platforms import current_platform
 
-    model = vllm_config.model_config
+    model = model or vllm_config.model_config
     cache = vllm_config.cache_config
     dtype = model.dtype if cache.cache_dtype == "auto" else cache.cache_dtype
     device = current_platform.device_type
@@ -101,6 +104,19 @@ def layout_fingerprint(vllm_config: "VllmConfig") -> str:
         device += "-" + torch.backends.cpu.get_cpu_capability()
     return (f"{device}|{dtype}|bs{cache.block_size}|hd{model.get_head_size()}"
             f"|arch-{architecture_digest(model.hf_config)}|{weights_digest(model.model, model.revision)}")
+
+
+def draft_space(vllm_config: "VllmConfig") -> DraftSpace | None:
+    """Where the engine's draft model keys its layers (``DraftSpace``: numbered after the
+    target's, in the draft's own namespace, all its KV heads), or None without one.
+    A draft with tensor parallelism is refused before this (``model_support``)."""
+    spec = vllm_config.speculative_config
+    if spec is None or not spec.uses_draft_model():
+        return None
+    draft = spec.draft_model_config
+    return DraftSpace(vllm_config.model_config.get_total_num_hidden_layers(),
+                      namespace(draft.model, layout_fingerprint(vllm_config, draft)),
+                      (0, draft.get_total_num_kv_heads()))
 
 
 @dataclass(frozen=True)
@@ -117,6 +133,7 @@ class ConnectorSettings:
     tensor_parallel_size: int
     num_layers: int
     cluster_secret_file: str | None = None  # None: the environment's (``kv_store.auth``)
+    draft: DraftSpace | None = None     # a draft model's layers (numbered from num_layers)
 
     def store_client(self) -> StoreClient:
         """A client of the store that carries the cluster secret (read here, in this
@@ -150,12 +167,13 @@ class ConnectorSettings:
             num_layers=model.get_total_num_hidden_layers(),
             cluster_secret_file=extra.get("cluster_secret_file") or None,
             layerwise=_flag(extra.get("layerwise", LAYERWISE_DEFAULT)),
+            draft=draft_space(vllm_config),
         )
 
     def rank_space(self, rank: int) -> KeySpace:
         """The keys tensor-parallel rank ``rank`` writes (its shard): its KV heads' range."""
         return KeySpace(self.namespace, head_split.rank_heads(rank, self.tensor_parallel_size,
-                                                              self.total_heads))
+                                                              self.total_heads), self.draft)
 
     def rank_writes(self, rank: int) -> bool:
         """Whether ``rank`` stores its shard (a replicated head is stored by one rank)."""
@@ -163,7 +181,7 @@ class ConnectorSettings:
 
     def split_spaces(self, size: int) -> list[KeySpace]:
         """The key spaces of every shard of shard size ``size``: together, all KV heads."""
-        return [KeySpace(self.namespace, heads) for heads in head_split.shards(self.total_heads, size)]
+        return [KeySpace(self.namespace, heads, self.draft) for heads in head_split.shards(self.total_heads, size)]
 
     def lookup_sizes(self) -> list[int]:
         """The shard sizes a reader looks for, this engine's own first."""

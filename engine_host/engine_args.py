@@ -8,8 +8,9 @@ conflict with what kvmesh sets are refused with the reason (``EngineArgsError``)
 transfer config always (the kvmesh connector is what moves KV through the store), and
 vLLM's local prefix cache on prefill workers (they find cached prefixes in the store,
 which replaces it), and what the connector cannot carry through the store
-(``engine_host.model_support``: several KV-cache groups, a speculative method with a
-draft's own KV, a KV-cache dtype it does not carry). Decode workers keep vLLM's local prefix cache by default, as a plain
+(``engine_host.model_support``: KV-cache groups of other kinds than attention KV, a
+speculative method whose draft reads the target's hidden states, a KV-cache dtype it
+does not carry). Decode workers keep vLLM's local prefix cache by default, as a plain
 vLLM server does: the next turn of a conversation routed back to the same worker finds
 its history there without a load (``--no-enable-prefix-caching`` turns it off; the
 router learns which workers keep one from their health reports).

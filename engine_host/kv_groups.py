@@ -14,6 +14,12 @@ Keys need no group of their own: a block's key names its layer (``kv_store.keys`
 layer belongs to exactly one group, and the namespace names the architecture, so the
 layer tells the group apart. A block's bytes for one layer are the same whichever
 allocator the engine runs.
+
+A draft model of speculative decoding has its attention layers in the same KV-cache
+config (vLLM names them ``draft_model.<its own layer name>``), in a group with the
+target's layers of their kind. ``layer_id`` numbers them after the target's layers, so
+every layer of the engine has an id of its own; the keys put those in the draft's
+namespace (``kv_store.keys.DraftSpace``).
 """
 
 from __future__ import annotations
@@ -40,20 +46,32 @@ class KvGroup:
         return max(0, blocks * block_size - self.window + 1 - self.retained) // block_size
 
 
+DRAFT_PREFIX = "draft_model."  # vLLM's prefix of a draft model's layer names
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """The id of vLLM's layer ``name`` in an engine whose target model has ``num_layers``
+    layers: a target layer's index, or ``num_layers`` plus a draft model layer's index."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    if name.startswith(DRAFT_PREFIX):
+        return num_layers + extract_layer_index(name[len(DRAFT_PREFIX):])
+    return extract_layer_index(name)
+
+
 def kv_groups(kv_cache_config: "KVCacheConfig | None", num_layers: int) -> tuple[KvGroup, ...]:
     """The groups of ``kv_cache_config`` in vLLM's order (a request's block ids come as one
-    list per group, in that order); without a config, one full-attention group of
-    ``num_layers`` layers."""
+    list per group, in that order), layers by ``layer_id`` (the target model has
+    ``num_layers``); without a config, one full-attention group of ``num_layers`` layers."""
     if kv_cache_config is None:
         return (KvGroup(tuple(range(num_layers))),)
-    from vllm.model_executor.models.utils import extract_layer_index
     from vllm.v1.kv_cache_interface import SlidingWindowSpec
 
     groups = []
     for group in kv_cache_config.kv_cache_groups:
         spec = group.kv_cache_spec
         windowed = isinstance(spec, SlidingWindowSpec)
-        groups.append(KvGroup(tuple(extract_layer_index(n) for n in group.layer_names), tuple(group.layer_names),
+        groups.append(KvGroup(tuple(layer_id(n, num_layers) for n in group.layer_names), tuple(group.layer_names),
                               spec.sliding_window if windowed else None,
                               getattr(spec, "extra_retained_tokens", 0) if windowed else 0))
     return tuple(groups)

@@ -20,10 +20,15 @@ Carried today:
   keeps every block, which is carried as well. Group kinds whose blocks are not per-head
   attention KV (Mamba state, MLA latents, chunked local attention, layers whose shapes
   differ inside a group) and groups of different block sizes are refused.
-* **Speculative decoding**: ``ngram`` only; it proposes from the tokens, so the cache
-  holds the target model's KV alone. Methods with a draft model or head (``draft_model``,
-  EAGLE, MTP, Medusa ...) add layers of their own to the same cache, which the keys do
-  not tell apart from the target's: refused.
+* **Speculative decoding**: ``ngram`` (it proposes from the tokens: the cache holds the
+  target model's KV alone) and ``draft_model`` (a draft model's attention layers share
+  the target's paged cache and block tables; the connector carries the draft's blocks
+  beside the target's, keyed in the draft's own namespace, ``kv_store.keys.DraftSpace``,
+  so a decode worker's draft reads the prompt's draft KV from the store as its target
+  reads the target's). A draft model with tensor parallelism above 1 is refused (the
+  draft's KV heads would split in a way the keys do not name). Methods whose draft
+  reads the target's hidden states (EAGLE, EAGLE-3, MTP, Medusa, ...) are refused: their
+  draft KV is computed from hidden states the store does not carry.
 * **KV-cache dtypes**: the model's own (``auto``, ``bfloat16``, ``float16``) and fp8
   with per-tensor scales (``fp8``, ``fp8_e4m3``, ``fp8_e5m2``): a block's bytes are
   copied as they are and the layout fingerprint names the dtype, so blocks of two dtypes
@@ -40,7 +45,7 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft_model")
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
@@ -52,9 +57,9 @@ def speculative_refusal(method: str | None) -> str | None:
     """Why a speculative-decoding ``method`` cannot be carried, or None when it can."""
     if method is None or method in SPECULATIVE_METHODS:
         return None
-    return (f"speculative decoding method {method!r} keeps its draft's KV in the same paged "
-            f"cache as the target's, which kvmesh's store does not tell apart; the methods "
-            f"carried are {', '.join(SPECULATIVE_METHODS)}")
+    return (f"speculative decoding method {method!r} is not one kvmesh carries through its "
+            f"store (EAGLE-like drafts read the target's hidden states, which the store does not "
+            f"hold); the methods carried are {', '.join(SPECULATIVE_METHODS)}")
 
 
 def kv_dtype_refusal(cache_dtype: str) -> str | None:
@@ -110,6 +115,11 @@ def check_vllm_config(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig
     """Both checks on a configured engine (the connector's constructor)."""
     model = vllm_config.model_config.model
     cache = vllm_config.cache_config
-    check_engine_options(model, cache.cache_dtype, vllm_config.speculative_config,
-                         skip_layers=cache.kv_cache_dtype_skip_layers)
+    speculative = vllm_config.speculative_config
+    check_engine_options(model, cache.cache_dtype, speculative, skip_layers=cache.kv_cache_dtype_skip_layers)
+    if (speculative is not None and speculative.uses_draft_model()
+            and vllm_config.parallel_config.tensor_parallel_size > 1):
+        raise UnsupportedModel(f"kvmesh cannot serve {model}: a draft model "
+                               f"({speculative.draft_model_config.model}) with tensor parallelism "
+                               "above 1, whose KV-head split kvmesh's keys do not name")
     check_kv_cache(model, kv_cache_config)

@@ -215,12 +215,14 @@ def place_heads(cache: torch.Tensor, dim: int, axis: int, block_ids: Sequence[in
 @dataclass
 class PagedCaches:
     """The paged KV cache of one model runner, layer by layer: each layer's tensor, its
-    index in the model, the tensor's block dimension and its KV-cache group (each group
+    id (``engine_host.kv_groups.layer_id``: its index in the model; a draft model's layers
+    after the target's), the tensor's block dimension and its KV-cache group (each group
     has block tables of its own; under vLLM's hybrid allocator layers of different groups
     share one tensor, each group using the blocks it was given). Filled by ``register``."""
 
     num_blocks: int = 0  # from the engine's KV-cache config; 0: each tensor's first dimension
     groups: dict[str, int] = field(default_factory=dict)  # layer name -> group (absent: 0)
+    ids: dict[str, int] = field(default_factory=dict)     # layer name -> layer id (absent: its index)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     layers: dict[str, int] = field(default_factory=dict)
     block_dims: dict[str, int] = field(default_factory=dict)
@@ -231,5 +233,5 @@ class PagedCaches:
 
         for name, cache in kv_caches.items():
             self.tensors[name] = cache
-            self.layers[name] = extract_layer_index(name)
+            self.layers[name] = self.ids[name] if name in self.ids else extract_layer_index(name)
             self.block_dims[name] = block_dim(cache, self.num_blocks or cache.shape[0])

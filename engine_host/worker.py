@@ -51,7 +51,9 @@ class ConnectorWorker:
         space = settings.rank_space(rank)
         groups = kv_groups(kv_cache_config, settings.num_layers)
         self.caches = PagedCaches(kv_cache_config.num_blocks if kv_cache_config is not None else 0,
-                                  {name: g for g, group in enumerate(groups) for name in group.layer_names})
+                                  {name: g for g, group in enumerate(groups) for name in group.layer_names},
+                                  {name: layer for group in groups
+                                   for name, layer in zip(group.layer_names, group.layers)})
         self.loads = load_side(settings, self.store, self.caches, space) if load_side else None
         self.saves = (save_side(settings, self.store, self.caches, space, writes=settings.rank_writes(rank))
                       if save_side else None)

@@ -68,18 +68,39 @@ class BlockKey:
 
 
 @dataclass(frozen=True)
-class KeySpace:
-    """Everything but the chain hash: builds the keys one worker reads and writes."""
+class DraftSpace:
+    """Where a draft model's layers are keyed (speculative decoding): in the draft's own
+    namespace (its model id and layout), under its own layer indices and KV heads, so its
+    blocks never mix with the target's and any target served with the same draft shares
+    them. The worker numbers the draft's layers after the target's, from ``first_layer``."""
 
+    first_layer: int
     namespace: bytes
     heads: tuple[int, int]
 
+
+@dataclass(frozen=True)
+class KeySpace:
+    """Everything but the chain hash: builds the keys one worker reads and writes.
+    Layer ``first_layer`` of ``draft`` and above are the draft model's (``DraftSpace``)."""
+
+    namespace: bytes
+    heads: tuple[int, int]
+    draft: DraftSpace | None = None
+
     def key(self, chain_hash: bytes, layer: int) -> bytes:
         """``BlockKey(namespace, chain_hash, (layer, layer + 1), heads).to_bytes()``, packed
-        without the dataclass (a load builds one per block and layer, hundreds a request)."""
+        without the dataclass (a load builds one per block and layer, hundreds a request);
+        a draft model's layer (``draft``, numbered after the target's) in the draft's own
+        namespace, with its own layer index and heads."""
+        if self.draft is not None and layer >= self.draft.first_layer:
+            layer -= self.draft.first_layer
+            return _KEY.pack(self.draft.namespace, chain_hash, layer, layer + 1, *self.draft.heads)
         return _KEY.pack(self.namespace, chain_hash, layer, layer + 1, *self.heads)
 
     def block_group(self, chain_hash: bytes, layers: Sequence[int]) -> list[bytes]:
         """The keys of one block across ``layers``: the block is usable only if all exist."""
+        if self.draft is not None:
+            return [self.key(chain_hash, layer) for layer in layers]
         pack, ns, (h0, h1) = _KEY.pack, self.namespace, self.heads
         return [pack(ns, chain_hash, layer, layer + 1, h0, h1) for layer in layers]

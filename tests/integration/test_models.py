@@ -203,13 +203,19 @@ def test_model_families_have_their_shape_and_tiny_s_tokenizer(tiny_model, family
                     c["num_hidden_layers"]) for size, c in config.items()}
     assert shape == {"mqa": ("LlamaForCausalLM", 4, 1, 4), "mha": ("LlamaForCausalLM", 4, 4, 4),
                      "sliding": ("MistralForCausalLM", 4, 2, 4), "hybrid": ("Gemma3ForCausalLM", 4, 2, 4),
-                     "draft": ("LlamaForCausalLM", 2, 1, 2)}
+                     "draft": ("LlamaForCausalLM", 4, 2, 2)}
     assert config["sliding"]["sliding_window"] == SLIDING_WINDOW
     assert config["hybrid"]["sliding_window"] == SLIDING_WINDOW
     assert config["hybrid"]["layer_types"] == ["sliding_attention", "full_attention"] * 2
     tiny_tokenizer = (Path(tiny_model) / "tokenizer.json").read_text()
     for size in FAMILIES:  # one router (one tokenizer) serves any of them; draft proposes tiny's tokens
         assert (Path(family_model(size)) / "tokenizer.json").read_text() == tiny_tokenizer, size
+    # the draft is tiny's early exit: every tensor it has is tiny's
+    from safetensors.torch import load_file
+
+    tiny, draft = (load_file(Path(m) / "model.safetensors") for m in (tiny_model, family_model("draft")))
+    assert set(draft) < set(tiny) and all(draft[k].equal(tiny[k]) for k in draft)
+    assert not any(k.startswith(("model.layers.2.", "model.layers.3.")) for k in draft)
     # seeded: made again, the same weights
     again = make_model(Path(family_model("mqa")).with_name("mqa-again"), "mqa", seed=0)
     assert (again / "model.safetensors").read_bytes() == (Path(family_model("mqa")) / "model.safetensors").read_bytes()

@@ -102,3 +102,19 @@ def test_one_full_attention_group_plans_as_before_and_loads_in_the_step():
     assert sched._hits(hashes, 0, 9) == 4 and index.calls == 1
     assert not sched.load_async
     assert _scheduler()[0].load_async and _scheduler((WINDOWED,))[0].load_async
+
+
+def test_a_draft_model_s_layers_get_ids_after_the_target_s():
+    """vLLM puts a draft model's attention layers (``draft_model.`` names) in the target's
+    group: they get ids after the target's, which the keys put in the draft's namespace."""
+    import torch
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+
+    from kvmesh.engine_host.kv_groups import kv_groups
+
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(4)]
+    names += [f"draft_model.model.layers.{i}.self_attn.attn" for i in range(2)]
+    spec = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=32, dtype=torch.bfloat16)
+    config = KVCacheConfig(num_blocks=8, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(names, spec)])
+    (group,) = kv_groups(config, num_layers=4)
+    assert group.layers == (0, 1, 2, 3, 4, 5) and group.layer_names == tuple(names) and group.window is None

@@ -16,9 +16,6 @@ from kvmesh.engine_host.model_support import UnsupportedModel, check_kv_cache
 
 
 @pytest.mark.parametrize("flags,named", [
-    (["--speculative-config", json.dumps({"method": "draft_model", "model": "/d", "num_speculative_tokens": 2})],
-     "'draft_model'"),
-    (["--speculative-config", json.dumps({"model": "/d", "num_speculative_tokens": 2})], "'draft_model'"),
     (["--speculative-config", json.dumps({"method": "eagle3", "model": "/e", "num_speculative_tokens": 2})],
      "'eagle3'"),
     (["--kv-cache-dtype", "int8_per_token_head"], "'int8_per_token_head'"),
@@ -33,6 +30,8 @@ def test_worker_flags_the_connector_cannot_carry_are_refused_naming_model_and_op
 @pytest.mark.parametrize("flags", [
     [],
     ["--speculative-config", json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3})],
+    ["--speculative-config", json.dumps({"method": "draft_model", "model": "/d", "num_speculative_tokens": 2})],
+    ["--speculative-config", json.dumps({"model": "/d", "num_speculative_tokens": 2})],
     ["--kv-cache-dtype", "fp8"],
     ["--kv-cache-dtype", "fp8_e5m2"],
     ["--disable-hybrid-kv-cache-manager"],
