@@ -2,6 +2,7 @@
 within half a quantization step per group; headers name the encoding; the store checks the encoded
 bytes against their checksum before decoding."""
 
+import contextlib
 import os
 import time
 import struct
@@ -322,11 +323,17 @@ def test_a_block_in_another_encoding_than_its_tiers_is_corrupt(tmp_path, how, na
 
 # ---------------------------------------------------------------- an encoded host tier
 
+@contextlib.contextmanager
 def host_encoded_store(tmp_path, host, disk="none", host_pages=8):
     """Host pages of 16 KiB (two 8 KiB blocks as put, more encoded): a lease's decoded
-    copies need a page of their own size class, as in a host tier of many pages."""
-    return TieredStore([HostTier(host_pages * PAGE // 4, page_bytes=PAGE // 4, encoding=make_encoding(host)),
-                        DiskTier(tmp_path / "slab", 8 * PAGE, page_bytes=PAGE, encoding=make_encoding(disk))])
+    copies need a page of their own size class, as in a host tier of many pages. Closed
+    on leaving."""
+    store = TieredStore([HostTier(host_pages * PAGE // 4, page_bytes=PAGE // 4, encoding=make_encoding(host)),
+                         DiskTier(tmp_path / "slab", 8 * PAGE, page_bytes=PAGE, encoding=make_encoding(disk))])
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def assert_all_freed(store):
@@ -340,8 +347,7 @@ def test_an_encoded_host_tier_serves_puts_gets_and_leases_from_decoded_copies(tm
     out offsets of decoded copies in the host region, which it holds until released (a
     lossless tier's copies are the bytes put, a lossy one's close to them, with their own
     checksum); everything is freed afterwards."""
-    store = host_encoded_store(tmp_path, host)
-    try:
+    with host_encoded_store(tmp_path, host) as store:
         blocks = {b"k%d" % i: kv_block(i) for i in range(6)}
         for key, data in blocks.items():
             assert store.put(key, data, checksum(data))
@@ -371,13 +377,10 @@ def test_an_encoded_host_tier_serves_puts_gets_and_leases_from_decoded_copies(tm
         assert store.lease_copy_bytes == 0 and store.stats().tiers[0].used_bytes == used
         store.drop()
         assert_all_freed(store)
-    finally:
-        store.close()
 
 
 def test_an_expired_lease_frees_its_decoded_copies(tmp_path):
-    store = host_encoded_store(tmp_path, "zstd")
-    try:
+    with host_encoded_store(tmp_path, "zstd") as store:
         data = kv_block(1)
         store.put(b"a", data, checksum(data))
         lease, where = store.lease([b"a"], seconds=0.0)
@@ -388,8 +391,6 @@ def test_an_expired_lease_frees_its_decoded_copies(tmp_path):
         assert not store.release(lease)
         store.drop()
         assert_all_freed(store)
-    finally:
-        store.close()
 
 
 @pytest.mark.parametrize("host,disk", [("zstd", "lz4"), ("lz4", "none"), ("none", "zstd"),
@@ -399,9 +400,8 @@ def test_blocks_move_between_an_encoded_host_tier_and_a_differently_encoded_disk
     promoted ones for the host's; lossless pairs read back exactly the bytes put, a lossy
     one its decoded bytes (the same ones on every later read); a lease after a promotion
     serves a decoded copy; everything is freed after."""
-    store = host_encoded_store(tmp_path, host, disk, host_pages=6)
     lossy = "int8" in (host, disk)
-    try:
+    with host_encoded_store(tmp_path, host, disk, host_pages=6) as store:
         blocks = {b"k%d" % i: kv_block(i) for i in range(30)}
         for key, data in blocks.items():
             assert store.put(key, data, checksum(data))
@@ -427,15 +427,12 @@ def test_blocks_move_between_an_encoded_host_tier_and_a_differently_encoded_disk
             assert block is None or lossy or block.data == data
         store.drop()
         assert_all_freed(store)
-    finally:
-        store.close()
 
 
 def test_the_checksum_covers_a_host_tiers_encoded_bytes(tmp_path):
     """One bit flipped in an encoded host slot: the block is neither served nor leased,
     it is dropped as corrupt (and so recomputed)."""
-    store = host_encoded_store(tmp_path, "lz4")
-    try:
+    with host_encoded_store(tmp_path, "lz4") as store:
         for key in (b"a", b"b"):
             data = kv_block(len(key) + key[0])
             store.put(key, data, checksum(data))
@@ -450,18 +447,13 @@ def test_the_checksum_covers_a_host_tiers_encoded_bytes(tmp_path):
         for lease_id in list(store._leases):
             store.release(lease_id)
         assert_all_freed(store)
-    finally:
-        store.close()
 
 
 def test_a_put_an_encoded_host_tier_cannot_hold_is_rejected(tmp_path):
-    store = host_encoded_store(tmp_path, "int8")
-    try:
+    with host_encoded_store(tmp_path, "int8") as store:
         assert not store.put(b"odd", b"\x01" * 6, checksum(b"\x01" * 6))  # not bf16 K and V halves
         assert store.stats().rejected == 1 and b"odd" not in store.keys()
         assert_all_freed(store)
-    finally:
-        store.close()
 
 
 def test_a_block_with_no_room_for_its_decoded_copy_is_not_leased(tmp_path):
