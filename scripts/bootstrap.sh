@@ -49,12 +49,17 @@ if ! "$PYTHON" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 
 fi
 
 # The environment is built once per dependency hash in a cache outside the checkout
-# (KVMESH_VENV_CACHE, default ~/.cache/kvmesh/venvs), then copied into .venv (hard links
-# where the file system allows) with its paths rewritten, and kvmesh itself installed
-# from this checkout. A fresh clone with the cache present is ready in seconds.
-CACHE=${KVMESH_VENV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvmesh/venvs}
+# (KVMESH_VENV_CACHE, default ~/.cache/kvmesh/venvs; .cache/venvs in the checkout where
+# there is no home or it cannot be written), then copied into .venv (hard links where the
+# file system allows) with its paths rewritten, and kvmesh itself installed from this
+# checkout. A fresh clone with the cache present is ready in seconds.
+CACHE=${KVMESH_VENV_CACHE:-${XDG_CACHE_HOME:-${HOME:-/nonexistent}/.cache}/kvmesh/venvs}
+if ! mkdir -p "$CACHE" 2>/dev/null || [ ! -w "$CACHE" ]; then
+    CACHE=$(pwd -P)/.cache/venvs
+    mkdir -p "$CACHE"
+fi
+CACHE=$(cd "$CACHE" && pwd -P)    # absolute: scripts name their interpreter by this path
 built=$CACHE/$deps_hash
-mkdir -p "$CACHE"
 exec 9>"$CACHE/.lock"
 command -v flock >/dev/null && flock 9    # one build at a time; others wait, then copy
 
