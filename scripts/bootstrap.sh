@@ -53,8 +53,12 @@ fi
 # there is no home or it cannot be written), then copied into .venv (hard links where the
 # file system allows) with its paths rewritten, and kvmesh itself installed from this
 # checkout. A fresh clone with the cache present is ready in seconds.
-CACHE=${KVMESH_VENV_CACHE:-${XDG_CACHE_HOME:-${HOME:-/nonexistent}/.cache}/kvmesh/venvs}
-if ! mkdir -p "$CACHE" 2>/dev/null || [ ! -w "$CACHE" ]; then
+if [ -n "${KVMESH_VENV_CACHE:-}" ]; then CACHE=$KVMESH_VENV_CACHE
+elif [ -n "${XDG_CACHE_HOME:-}" ]; then CACHE=$XDG_CACHE_HOME/kvmesh/venvs
+elif [ -n "${HOME:-}" ]; then CACHE=$HOME/.cache/kvmesh/venvs
+else CACHE=""
+fi
+if [ -z "$CACHE" ] || ! mkdir -p "$CACHE" 2>/dev/null || [ ! -w "$CACHE" ]; then
     CACHE=$(pwd -P)/.cache/venvs
     mkdir -p "$CACHE"
 fi
