@@ -100,7 +100,4 @@ class KeySpace:
 
     def block_group(self, chain_hash: bytes, layers: Sequence[int]) -> list[bytes]:
         """The keys of one block across ``layers``: the block is usable only if all exist."""
-        if self.draft is not None:
-            return [self.key(chain_hash, layer) for layer in layers]
-        pack, ns, (h0, h1) = _KEY.pack, self.namespace, self.heads
-        return [pack(ns, chain_hash, layer, layer + 1, h0, h1) for layer in layers]
+        return [self.key(chain_hash, layer) for layer in layers]
