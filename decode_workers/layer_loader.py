@@ -36,8 +36,8 @@ import torch
 
 from kvmesh.engine_host import head_split
 from kvmesh.engine_host.metadata import LoadStats
-from kvmesh.engine_host.paged_layout import (block_nbytes, gather_heads, head_axis, place_at,
-                                             place_blocks, place_heads, write_blocks)
+from kvmesh.engine_host.paged_layout import (block_nbytes, gather_heads, head_axis, place_at, place_heads,
+                                             write_blocks)
 from kvmesh.kv_store.client import StoreClient, StoreError
 from kvmesh.kv_store.integrity import verify
 from kvmesh.kv_store.keys import KeySpace
@@ -410,8 +410,10 @@ class LayerLoad:
             log.warning("layer %s: %s", name, e)
             r.bad.update(range(len(r.hashes)))
             return
-        if ids:
-            place_blocks(cache, dim, ids, torch.stack(blocks), range(len(ids)))
+        if ids:  # built on the CPU, back to back
+            size = block_nbytes(cache, dim)
+            place_at(cache, dim, ids, torch.stack(blocks).view(torch.uint8).numpy().reshape(-1),
+                     range(0, size * len(ids), size))
 
     def finish(self, on_failed: Callable[[str, list[int]], None]) -> dict[str, LoadStats]:
         """Complete every layer, release the lease, report failed blocks per request."""

@@ -58,18 +58,6 @@ def block_nbytes(cache: torch.Tensor, dim: int) -> int:
     return cache.numel() // cache.shape[dim] * cache.element_size()
 
 
-def block_rows(cache: torch.Tensor, dim: int, data, count: int) -> torch.Tensor:
-    """``count`` whole blocks of ``cache``'s layout, back to back in the buffer ``data``
-    (as ``read_blocks`` produces them), as a tensor of ``count`` rows that shares
-    ``data``'s memory (no copy). ``data`` must be writable and hold exactly those bytes."""
-    shape = list(cache.shape)
-    del shape[dim]
-    if count == 0:
-        return torch.empty((0, *shape), dtype=cache.dtype)
-    raw = torch.frombuffer(data, dtype=torch.uint8)
-    return raw.view(cache.dtype).reshape(count, *shape)
-
-
 def _runs(block_ids: Sequence[int], starts: Sequence[int], step: int) -> list[tuple[int, int, int]]:
     """``(first block id, first start, count)`` per run of consecutive block ids whose
     ``starts`` follow one another by ``step``."""
@@ -89,23 +77,6 @@ def _plain(cache: torch.Tensor, dim: int) -> bool:
     views (a copy per block costs about a microsecond; torch splits a large copy over its
     threads, which on a busy CPU, a loader thread beside them, took 40 times as long)."""
     return cache.device.type == "cpu" and dim == 0 and cache.is_contiguous()
-
-
-def place_blocks(cache: torch.Tensor, dim: int, block_ids: Sequence[int], rows: torch.Tensor,
-                 picked: Sequence[int]) -> None:
-    """Copy rows ``picked`` of ``rows`` (``block_rows``) into blocks ``block_ids`` of
-    ``cache``, the i-th row into the i-th block: one copy per run of consecutive block ids
-    that are consecutive rows too, straight from ``rows``' memory."""
-    runs = _runs(block_ids, picked, 1)
-    if _plain(cache, dim):
-        dst = cache.view(torch.uint8).numpy().reshape(cache.shape[0], -1)
-        src = rows.view(torch.uint8).numpy().reshape(rows.shape[0], -1)
-        for block, row, count in runs:
-            dst[block:block + count] = src[row:row + count]
-        return
-    for block, row, count in runs:
-        run = rows.narrow(0, row, count).movedim(0, dim).view(torch.uint8)
-        cache.narrow(dim, block, count).view(torch.uint8).copy_(run)  # across devices too
 
 
 def place_at(cache: torch.Tensor, dim: int, block_ids: Sequence[int], data, offsets: Sequence[int]) -> None:
@@ -151,7 +122,7 @@ def write_blocks(cache: torch.Tensor, dim: int, block_ids: Sequence[int],
     view = memoryview(joined)
     for i, b in enumerate(blocks):
         view[i * size:(i + 1) * size] = b
-    place_blocks(cache, dim, block_ids, block_rows(cache, dim, joined, len(blocks)), range(len(blocks)))
+    place_at(cache, dim, block_ids, joined, range(0, size * len(blocks), size))
 
 
 def head_axis(cache: torch.Tensor, dim: int, kv_heads: int) -> int:
@@ -197,7 +168,7 @@ def place_heads(cache: torch.Tensor, dim: int, axis: int, block_ids: Sequence[in
     each, the head axis ``axis`` of a block) into heads ``[at, at + hi - lo)`` of blocks
     ``block_ids`` of ``cache``: one copy for all the blocks. The CPU layout's head range is
     a contiguous byte range of each block, copied with numpy on this thread (as
-    ``place_blocks`` does); others by torch, across devices too."""
+    ``place_at`` does); others by torch, across devices too."""
     n = hi - lo
     if _plain(cache, dim) and axis == 0:
         dst = cache.view(torch.uint8).numpy().reshape(cache.shape[0], -1)

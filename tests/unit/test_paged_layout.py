@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvmesh.engine_host.paged_layout import block_rows, place_at, place_blocks, read_blocks, write_blocks
+from kvmesh.engine_host.paged_layout import place_at, read_blocks, write_blocks
 
 NUM_BLOCKS = 12
 
@@ -15,22 +15,6 @@ def caches(dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     shape = [NUM_BLOCKS, 2, 4, 8] if dim == 0 else [2, NUM_BLOCKS, 4, 8]
     torch.manual_seed(dim)
     return torch.randn(shape).to(torch.bfloat16), torch.zeros(shape, dtype=torch.bfloat16)
-
-
-@pytest.mark.parametrize("dim", [0, 1])
-def test_rows_land_in_their_blocks_straight_from_the_buffer(dim):
-    """Picked rows of one buffer go to block ids with gaps and jumps in both: each block
-    gets its row's bytes, and no other block is touched."""
-    source, cache = caches(dim)
-    stored = [1, 2, 3, 7, 8, 0]  # the blocks the buffer holds, in its order
-    data = bytearray(b"".join(read_blocks(source, dim, stored)))
-    rows = block_rows(cache, dim, data, len(stored))
-    targets, picked = [4, 5, 6, 9, 2], [0, 1, 2, 4, 5]  # row 3 (block 7) failed: left out
-    place_blocks(cache, dim, targets, rows, picked)
-    for target, row in zip(targets, picked):
-        assert torch.equal(cache.select(dim, target), source.select(dim, stored[row]))
-    untouched = [b for b in range(NUM_BLOCKS) if b not in targets]
-    assert not cache.index_select(dim, torch.tensor(untouched)).any()
 
 
 @pytest.mark.parametrize("dim", [0, 1])
@@ -56,15 +40,6 @@ def test_blocks_land_from_their_offsets_in_a_read_only_buffer(dim):
     with pytest.raises(ValueError, match="goes past"):
         place_at(cache, dim, [0, 1], data, [0, len(data) - size + 1])
     assert torch.equal(cache, before)
-
-
-def test_block_rows_share_the_buffer():
-    source, cache = caches(0)
-    data = bytearray(b"".join(read_blocks(source, 0, [3])))
-    rows = block_rows(cache, 0, data, 1)
-    data[:2] = b"\0\0"
-    assert rows.view(torch.uint8).flatten()[:2].tolist() == [0, 0]
-    assert block_rows(cache, 0, bytearray(0), 0).shape == (0, 2, 4, 8)
 
 
 @pytest.mark.parametrize("dim", [0, 1])
