@@ -224,6 +224,7 @@ class TieredStore(BlockStore):
         self._pool: ThreadPoolExecutor | None = None
         self.listener = listener
         self.tiers = list(tiers)
+        self._host = next((i for i, t in enumerate(self.tiers) if t.name == "host"), None)  # its index
         self._policies: list[EvictionPolicy] = [make_policy(policy) for _ in self.tiers]
         self._stats = [TierStats(t.name) for t in self.tiers]
         self._entries: dict[bytes, _Entry] = {}
@@ -858,7 +859,7 @@ class TieredStore(BlockStore):
         for which no room for a copy can be made, or whose bytes fail their checks, is
         not leased (the reader recomputes it). The checksum is the copy's (a lossy
         encoding's decoded bytes differ from those put)."""
-        host = next((i for i, t in enumerate(self.tiers) if t.name == "host"), None)
+        host = self._host
         wanted: list[_Entry] = []  # each with the lease's pin, from now on
         slower: list[_Read] = []   # those of them in a slower tier, where each was
         with self._lock:
@@ -952,9 +953,8 @@ class TieredStore(BlockStore):
 
     def _free_copies(self, lease: _Lease) -> None:
         """Under the lock: free the decoded copies ``lease`` holds."""
-        host = next((i for i, t in enumerate(self.tiers) if t.name == "host"), None)
         for slot, nbytes in lease.copies:
-            self.tiers[host].allocator.free(slot, nbytes)
+            self.tiers[self._host].allocator.free(slot, nbytes)
             self._copy_bytes -= nbytes
 
     @property
