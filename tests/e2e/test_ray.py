@@ -238,12 +238,37 @@ def assert_gone(processes, timeout_s: float = 30.0) -> None:
     assert not _running(processes), "processes left running"
 
 
-def _ranks(actor_pid: int) -> list:
-    """The rank processes (vLLM's ``VLLM::Worker...``) under a worker actor's engine."""
+def _ranks(actor_pid: int, expected: int | None = None, timeout_s: float = 30.0) -> list:
+    """The rank processes (vLLM's ``VLLM::Worker...``) under a worker actor's engine. With
+    ``expected``, waits up to ``timeout_s`` for that many (a rank names itself once it
+    runs) and fails listing every process under the actor if they never show."""
     import psutil
 
-    return [p for p in psutil.Process(actor_pid).children(recursive=True)
-            if p.name().startswith("VLLM::Worker")]
+    def ranks() -> list:
+        out = []
+        for p in psutil.Process(actor_pid).children(recursive=True):
+            try:
+                if p.name().startswith("VLLM::Worker"):
+                    out.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    found = ranks()
+    deadline = time.monotonic() + timeout_s
+    while expected is not None and len(found) != expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+        found = ranks()
+    if expected is not None and len(found) != expected:
+        tree = []
+        for p in [psutil.Process(actor_pid), *psutil.Process(actor_pid).children(recursive=True)]:
+            try:
+                tree.append((p.pid, p.ppid(), p.name(), p.cmdline()[:3]))
+            except psutil.Error as e:
+                tree.append((p.pid, type(e).__name__))
+        raise AssertionError(f"{len(found)} rank processes under actor {actor_pid}, "
+                             f"expected {expected}; its process tree: {tree}")
+    return found
 
 
 def check_worker_groups(rows: dict[str, dict], tp: dict[str, int], secret: str) -> list:
@@ -266,9 +291,8 @@ def check_worker_groups(rows: dict[str, dict], tp: dict[str, int], secret: str) 
         assert set(pg["bundles_to_node_id"].values()) == {node_ids[ip]} and row["node_ip"] == ip
         engine = _engine_config(row["address"], secret)
         assert engine["tensor_parallel_size"] == tp[role], engine
-        ranks = _ranks(row["pid"])
+        ranks = _ranks(row["pid"], expected=tp[role])
         cores = [_thread_cores(p) for p in ranks]
-        assert len(ranks) == tp[role], [(p.pid, p.name()) for p in ranks]
         assert all(cores) and len(set().union(*cores)) == sum(map(len, cores)), (role, cores)
         actor = psutil.Process(row["pid"])
         processes += [actor, *actor.children(recursive=True)]
@@ -441,7 +465,7 @@ def test_a_worker_whose_engine_dies_is_restarted_by_ray(deployed, reference):
     children = psutil.Process(before["pid"]).children()
     engines = [p for p in children if "resource_tracker" not in " ".join(p.cmdline())]
     assert len(engines) == 1, [(p.pid, p.name(), p.cmdline()[:4]) for p in children]
-    ranks = _ranks(before["pid"])
+    ranks = _ranks(before["pid"], expected=2)
     assert len(ranks) == 2  # prefill runs at TP=2
     engines[0].kill()
     killed = time.monotonic()
