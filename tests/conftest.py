@@ -31,6 +31,23 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The engines the tests start (every cluster's workers, which inherit this environment)
+# run their model inside the engine-core process: vLLM's CPU platform otherwise gives a
+# one-rank engine a worker process of its own, one more process importing vLLM (7 s of
+# a core on the development machine) for each engine the suite starts. The modules that
+# check the executor users run (disaggregation, every transfer backend, Ray) ask for it
+# with ``production_executor``; an engine of several ranks gets vLLM's multiprocessing
+# executor either way.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+@pytest.fixture(scope="module")
+def production_executor():
+    """vLLM's default, multiprocessing engine (a worker process per rank) for the
+    clusters a module starts."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -43,7 +43,7 @@ def reference(tiny_model, tmp_path_factory) -> dict[tuple[int, ...], list[int]]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_model, tmp_path_factory):
+def cluster(tiny_model, tmp_path_factory, production_executor):
     # A host tier of 64 blocks (of 8 KiB: one layer of one block) over a disk tier, so
     # that the workload below spills to disk and is served back from it; a quarter of
     # host RAM is kept free by the demoter, in the background.

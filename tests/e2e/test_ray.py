@@ -85,7 +85,8 @@ def ray_cluster():
     token = workdir / "auth_token"
     token.write_text(secrets.token_hex(32))
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    env = dict(os.environ, **auth, RAY_USAGE_STATS_ENABLED="0")
+    env = dict(os.environ, **auth, RAY_USAGE_STATS_ENABLED="0",
+               VLLM_ENABLE_V1_MULTIPROCESSING="1")  # the executor users run
     saved = {k: os.environ.get(k) for k in auth}
     _use_token(auth)
     port = free_port(HEAD_IP)
