@@ -36,7 +36,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import grpc
 
@@ -155,16 +155,25 @@ def worker_ready(address: str, secret: str | None = None) -> Callable[[], bool]:
         worker_pb2.HealthRequest(), timeout=1.0, metadata=call_metadata(secret)).status == "ok")
 
 
-def http_ready(url: str, status: str | None = None) -> Callable[[], bool]:
+def http_ready(url: str, status: str | None = None, listed: Sequence[str] = (),
+               token: str | None = None) -> Callable[[], bool]:
     """Whether ``url`` answers 200 (and, given ``status``, a JSON body whose ``status``
-    is that: a router's ``/health`` says "ok" only once it has found every worker and
-    store healthy)."""
+    is that, and whose ``workers`` name each of ``listed``, asked with ``token``). A
+    router's ``/health`` says "ok" once every worker and store it has found is healthy;
+    one that discovers its workers through the index may not have found them all yet,
+    which ``listed`` (its workers as it names them, "ROLE ADDRESS") waits for."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+
     def ready() -> bool:
         try:
-            with urllib.request.urlopen(url, timeout=2.0) as r:
-                return r.status == 200 and (status is None or json.loads(r.read()).get("status") == status)
+            with urllib.request.urlopen(request, timeout=2.0) as r:
+                if r.status != 200 or status is None:
+                    return r.status == 200
+                body = json.loads(r.read())
         except (urllib.error.URLError, OSError, ValueError):
             return False
+        found = body.get("workers") or {}
+        return body.get("status") == status and all(found.get(name) == "ok" for name in listed)
     return ready
 
 
@@ -442,15 +451,18 @@ class LocalCluster:
 
     def start(self) -> "LocalCluster":
         deadline = time.monotonic() + self.start_timeout_s
+        router = next(c for c in self.components if c.kind == "router").settings
+        workers = [f"{c.kind} {c.address}" for c in self.components if c.kind in ("prefill", "decode")]
         ready = {"store": lambda address: store_ready(address, self.secret),
                  "prefill": lambda address: worker_ready(address, self.secret),
                  "decode": lambda address: worker_ready(address, self.secret),
-                 "router": lambda address: http_ready(self.router_url + "/health", "ok")}
+                 "router": lambda address: http_ready(self.router_url + "/health", "ok", workers,
+                                                      router.api_token)}
         self._say(f"starting stores, prefill and decode workers (logs in {self.run_dir})")
         try:
             # Stores first (a worker's connector calls its store from its start); the
             # router starts beside the workers and is ready once its health poll has
-            # found all of them (and every store) healthy.
+            # found every one of them (and every store) healthy.
             for kinds in (("store",), ("prefill", "decode", "router")):
                 if "prefill" in kinds:
                     self._say("loading the model in the workers (this takes a little while)")

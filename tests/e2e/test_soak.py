@@ -66,7 +66,7 @@ def reference(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_model, tmp_path_factory):
+def cluster(tiny_model, tmp_path_factory, production_executor):
     with LocalCluster(model=tiny_model, served_model_name="tiny", block_size=BLOCK,
                       run_dir=tmp_path_factory.mktemp("run")) as c:
         yield c

@@ -31,7 +31,7 @@ def reference(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_model, tmp_path_factory, production_executor):
+def cluster(tiny_model, tmp_path_factory):
     with LocalCluster(model=tiny_model, served_model_name="tiny", block_size=BLOCK,
                       decode_local_cache=False,  # every cached prefix comes through the store
                       hosts={"store": "127.0.0.2", "prefill": "127.0.0.3", "decode": "127.0.0.4"},
