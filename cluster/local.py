@@ -325,7 +325,7 @@ class LocalCluster:
         counts = (self.prefill_workers, self.decode_workers)
         decode_flags = given_flags((*self.worker_args, *self.role_args.get("decode", ())))
         local_cache = self.decode_local_cache and "--no-enable-prefix-caching" not in decode_flags
-        own = dict(zip((f"decode{i}" for i in range(self.decode_workers)), self.decode_worker_args))
+        own = {("decode", i): args for i, args in enumerate(self.decode_worker_args)}
         for role, cls, count, store in (("prefill", PrefillSettings, self.prefill_workers, stores[0]),
                                         ("decode", DecodeSettings, self.decode_workers, stores[-1])):
             host = self.hosts.get(role, self.host)
@@ -337,7 +337,7 @@ class LocalCluster:
                 where = {"index": self.index_url} if self.discover else {"store": store}
                 settings = cls(host=host, port=free_port(host), model_id=self.served_model_name,
                                engine_args=tuple(engine), **where)
-                extra = (*self.worker_args, *self.role_args.get(role, ()), *own.get(name, ()))
+                extra = (*self.worker_args, *self.role_args.get(role, ()), *own.get((role, i), ()))
                 out.append(Component(name, role, settings, extra,
                                      tuple(worker_cpu_env(role, i, counts).items())))
         workers = {role: [c.address for c in out if c.kind == role] for role in ("prefill", "decode")}

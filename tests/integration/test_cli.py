@@ -287,3 +287,17 @@ def test_decode_workers_keep_vllms_prefix_cache_by_default_and_prefill_workers_d
     assert check_engine_args(["--model", tiny_model], "prefill").enable_prefix_caching is False
     assert check_engine_args(["--model", tiny_model]).enable_prefix_caching is False
     assert "--enable-prefix-caching" in engine_help("decode")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_each_decode_worker_gets_its_own_flags_however_many_there_are(workers):
+    """``decode_worker_args`` reach the decode worker they are listed for, the only one
+    too (named "decode", not "decode0"), and no other component."""
+    from kvmesh.cluster.local import LocalCluster
+
+    own = (("--transfer-preference", "shm", "--no-layerwise"), ("--transfer-preference", "nixl"))[:workers]
+    cluster = LocalCluster(model="/a/model", decode_workers=workers, decode_worker_args=own,
+                           worker_args=("--max-num-seqs", "4"))
+    decode = [c for c in cluster.components if c.kind == "decode"]
+    assert [c.extra for c in decode] == [("--max-num-seqs", "4", *flags) for flags in own]
+    assert all(c.extra == ("--max-num-seqs", "4") for c in cluster.components if c.kind == "prefill")
