@@ -41,6 +41,7 @@ import yaml
 from kvmesh.cluster.config import parse_config
 from kvmesh.cluster.local import free_port
 from tests.colocated import reference_table
+from tests.waiting import wait_until
 
 HEAD_IP, NODE_IP = "127.0.0.2", "127.0.0.3"
 BLOCK = 32
@@ -239,37 +240,34 @@ def assert_gone(processes, timeout_s: float = 30.0) -> None:
     assert not _running(processes), "processes left running"
 
 
-def _ranks(actor_pid: int, expected: int | None = None, timeout_s: float = 30.0) -> list:
-    """The rank processes (vLLM's ``VLLM::Worker...``) under a worker actor's engine. With
-    ``expected``, waits up to ``timeout_s`` for that many (a rank names itself once it
-    runs) and fails listing every process under the actor if they never show."""
+def _ranks(actor_pid: int, expected: int, timeout_s: float = 30.0) -> list:
+    """The ``expected`` rank processes (vLLM's ``VLLM::Worker...``) under a worker actor's
+    engine, waited for up to ``timeout_s`` (a rank names itself once it runs); fails
+    listing every process under the actor if they never show."""
     import psutil
 
-    def ranks() -> list:
-        out = []
+    found: list = []
+
+    def all_found() -> bool:
+        found.clear()
         for p in psutil.Process(actor_pid).children(recursive=True):
             try:
                 if p.name().startswith("VLLM::Worker"):
-                    out.append(p)
+                    found.append(p)
             except psutil.NoSuchProcess:
                 pass
-        return out
+        return len(found) == expected
 
-    found = ranks()
-    deadline = time.monotonic() + timeout_s
-    while expected is not None and len(found) != expected and time.monotonic() < deadline:
-        time.sleep(0.5)
-        found = ranks()
-    if expected is not None and len(found) != expected:
-        tree = []
-        for p in [psutil.Process(actor_pid), *psutil.Process(actor_pid).children(recursive=True)]:
-            try:
-                tree.append((p.pid, p.ppid(), p.name(), p.cmdline()[:3]))
-            except psutil.Error as e:
-                tree.append((p.pid, type(e).__name__))
-        raise AssertionError(f"{len(found)} rank processes under actor {actor_pid}, "
-                             f"expected {expected}; its process tree: {tree}")
-    return found
+    if wait_until(all_found, timeout_s, every_s=0.5):
+        return found
+    tree = []
+    for p in [psutil.Process(actor_pid), *psutil.Process(actor_pid).children(recursive=True)]:
+        try:
+            tree.append((p.pid, p.ppid(), p.name(), p.cmdline()[:3]))
+        except psutil.Error as e:
+            tree.append((p.pid, type(e).__name__))
+    raise AssertionError(f"{len(found)} rank processes under actor {actor_pid}, "
+                         f"expected {expected}; its process tree: {tree}")
 
 
 def check_worker_groups(rows: dict[str, dict], tp: dict[str, int], secret: str) -> list:
